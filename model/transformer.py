@@ -1,0 +1,288 @@
+"""A decoder-only transformer with the layout of Hugging Face's LlamaForCausalLM.
+
+Token embedding -> n_layer x [RMSNorm -> causal self-attention (rotary, optional GQA) -> residual,
+RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> linear head. No biases.
+
+Parameter names are exactly the Hugging Face ones (`model.layers.0.self_attn.q_proj.weight`, ...),
+so exporting is a plain state_dict save (see model/hf.py). Pure PyTorch: no training, logging or
+serving code lives here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.config import GPTConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in float32 like HF Llama, then scale in the input dtype
+        return F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).type_as(x) * self.weight
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    # HF Llama's convention: the two halves of the head dim form the (real, imag) pairs
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """Preallocated keys/values for decoding: per layer, (batch_size, n_kv_head, block_size, head_dim).
+
+    Sized once from the config; a forward with `kv_cache=` writes its new keys/values at slots
+    [pos, pos + T) in place and advances `pos`. Nothing is reallocated while decoding.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, device=None, dtype=torch.float32):
+        shape = (batch_size, config.n_kv_head, config.block_size, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.batch_size = batch_size
+        self.block_size = config.block_size
+        self.pos = 0  # number of filled slots
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Rows of the cache follow `index` (beam search): row i becomes old row index[i]."""
+        B = index.numel()
+        for t in self.k + self.v:
+            t[:B, :, : self.pos] = t[:, :, : self.pos].index_select(0, index)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.q_proj = nn.Linear(config.n_embd, config.n_head * config.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
+        self.dropout = config.dropout
+
+    def qkv(self, x, cos, sin):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def forward(self, x, cos, sin, mask, is_causal, kv_cache=None, layer=0):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x, cos, sin)
+        if kv_cache is not None:
+            start, end = kv_cache.pos, kv_cache.pos + T
+            kc, vc = kv_cache.k[layer], kv_cache.v[layer]
+            kc[:B, :, start:end] = k  # in-place write into the preallocated cache
+            vc[:B, :, start:end] = v
+            k, v = kc[:B, :, :end], vc[:B, :, :end]
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )  # (B, nh, T, hs)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def weights(self, x, cos, sin) -> torch.Tensor:
+        """Attention probabilities (B, nh, T, T), computed explicitly (for plots only)."""
+        q, k, _ = self.qkv(x, cos, sin)
+        k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        T = x.size(1)
+        scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(self.head_dim)
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        return scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, mask, is_causal, kv_cache=None, layer=0):
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, kv_cache, layer))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        # same module tree as HF LlamaForCausalLM, so state_dict keys are the HF names
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.n_embd),
+            layers=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            norm=RMSNorm(config.n_embd, config.norm_eps),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self._rope_init()
+        self.apply(self._init_weights)
+        # scaled init of the projections that write into the residual stream (GPT-2)
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=config.init_std / math.sqrt(2 * config.n_layer))
+
+    def _rope_init(self) -> None:
+        # rotary tables for every position up to block_size (HF's rotate_half layout: freqs repeated twice)
+        cfg, device = self.config, self.model.embed_tokens.weight.device
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device).float() / cfg.head_dim))
+        freqs = torch.outer(torch.arange(cfg.block_size, device=device).float(), inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (block_size, hs)
+        self.register_buffer("rope_cos", emb.cos(), persistent=False)
+        self.register_buffer("rope_sin", emb.sin(), persistent=False)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        logits_to_keep: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> (logits (B, T, V) float32, mean cross-entropy loss or None).
+
+        position_ids: (B, T) rotary positions; default: counted from the mask if one is given
+            (left padding), else start..start+T where start is kv_cache.pos (0 without a cache).
+        attention_mask: (B, start+T), 1 for real tokens and 0 for padding, covering the cached
+            slots too. The causal mask is always applied.
+        kv_cache: a KVCache; the new keys/values are written at its current position.
+        logits_to_keep: if > 0, compute logits only for the last that many positions.
+        """
+        B, T = idx.shape
+        start = kv_cache.pos if kv_cache is not None else 0
+        end = start + T
+        if end > self.config.block_size:
+            raise ValueError(f"sequence length {end} exceeds block_size {self.config.block_size}")
+        if kv_cache is not None and B > kv_cache.batch_size:
+            raise ValueError(f"batch size {B} exceeds the KV cache's batch size {kv_cache.batch_size}")
+
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+            else:
+                cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]  # (T, hs), broadcasts
+        if position_ids is not None:
+            cos, sin = self.rope_cos[position_ids].unsqueeze(1), self.rope_sin[position_ids].unsqueeze(1)  # (B, 1, T, hs)
+        x = self.model.embed_tokens(idx)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        mask, is_causal = self._attn_mask(T, start, attention_mask, idx.device)
+
+        for i, block in enumerate(self.model.layers):
+            x = block(x, cos, sin, mask, is_causal, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.pos = end
+        x = self.model.norm(x)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(x).float()
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    @staticmethod
+    def _attn_mask(T: int, start: int, attention_mask, device):
+        """(mask for SDPA or None, is_causal). True = may attend."""
+        end = start + T
+        if attention_mask is None:
+            if T == 1:
+                return None, False  # one new query sees every cached key
+            if start == 0:
+                return None, True
+            i = torch.arange(T, device=device)[:, None] + start
+            return torch.arange(end, device=device)[None, :] <= i, False  # (T, end)
+        keys = attention_mask[:, :end].bool()[:, None, None, :]  # (B, 1, 1, end)
+        if T == 1:
+            return keys, False
+        i = torch.arange(T, device=device)[:, None] + start
+        j = torch.arange(end, device=device)[None, :]
+        # a padding query sees only itself, so no row is fully masked (which would give NaNs)
+        return (keys & (j <= i)) | (j == i), False  # (B, 1, T, end)
+
+    @torch.no_grad()
+    def attention_maps(self, idx: torch.Tensor) -> torch.Tensor:
+        """Attention probabilities for a prompt: (n_layer, B, n_head, T, T), float32.
+
+        A separate slow path (explicit softmax), so the normal forward keeps its fused kernel.
+        """
+        T = idx.size(1)
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        x = self.model.embed_tokens(idx)
+        cos, sin = self.rope_cos[:T].to(x.dtype), self.rope_sin[:T].to(x.dtype)
+        maps = []
+        for block in self.model.layers:
+            maps.append(block.self_attn.weights(block.input_layernorm(x), cos, sin))
+            x = block(x, cos, sin, None, True)
+        return torch.stack(maps)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count (shared tensors counted once); non_embedding drops the token embedding."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.model.embed_tokens.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (PaLM appendix B): 6N + 12 * n_layer * n_embd * seq_len.
+
+        N counts every weight matmul, including the output head whether tied or not.
+        """
+        cfg = self.config
+        T = seq_len if seq_len is not None else cfg.block_size
+        n_matmul = self.num_params(non_embedding=True)  # includes an untied lm_head
+        if cfg.tie_embeddings:
+            n_matmul += cfg.vocab_size * cfg.n_embd  # the tied head is still a matmul
+        return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
+
+    # Hugging Face folder I/O lives in model/hf.py; these are conveniences.
+    def save_pretrained(self, out_dir, tokenizer_dir=None, generation_config: dict | None = None):
+        from model.hf import save_pretrained
+
+        return save_pretrained(self, out_dir, tokenizer_dir=tokenizer_dir, generation_config=generation_config)
+
+    @classmethod
+    def from_pretrained(cls, path, expected_tokenizer_sha256: str | None = None, map_location="cpu") -> GPT:
+        from model.hf import load_pretrained
+
+        return load_pretrained(path, expected_tokenizer_sha256=expected_tokenizer_sha256, map_location=map_location)
