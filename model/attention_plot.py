@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -57,9 +58,11 @@ def plot_attention(
             ax.set_title(f"layer {layer} head {head}", fontsize=8)
             ax.set_xticks(ticks, [labels[i] for i in ticks], rotation=90, fontsize=6)
             ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize=6)
-    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    with warnings.catch_warnings():  # tokens such as emoji may lack a glyph in the default font
+        warnings.filterwarnings("ignore", message="Glyph .* missing")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

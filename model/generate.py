@@ -436,11 +436,11 @@ class Engine:
         history = [list(r.prompt_ids) for r in rows] if params.no_repeat_ngram_size else None
 
         for t in range(params.max_tokens):
-            x = self._process(last, params, seen, counts, history)
+            x = apply_penalties(last, params, seen, counts, history)
             if params.greedy:
                 nxt = x.argmax(dim=-1)
             else:
-                nxt = torch.multinomial(torch.softmax(_filter(x / params.temperature, params), dim=-1), 1, generator=gen).squeeze(1)
+                nxt = torch.multinomial(sampling_probs(x, params), 1, generator=gen).squeeze(1)
             recs = None
             if params.logprobs is not None:
                 recs = self._logprob_records(torch.log_softmax(last, dim=-1), nxt, params.logprobs)
@@ -463,22 +463,6 @@ class Engine:
             )
             last = logits[:, -1]
 
-    @staticmethod
-    def _process(logits, params: SamplingParams, seen, counts, history) -> torch.Tensor:
-        """Penalties and bans on raw logits (B, V)."""
-        x = logits
-        if seen is not None:
-            p = params.repetition_penalty
-            x = torch.where(seen, torch.where(x > 0, x / p, x * p), x)
-        if counts is not None:
-            x = x - counts * params.frequency_penalty - (counts > 0).float() * params.presence_penalty
-        if history is not None:
-            x = x.clone() if x is logits else x
-            for b, seq in enumerate(history):
-                banned = _banned_ngram_tokens(seq, params.no_repeat_ngram_size)
-                if banned:
-                    x[b, banned] = float("-inf")
-        return x
 
     @torch.inference_mode()
     def _beam_search(self, index: int, prompt_ids: list[int], params: SamplingParams) -> list[Completion]:
@@ -510,7 +494,7 @@ class Engine:
                     if ids:
                         counts[b].index_add_(0, torch.tensor(ids, device=self.device), torch.ones(len(ids), device=self.device))
             history = [prompt_ids + ids for ids in beams] if params.no_repeat_ngram_size else None
-            logp = torch.log_softmax(self._process(last, params, seen, counts, history), dim=-1)
+            logp = torch.log_softmax(apply_penalties(last, params, seen, counts, history), dim=-1)
             cand = (scores[:, None] + logp).view(-1)
             top_scores, top_idx = cand.topk(min(2 * K, cand.numel()))
             keep_beam, keep_tok, keep_score = [], [], []
@@ -560,7 +544,34 @@ class Engine:
         ]
 
 
-def _filter(x: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, seen=None, counts=None, history=None) -> torch.Tensor:
+    """Penalties and bans on raw logits (B, V).
+
+    seen: (B, V) bool, tokens in prompt or output (repetition_penalty); counts: (B, V) float, how
+    often each token was generated (presence/frequency penalties); history: per row, prompt + output
+    ids (no_repeat_ngram_size).
+    """
+    x = logits
+    if seen is not None:
+        p = params.repetition_penalty
+        x = torch.where(seen, torch.where(x > 0, x / p, x * p), x)
+    if counts is not None:
+        x = x - counts * params.frequency_penalty - (counts > 0).float() * params.presence_penalty
+    if history is not None:
+        x = x.clone() if x is logits else x
+        for b, seq in enumerate(history):
+            banned = _banned_ngram_tokens(seq, params.no_repeat_ngram_size)
+            if banned:
+                x[b, banned] = float("-inf")
+    return x
+
+
+def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution a row is sampled from (B, V): temperature, then top_k, top_p, min_p."""
+    return torch.softmax(filter_logits(logits / params.temperature, params), dim=-1)
+
+
+def filter_logits(x: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """top_k, top_p and min_p on temperature-scaled logits (B, V), in Hugging Face's order."""
     if params.top_k and params.top_k < x.size(-1):
         kth = x.topk(params.top_k, dim=-1).values[:, -1:]

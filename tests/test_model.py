@@ -1,0 +1,242 @@
+"""Properties of the transformer itself: shapes, causality, the KV-cache path, init, training."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from model import GPT, PRESETS, GPTConfig, KVCache
+
+
+def tiny(**overrides) -> GPTConfig:
+    return GPTConfig.from_preset("tiny", **{"vocab_size": 97, "block_size": 48, "n_embd": 32, **overrides})
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(tiny()).eval()
+
+
+# -- config --------------------------------------------------------------------------------------
+def test_presets_build_valid_configs():
+    assert {"tiny", "cpu", "124m", "350m"} <= set(PRESETS)
+    for name in PRESETS:
+        cfg = GPTConfig.from_preset(name)
+        assert cfg.n_kv_head == cfg.n_head and cfg.intermediate_size > cfg.n_embd
+    big = GPTConfig.from_preset("124m")
+    assert (big.n_layer, big.n_embd, big.n_head, big.block_size) == (12, 768, 12, 1024)
+    assert GPTConfig.from_preset("cpu", vocab_size=1000).vocab_size == 1000
+
+
+def test_cpu_preset_is_a_few_million_params():
+    with torch.device("meta"):
+        n = GPT(GPTConfig.from_preset("cpu")).num_params(non_embedding=True)
+    assert 1e6 < n < 2e7
+
+
+def test_unknown_preset_lists_valid_names():
+    with pytest.raises(ValueError, match="tiny.*cpu.*124m.*350m"):
+        GPTConfig.from_preset("huge")
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(n_embd=30, n_head=4), "n_embd"),
+        (dict(n_head=4, n_kv_head=3), "n_head"),
+        (dict(vocab_size=0), "vocab_size"),
+        (dict(block_size=-1), "block_size"),
+        (dict(n_layer=1.5), "n_layer"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(norm_eps=0.0), "norm_eps"),
+        (dict(rope_theta=-1.0), "rope_theta"),
+        (dict(n_embd=36, n_head=4), "n_embd // n_head"),  # odd head_dim
+    ],
+)
+def test_config_validation_names_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field.replace("/", "\\/")):
+        tiny(**overrides)
+
+
+def test_config_dict_round_trip_and_unknown_keys():
+    cfg = tiny(n_kv_head=2, tie_embeddings=False)
+    assert GPTConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="n_layers"):
+        GPTConfig.from_dict({**cfg.to_dict(), "n_layers": 3})
+
+
+# -- forward -------------------------------------------------------------------------------------
+def test_logits_shape_dtype_and_loss(model):
+    idx = torch.randint(0, 97, (3, 17))
+    logits, loss = model(idx)
+    assert logits.shape == (3, 17, 97) and logits.dtype == torch.float32 and loss is None
+    logits2, loss = model(idx, idx)
+    assert torch.equal(logits, logits2) and loss.ndim == 0
+    targets = idx.clone()
+    targets[:, :5] = -100  # ignored positions do not count
+    manual = torch.nn.functional.cross_entropy(logits[:, 5:].reshape(-1, 97), idx[:, 5:].reshape(-1))
+    assert torch.allclose(model(idx, targets)[1], manual, atol=1e-6)
+    assert model(idx, logits_to_keep=1)[0].shape == (3, 1, 97)
+
+
+def test_causality(model):
+    """Changing a future token never changes earlier logits."""
+    torch.manual_seed(1)
+    idx = torch.randint(0, 97, (2, 40))
+    base, _ = model(idx)
+    for t in (0, 13, 39):
+        changed = idx.clone()
+        changed[:, t] = (changed[:, t] + 1) % 97
+        out, _ = model(changed)
+        torch.testing.assert_close(out[:, :t], base[:, :t], atol=1e-5, rtol=0)
+        assert not torch.allclose(out[:, t], base[:, t])
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_kv_cache_matches_full_forward(n_kv_head):
+    torch.manual_seed(2)
+    m = GPT(tiny(n_kv_head=n_kv_head)).eval()
+    idx = torch.randint(0, 97, (2, 30))
+    full, _ = m(idx)
+    cache = KVCache(m.config, batch_size=4)  # larger than needed: rows are sliced
+    with torch.inference_mode():
+        parts = [m(idx[:, :10], kv_cache=cache)[0]]  # prefill
+        parts.append(m(idx[:, 10:17], kv_cache=cache)[0])  # a chunk after a prefix (offset causal mask)
+        parts += [m(idx[:, t : t + 1], kv_cache=cache)[0] for t in range(17, 30)]  # one token at a time
+    assert cache.pos == 30
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_left_padding_with_mask_and_positions_matches_unpadded(model):
+    torch.manual_seed(3)
+    a, b = torch.randint(0, 97, (1, 20)), torch.randint(0, 97, (1, 12))
+    idx = torch.cat([a, torch.cat([torch.zeros(1, 8, dtype=torch.long), b], dim=1)])
+    mask = torch.ones(2, 20, dtype=torch.bool)
+    mask[1, :8] = False
+    out, _ = model(idx, attention_mask=mask)  # positions counted from the mask
+    torch.testing.assert_close(out[0], model(a)[0][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1, 8:], model(b)[0][0], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(out).all()
+
+
+def test_too_long_sequence_is_refused(model):
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 49, dtype=torch.long))
+
+
+def test_initial_loss_is_about_ln_vocab():
+    torch.manual_seed(4)
+    for cfg in (GPTConfig.from_preset("tiny", vocab_size=512), tiny(vocab_size=2000, tie_embeddings=False)):
+        m = GPT(cfg)
+        idx = torch.randint(0, cfg.vocab_size, (8, 32))
+        _, loss = m(idx, torch.randint(0, cfg.vocab_size, (8, 32)))
+        assert abs(loss.item() - math.log(cfg.vocab_size)) < 0.3
+
+
+def test_residual_projections_have_scaled_init():
+    torch.manual_seed(5)
+    cfg = GPTConfig.from_preset("tiny", n_layer=8, n_embd=128)
+    m = GPT(cfg)
+    expect = cfg.init_std / math.sqrt(2 * cfg.n_layer)
+    for block in m.model.layers:
+        assert abs(block.self_attn.o_proj.weight.std().item() - expect) < 0.2 * expect
+        assert abs(block.mlp.down_proj.weight.std().item() - expect) < 0.2 * expect
+        assert abs(block.self_attn.q_proj.weight.std().item() - cfg.init_std) < 0.2 * cfg.init_std
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(6)
+    m = GPT(tiny())
+    idx = torch.randint(0, 97, (4, 33))
+    x, y = idx[:, :-1], idx[:, 1:]
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.0)
+    for _ in range(300):
+        _, loss = m(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.05:
+            break
+    assert loss.item() < 0.1
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(7)
+    m = GPT(tiny(dropout=0.5))
+    idx = torch.randint(0, 97, (2, 10))
+    m.eval()
+    assert torch.equal(m(idx)[0], m(idx)[0])
+    m.train()
+    assert not torch.equal(m(idx)[0], m(idx)[0])
+
+
+def test_tied_embeddings_share_storage():
+    tied, untied = GPT(tiny()), GPT(tiny(tie_embeddings=False))
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    assert untied.lm_head.weight is not untied.model.embed_tokens.weight
+    assert untied.num_params() - tied.num_params() == 97 * 32
+
+
+def test_num_params_and_flops():
+    m = GPT(tiny())
+    cfg = m.config
+    per_layer = 4 * cfg.n_embd * cfg.n_embd + 3 * cfg.n_embd * cfg.intermediate_size + 2 * cfg.n_embd
+    assert m.num_params() == cfg.vocab_size * cfg.n_embd + cfg.n_layer * per_layer + cfg.n_embd
+    assert m.num_params(non_embedding=True) == m.num_params() - cfg.vocab_size * cfg.n_embd
+    n_matmul = cfg.n_layer * (per_layer - 2 * cfg.n_embd) + cfg.vocab_size * cfg.n_embd
+    assert m.flops_per_token(16) == pytest.approx(6 * (n_matmul + cfg.n_layer * 2 * cfg.n_embd + cfg.n_embd) + 12 * cfg.n_layer * cfg.n_embd * 16)
+    assert m.flops_per_token() > m.flops_per_token(16)  # default: block_size
+
+
+def test_hf_parameter_names():
+    names = set(GPT(tiny(tie_embeddings=False)).state_dict())
+    assert {
+        "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
+        "model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight",
+        "model.layers.0.input_layernorm.weight", "model.layers.0.post_attention_layernorm.weight",
+    } <= names
+    assert not any("bias" in n or "rope" in n for n in names)
+
+
+# -- attention maps ------------------------------------------------------------------------------
+def test_attention_maps_are_causal_distributions(model):
+    idx = torch.randint(0, 97, (2, 12))
+    maps = model.attention_maps(idx)
+    cfg = model.config
+    assert maps.shape == (cfg.n_layer, 2, cfg.n_head, 12, 12)
+    torch.testing.assert_close(maps.sum(-1), torch.ones(cfg.n_layer, 2, cfg.n_head, 12))
+    assert torch.all(maps.triu(diagonal=1) == 0)
+
+
+def test_attention_maps_reproduce_the_attention_output(model):
+    """The explicit maps times V equal what the fused kernel computes."""
+    idx = torch.randint(0, 97, (1, 9))
+    maps = model.attention_maps(idx)
+    block = model.model.layers[0]
+    x = block.input_layernorm(model.model.embed_tokens(idx))
+    cos, sin = model.rope_cos[:9], model.rope_sin[:9]
+    _, _, v = block.self_attn.qkv(x, cos, sin)
+    y = (maps[0] @ v).transpose(1, 2).reshape(1, 9, -1)
+    torch.testing.assert_close(block.self_attn.o_proj(y), block.self_attn(x, cos, sin, None, True), atol=1e-5, rtol=1e-4)
+
+
+def test_plot_attention_writes_png(model, tmp_path):
+    from model.attention_plot import plot_attention
+
+    tokens = ["To", " be", ",", " or", "\n", "🙂"]
+    maps = model.attention_maps(torch.randint(0, 97, (1, 6)))
+    path = plot_attention(maps, tokens, tmp_path / "attn.png", layers=[1], heads=[0, 2])
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="heads"):
+        plot_attention(maps, tokens, tmp_path / "x.png", heads=[9])
+    with pytest.raises(ValueError, match="tokens"):
+        plot_attention(maps, tokens[:3], tmp_path / "x.png")
+
+
+def test_model_import_is_light():
+    code = "import sys, model; print(sorted(m for m in ('matplotlib', 'lightning', 'mlflow', 'ray', 'prefect', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
