@@ -1,0 +1,177 @@
+"""The one typed view of params.yaml.
+
+Every stage calls `load_params()` and reads its section from the result. Unknown or
+misspelled keys fail before any work, with the key's dotted name and the closest valid one:
+
+    >>> load_params("params.yaml").tokenizer.vocab_size
+    4096
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class Section(BaseModel):
+    """Base for every params section: unknown keys are errors, values are not coerced silently."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- data -------------------------------------------------------------------------------------
+
+DEFAULT_LOCAL_INCLUDE = ["**/*.txt", "**/*.md", "**/*.html", "**/*.htm", "**/*.jsonl", "**/*.gz"]
+
+
+class PypiSdistSource(Section):
+    type: Literal["pypi_sdist"]
+    package: str
+    version: str
+    include: list[str] = ["**/*.txt"]  # globs relative to the sdist's top folder
+
+
+class LocalSource(Section):
+    type: Literal["local"]
+    path: str
+    include: list[str] = DEFAULT_LOCAL_INCLUDE
+    text_field: str = "text"  # the field holding the document in .jsonl files
+
+
+class HfSource(Section):
+    type: Literal["hf"]
+    name: str
+    config: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    streaming: bool = True
+    max_docs: int | None = Field(default=None, gt=0)
+
+
+Source = Annotated[Union[PypiSdistSource, LocalSource, HfSource], Field(discriminator="type")]
+SOURCE_TYPES: dict[str, type[Section]] = {"pypi_sdist": PypiSdistSource, "local": LocalSource, "hf": HfSource}
+
+
+class DedupParams(Section):
+    shingle_words: int = Field(default=3, ge=1)
+    num_perm: int = Field(default=128, ge=16)
+    jaccard_threshold: float = Field(default=0.2, gt=0.0, le=1.0)
+
+
+class SplitParams(Section):
+    passage_chars: int = Field(default=2000, ge=0)  # 0 keeps whole documents
+    val: float = Field(default=0.05, ge=0.0, lt=1.0)
+    test: float = Field(default=0.05, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _fractions_leave_train(self) -> "SplitParams":
+        if self.val + self.test >= 1.0:
+            raise ValueError(f"data.split.val + data.split.test must be < 1 (got {self.val} + {self.test})")
+        return self
+
+
+class DataParams(Section):
+    sources: list[Source] = Field(min_length=1)
+    min_chars: int = Field(default=200, ge=1)
+    strip_gutenberg: bool = True
+    strip_html: bool = True
+    dedup: DedupParams = DedupParams()
+    split: SplitParams = SplitParams()
+
+
+# --- tokenizer --------------------------------------------------------------------------------
+
+
+class TokenizerParams(Section):
+    vocab_size: int = Field(default=4096, ge=300, le=2**32 - 1)  # must hold the 256 byte tokens + specials
+    min_frequency: int = Field(default=2, ge=1)
+    encode_batch_size: int = Field(default=256, ge=1)
+
+
+# --- model ------------------------------------------------------------------------------------
+
+
+class ModelParams(Section):
+    """A named preset from model/config.py, with optional per-field overrides."""
+
+    preset: str = "cpu"
+    block_size: int | None = Field(default=None, gt=0)
+    n_layer: int | None = Field(default=None, gt=0)
+    n_head: int | None = Field(default=None, gt=0)
+    n_kv_head: int | None = Field(default=None, gt=0)
+    n_embd: int | None = Field(default=None, gt=0)
+    intermediate_size: int | None = Field(default=None, gt=0)
+    rope_theta: float | None = Field(default=None, gt=0)
+    tie_embeddings: bool | None = None
+    dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
+
+    def overrides(self) -> dict:
+        """The fields set here, to apply on top of the preset."""
+        return {k: v for k, v in self.model_dump(exclude={"preset"}).items() if v is not None}
+
+
+# --- the whole file ---------------------------------------------------------------------------
+
+
+class Params(Section):
+    data: DataParams
+    tokenizer: TokenizerParams = TokenizerParams()
+    model: ModelParams = ModelParams()
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable or holds an invalid or unknown key."""
+
+
+def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys allowed at `loc` (best effort, for 'did you mean' hints)."""
+    current: type[BaseModel] | None = model
+    for part in loc[:-1]:
+        if part in SOURCE_TYPES:  # pydantic puts the discriminator's tag in the location
+            current = SOURCE_TYPES[part]
+            continue
+        if current is None or isinstance(part, int):
+            continue
+        field = current.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        current = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return list(current.model_fields) if current is not None else []
+
+
+def _describe(error: dict) -> str:
+    loc = tuple(error["loc"])
+    dotted = ".".join(str(p) for p in loc if p not in SOURCE_TYPES)
+    if error["type"] == "extra_forbidden":
+        hint = difflib.get_close_matches(str(loc[-1]), _valid_keys(Params, loc), n=1)
+        suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+        return f"unknown key '{dotted}'{suggestion}"
+    return f"'{dotted}': {error['msg']}"
+
+
+def parse_params(raw: dict, source: str = "params.yaml") -> Params:
+    """Validate a params mapping, turning pydantic's errors into one readable ParamsError."""
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        problems = "\n  - ".join(_describe(e) for e in exc.errors())
+        raise ParamsError(f"{source} is invalid:\n  - {problems}\nFix the key(s) above and run again.") from None
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path} not found: run from the repository root, or pass the path of your params file.")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path} must be a mapping of sections (data, tokenizer, model, ...)")
+    return parse_params(raw, str(path))

@@ -1,0 +1,204 @@
+"""tokenize: train a byte-level BPE tokenizer on the train split, then write token shards.
+
+In:  data/clean/{train,val,test}.jsonl        (records with a "text" field, from the clean stage)
+     params.yaml `tokenizer`                  (vocab_size, min_frequency, encode_batch_size)
+Out: data/tokenizer/                          tokenizer.json, tokenizer_config.json, chat template;
+                                              `transformers.AutoTokenizer.from_pretrained` loads it
+     data/tokens/{train,val,test}.bin         flat uint16 (uint32 past 65536 tokens) ids, each document
+                                              followed by <|endoftext|>; read back with np.memmap
+     data/tokens/meta.json                    dtype, vocab size, special ids, per-split tokens/docs/bytes
+     metrics/tokenize.json                    vocab_size, tokens per split, bytes_per_token,
+                                              encode_mb_per_s, tokenizer_sha256
+Run: python -m pipelines.tokenizer            (or `dvc repro tokenize`)
+
+(The module is not called tokenize.py: that would shadow the standard library's tokenize.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
+
+from pipelines.atomic import atomic_dir, write_json
+from pipelines.params import ParamsError, TokenizerParams, load_params
+
+CLEAN_DIR = Path("data/clean")
+TOKENIZER_DIR = Path("data/tokenizer")
+TOKENS_DIR = Path("data/tokens")
+METRICS_FILE = Path("metrics/tokenize.json")
+SPLITS = ("train", "val", "test")
+
+EOT = "<|endoftext|>"  # separates documents; also bos/eos/pad for Hugging Face tools
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")  # ChatML role markers for the chat API
+SPECIAL_TOKENS = (EOT, *CHAT_TOKENS)  # ids 0, 1, 2
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class TokenizeError(RuntimeError):
+    """The inputs cannot be tokenized; the message says why and what to do."""
+
+
+def read_texts(path: Path) -> Iterator[str]:
+    """The "text" field of each JSON line of a clean split."""
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            try:
+                yield json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise TokenizeError(f"{path}:{line_no} is not a clean record with a 'text' field; "
+                                    "rerun the clean stage (dvc repro clean).") from None
+
+
+def train_tokenizer(texts: Iterator[str], params: TokenizerParams) -> Tokenizer:
+    """A GPT-2-style byte-level BPE: every string encodes (no unknown token) and decodes back exactly."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=params.vocab_size,
+        min_frequency=params.min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    return tokenizer
+
+
+def save_tokenizer(tokenizer: Tokenizer, out_dir: Path) -> None:
+    """Save in the Hugging Face layout, so AutoTokenizer.from_pretrained(out_dir) gives the same ids."""
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=EOT, eos_token=EOT, pad_token=EOT,
+                                 extra_special_tokens=list(CHAT_TOKENS))
+    hf.chat_template = CHAT_TEMPLATE
+    hf.save_pretrained(str(out_dir))
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def batches(items: Iterator[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def encode_split(tokenizer: Tokenizer, source: Path, target: Path, batch_size: int, dtype: np.dtype,
+                 progress: tqdm) -> dict:
+    """Encode one split in parallel batches to a flat token file; verify each document round-trips."""
+    eot_id = tokenizer.token_to_id(EOT)
+    stats = {"docs": 0, "bytes": 0, "tokens": 0}
+    with open(target, "wb") as out:
+        for texts in batches(read_texts(source), batch_size):
+            encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)  # Rust threads, no offsets
+            ids = [e.ids for e in encodings]
+            decoded = tokenizer.decode_batch(ids, skip_special_tokens=False)
+            for i, (text, back) in enumerate(zip(texts, decoded)):
+                if back != text:
+                    raise TokenizeError(f"{source}: document {stats['docs'] + i + 1} does not survive "
+                                        "encode/decode; this is a tokenizer bug, please report it.")
+            flat: list[int] = []
+            for doc in ids:
+                flat += doc
+                flat.append(eot_id)
+            np.asarray(flat, dtype=dtype).tofile(out)
+            size = sum(len(t.encode("utf-8")) for t in texts)
+            stats["docs"] += len(texts)
+            stats["bytes"] += size
+            stats["tokens"] += len(flat)
+            progress.update(size)
+    return stats
+
+
+def tokenize_corpus(params: TokenizerParams, clean_dir: Path = CLEAN_DIR, tokenizer_dir: Path = TOKENIZER_DIR,
+                    tokens_dir: Path = TOKENS_DIR, metrics_file: Path = METRICS_FILE) -> dict:
+    """Train the tokenizer on train, encode every split, write outputs atomically; return the metrics."""
+    sources = {split: clean_dir / f"{split}.jsonl" for split in SPLITS}
+    missing = [str(p) for p in sources.values() if not p.is_file()]
+    if missing:
+        raise TokenizeError(f"missing {', '.join(missing)}: run the clean stage first (dvc repro clean).")
+    if not any(text.strip() for text in read_texts(sources["train"])):
+        raise TokenizeError(f"{sources['train']} holds no text to train the tokenizer on; "
+                            "check reports/clean/report.md for why documents were dropped.")
+
+    with atomic_dir(tokenizer_dir) as tok_tmp, atomic_dir(tokens_dir) as tokens_tmp:
+        started = time.perf_counter()
+        tokenizer = train_tokenizer(read_texts(sources["train"]), params)
+        train_seconds = time.perf_counter() - started
+        tokenizer.encode_special_tokens = True  # "<|endoftext|>" typed in a document is text, not a separator
+        save_tokenizer(tokenizer, tok_tmp)
+        tokenizer_sha = sha256_of(tok_tmp / "tokenizer.json")
+
+        vocab_size = tokenizer.get_vocab_size()
+        dtype = token_dtype(vocab_size)
+        total_bytes = sum(p.stat().st_size for p in sources.values())
+        splits = {}
+        started = time.perf_counter()
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", disable=None) as progress:
+            for split, source in sources.items():
+                splits[split] = encode_split(tokenizer, source, tokens_tmp / f"{split}.bin",
+                                             params.encode_batch_size, dtype, progress)
+        encode_seconds = time.perf_counter() - started
+
+        text_bytes = sum(s["bytes"] for s in splits.values())
+        text_tokens = sum(s["tokens"] - s["docs"] for s in splits.values())  # EOT separators carry no text
+        bytes_per_token = round(text_bytes / max(text_tokens, 1), 4)
+        meta = {
+            "dtype": dtype.name,
+            "vocab_size": vocab_size,
+            "eot_token": EOT,
+            "eot_id": tokenizer.token_to_id(EOT),
+            "special_tokens": {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS},
+            "splits": splits,
+            "bytes_per_token": bytes_per_token,
+            "tokenizer_sha256": tokenizer_sha,
+        }
+        write_json(tokens_tmp / "meta.json", meta)
+    metrics = {
+        "vocab_size": vocab_size,
+        "tokens": {split: s["tokens"] for split, s in splits.items()},
+        "bytes_per_token": bytes_per_token,
+        "encode_mb_per_s": round(text_bytes / 1e6 / max(encode_seconds, 1e-9), 3),
+        "train_tokenizer_seconds": round(train_seconds, 3),
+        "tokenizer_sha256": tokenizer_sha,
+    }
+    write_json(metrics_file, metrics)
+    return metrics
+
+
+def main() -> int:
+    try:
+        params = load_params()
+        metrics = tokenize_corpus(params.tokenizer)
+    except (ParamsError, TokenizeError) as exc:
+        print(f"tokenize: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"tokenize: vocab {metrics['vocab_size']}, tokens {metrics['tokens']}, "
+          f"{metrics['bytes_per_token']} bytes/token, {metrics['encode_mb_per_s']} MB/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
