@@ -1,0 +1,426 @@
+"""The generation engine: KV-cache decoding, batching, every sampling control, streaming, scoring."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from model import GPT, Engine, GPTConfig, SamplingParams
+from model.generate import _Detokenizer, apply_penalties, sampling_probs
+
+SENTENCES = [
+    "To be, or not to be, that is the question.",
+    "Whether 'tis nobler in the mind to suffer the slings and arrows.",
+    "Émoji 🙂🎭 and 中文 text, 日本語 too; naïve café.",
+    "All the world's a stage, and all the men and women merely players.",
+]
+EOT = "<|endoftext|>"
+
+
+def make_tokenizer(vocab_size: int = 320) -> Tokenizer:
+    """A byte-level BPE trained on a few sentences (multi-byte characters span several tokens)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(SENTENCES * 3, trainer)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    cfg = GPTConfig.from_preset("tiny", vocab_size=tokenizer.get_vocab_size(), block_size=96, n_embd=32)
+    return GPT(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def engine(model, tokenizer):
+    return Engine(model, tokenizer)
+
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+def reference_greedy(model, ids, n):
+    """Greedy decoding by recomputing the full context each step (no cache)."""
+    ids = list(ids)
+    for _ in range(n):
+        logits, _ = model(torch.tensor([ids]))
+        ids.append(int(logits[0, -1].argmax()))
+    return ids
+
+
+# -- decoding ------------------------------------------------------------------------------------
+def test_eos_detected(engine, tokenizer):
+    assert engine.eos_token_id == tokenizer.token_to_id(EOT)
+
+
+def test_greedy_matches_full_recompute(engine, model):
+    prompt = engine.encode("To be, or not")
+    [c] = engine.generate([prompt], SamplingParams(max_tokens=20, **GREEDY))
+    assert c.token_ids == reference_greedy(model, prompt, 20)[len(prompt):]
+    assert c.finish_reason == "length" and c.prompt_token_ids == prompt
+    assert c.text == engine.decode(c.token_ids)
+
+
+def test_batched_prompts_of_different_lengths_equal_one_by_one(engine):
+    prompts = ["To", "Whether 'tis nobler in the mind", "🙂 中文", "All the world's a stage, and all"]
+    params = SamplingParams(max_tokens=12, **GREEDY)
+    batched = engine.generate(prompts, params)
+    single = [engine.generate([p], params)[0] for p in prompts]
+    assert [c.token_ids for c in batched] == [c.token_ids for c in single]
+    assert [c.index for c in batched] == [0, 1, 2, 3]
+
+
+def test_each_row_stops_on_its_own(engine):
+    prompts = ["To be", "Whether 'tis"]
+    free = engine.generate(prompts, SamplingParams(max_tokens=10, **GREEDY))
+    stop_id = free[0].token_ids[3]
+    out = engine.generate(prompts, SamplingParams(max_tokens=10, stop_token_ids=[stop_id], **GREEDY))
+    first = free[0].token_ids.index(stop_id)
+    assert out[0].token_ids == free[0].token_ids[: first + 1] and out[0].finish_reason == "stop"
+    assert out[0].text == engine.decode(free[0].token_ids[:first])  # the stop token is not in the text
+    if stop_id not in free[1].token_ids:
+        assert out[1].token_ids == free[1].token_ids and out[1].finish_reason == "length"
+
+
+def test_eos_ends_a_row_unless_ignored(model, tokenizer, engine):
+    [free] = engine.generate(["To be"], SamplingParams(max_tokens=6, **GREEDY))
+    eos = free.token_ids[2]  # pretend the third greedy token is end-of-text
+    e = Engine(model, tokenizer, eos_token_id=eos)
+    [c] = e.generate(["To be"], SamplingParams(max_tokens=6, temperature=0.0))
+    first = free.token_ids.index(eos)
+    assert c.token_ids == free.token_ids[: first + 1] and c.finish_reason == "stop"
+    assert c.text == e.decode(free.token_ids[:first])
+    [c] = e.generate(["To be"], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+    assert c.token_ids == free.token_ids and c.finish_reason == "length"
+
+
+def test_n_samples_grouped_by_prompt(engine):
+    out = engine.generate(["To be", "Whether"], SamplingParams(max_tokens=6, n=3, seed=1, ignore_eos=True))
+    assert [c.index for c in out] == [0, 0, 0, 1, 1, 1]
+    assert len({tuple(c.token_ids) for c in out[:3]}) > 1
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    params = SamplingParams(max_tokens=16, temperature=1.0, seed=123, ignore_eos=True)
+    a = engine.generate(["To be", "🙂"], params)
+    b = engine.generate(["To be", "🙂"], params)
+    c = engine.generate(["To be", "🙂"], SamplingParams(max_tokens=16, temperature=1.0, seed=124, ignore_eos=True))
+    assert [x.token_ids for x in a] == [x.token_ids for x in b]
+    assert [x.token_ids for x in a] != [x.token_ids for x in c]
+
+
+def test_top_k_1_equals_greedy(engine):
+    greedy = engine.generate(["To be", "Whether"], SamplingParams(max_tokens=10, **GREEDY))
+    top1 = engine.generate(["To be", "Whether"], SamplingParams(max_tokens=10, temperature=1.5, top_k=1, seed=3, ignore_eos=True))
+    assert [c.token_ids for c in top1] == [c.token_ids for c in greedy]
+
+
+# -- the sampling distribution -------------------------------------------------------------------
+def entropy(p):
+    return -(p * p.clamp_min(1e-30).log()).sum(-1)
+
+
+@pytest.fixture
+def logits():
+    torch.manual_seed(0)
+    return torch.randn(4, 50) * 3
+
+
+def test_temperature_scales_entropy(logits):
+    h = [entropy(sampling_probs(logits, SamplingParams(temperature=t))) for t in (0.3, 1.0, 3.0)]
+    assert torch.all(h[0] < h[1]) and torch.all(h[1] < h[2])
+    torch.testing.assert_close(sampling_probs(logits, SamplingParams(temperature=1.0)), logits.softmax(-1))
+
+
+def test_top_k_keeps_k_tokens(logits):
+    p = sampling_probs(logits, SamplingParams(top_k=5))
+    assert torch.all((p > 0).sum(-1) == 5)
+    assert torch.equal(p.topk(5).indices.sort().values, logits.topk(5).indices.sort().values)
+
+
+@pytest.mark.parametrize("top_p", [0.1, 0.5, 0.9, 0.999])
+def test_top_p_keeps_the_smallest_nucleus(logits, top_p):
+    p = sampling_probs(logits, SamplingParams(top_p=top_p))
+    full = logits.softmax(-1)
+    for row in range(4):
+        kept = p[row] > 0
+        k = int(kept.sum())
+        order = full[row].argsort(descending=True)
+        assert kept[order[:k]].all()  # the kept set is a prefix of the sorted tokens
+        assert full[row][order[:k]].sum() >= top_p - 1e-6  # holding at least top_p ...
+        assert k == 1 or full[row][order[: k - 1]].sum() < top_p  # ... and minimal
+
+
+@pytest.mark.parametrize("min_p", [0.05, 0.3, 1.0])
+def test_min_p_drops_unlikely_tokens(logits, min_p):
+    p = sampling_probs(logits, SamplingParams(min_p=min_p))
+    full = logits.softmax(-1)
+    threshold = min_p * full.max(-1, keepdim=True).values
+    assert torch.equal(p > 0, full >= threshold)
+
+
+def test_penalties_lower_the_repeated_tokens_probability(logits):
+    seen = torch.zeros(4, 50, dtype=torch.bool)
+    seen[:, 7] = True
+    counts = seen.float() * 3
+    base = logits.softmax(-1)[:, 7]
+    for params, kw in [
+        (SamplingParams(repetition_penalty=1.5), dict(seen=seen)),
+        (SamplingParams(presence_penalty=1.0), dict(counts=counts)),
+        (SamplingParams(frequency_penalty=0.5), dict(counts=counts)),
+    ]:
+        p = apply_penalties(logits, params, **kw).softmax(-1)
+        assert torch.all(p[:, 7] < base)
+        others = torch.ones(50, dtype=torch.bool)
+        others[7] = False
+        assert torch.all(p[:, others] >= logits.softmax(-1)[:, others] - 1e-7)
+    # frequency penalty scales with the count, presence penalty does not
+    f1 = apply_penalties(logits, SamplingParams(frequency_penalty=0.5), counts=seen.float())
+    f3 = apply_penalties(logits, SamplingParams(frequency_penalty=0.5), counts=counts)
+    assert torch.all(f3[:, 7] < f1[:, 7])
+    p1 = apply_penalties(logits, SamplingParams(presence_penalty=0.5), counts=seen.float())
+    p3 = apply_penalties(logits, SamplingParams(presence_penalty=0.5), counts=counts)
+    torch.testing.assert_close(p1, p3)
+
+
+def test_penalties_reduce_repetition_end_to_end(engine):
+    plain = engine.generate(["To be"], SamplingParams(max_tokens=30, **GREEDY))[0].token_ids
+    penal = engine.generate(["To be"], SamplingParams(max_tokens=30, frequency_penalty=2.0, **GREEDY))[0].token_ids
+    assert len(set(penal)) >= len(set(plain))
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_no_repeat_ngram_size(engine, size):
+    prompt = engine.encode("To be, or not to be")
+    for beams in (1, 3):
+        [c] = engine.generate([prompt], SamplingParams(max_tokens=25, no_repeat_ngram_size=size, num_beams=beams, **GREEDY))
+        seq = prompt + c.token_ids
+        grams = [tuple(seq[i : i + size]) for i in range(len(seq) - size + 1)]
+        generated = grams[len(prompt) - size + 1 :]
+        assert len(c.token_ids) == 25
+        assert all(grams[: grams.index(g)].count(g) == 0 for g in generated)
+
+
+# -- stop strings --------------------------------------------------------------------------------
+def test_stop_string_cuts_at_first_match_and_excludes_it(engine):
+    params = SamplingParams(max_tokens=30, **GREEDY)
+    [free] = engine.generate(["To be"], params)
+    text = free.text
+    stop = text[8:10]
+    assert stop and "\ufffd" not in stop
+    [c] = engine.generate(["To be"], SamplingParams(max_tokens=30, stop=[stop, "never-there"], **GREEDY))
+    assert c.text == text[: text.find(stop)] and c.finish_reason == "stop"
+    # the earliest match wins whichever stop string is listed first
+    later = text[14:16]
+    if later not in text[:10]:
+        [c2] = engine.generate(["To be"], SamplingParams(max_tokens=30, stop=[later, stop], **GREEDY))
+        assert c2.text == text[: text.find(stop)]
+
+
+def test_stop_string_split_across_tokens(engine):
+    [free] = engine.generate(["Whether"], SamplingParams(max_tokens=30, **GREEDY))
+    pieces = [engine.decode([t]) for t in free.token_ids]
+    # a stop string made of the end of one token and the start of the next
+    i = next(i for i in range(3, len(pieces) - 1) if pieces[i] and pieces[i + 1] and "\ufffd" not in pieces[i] + pieces[i + 1])
+    stop = pieces[i][-1] + pieces[i + 1][0]
+    [c] = engine.generate(["Whether"], SamplingParams(max_tokens=30, stop=stop, **GREEDY))
+    assert c.text == free.text[: free.text.find(stop)] and c.finish_reason == "stop"
+    assert len(c.token_ids) <= i + 2
+
+
+# -- logprobs and scoring ------------------------------------------------------------------------
+def test_logprobs_match_the_full_forward(engine, model):
+    prompt = engine.encode("To be, or not")
+    [c] = engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0.8, seed=5, logprobs=3, ignore_eos=True))
+    seq = torch.tensor([prompt + c.token_ids])
+    ref = torch.log_softmax(model(seq)[0][0], -1)
+    assert len(c.logprobs) == 8
+    for i, (tok, rec) in enumerate(zip(c.token_ids, c.logprobs)):
+        row = ref[len(prompt) - 1 + i]
+        assert rec.token_id == tok and rec.token == engine.token_text(tok)
+        assert rec.logprob == pytest.approx(row[tok].item(), abs=1e-4)
+        assert [t for t, _, _ in rec.top] == row.topk(3).indices.tolist()
+        assert [x for _, _, x in rec.top] == pytest.approx(row.topk(3).values.tolist(), abs=1e-4)
+
+
+def test_echo_prompt_logprobs_match(engine, model):
+    prompts = [engine.encode("To be, or not to be"), engine.encode("中文")]  # different lengths: left padding
+    out = engine.generate(prompts, SamplingParams(max_tokens=1, echo=True, logprobs=2, **GREEDY))
+    for p, c in zip(prompts, out):
+        ref = torch.log_softmax(model(torch.tensor([p]))[0][0], -1)
+        assert [r.token_id for r in c.prompt_logprobs] == p
+        assert c.prompt_logprobs[0].logprob is None
+        for i in range(1, len(p)):
+            assert c.prompt_logprobs[i].logprob == pytest.approx(ref[i - 1, p[i]].item(), abs=1e-4)
+    [c] = engine.generate([prompts[0]], SamplingParams(max_tokens=0, echo=True))
+    assert c.token_ids == [] and len(c.prompt_logprobs) == len(prompts[0])
+
+
+def test_loglikelihood(engine, model):
+    ctx = engine.encode("To be, or")
+    greedy = reference_greedy(model, ctx, 4)[len(ctx):]
+    other = [(greedy[0] + 1) % model.config.vocab_size] + greedy[1:]
+    requests = [(ctx, greedy), (ctx, other), (engine.encode("Whether"), engine.encode(" the mind"))]
+    out = engine.loglikelihood(requests, batch_size=2)
+    for (c, x), (ll, is_greedy) in zip(requests, out):
+        ref = torch.log_softmax(model(torch.tensor([c + x]))[0][0], -1)
+        expect = sum(ref[len(c) - 1 + i, t].item() for i, t in enumerate(x))
+        assert ll == pytest.approx(expect, abs=1e-4)
+    assert out[0][1] is True and out[1][1] is False and out[0][0] > out[1][0]
+    with pytest.raises(ValueError, match="block_size"):
+        engine.loglikelihood([([1] * 90, [2] * 10)])
+
+
+def test_beam_search_beats_greedy_on_total_logprob(engine):
+    prompts = ["To be", "Whether", "🙂 and"]
+    for p in prompts:
+        ids = engine.encode(p)
+        [g] = engine.generate([ids], SamplingParams(max_tokens=10, **GREEDY))
+        beams = engine.generate([ids], SamplingParams(max_tokens=10, num_beams=4, n=2, **GREEDY))
+        assert len(beams) == 2 and beams[0].cumulative_logprob >= beams[1].cumulative_logprob
+        [(lg, _), (lb, _)] = engine.loglikelihood([(ids, g.token_ids), (ids, beams[0].token_ids)])
+        assert beams[0].cumulative_logprob == pytest.approx(lb, abs=1e-3)
+        assert lb >= lg - 1e-4
+
+
+def test_beam_search_with_one_beam_is_greedy(engine):
+    # num_beams=2 vs greedy differ in general, but a beam search's best beam is never worse
+    [g] = engine.generate(["All the"], SamplingParams(max_tokens=6, **GREEDY))
+    [b] = engine.generate(["All the"], SamplingParams(max_tokens=6, num_beams=2, **GREEDY))
+    [(lg, _), (lb, _)] = engine.loglikelihood([(engine.encode("All the"), g.token_ids), (engine.encode("All the"), b.token_ids)])
+    assert lb >= lg - 1e-4
+
+
+# -- streaming -----------------------------------------------------------------------------------
+STREAM_PROMPTS = ["To be", "🙂🎭", "中文 text, 日本語", "naïve café"]
+
+
+@pytest.mark.parametrize("prompt", STREAM_PROMPTS)
+@pytest.mark.parametrize("sampled", [False, True])
+def test_stream_concatenation_equals_generate(engine, prompt, sampled):
+    params = SamplingParams(max_tokens=24, temperature=1.0 if sampled else 0.0, seed=11, ignore_eos=True)
+    [c] = engine.generate([prompt], params)
+    chunks = list(engine.stream(prompt, params))
+    assert "".join(ch.text for ch in chunks) == c.text
+    assert [ch.token_id for ch in chunks] == c.token_ids
+    assert chunks[-1].finish_reason == c.finish_reason and all(ch.finish_reason is None for ch in chunks[:-1])
+
+
+def test_stream_with_stop_string_holds_back_a_possible_match(engine):
+    [free] = engine.generate(["To be"], SamplingParams(max_tokens=30, **GREEDY))
+    stop = free.text[10:13]
+    params = SamplingParams(max_tokens=30, stop=[stop], **GREEDY)
+    [c] = engine.generate(["To be"], params)
+    chunks = list(engine.stream("To be", params))
+    assert "".join(ch.text for ch in chunks) == c.text == free.text[: free.text.find(stop)]
+    assert chunks[-1].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("text", ["", "plain ascii", "🙂🎭👩‍👩‍👧", "中文 text, 日本語", "naïve café", "\n\t mixed 🙂 中"])
+def test_detokenizer_never_splits_characters(tokenizer, text):
+    ids = tokenizer.encode(text).ids
+    detok = _Detokenizer(lambda x: tokenizer.decode(x, skip_special_tokens=True))
+    pieces = [detok.push(t) for t in ids] + [detok.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 319), max_size=30))
+def test_detokenizer_concatenation_equals_decode(ids):
+    tok = _TOKENIZER
+    decode = lambda x: tok.decode(x, skip_special_tokens=True)  # noqa: E731
+    detok = _Detokenizer(decode)
+    assert "".join([detok.push(t) for t in ids] + [detok.flush()]) == decode(ids)
+
+
+_TOKENIZER = make_tokenizer()
+
+
+# -- validation and resources --------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(temperature=-0.1), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=-3), "top_k"),
+        (dict(min_p=1.2), "min_p"),
+        (dict(max_tokens=-1), "max_tokens"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(presence_penalty=2.5), "presence_penalty"),
+        (dict(frequency_penalty=-3.0), "frequency_penalty"),
+        (dict(n=0), "n"),
+        (dict(logprobs=-1), "logprobs"),
+        (dict(num_beams=0), "num_beams"),
+        (dict(num_beams=2, temperature=1.0), "temperature"),
+        (dict(num_beams=2, n=3, temperature=0), "n"),
+        (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size"),
+        (dict(stop=[""]), "stop"),
+        (dict(seed=1.5), "seed"),
+        (dict(temperature=float("nan")), "temperature"),
+    ],
+)
+def test_bad_arguments_name_the_parameter(kwargs, name):
+    with pytest.raises(ValueError, match=rf"^{name} must"):
+        SamplingParams(**kwargs)
+
+
+def test_too_long_request_is_refused(engine):
+    with pytest.raises(ValueError, match="block_size"):
+        engine.generate([[1] * 90], SamplingParams(max_tokens=7))
+    with pytest.raises(ValueError, match="max_tokens"):
+        list(engine.stream([1] * 50, SamplingParams(max_tokens=50)))
+    [c] = engine.generate([[1] * 90], SamplingParams(max_tokens=6, **GREEDY))  # exactly fits
+    assert len(c.token_ids) == 6
+
+
+def test_out_of_vocab_prompt_is_refused(engine):
+    with pytest.raises(ValueError, match="vocab_size"):
+        engine.generate([[10_000]], SamplingParams(max_tokens=1))
+
+
+def test_kv_cache_is_allocated_once(engine):
+    engine.generate(["warm", "up", "batch", "four"], SamplingParams(max_tokens=4, **GREEDY))
+    cache = engine._kv
+    ptrs = [t.data_ptr() for t in cache.k + cache.v]
+    size = cache.nbytes()
+    assert cache.batch_size >= 4
+    assert size == 2 * engine.config.n_layer * cache.batch_size * engine.config.n_kv_head * engine.config.block_size * engine.config.head_dim * 4
+    for i in range(50):
+        batch = ["To be", "🙂"][: 1 + i % 2]
+        engine.generate(batch, SamplingParams(max_tokens=8, temperature=1.0, seed=i))
+        assert engine._kv is cache and cache.nbytes() == size
+    assert [t.data_ptr() for t in cache.k + cache.v] == ptrs
+
+
+def test_hf_tokenizer_and_path_are_accepted(model, tokenizer, tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOT)
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    params = SamplingParams(max_tokens=5, **GREEDY)
+    ref = Engine(model, tokenizer).generate(["To be"], params)[0].token_ids
+    for tok in (hf, tmp_path, tmp_path / "tokenizer.json"):
+        e = Engine(model, tok)
+        assert e.eos_token_id == tokenizer.token_to_id(EOT)
+        assert e.generate(["To be"], params)[0].token_ids == ref
+    with pytest.raises(TypeError, match="tokenizer"):
+        Engine(model, object())
+
+
+def test_entropy_is_finite_for_padded_batches(engine):
+    # long and short prompts together: pad rows must never produce NaNs
+    out = engine.generate(["x", "To be, or not to be, that is the question."], SamplingParams(max_tokens=4, logprobs=1, **GREEDY))
+    assert all(math.isfinite(r.logprob) for c in out for r in c.logprobs)
