@@ -1,0 +1,140 @@
+"""tokenize: a byte-level BPE that round-trips any text, loads in transformers, and writes memmap shards."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer
+
+from pipelines.params import TokenizerParams
+from pipelines.tokenizer import EOT, SPECIAL_TOKENS, TokenizeError, token_dtype, tokenize_corpus
+from tests.conftest import make_document
+
+TRICKY = [
+    "",
+    " ",
+    "hello world",
+    "  leading and trailing  \n\n\t",
+    "Ünïcödé café — naïve",
+    "日本語のテキストと中文",
+    "한국어 텍스트",
+    "Привет, мир",
+    "مرحبا بالعالم",
+    "emoji 🎉👩‍👩‍👧‍👦🇫🇷 mixed",
+    "\u200b zero width \ufeff bom inside",
+    "invalid-looking \\xff\\xfe escapes",
+    "<|endoftext|> typed in a document stays text",
+    "<|im_start|>user\nhi<|im_end|>",
+    "x" * 5000,
+]
+PLAIN = [t for t in TRICKY if "<|" not in t]
+
+
+def write_clean(clean_dir: Path, n: int = 60, seed: int = 0, extra: list[str] = ()) -> dict[str, list[str]]:
+    rng = random.Random(seed)
+    splits = {"train": [make_document(rng) for _ in range(n)] + list(extra),
+              "val": [make_document(rng) for _ in range(4)],
+              "test": [make_document(rng) for _ in range(4)]}
+    clean_dir.mkdir(parents=True, exist_ok=True)
+    for split, texts in splits.items():
+        with open(clean_dir / f"{split}.jsonl", "w", encoding="utf-8") as f:
+            for i, text in enumerate(texts):
+                f.write(json.dumps({"id": f"{split}-{i}", "text": text, "source": "fixture"}) + "\n")
+    return splits
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[Path, dict, dict]:
+    root = tmp_path_factory.mktemp("tok")
+    texts = write_clean(root / "clean", extra=TRICKY)
+    metrics = tokenize_corpus(TokenizerParams(vocab_size=512, min_frequency=2), root / "clean",
+                              root / "tokenizer", root / "tokens", root / "metrics.json")
+    return root, texts, metrics
+
+
+@pytest.fixture(scope="module")
+def tokenizer(built) -> Tokenizer:
+    return Tokenizer.from_file(str(built[0] / "tokenizer" / "tokenizer.json"))
+
+
+def test_shards_hold_every_document_followed_by_eot(built, tokenizer):
+    root, texts, metrics = built
+    meta = json.loads((root / "tokens" / "meta.json").read_text())
+    assert meta["dtype"] == "uint16" and meta["eot_id"] == tokenizer.token_to_id(EOT) == 0
+    assert meta["special_tokens"] == {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    stage_view = Tokenizer.from_file(str(root / "tokenizer" / "tokenizer.json"))
+    stage_view.encode_special_tokens = True  # as the stage encodes: typed special strings are text
+    for split, docs in texts.items():
+        ids = np.memmap(root / "tokens" / f"{split}.bin", dtype=np.uint16, mode="r")
+        expected = [t for d in docs for t in (*stage_view.encode(d, add_special_tokens=False).ids, 0)]
+        assert ids.tolist() == expected
+        assert meta["splits"][split] == {"docs": len(docs), "tokens": len(expected),
+                                         "bytes": sum(len(d.encode()) for d in docs)}
+        assert metrics["tokens"][split] == len(expected)
+    assert metrics["vocab_size"] == meta["vocab_size"] == tokenizer.get_vocab_size() <= 512
+    assert metrics["tokenizer_sha256"] == meta["tokenizer_sha256"]
+    assert 1.0 < metrics["bytes_per_token"] < 8.0 and metrics["encode_mb_per_s"] > 0
+    assert json.loads((root / "metrics.json").read_text()) == metrics
+
+
+def test_special_token_text_in_a_document_is_not_a_separator(built, tokenizer):
+    ids = np.memmap(built[0] / "tokens" / "train.bin", dtype=np.uint16, mode="r")
+    docs = built[1]["train"]
+    assert int((ids == 0).sum()) == len(docs)  # exactly one EOT per document, none from the typed "<|endoftext|>"
+
+
+@pytest.mark.parametrize("text", TRICKY)
+def test_round_trip_tricky_strings(tokenizer, text):
+    assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False).ids, skip_special_tokens=False) == text
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=200))
+def test_round_trip_arbitrary_unicode(tokenizer, text):
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    assert tokenizer.decode(ids, skip_special_tokens=False) == text
+
+
+def test_transformers_autotokenizer_gives_the_same_ids(built, tokenizer):
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(built[0] / "tokenizer"))
+    for text in PLAIN + built[1]["val"]:
+        assert hf(text, add_special_tokens=False)["input_ids"] == tokenizer.encode(text, add_special_tokens=False).ids
+    assert hf.eos_token == EOT and hf.eos_token_id == 0
+    chat = hf.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_training_is_deterministic(built, tmp_path):
+    write_clean(tmp_path / "clean", extra=TRICKY)
+    again = tokenize_corpus(TokenizerParams(vocab_size=512, min_frequency=2), tmp_path / "clean",
+                            tmp_path / "tokenizer", tmp_path / "tokens", tmp_path / "metrics.json")
+    assert again["tokenizer_sha256"] == built[2]["tokenizer_sha256"]
+    assert (tmp_path / "tokens" / "train.bin").read_bytes() == (built[0] / "tokens" / "train.bin").read_bytes()
+
+
+def test_uint32_when_the_vocabulary_needs_it():
+    assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
+
+
+def test_missing_inputs_and_bad_records_fail_clearly_and_keep_old_outputs(built, tmp_path):
+    params = TokenizerParams(vocab_size=512)
+    with pytest.raises(TokenizeError, match=r"run the clean stage first \(dvc repro clean\)"):
+        tokenize_corpus(params, tmp_path / "clean", tmp_path / "tok", tmp_path / "tokens", tmp_path / "m.json")
+
+    write_clean(tmp_path / "clean")
+    tokenize_corpus(params, tmp_path / "clean", tmp_path / "tok", tmp_path / "tokens", tmp_path / "m.json")
+    before = (tmp_path / "tokens" / "train.bin").read_bytes()
+    with open(tmp_path / "clean" / "test.jsonl", "a") as f:
+        f.write("{not json\n")
+    with pytest.raises(TokenizeError, match=r"test.jsonl:5 is not a clean record"):
+        tokenize_corpus(params, tmp_path / "clean", tmp_path / "tok", tmp_path / "tokens", tmp_path / "m.json")
+    assert (tmp_path / "tokens" / "train.bin").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean", "m.json", "tok", "tokens"]
