@@ -105,20 +105,28 @@ def batches(items: Iterator[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
+def encode_documents(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, encoded in parallel by the Rust library's thread pool (no offsets computed)."""
+    return [e.ids for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+
+
+def check_round_trip(tokenizer: Tokenizer, texts: list[str], ids: list[list[int]], where: str) -> None:
+    """decode(encode(text)) == text for every document, or a loud error: a shard must never hold altered text."""
+    for i, (text, back) in enumerate(zip(texts, tokenizer.decode_batch(ids, skip_special_tokens=False))):
+        if back != text:
+            raise TokenizeError(f"{where}: document {i + 1} does not survive encode/decode; "
+                                "this is a tokenizer bug, please report it with that document.")
+
+
 def encode_split(tokenizer: Tokenizer, source: Path, target: Path, batch_size: int, dtype: np.dtype,
                  progress: tqdm) -> dict:
-    """Encode one split in parallel batches to a flat token file; verify each document round-trips."""
+    """Encode one split in batches to a flat token file, each document followed by EOT."""
     eot_id = tokenizer.token_to_id(EOT)
     stats = {"docs": 0, "bytes": 0, "tokens": 0}
     with open(target, "wb") as out:
         for texts in batches(read_texts(source), batch_size):
-            encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)  # Rust threads, no offsets
-            ids = [e.ids for e in encodings]
-            decoded = tokenizer.decode_batch(ids, skip_special_tokens=False)
-            for i, (text, back) in enumerate(zip(texts, decoded)):
-                if back != text:
-                    raise TokenizeError(f"{source}: document {stats['docs'] + i + 1} does not survive "
-                                        "encode/decode; this is a tokenizer bug, please report it.")
+            ids = encode_documents(tokenizer, texts)
+            check_round_trip(tokenizer, texts, ids, f"{source} batch at document {stats['docs'] + 1}")
             flat: list[int] = []
             for doc in ids:
                 flat += doc
