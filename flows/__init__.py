@@ -1,0 +1,1 @@
+"""Prefect flows that chain the DVC stages, training, evaluation, registration and serving (orchestration issue)."""
