@@ -26,8 +26,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalise in float32 like HF Llama, then scale in the input dtype
-        return F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).type_as(x) * self.weight
+        # normalise in float32 like HF Llama, then scale in the input dtype. Written out rather than
+        # F.rms_norm: on CPU these few ops are ~3x faster than its decomposition at decode sizes.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.type_as(x)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -37,7 +40,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin
+    """x * cos + rotate_half(x) * sin, with sin's first half negated ahead of time (see GPT._rope_init)
+    so that rotate_half becomes a single roll: fewer kernel launches per decode step."""
+    return torch.addcmul(x * cos, x.roll(x.size(-1) // 2, dims=-1), sin)
 
 
 class KVCache:
@@ -68,6 +73,20 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
+def packed_weight(module: nn.Module, *linears: nn.Linear) -> torch.Tensor:
+    """The linears' weights concatenated along the output dim, cached on `module` for inference.
+
+    One matmul instead of three (q/k/v) or two (gate/up) saves kernel launches, which dominate CPU
+    decoding at small sizes. The parameters stay separate (HF names, training untouched); the copy is
+    rebuilt whenever any weight changes (optimizer step, load_state_dict, .to(device)).
+    """
+    key = tuple((lin.weight.data_ptr(), lin.weight._version, lin.weight.dtype) for lin in linears)
+    if getattr(module, "_packed_key", None) != key:
+        module._packed = torch.cat([lin.weight.detach() for lin in linears])
+        module._packed_key = key
+    return module._packed
+
+
 class Attention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -80,9 +99,14 @@ class Attention(nn.Module):
 
     def qkv(self, x, cos, sin):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if torch.is_grad_enabled():
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:  # inference: one fused matmul
+            nq, nkv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+            q, k, v = F.linear(x, packed_weight(self, self.q_proj, self.k_proj, self.v_proj)).split([nq, nkv, nkv], dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def forward(self, x, cos, sin, mask, is_causal, kv_cache=None, layer=0):
@@ -119,7 +143,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        if torch.is_grad_enabled():
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:  # inference: one fused matmul
+            gate, up = F.linear(x, packed_weight(self, self.gate_proj, self.up_proj)).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)  # SwiGLU
 
 
 class Block(nn.Module):
@@ -162,8 +190,10 @@ class GPT(nn.Module):
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device).float() / cfg.head_dim))
         freqs = torch.outer(torch.arange(cfg.block_size, device=device).float(), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)  # (block_size, hs)
+        sin = emb.sin()
+        sin[:, : cfg.head_dim // 2] *= -1  # rotate_half(x) * sin == roll(x, hs/2) * (sin with its first half negated)
         self.register_buffer("rope_cos", emb.cos(), persistent=False)
-        self.register_buffer("rope_sin", emb.sin(), persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
