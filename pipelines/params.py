@@ -116,6 +116,50 @@ class ModelParams(Section):
         return {k: v for k, v in self.model_dump(exclude={"preset"}).items() if v is not None}
 
 
+# --- train ------------------------------------------------------------------------------------
+
+
+class TrainParams(Section):
+    """The train stage (pipelines/train.py). Context length is model.block_size; nothing here repeats it."""
+
+    # length: training stops at max_steps, or earlier once max_tokens tokens are seen (if set)
+    max_steps: int = Field(default=1000, gt=0)
+    max_tokens: int | None = Field(default=None, gt=0)
+    # batch: tokens per optimizer step = batch_size * grad_accum * block_size * world size
+    batch_size: int = Field(default=16, gt=0)  # sequences per device per micro-batch
+    grad_accum: int = Field(default=1, gt=0)  # micro-batches per optimizer step
+    # AdamW (decoupled weight decay, none on norms and embeddings); linear warmup then cosine to min_lr
+    lr: float = Field(default=1e-3, gt=0)
+    min_lr: float = Field(default=1e-4, ge=0)
+    warmup_steps: int = Field(default=50, ge=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    beta2: float = Field(default=0.95, ge=0, lt=1)
+    grad_clip: float = Field(default=1.0, ge=0)  # max global gradient norm; 0 disables clipping
+    # hardware: auto picks bf16-mixed on a GPU that supports it, 32-bit otherwise
+    precision: Literal["auto", "32", "bf16-mixed", "16-mixed"] = "auto"
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
+    devices: int | Literal["auto"] = "auto"  # per node
+    num_nodes: int = Field(default=1, gt=0)
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    compile: bool = False  # torch.compile the model
+    seed: int = 1337  # init, data order and dropout all derive from it
+    # cadence, in optimizer steps
+    val_every: int = Field(default=100, gt=0)
+    val_batches: int = Field(default=20, gt=0)  # fixed validation windows = val_batches * batch_size
+    log_every: int = Field(default=10, gt=0)
+    checkpoint_every: int = Field(default=100, gt=0)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    # resuming on a different number of devices changes the data order; allow it only when asked
+    allow_world_size_change: bool = False
+
+    @model_validator(mode="after")
+    def _min_lr_below_lr(self) -> "TrainParams":
+        if self.min_lr > self.lr:
+            raise ValueError(f"train.min_lr ({self.min_lr}) must not exceed train.lr ({self.lr})")
+        return self
+
+
 # --- the whole file ---------------------------------------------------------------------------
 
 
@@ -123,6 +167,7 @@ class Params(Section):
     data: DataParams
     tokenizer: TokenizerParams = TokenizerParams()
     model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
 
 
 class ParamsError(ValueError):

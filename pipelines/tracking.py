@@ -1,0 +1,118 @@
+"""MLflow setup shared by the train, evaluate and register stages.
+
+The store is `MLFLOW_TRACKING_URI` (the only setting); unset, it is the project's SQLite file
+`sqlite:///mlflow.db` with artifacts under `mlartifacts/` beside it. A run's lineage comes from
+`git_commit()` and `input_hashes()` (DVC's own hashes from dvc.lock when the stage ran through DVC,
+else a content hash computed here).
+
+    >>> client = mlflow_client()
+    >>> experiment_id = get_or_create_experiment(client, "quill")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
+
+if TYPE_CHECKING:  # mlflow takes seconds to import; stages import it only when they log
+    from mlflow import MlflowClient
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+EXPERIMENT = "quill"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def mlflow_client(uri: str | None = None) -> MlflowClient:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri or tracking_uri())
+
+
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: `mlartifacts/` beside a SQLite store; the server's choice otherwise."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        return (db.resolve().parent / "mlartifacts").as_uri()
+    return None
+
+
+def get_or_create_experiment(client: MlflowClient, name: str = EXPERIMENT) -> str:
+    """The id of experiment `name`, created on first use."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.create_experiment(name, artifact_location=artifact_root(client.tracking_uri))
+    except MlflowException:  # created meanwhile by a concurrent stage
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def git_commit(repo: str | Path = ".") -> str | None:
+    """HEAD's commit, with '-dirty' if tracked files have uncommitted changes; None outside git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                             check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{sha}-dirty" if dirty else sha
+
+
+def content_hash(path: str | Path) -> str:
+    """sha256 over a file, or over a folder's relative paths and file contents (sorted)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        h.update(str(f.relative_to(path) if f != path else f.name).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        h.update(b"\0")
+    return "sha256:" + h.hexdigest()
+
+
+def input_hashes(paths: list[str], lock_file: str | Path = "dvc.lock") -> dict[str, str]:
+    """{path: hash} for each input: DVC's md5 from dvc.lock when it lists the path, else `content_hash`.
+
+    dvc.lock describes what the last `dvc repro` produced; it is trusted only when the folder on disk
+    still matches it in size and file count (cheap), otherwise the folder is hashed here.
+    """
+    recorded: dict[str, dict] = {}
+    lock_file = Path(lock_file)
+    if lock_file.is_file():
+        lock = yaml.safe_load(lock_file.read_text(encoding="utf-8")) or {}
+        for stage in (lock.get("stages") or {}).values():
+            for out in stage.get("outs") or []:
+                recorded[str(out.get("path", "")).rstrip("/")] = out
+    hashes = {}
+    for p in paths:
+        entry = recorded.get(p.rstrip("/"))
+        if entry and entry.get("md5") and _matches(Path(p), entry):
+            hashes[p] = "md5:" + entry["md5"]
+        elif Path(p).exists():
+            hashes[p] = content_hash(p)
+    return hashes
+
+
+def _matches(path: Path, entry: dict) -> bool:
+    if not path.exists():
+        return False
+    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+    size = sum(f.stat().st_size for f in files)
+    if entry.get("size") is not None and entry["size"] != size:
+        return False
+    return entry.get("nfiles") is None or path.is_file() or entry["nfiles"] == len(files)

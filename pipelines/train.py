@@ -1,0 +1,324 @@
+"""train: fit the GPT from model/ on the token shards with PyTorch Lightning, resuming after any interruption.
+
+In:  data/tokens/{train,val}.bin + meta.json     (the tokenize stage; vocab_size comes from meta.json)
+     data/tokenizer/                             (copied into the model folder)
+     params.yaml `model` and `train`             (pipelines/params.py documents every key)
+Out: artifacts/model/                            Hugging Face folder (model/hf.py) + quill_run.json
+                                                 (MLflow run id and tracking URI, for evaluate/register)
+     checkpoints/step-XXXXXXXX.ckpt              newest train.keep_checkpoints, safetensors + JSON
+                                                 (pipelines/checkpoints.py); persist: true in dvc.yaml
+     metrics/train.json                          steps, tokens_seen, train_loss, val_loss, val_bpb,
+                                                 tokens_per_s, mfu, params, resumed_from_step
+     plots/train/{train,val}.csv, loss.png       curves for `dvc plots show`
+     an MLflow run (MLFLOW_TRACKING_URI; default sqlite:///mlflow.db, artifacts in mlartifacts/)
+Run: python -m pipelines.train                   (or `dvc repro train`)
+
+Run it again after a crash, SIGKILL or SIGTERM and it continues from the newest intact checkpoint
+(same weights as an uninterrupted run, same MLflow run). A finished run re-exports without training.
+Exit codes: 0 done, 1 error (one line on stderr), 143 stopped by SIGTERM after saving a checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+from model import GPTConfig, save_pretrained
+from pipelines.atomic import write_json
+from pipelines.checkpoints import SafeCheckpointIO, StepCheckpoint, latest_valid, list_checkpoints
+from pipelines.lit_gpt import LitGPT, NonFiniteLossError
+from pipelines.params import Params, ParamsError, TrainParams, load_params
+from pipelines.train_data import DataError, TokenData, TokenDataModule
+from pipelines.train_log import TrainLog
+
+# train.* keys that may change between an interrupted run and its resumption; any other change
+# would make the resumed run differ from an uninterrupted one, so it is refused (naming the key)
+RESUMABLE_CHANGES = {"max_steps", "max_tokens", "precision", "accelerator", "devices", "num_nodes", "strategy",
+                     "compile", "val_every", "val_batches", "log_every", "checkpoint_every", "keep_checkpoints",
+                     "allow_world_size_change"}
+RUN_FILE = "quill_run.json"
+SIGTERM_EXIT = 143  # 128 + SIGTERM: the stage did not finish, so DVC must not record its outputs
+
+
+@dataclass(frozen=True)
+class Paths:
+    tokens: Path = Path("data/tokens")
+    tokenizer: Path = Path("data/tokenizer")
+    checkpoints: Path = Path("checkpoints")
+    model_out: Path = Path("artifacts/model")
+    metrics: Path = Path("metrics/train.json")
+    plots: Path = Path("plots/train")
+    lock_file: Path = Path("dvc.lock")
+
+
+class TrainError(RuntimeError):
+    """Training cannot start or continue; the message says why and what to do."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM: a checkpoint was saved at the step boundary and the run stopped; run again to resume."""
+
+
+# --- resolving the hardware knobs -----------------------------------------------------------------
+
+
+def uses_cuda(accelerator: str) -> bool:
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def resolve_precision(precision: str, cuda: bool, bf16_supported: bool) -> str:
+    """Lightning's precision string: auto is bf16-mixed on a GPU that has bf16, else 32-bit."""
+    if precision == "auto":
+        return "bf16-mixed" if cuda and bf16_supported else "32-true"
+    return "32-true" if precision == "32" else precision
+
+
+def resolve_strategy(strategy: str):
+    """auto lets Lightning choose (one device: none; several: DDP); fsdp shards whole transformer blocks."""
+    if strategy != "fsdp":
+        return strategy
+    from pytorch_lightning.strategies import FSDPStrategy
+
+    from model.transformer import Block
+
+    # "full" state dicts: the checkpoint is one file, loadable on any world size
+    return FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full", sharding_strategy="FULL_SHARD")
+
+
+def total_steps(train: TrainParams, tokens_per_step: int) -> int:
+    """max_steps, or fewer if max_tokens is reached first."""
+    if train.max_tokens is None:
+        return train.max_steps
+    return min(train.max_steps, -(-train.max_tokens // tokens_per_step))
+
+
+# --- resuming -----------------------------------------------------------------------------------
+
+
+def incompatibilities(saved: dict, current: dict, allow_world_size_change: bool) -> list[str]:
+    """What differs between a checkpoint's run info and this run's, in words; empty if it may resume."""
+    problems = []
+    for key in sorted(set(saved["model_config"]) | set(current["model_config"])):
+        old, new = saved["model_config"].get(key), current["model_config"].get(key)
+        if old != new:
+            problems.append(f"model.{key} changed from {old} to {new}")
+    if saved["tokenizer_sha256"] != current["tokenizer_sha256"]:
+        problems.append(f"the tokenizer changed (sha256 {saved['tokenizer_sha256'][:12]}... -> "
+                        f"{current['tokenizer_sha256'][:12]}...)")
+    elif saved["data_sha256"] != current["data_sha256"]:
+        problems.append("the token shards changed (data/tokens/meta.json differs)")
+    if saved["world_size"] != current["world_size"] and not allow_world_size_change:
+        problems.append(f"the world size changed from {saved['world_size']} to {current['world_size']} devices "
+                        "(set train.allow_world_size_change: true to resume anyway, with a different data order)")
+    for key in sorted(set(saved["train"]) | set(current["train"])):
+        if key not in RESUMABLE_CHANGES and saved["train"].get(key) != current["train"].get(key):
+            problems.append(f"train.{key} changed from {saved['train'].get(key)} to {current['train'].get(key)}")
+    return problems
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --- MLflow -------------------------------------------------------------------------------------
+
+
+def start_run(client, run_id: str | None, params: Params, run_info: dict, extra: dict, paths: Paths) -> str:
+    """Continue `run_id` if the store still has it, else create a run with every param that shaped it."""
+    from mlflow.exceptions import MlflowException
+
+    from pipelines import tracking
+
+    if run_id is not None:
+        try:
+            client.get_run(run_id)
+            client.update_run(run_id, status="RUNNING")
+            return run_id
+        except MlflowException:
+            warnings.warn(f"MLflow run {run_id} from the checkpoint is not in {client.tracking_uri}; "
+                          "logging to a new run", stacklevel=2)
+    experiment_id = tracking.get_or_create_experiment(client)
+    run = client.create_run(experiment_id, run_name=f"train-{params.model.preset}",
+                            tags={"quill.stage": "train", "mlflow.source.name": "pipelines.train"})
+    logged = {f"train.{k}": v for k, v in params.train.model_dump().items()}
+    logged.update({f"model.{k}": v for k, v in run_info["model_config"].items()})
+    logged["model.preset"] = params.model.preset
+    logged.update(extra)
+    logged["git_commit"] = tracking.git_commit()
+    logged["tokenizer_sha256"] = run_info["tokenizer_sha256"]
+    for path, digest in tracking.input_hashes([str(paths.tokens), str(paths.tokenizer)], paths.lock_file).items():
+        logged[f"dvc.{Path(path).name}"] = digest  # dvc.tokens, dvc.tokenizer
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)) for k, v in logged.items()]
+    for i in range(0, len(items), 100):  # the store takes at most 100 params per batch
+        client.log_batch(run.info.run_id, params=items[i:i + 100], synchronous=True)
+    return run.info.run_id
+
+
+# --- the stage ----------------------------------------------------------------------------------
+
+
+def train(params: Params, paths: Paths = Paths(), *, fast_dev_run: bool = False,
+          tracking_uri: str | None = None) -> dict:
+    """Train (or resume, or re-export a finished run) and write every output; return metrics/train.json's dict."""
+    t = params.train
+    data = TokenData.open(paths.tokens)
+    if not (paths.tokenizer / "tokenizer.json").is_file():
+        raise DataError(f"{paths.tokenizer / 'tokenizer.json'} not found: run dvc repro tokenize first")
+    try:
+        config = GPTConfig.from_preset(params.model.preset, **{**params.model.overrides(),
+                                                                "vocab_size": data.vocab_size})
+    except ValueError as exc:
+        raise TrainError(f"model: {exc}") from None
+
+    cuda = uses_cuda(t.accelerator)
+    precision = resolve_precision(t.precision, cuda, cuda and torch.cuda.is_bf16_supported())
+    if cuda:
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls that remain
+    found = None if fast_dev_run else latest_valid(paths.checkpoints)
+    checkpoint_io = SafeCheckpointIO({str(found[0]): found[1]} if found else None)
+    step_ckpt = StepCheckpoint(paths.checkpoints, t.checkpoint_every, t.keep_checkpoints)
+    trainer = pl.Trainer(
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=resolve_strategy(t.strategy),
+        precision=precision, max_steps=t.max_steps, accumulate_grad_batches=t.grad_accum,
+        val_check_interval=t.val_every * t.grad_accum, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+        logger=False, enable_checkpointing=False, enable_model_summary=False,
+        use_distributed_sampler=False, fast_dev_run=fast_dev_run, plugins=[checkpoint_io],
+        callbacks=[] if fast_dev_run else [step_ckpt],
+    )
+    world_size = trainer.world_size
+    tokens_per_step = t.batch_size * t.grad_accum * config.block_size * world_size
+    steps = total_steps(t, tokens_per_step)
+    if not fast_dev_run:
+        trainer.fit_loop.epoch_loop.max_steps = steps  # a token budget needs the world size, known only now
+
+    run_info = {
+        "model_config": config.to_dict(),
+        "tokenizer_sha256": data.tokenizer_sha256,
+        "data_sha256": _sha256(paths.tokens / "meta.json"),
+        "world_size": world_size,
+        "train": t.model_dump(),
+        "mlflow_run_id": None,
+    }
+    resumed_from = 0
+    if found is not None:
+        path, ckpt = found
+        saved = ckpt.get("quill") or {}
+        if not saved:
+            raise TrainError(f"{path} holds no quill run info; delete {paths.checkpoints}/ to start fresh")
+        problems = incompatibilities(saved, run_info, t.allow_world_size_change)
+        if problems:
+            raise TrainError(f"cannot resume from {path}: {'; '.join(problems)}. Restore the old value(s), "
+                             f"or delete {paths.checkpoints}/ to train from scratch")
+        resumed_from = int(ckpt["global_step"])
+        run_info["mlflow_run_id"] = saved.get("mlflow_run_id")
+        print(f"train: resuming from {path} (step {resumed_from})", file=sys.stderr)
+
+    pl.seed_everything(t.seed, workers=False, verbose=False)  # the initial weights
+    lit = LitGPT(config, t, steps, data.bytes_per_text_token("val"))
+    flops_per_token = lit.model.flops_per_token(config.block_size)
+    client = None
+    if trainer.is_global_zero and not fast_dev_run:
+        from pipelines import tracking
+
+        client = tracking.mlflow_client(tracking_uri)
+        extra = {"world_size": world_size, "precision_resolved": precision, "tokens_per_step": tokens_per_step,
+                 "total_steps": steps, "params": lit.model.num_params(), "vocab_size": data.vocab_size}
+        run_info["mlflow_run_id"] = start_run(client, run_info["mlflow_run_id"], params, run_info, extra, paths)
+    lit.run_info = run_info
+    log = TrainLog(tokens_per_step, flops_per_token, t.log_every, data.bytes_per_text_token("val"), precision,
+                   client, run_info["mlflow_run_id"])
+    trainer.callbacks.append(log)
+    dm = TokenDataModule(data, config.block_size, t.batch_size, t.grad_accum, t.seed, t.val_batches)
+
+    try:
+        trainer.fit(lit, datamodule=dm, ckpt_path=str(found[0]) if found else None)
+        if not log.val_rows or log.val_rows[-1]["step"] != trainer.global_step:
+            trainer.validate(lit, datamodule=dm, verbose=False)  # val loss of the final weights
+    except NonFiniteLossError as exc:
+        _end_run(client, run_info, "FAILED")
+        kept = list_checkpoints(paths.checkpoints)
+        where = f"last good checkpoint kept: {kept[0][1]}" if kept else "no checkpoint was written yet"
+        raise TrainError(f"{exc}; training stopped ({where}). Lower train.lr or raise train.warmup_steps, "
+                         "then run again") from None
+    except SIGTERMException:
+        _end_run(client, run_info, "KILLED")
+        raise Preempted(f"SIGTERM: saved {paths.checkpoints}/ at step {trainer.global_step} and stopped; "
+                        "run the same command again to resume") from None
+
+    metrics = {
+        "steps": trainer.global_step,
+        "tokens_seen": log.tokens_seen,
+        "train_loss": log.train_rows[-1]["train_loss"] if log.train_rows else None,
+        "val_loss": log.val_rows[-1]["val_loss"] if log.val_rows else None,
+        "val_bpb": log.val_rows[-1]["val_bpb"] if log.val_rows else None,
+        "tokens_per_s": log.tokens_per_s,
+        "mfu": log.mfu(log.tokens_per_s),
+        "params": lit.model.num_params(),
+        "resumed_from_step": resumed_from,
+    }
+    if fast_dev_run or not trainer.is_global_zero:
+        return metrics
+    export(lit, log, metrics, run_info, paths, client, tracking_uri)
+    return metrics
+
+
+def export(lit: LitGPT, log: TrainLog, metrics: dict, run_info: dict, paths: Paths, client, tracking_uri) -> None:
+    """Write the model folder, metrics and plots, and attach them to the MLflow run (rank 0 only)."""
+    from pipelines import tracking
+
+    save_pretrained(lit.model, paths.model_out, tokenizer_dir=paths.tokenizer)
+    run_id = run_info["mlflow_run_id"]
+    write_json(paths.model_out / RUN_FILE, {
+        "mlflow_run_id": run_id, "mlflow_tracking_uri": tracking_uri or tracking.tracking_uri(),
+        "experiment": tracking.EXPERIMENT, "steps": metrics["steps"], "tokenizer_sha256": run_info["tokenizer_sha256"],
+    })
+    write_json(paths.metrics, metrics)
+    png = log.write_plots(paths.plots)
+    if client is not None:
+        from mlflow.entities import Metric
+
+        final = [Metric(f"final_{k}", float(v), 0, metrics["steps"]) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and v is not None]
+        client.log_batch(run_id, metrics=final, synchronous=True)
+        client.log_artifact(run_id, str(png), artifact_path="plots")
+        for csv_file in sorted(paths.plots.glob("*.csv")):
+            client.log_artifact(run_id, str(csv_file), artifact_path="plots")
+        client.log_artifact(run_id, str(paths.metrics), artifact_path="metrics")
+        client.log_artifacts(run_id, str(paths.model_out), artifact_path="model")
+        _end_run(client, run_info, "FINISHED")
+
+
+def _end_run(client, run_info: dict, status: str) -> None:
+    if client is not None and run_info.get("mlflow_run_id"):
+        client.set_terminated(run_info["mlflow_run_id"], status=status)
+
+
+def main() -> int:
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # no GPU/TPU banner lines
+    try:
+        params = load_params()
+        metrics = train(params)
+    except (ParamsError, DataError, TrainError) as exc:
+        print(f"train: error: {exc}", file=sys.stderr)
+        return 1
+    except Preempted as exc:
+        print(f"train: {exc}", file=sys.stderr)
+        return SIGTERM_EXIT
+    summary = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+    print(f"train: {json.dumps(summary)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
