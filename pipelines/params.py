@@ -160,6 +160,45 @@ class TrainParams(Section):
         return self
 
 
+# --- eval -------------------------------------------------------------------------------------
+
+LOCAL_TASKS = ["quill_cloze", "quill_nextline", "quill_perplexity"]  # the pack pipelines/task_pack.py builds
+
+
+class EvalParams(Section):
+    """The evaluate stage (pipelines/evaluate.py): held-out metrics, lm-eval tasks, samples, baselines."""
+
+    tasks: list[str] = LOCAL_TASKS  # lm-eval task names: the local pack, or standard ones (need network)
+    num_fewshot: list[int] = Field(default=[0, 5], min_length=1)  # each task runs once per entry (perplexity: 0 only)
+    stride: int | None = Field(default=128, gt=0)  # sliding window: new tokens scored per window; None = block_size
+    batch_size: int = Field(default=16, gt=0)  # sequences per forward pass (held-out windows, lm-eval requests)
+    max_items: int = Field(default=200, gt=0)  # items per task built into the local pack (cloze, next-line)
+    limit: int | None = Field(default=None, gt=0)  # lm-eval's per-task document limit; None = all
+    seed: int = 1234  # task pack draws and sample generation
+    sample_prompts: list[str] = ["ROMEO:", "To be, or not to be", "The king is dead"]  # fixed generation prompts
+    samples_from_test: int = Field(default=4, ge=0)  # plus this many prompts cut from test documents
+    sample_max_tokens: int = Field(default=48, gt=0)  # tokens generated per sample
+    ngram_order: int = Field(default=5, ge=1, le=7)  # byte n-gram reference model fitted on the train split
+
+    @model_validator(mode="after")
+    def _fewshot_non_negative(self) -> "EvalParams":
+        if any(k < 0 for k in self.num_fewshot):
+            raise ValueError(f"eval.num_fewshot entries must be >= 0, got {self.num_fewshot}")
+        return self
+
+
+# --- registry ---------------------------------------------------------------------------------
+
+
+class RegistryParams(Section):
+    """The register stage (pipelines/register.py): MLflow model name and the champion rule."""
+
+    model_name: str = Field(default="quill-gpt", min_length=1)  # registered model name in MLflow
+    min_improvement: float = Field(default=0.01, ge=0)  # test_bpb must drop by at least this (bits/byte) to promote
+    force_promote: bool = False  # make this version champion whatever its metrics (recorded as forced)
+    lock_timeout_s: float = Field(default=300, gt=0)  # wait this long for another registration of the same name
+
+
 # --- the whole file ---------------------------------------------------------------------------
 
 
@@ -167,6 +206,8 @@ class Params(Section):
     data: DataParams
     tokenizer: TokenizerParams = TokenizerParams()
     model: ModelParams = ModelParams()
+    eval: EvalParams = EvalParams()
+    registry: RegistryParams = RegistryParams()
     train: TrainParams = TrainParams()
 
 

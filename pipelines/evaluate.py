@@ -1,0 +1,474 @@
+"""evaluate: how good is the trained model? Held-out perplexity, lm-eval benchmarks, samples, baselines.
+
+In:  artifacts/model/                  the train stage's Hugging Face folder (+ quill_run.json: MLflow run id)
+     data/tokens/test.bin + meta.json  held-out token shard (the model's tokenizer must match meta.json's)
+     data/clean/{train,val,test}.jsonl test: task pack items and sample prompts; val: few-shot examples;
+                                       train: the n-gram reference model
+     params.yaml `eval`                (pipelines/params.py documents every key)
+Out: metrics/eval.json                 test_loss, test_ppl, test_bpb, test_tokens, test_bytes, one entry per
+                                       lm-eval task ({"0shot": {"acc": ...}, "5shot": {...}}), num_fewshot
+                                       ("0,5"), reference (uniform_bpb, ngram_bpb), samples (bleu, rougeL),
+                                       model_sha256 + test_data_sha256 (what was evaluated), seconds
+     reports/eval/report.md            everything above as tables, with the generated samples
+     reports/eval/lm_eval/<k>shot.json lm-eval's results JSON per few-shot setting
+     reports/eval/samples.json         prompt, reference, generation, BLEU, ROUGE-L per sample
+     reports/eval/tasks/               the local task pack (pipelines/task_pack.py)
+     plots/eval/attention.png          attention heatmaps for the first sample prompt
+     plots/eval/bpb.csv                bits per byte: uniform, byte n-gram, this model (`dvc plots show`)
+     the training run in MLflow        the same metrics, the files above, a samples table (log_table)
+Run: python -m pipelines.evaluate      (or `dvc repro evaluate`)
+
+Inputs are checked before any long work: a missing or incompatible model folder, a tokenizer that is not
+the one the shards were made with, an unknown lm-eval task or an unreachable tracking server each stop the
+stage with one line saying what to do (exit 1). metrics/eval.json is removed at the start and written only
+when everything succeeded, so the register stage never sees the numbers of a failed evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.atomic import atomic_file, write_json, write_text
+from pipelines.params import EvalParams, ParamsError, load_params
+from pipelines.tracking import tracking_uri
+
+RUN_FILE = "quill_run.json"  # written by the train stage into the model folder
+SHA_KEY = "quill_tokenizer_sha256"
+
+
+@dataclass(frozen=True)
+class Paths:
+    model: Path = Path("artifacts/model")
+    clean: Path = Path("data/clean")
+    tokens: Path = Path("data/tokens")
+    reports: Path = Path("reports/eval")
+    metrics: Path = Path("metrics/eval.json")
+    plots: Path = Path("plots/eval")
+
+
+class EvalError(RuntimeError):
+    """The inputs cannot be evaluated; the message says what is wrong and what to do."""
+
+
+def log(msg: str) -> None:
+    print(f"evaluate: {msg}", file=sys.stderr, flush=True)
+
+
+# --- checks before any long work -------------------------------------------------------------------
+
+
+def check_model_dir(model_dir: Path) -> dict:
+    """The folder's config.json, after checking that the folder holds a model quill can load."""
+    from model.hf import config_from_hf
+
+    if not (model_dir / "config.json").is_file():
+        raise EvalError(f"no model in {model_dir} (config.json missing): run the train stage first (dvc repro train)")
+    if not (model_dir / "model.safetensors").is_file() and not (model_dir / "model.safetensors.index.json").is_file():
+        raise EvalError(f"{model_dir} has no model.safetensors: re-export the model (dvc repro train)")
+    if not (model_dir / "tokenizer.json").is_file():
+        raise EvalError(f"{model_dir} has no tokenizer.json: re-export the model with its tokenizer (dvc repro train)")
+    try:
+        cfg = json.loads((model_dir / "config.json").read_text())
+        if "quill_config" not in cfg:
+            config_from_hf(cfg)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise EvalError(f"{model_dir}/config.json is not a model quill can load ({exc}); "
+                        "point eval at a quill or Llama-layout folder") from None
+    return cfg
+
+
+def check_tokenizer(model_dir: Path, model_cfg: dict, meta: dict) -> None:
+    """The model's tokenizer must be the one that wrote the token shards (sha256 of tokenizer.json)."""
+    from model.hf import file_sha256
+
+    actual = file_sha256(model_dir / "tokenizer.json")
+    recorded = model_cfg.get(SHA_KEY)
+    if recorded is not None and recorded != actual:
+        raise EvalError(f"{model_dir}/tokenizer.json (sha256 {actual[:12]}) is not the tokenizer the model was trained "
+                        f"with ({recorded[:12]}); re-export the model (dvc repro train)")
+    if meta.get("tokenizer_sha256") != actual:
+        raise EvalError(f"tokenizer mismatch: the model in {model_dir} uses tokenizer {actual[:12]}, but data/tokens was "
+                        f"made with {str(meta.get('tokenizer_sha256'))[:12]}; retrain on the current tokens "
+                        "(dvc repro train) or restore the matching data")
+
+
+def read_meta(tokens_dir: Path) -> dict:
+    meta_file = tokens_dir / "meta.json"
+    if not meta_file.is_file() or not (tokens_dir / "test.bin").is_file():
+        raise EvalError(f"{tokens_dir}/meta.json or test.bin missing: run the tokenize stage (dvc repro tokenize)")
+    return json.loads(meta_file.read_text())
+
+
+def check_tasks(tasks: list[str]) -> None:
+    """Every eval.tasks name is in the local pack or known to lm-eval."""
+    from pipelines.task_pack import TASKS
+
+    unknown = [t for t in tasks if t not in TASKS]
+    if not unknown:
+        return
+    from lm_eval.tasks import TaskManager
+
+    known = set(TaskManager().all_tasks)
+    unknown = [t for t in unknown if t not in known]
+    if unknown:
+        raise EvalError(f"unknown lm-eval task(s) in eval.tasks: {', '.join(unknown)}; the local pack has "
+                        f"{', '.join(TASKS)} and `lm-eval ls tasks` lists the standard ones")
+
+
+def check_tracking() -> str:
+    """The tracking URI, after checking that an HTTP server answers (a SQLite store needs no check)."""
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as resp:
+                resp.read()
+        except (urllib.error.URLError, OSError) as exc:
+            raise EvalError(f"MLflow tracking server {uri} is unreachable ({getattr(exc, 'reason', exc)}); start it "
+                            "or unset MLFLOW_TRACKING_URI to use the local store") from None
+    return uri
+
+
+# --- held-out language-model quality ---------------------------------------------------------------
+
+
+def held_out(model, docs: list[list[int]], prefix_id: int, n_bytes: int, stride: int | None, batch_size: int,
+             desc: str | None = "held-out") -> dict:
+    """test_loss (nats/token), test_ppl and test_bpb over every document, with sliding windows."""
+    from pipelines.lm_eval_adapter import perplexity_summary, rolling_loglikelihood
+
+    logliks = rolling_loglikelihood(model, docs, prefix_id, stride, batch_size, desc=desc)
+    n_tokens = sum(len(d) for d in docs)
+    s = perplexity_summary(logliks, n_tokens, n_bytes)
+    return {"test_loss": s["loss"], "test_ppl": s["ppl"], "test_bpb": s["bpb"], "test_tokens": n_tokens,
+            "test_bytes": n_bytes}
+
+
+def read_texts(path: Path) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
+
+
+# --- lm-eval ---------------------------------------------------------------------------------------
+
+
+def run_lm_eval(lm, tasks: list[str], fewshots: list[int], pack_dir: Path, limit: int | None, seed: int,
+                out_dir: Path) -> dict:
+    """Each task at each few-shot setting ({task: {"<k>shot": {metric: value}}}); raw results to out_dir."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    manager = TaskManager(include_path=str(pack_dir))
+    try:
+        task_dict = get_task_dict(tasks, manager)
+    except Exception as exc:  # a standard task whose dataset needs the network, a broken YAML, ...
+        raise EvalError(f"lm-eval could not load tasks {tasks}: {exc}. Standard tasks download their data; "
+                        "without network use the local quill_* tasks") from None
+    rolling = {name for name, task in task_dict.items() if getattr(task, "OUTPUT_TYPE", None) == "loglikelihood_rolling"}
+    scores: dict[str, dict] = {}
+    for k in fewshots:
+        names = [t for t in tasks if k == 0 or t not in rolling]  # perplexity tasks have no few-shot form
+        if not names:
+            continue
+        log(f"lm-eval {k}-shot: {', '.join(names)}")
+        results = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=k, task_manager=manager, limit=limit,
+                                          log_samples=False, bootstrap_iters=1000, random_seed=seed,
+                                          numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+        with atomic_file(out_dir / f"{k}shot.json") as tmp:
+            tmp.write_text(json.dumps(results, indent=2, default=str, sort_keys=True) + "\n")
+        for task, values in results["results"].items():
+            for key, value in values.items():
+                metric, _, _filter = key.partition(",")
+                if _filter and not metric.endswith("_stderr") and isinstance(value, (int, float)):
+                    scores.setdefault(task, {}).setdefault(f"{k}shot", {})[metric] = float(value)
+    return scores
+
+
+# --- samples and reference models ------------------------------------------------------------------
+
+
+def sample_prompts(params: EvalParams, test_texts: list[str], train_path: Path, encode, decode) -> list[dict]:
+    """Fixed prompts (params) and prompts cut from test documents, each with its true continuation if known:
+    the text after the prompt's first occurrence in the test split, else in the train split."""
+    n_ref = params.sample_max_tokens
+
+    def continuation(text: str, at: int) -> str:
+        return decode(encode(text[at : at + 8 * n_ref])[:n_ref])
+
+    rows = []
+    for prompt in params.sample_prompts:
+        ref = None
+        for text in test_texts:
+            at = text.find(prompt)
+            if at >= 0:
+                ref = continuation(text, at + len(prompt))
+                break
+        if ref is None and train_path.is_file():
+            with open(train_path, encoding="utf-8") as f:
+                for line in f:
+                    text = json.loads(line)["text"]
+                    at = text.find(prompt)
+                    if at >= 0:
+                        ref = continuation(text, at + len(prompt))
+                        break
+        rows.append({"source": "params", "prompt": prompt, "reference": ref})
+    rng = random.Random(f"{params.seed}:samples")
+    docs = [t for t in test_texts if len(t.split()) > 40]
+    for text in rng.sample(docs, min(params.samples_from_test, len(docs))):
+        words = text.split(" ")
+        cut = len(" ".join(words[:12]))
+        rows.append({"source": "test", "prompt": text[:cut], "reference": continuation(text, cut)})
+    return rows
+
+
+def generate_samples(engine, rows: list[dict], max_tokens: int, seed: int) -> dict:
+    """Generate for each prompt with the default sampling settings; BLEU and ROUGE-L against the reference."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    from model import SamplingParams
+
+    if not rows:
+        return {"rows": [], "bleu": None, "rougeL": None}
+    params = SamplingParams(max_tokens=max_tokens, seed=seed)
+    completions = engine.generate([r["prompt"] for r in rows], params)
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    hyps, refs = [], []
+    for row, c in zip(rows, completions):
+        row["generation"] = c.text
+        if row["reference"]:
+            row["bleu"] = round(sacrebleu.sentence_bleu(c.text, [row["reference"]]).score, 4)
+            row["rougeL"] = round(scorer.score(row["reference"], c.text)["rougeL"].fmeasure, 4)
+            hyps.append(c.text)
+            refs.append(row["reference"])
+        else:
+            row["bleu"] = row["rougeL"] = None
+    bleu = sacrebleu.corpus_bleu(hyps, [refs]).score if hyps else None
+    rouge = float(np.mean([r["rougeL"] for r in rows if r["rougeL"] is not None])) if hyps else None
+    return {"rows": rows, "bleu": bleu, "rougeL": rouge}
+
+
+def attention_png(engine, prompt: str, path: Path) -> Path:
+    """Heatmaps of every layer and head for one prompt (model/attention_plot.py)."""
+    import torch
+
+    from model.attention_plot import plot_attention
+
+    ids = engine.encode(prompt)[: min(32, engine.config.block_size)] or [engine.eos_token_id]
+    with torch.inference_mode():
+        maps = engine.model.attention_maps(torch.tensor([ids], device=engine.device))
+    return plot_attention(maps, [engine.token_text(t) for t in ids], path)
+
+
+# --- the report ------------------------------------------------------------------------------------
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return str(x)
+
+
+def render_report(metrics: dict, samples: list[dict], model_dir: Path) -> str:
+    lines = [f"# Evaluation of `{model_dir}`", "",
+             "## Held-out test split (sliding window)", "",
+             "| model | loss (nats/token) | perplexity | bits per byte |", "|---|---|---|---|",
+             f"| uniform over the vocabulary | {_fmt(metrics['reference']['uniform_loss'])} | "
+             f"{_fmt(metrics['reference']['uniform_ppl'])} | {_fmt(metrics['reference']['uniform_bpb'])} |",
+             f"| byte {metrics['reference']['ngram_order']}-gram (train split) | – | – | "
+             f"{_fmt(metrics['reference']['ngram_bpb'])} |",
+             f"| **this model** | {_fmt(metrics['test_loss'])} | {_fmt(metrics['test_ppl'])} | "
+             f"**{_fmt(metrics['test_bpb'])}** |", "",
+             f"{metrics['test_tokens']} tokens, {metrics['test_bytes']} bytes of text.", "",
+             "## Benchmarks (lm-evaluation-harness)", "", "| task | shots | metric | value |", "|---|---|---|---|"]
+    for task in metrics["task_names"]:
+        for shots, values in metrics.get(task, {}).items():
+            for metric, value in values.items():
+                lines.append(f"| {task} | {shots.removesuffix('shot')} | {metric} | {_fmt(value)} |")
+    lines += ["", "## Samples (default sampling settings)", "",
+              f"Corpus BLEU {_fmt(metrics['samples']['bleu'])}, mean ROUGE-L {_fmt(metrics['samples']['rougeL'])} "
+              "against the true continuation.", "", "| prompt | generation | reference | BLEU | ROUGE-L |",
+              "|---|---|---|---|---|"]
+    cell = lambda s: "–" if s is None else s.replace("|", "\\|").replace("\n", " ⏎ ")  # noqa: E731
+    for r in samples:
+        lines.append(f"| {cell(r['prompt'])} | {cell(r['generation'])} | {cell(r['reference'])} | "
+                     f"{_fmt(r['bleu'])} | {_fmt(r['rougeL'])} |")
+    return "\n".join(lines) + "\n"
+
+
+# --- MLflow ----------------------------------------------------------------------------------------
+
+
+def training_run_id(model_dir: Path) -> str | None:
+    """The MLflow run the train stage recorded in the model folder (None if it recorded none)."""
+    f = model_dir / RUN_FILE
+    if not f.is_file():
+        return None
+    return json.loads(f.read_text()).get("mlflow_run_id")
+
+
+def flat_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """Nested numeric metrics as {"a.b.c": value}, the names `dvc metrics show` prints."""
+    out = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat_metrics(value, name + "."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out[name] = float(value)
+    return out
+
+
+def log_to_mlflow(model_dir: Path, metrics: dict, samples: list[dict], paths: Paths) -> str:
+    """Log metrics, reports, plots and the samples table to the training run (or a new run if it has none)."""
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+
+    from pipelines import tracking
+
+    client = tracking.mlflow_client()
+    run_id = training_run_id(model_dir)
+    if run_id is not None:
+        try:
+            client.get_run(run_id)
+        except MlflowException:
+            log(f"training run {run_id} is not in {client.tracking_uri}; logging to a new run")
+            run_id = None
+    if run_id is None:
+        experiment = tracking.get_or_create_experiment(client)
+        run_id = client.create_run(experiment, run_name="evaluate", tags={"quill.stage": "evaluate"}).info.run_id
+        client.set_terminated(run_id)
+    now = int(time.time() * 1000)
+    values = [Metric(f"eval.{k}", v, now, 0) for k, v in sorted(flat_metrics(metrics).items())]
+    for i in range(0, len(values), 500):
+        client.log_batch(run_id, metrics=values[i : i + 500], synchronous=True)
+    client.set_tag(run_id, "quill.evaluated", "true")
+    client.log_artifacts(run_id, str(paths.reports), artifact_path="eval")
+    client.log_artifacts(run_id, str(paths.plots), artifact_path="plots/eval")
+    client.log_dict(run_id, metrics, "metrics/eval.json")
+    columns = ["source", "prompt", "generation", "reference", "bleu", "rougeL"]
+    client.log_table(run_id, {c: [r.get(c) for r in samples] for c in columns}, artifact_file="eval/samples_table.json")
+    return run_id
+
+
+# --- the stage -------------------------------------------------------------------------------------
+
+
+def evaluate(params: EvalParams, paths: Paths = Paths()) -> dict:
+    """Check inputs, then compute every metric and write every output; return metrics/eval.json's content."""
+    started = time.perf_counter()
+    cfg = check_model_dir(paths.model)
+    meta = read_meta(paths.tokens)
+    check_tokenizer(paths.model, cfg, meta)
+    for split in ("train", "val", "test"):
+        if not (paths.clean / f"{split}.jsonl").is_file():
+            raise EvalError(f"{paths.clean}/{split}.jsonl missing: run the clean stage (dvc repro clean)")
+    check_tasks(params.tasks)
+    check_tracking()
+    paths.metrics.unlink(missing_ok=True)  # a failure below must not leave the previous numbers for register
+
+    import torch
+
+    from model import Engine
+    from model.hf import file_sha256
+    from pipelines.lm_eval_adapter import QuillLM, split_documents
+    from pipelines.ngram import ByteNgram, uniform_bpb
+    from pipelines.task_pack import build_task_pack
+    from pipelines.tracking import content_hash
+
+    torch.manual_seed(params.seed)
+    try:
+        engine = Engine.from_pretrained(paths.model)
+    except Exception as exc:  # weights that do not fit the config, unreadable safetensors, ...
+        raise EvalError(f"cannot load the model in {paths.model}: {exc}; re-export it (dvc repro train)") from None
+    if meta["vocab_size"] > engine.config.vocab_size:
+        raise EvalError(f"the model's vocab_size {engine.config.vocab_size} is smaller than the tokenizer's "
+                        f"{meta['vocab_size']}: retrain (dvc repro train)")
+    eot = meta["eot_id"]
+    tokens = np.memmap(paths.tokens / "test.bin", dtype=meta["dtype"], mode="r")
+    docs = split_documents(np.asarray(tokens), eot)
+    n_bytes = meta["splits"]["test"]["bytes"]
+
+    log(f"held-out loss over {len(tokens)} test tokens (stride {params.stride or engine.config.block_size})")
+    metrics = held_out(engine.model, docs, eot, n_bytes, params.stride, params.batch_size)
+
+    log(f"byte {params.ngram_order}-gram reference on the train split")
+    test_texts = read_texts(paths.clean / "test.jsonl")
+    ngram = ByteNgram.fit([t.encode() for t in read_texts(paths.clean / "train.jsonl")], params.ngram_order)
+    vocab = meta["vocab_size"]
+    metrics["reference"] = {
+        "uniform_loss": math.log(vocab), "uniform_ppl": float(vocab),
+        "uniform_bpb": uniform_bpb(metrics["test_tokens"], n_bytes, vocab),
+        "ngram_order": params.ngram_order, "ngram_bpb": ngram.bits_per_byte([t.encode() for t in test_texts]),
+    }
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        build_task_pack(test_texts, read_texts(paths.clean / "val.jsonl"), paths.reports / "tasks", params.max_items,
+                        params.seed)
+        lm = QuillLM(engine=engine, batch_size=params.batch_size, stride=params.stride)
+        scores = run_lm_eval(lm, params.tasks, params.num_fewshot, paths.reports / "tasks", params.limit,
+                             params.seed, paths.reports / "lm_eval")
+
+    log("generation samples")
+    rows = sample_prompts(params, test_texts, paths.clean / "train.jsonl", engine.encode, engine.decode)
+    samples = generate_samples(engine, rows, params.sample_max_tokens, params.seed)
+    attention_png(engine, rows[0]["prompt"] if rows else "The", paths.plots / "attention.png")
+
+    metrics.update(scores)
+    metrics["task_names"] = list(params.tasks)
+    metrics["num_fewshot"] = ",".join(str(k) for k in params.num_fewshot)
+    metrics["samples"] = {"bleu": samples["bleu"], "rougeL": samples["rougeL"], "count": len(samples["rows"])}
+    metrics["model_sha256"] = content_hash(paths.model / "model.safetensors")
+    metrics["tokenizer_sha256"] = file_sha256(paths.model / "tokenizer.json")
+    metrics["test_data_sha256"] = content_hash(paths.clean / "test.jsonl")
+    metrics["seconds"] = round(time.perf_counter() - started, 1)
+
+    write_json(paths.reports / "samples.json", samples["rows"])
+    write_text(paths.reports / "report.md", render_report(metrics, samples["rows"], paths.model))
+    with atomic_file(paths.plots / "bpb.csv") as tmp:
+        tmp.write_text("model,bpb\n"
+                       f"uniform,{metrics['reference']['uniform_bpb']:.6f}\n"
+                       f"byte_{params.ngram_order}gram,{metrics['reference']['ngram_bpb']:.6f}\n"
+                       f"quill,{metrics['test_bpb']:.6f}\n")
+    metrics.pop("task_names")
+    run_id = log_to_mlflow(paths.model, metrics, samples["rows"], paths)
+    write_json(paths.metrics, metrics)  # last: register only ever sees a complete evaluation
+    log(f"logged to MLflow run {run_id}")
+    return metrics
+
+
+def main() -> int:
+    try:
+        params = load_params()
+        metrics = evaluate(params.eval)
+    except (ParamsError, EvalError) as exc:
+        print(f"evaluate: error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        if type(exc).__module__.startswith("mlflow"):
+            print(f"evaluate: error: MLflow ({tracking_uri()}): {exc}; check the tracking server", file=sys.stderr)
+            return 1
+        raise
+    tasks = {k: v for k, v in metrics.items() if isinstance(v, dict) and k not in ("reference", "samples")}
+    print(f"evaluate: test_loss {metrics['test_loss']:.4f}, test_ppl {metrics['test_ppl']:.2f}, "
+          f"test_bpb {metrics['test_bpb']:.4f} (byte n-gram {metrics['reference']['ngram_bpb']:.4f}, "
+          f"uniform {metrics['reference']['uniform_bpb']:.4f}); tasks {json.dumps(tasks)}; {metrics['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
