@@ -435,6 +435,7 @@ def evaluate(params: EvalParams, paths: Paths = Paths()) -> dict:
     metrics["model_sha256"] = content_hash(paths.model / "model.safetensors")
     metrics["tokenizer_sha256"] = file_sha256(paths.model / "tokenizer.json")
     metrics["test_data_sha256"] = content_hash(paths.clean / "test.jsonl")
+    metrics["test_window_stride"] = params.stride or engine.config.block_size
     metrics["seconds"] = round(time.perf_counter() - started, 1)
 
     write_json(paths.reports / "samples.json", samples["rows"])
@@ -445,9 +446,9 @@ def evaluate(params: EvalParams, paths: Paths = Paths()) -> dict:
                        f"byte_{params.ngram_order}gram,{metrics['reference']['ngram_bpb']:.6f}\n"
                        f"quill,{metrics['test_bpb']:.6f}\n")
     metrics.pop("task_names")
-    run_id = log_to_mlflow(paths.model, metrics, samples["rows"], paths)
+    metrics["mlflow_run_id"] = log_to_mlflow(paths.model, metrics, samples["rows"], paths)
     write_json(paths.metrics, metrics)  # last: register only ever sees a complete evaluation
-    log(f"logged to MLflow run {run_id}")
+    log(f"logged to MLflow run {metrics['mlflow_run_id']}")
     return metrics
 
 

@@ -1,0 +1,100 @@
+"""The MLflow pyfunc face of a quill model: prompts plus sampling parameters in, completions out.
+
+Logged as "models from code" (this file is stored with the model, nothing is pickled); the model's
+Hugging Face folder is its artifact `hf_model`, so loading works anywhere quill (the `model` package)
+is installed:
+
+    >>> m = mlflow.pyfunc.load_model("models:/quill-gpt@champion")
+    >>> m.predict(["To be, or"], params={"max_tokens": 16, "temperature": 0.0})
+       prompt      text         finish_reason  prompt_tokens  completion_tokens
+    0  To be, or    not to be,  length         4              16
+
+A server that wants the folder itself (to run `model.Engine` directly):
+
+    >>> path = mlflow.artifacts.download_artifacts("models:/quill-gpt@champion")  # the pyfunc model folder
+    >>> engine = Engine.from_pretrained(Path(path) / HF_MODEL_PATH)
+
+Input: a DataFrame with a `prompt` column, a list of strings, or one string. Params (the signature's
+`params` schema, every one optional): those of `model.SamplingParams` that make sense per request;
+`stop` is one stop string ("" = none) and `seed` -1 means unseeded.
+"""
+
+from __future__ import annotations
+
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+HF_ARTIFACT = "hf_model"  # the artifacts key (log_model(artifacts={HF_ARTIFACT: folder}))
+HF_MODEL_PATH = "artifacts/hf_model"  # where that folder lies inside the logged model (register.py stages it so)
+
+# Sampling parameters accepted per request, with their defaults (the signature's params schema).
+PARAMS = {
+    "max_tokens": 64,
+    "temperature": 1.0,
+    "top_k": 0,
+    "top_p": 1.0,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "stop": "",
+    "seed": -1,
+}
+OUTPUT_COLUMNS = ["prompt", "text", "finish_reason", "prompt_tokens", "completion_tokens"]
+
+
+def sampling_params(params: dict | None):
+    """The request's params (unknown names are refused) as model.SamplingParams."""
+    from model import SamplingParams
+
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(PARAMS))
+    if unknown:
+        raise ValueError(f"unknown sampling parameter(s) {unknown}; known: {sorted(PARAMS)}")
+    merged = {**PARAMS, **params}
+    merged["stop"] = [merged["stop"]] if merged["stop"] else None
+    merged["seed"] = None if merged["seed"] is None or int(merged["seed"]) < 0 else int(merged["seed"])
+    for k in ("max_tokens", "top_k"):
+        merged[k] = int(merged[k])
+    for k in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+        merged[k] = float(merged[k])
+    return SamplingParams(**merged)
+
+
+def prompts_of(model_input) -> list[str]:
+    import pandas as pd
+
+    if isinstance(model_input, str):
+        return [model_input]
+    if isinstance(model_input, pd.DataFrame):
+        column = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
+        values = model_input[column].tolist()
+    elif isinstance(model_input, dict):
+        values = model_input.get("prompt")
+        values = [values] if isinstance(values, str) else list(values)
+    else:
+        values = list(model_input)
+    out = []  # {"prompt": [a, b]} arrives as one row holding the list
+    for v in values:
+        out += [str(x) for x in v] if not isinstance(v, str) and hasattr(v, "__iter__") else [str(v)]
+    return out
+
+
+class QuillPyfunc(PythonModel):
+    def load_context(self, context):
+        from model import Engine
+
+        self.engine = Engine.from_pretrained(context.artifacts[HF_ARTIFACT])
+
+    def predict(self, context, model_input, params: dict | None = None):
+        import pandas as pd
+
+        prompts = prompts_of(model_input)
+        completions = self.engine.generate(prompts, sampling_params(params))
+        return pd.DataFrame(
+            [[prompts[c.index], c.text, c.finish_reason, len(c.prompt_token_ids), len(c.token_ids)] for c in completions],
+            columns=OUTPUT_COLUMNS,
+        )
+
+
+mlflow.models.set_model(QuillPyfunc())
