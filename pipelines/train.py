@@ -38,7 +38,7 @@ from pipelines.checkpoints import SafeCheckpointIO, StepCheckpoint, latest_valid
 from pipelines.lit_gpt import LitGPT, NonFiniteLossError
 from pipelines.params import Params, ParamsError, TrainParams, load_params
 from pipelines.train_data import DataError, TokenData, TokenDataModule
-from pipelines.train_log import TrainLog
+from pipelines.train_log import StepProgressBar, TrainLog
 
 # train.* keys that may change between an interrupted run and its resumption; any other change
 # would make the resumed run differ from an uninterrupted one, so it is refused (naming the key)
@@ -194,7 +194,7 @@ def train(params: Params, paths: Paths = Paths(), *, fast_dev_run: bool = False,
         val_check_interval=t.val_every * t.grad_accum, check_val_every_n_epoch=None, num_sanity_val_steps=0,
         logger=False, enable_checkpointing=False, enable_model_summary=False,
         use_distributed_sampler=False, fast_dev_run=fast_dev_run, plugins=[checkpoint_io],
-        callbacks=[] if fast_dev_run else [step_ckpt],
+        callbacks=[StepProgressBar()] + ([] if fast_dev_run else [step_ckpt]),
     )
     world_size = trainer.world_size
     tokens_per_step = t.batch_size * t.grad_accum * config.block_size * world_size
@@ -238,7 +238,7 @@ def train(params: Params, paths: Paths = Paths(), *, fast_dev_run: bool = False,
     lit.run_info = run_info
     log = TrainLog(tokens_per_step, flops_per_token, t.log_every, data.bytes_per_text_token("val"), precision,
                    client, run_info["mlflow_run_id"])
-    trainer.callbacks.append(log)
+    trainer.callbacks.insert(0, log)  # before StepCheckpoint, so a checkpoint holds the step it ends
     dm = TokenDataModule(data, config.block_size, t.batch_size, t.grad_accum, t.seed, t.val_batches)
 
     try:

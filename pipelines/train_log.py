@@ -18,6 +18,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import TQDMProgressBar
 
 from pipelines.atomic import atomic_file
 from pipelines.train_data import bits_per_byte
@@ -183,3 +184,26 @@ class TrainLog(pl.Callback):
             fig.savefig(tmp, format="png")
         plt.close(fig)
         return path
+
+
+class StepProgressBar(TQDMProgressBar):
+    """tqdm over optimizer steps (not micro-batches), starting at the resumed step, with loss and tokens/s."""
+
+    def on_train_epoch_start(self, trainer, *_) -> None:
+        super().on_train_epoch_start(trainer)
+        bar = self.train_progress_bar
+        bar.reset(total=trainer.max_steps)
+        bar.n = bar.initial = trainer.global_step
+        bar.set_description("train")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        bar = self.train_progress_bar
+        if bar is not None and self._should_update(trainer.global_step, bar.total):
+            bar.n = trainer.global_step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+            bar.refresh()
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics

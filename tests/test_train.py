@@ -1,0 +1,374 @@
+"""train: the pure pieces (schedule, data order, checkpoint format, knob resolution) and whole runs on a tiny model.
+
+Whole runs use the `tiny` preset on shards built here from a tiny corpus; each test gets its own
+MLflow SQLite store. The subprocess tests (SIGKILL, SIGTERM) are in tests/test_train_resume.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model import GPT, GPTConfig, load_pretrained
+from pipelines import checkpoints as ckpt
+from pipelines.lit_gpt import LitGPT, lr_at, param_groups
+from pipelines.params import TokenizerParams, TrainParams, parse_params
+from pipelines.tokenizer import tokenize_corpus
+from pipelines.train import (Paths, TrainError, incompatibilities, resolve_precision, resolve_strategy, total_steps,
+                             train)
+from pipelines.train_data import (DataError, TokenData, TrainWindows, bits_per_byte, val_offsets,
+                                  window_offsets)
+from tests.test_tokenizer import write_clean
+
+TINY_TRAIN = dict(max_steps=16, batch_size=4, lr=3e-3, min_lr=3e-4, warmup_steps=4, val_every=8, val_batches=2,
+                  log_every=2, checkpoint_every=4, seed=7)
+
+
+# --- fixtures -----------------------------------------------------------------------------------
+
+
+def build_shards(root: Path) -> Path:
+    """data/tokens and data/tokenizer of a tiny corpus under `root` (vocab 512)."""
+    write_clean(root / "data" / "clean", n=40)
+    tokenize_corpus(TokenizerParams(vocab_size=512, min_frequency=2), root / "data" / "clean",
+                    root / "data" / "tokenizer", root / "data" / "tokens", root / "metrics" / "tokenize.json")
+    return root / "data"
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    return build_shards(tmp_path_factory.mktemp("shards"))
+
+
+def make_params(**train):
+    return parse_params({"data": {"sources": [{"type": "local", "path": "corpus"}]}, "model": {"preset": "tiny"},
+                         "train": {**TINY_TRAIN, **train}})
+
+
+@pytest.fixture
+def work(tmp_path: Path, shards: Path) -> tuple[Paths, str]:
+    """Paths for one run (inputs are copies, outputs in tmp_path) and a fresh MLflow store."""
+    shutil.copytree(shards / "tokens", tmp_path / "data" / "tokens")
+    shutil.copytree(shards / "tokenizer", tmp_path / "data" / "tokenizer")
+    paths = Paths(tokens=tmp_path / "data" / "tokens", tokenizer=tmp_path / "data" / "tokenizer",
+                  checkpoints=tmp_path / "checkpoints", model_out=tmp_path / "artifacts" / "model",
+                  metrics=tmp_path / "metrics" / "train.json", plots=tmp_path / "plots" / "train",
+                  lock_file=tmp_path / "dvc.lock")
+    return paths, f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+# --- pure pieces --------------------------------------------------------------------------------
+
+
+def test_lr_schedule_at_key_steps():
+    kw = dict(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
+    assert lr_at(0, **kw) == pytest.approx(1e-4)  # first warmup step: lr / warmup_steps
+    assert lr_at(4, **kw) == pytest.approx(5e-4)
+    assert lr_at(9, **kw) == pytest.approx(1e-3)  # warmup ends at the peak
+    assert lr_at(10, **kw) == pytest.approx(1e-3)  # cosine starts at the peak
+    assert lr_at(60, **kw) == pytest.approx(5.5e-4)  # halfway: the midpoint of lr and min_lr
+    assert lr_at(110, **kw) == pytest.approx(1e-4)
+    assert lr_at(500, **kw) == pytest.approx(1e-4)  # past the end: the floor
+    decay = [lr_at(s, **kw) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))
+    assert lr_at(0, lr=1e-3, min_lr=0.0, warmup_steps=0, max_steps=10) == pytest.approx(1e-3)  # no warmup
+
+
+def test_token_budget_caps_the_steps():
+    assert total_steps(TrainParams(max_steps=100), 1000) == 100
+    assert total_steps(TrainParams(max_steps=100, max_tokens=25_500), 1000) == 26  # ceil
+    assert total_steps(TrainParams(max_steps=10, max_tokens=10**9), 1000) == 10
+
+
+def test_data_order_is_a_pure_function_of_step_micro_and_rank():
+    args = dict(n_tokens=100_000, block_size=64, batch_size=8, seed=3)
+    a = window_offsets(**args, step=5, micro=1, rank=0)
+    assert np.array_equal(a, window_offsets(**args, step=5, micro=1, rank=0))
+    for other in (dict(step=6, micro=1, rank=0), dict(step=5, micro=0, rank=0), dict(step=5, micro=1, rank=1)):
+        assert not np.array_equal(a, window_offsets(**args, **other))
+    assert not np.array_equal(a, window_offsets(**{**args, "seed": 4}, step=5, micro=1, rank=0))
+    assert a.min() >= 0 and a.max() <= 100_000 - 65
+
+
+def test_a_stream_resumed_mid_run_reads_exactly_what_an_uninterrupted_one_reads():
+    tokens = np.arange(5000, dtype=np.uint16)
+    full = TrainWindows(tokens, block_size=16, batch_size=3, grad_accum=2, seed=1, rank=0)
+    resumed = TrainWindows(tokens, block_size=16, batch_size=3, grad_accum=2, seed=1, rank=0, start=6)
+    it_full, it_resumed = iter(full), iter(resumed)
+    uninterrupted = [next(it_full) for _ in range(10)]
+    for k in range(6, 10):
+        assert torch.equal(uninterrupted[k], next(it_resumed))
+    batch = uninterrupted[0]
+    assert batch.shape == (3, 17) and batch.dtype == torch.int64
+    assert torch.equal(batch[:, 1:] - batch[:, :-1], torch.ones(3, 16, dtype=torch.int64))  # contiguous windows
+
+
+def test_val_windows_are_fixed_and_span_the_split():
+    offsets = val_offsets(10_000, 64, 8)
+    assert np.array_equal(offsets, val_offsets(10_000, 64, 8))
+    assert offsets[0] == 0 and offsets[-1] == 10_000 - 65
+
+
+def test_too_little_data_is_a_clear_error():
+    with pytest.raises(DataError, match="fewer than one window"):
+        window_offsets(50, 64, 2, 0, 0, 0, 0)
+
+
+def test_bits_per_byte_formula():
+    # 1 nat/token at 2 bytes per text token = 1 / ln 2 / 2 bits per byte
+    assert bits_per_byte(1.0, 2.0) == pytest.approx(1 / math.log(2) / 2)
+    data = TokenData(Path("."), {"splits": {"val": {"tokens": 110, "docs": 10, "bytes": 300}}})
+    assert data.bytes_per_text_token("val") == pytest.approx(3.0)  # EOT tokens carry no bytes
+
+
+def test_weight_decay_skips_norms_and_embeddings():
+    for tie in (True, False):
+        model = GPT(GPTConfig.from_preset("tiny", tie_embeddings=tie))
+        decay, rest = param_groups(model, 0.1)
+        assert decay["weight_decay"] == 0.1 and rest["weight_decay"] == 0.0
+        decayed = {id(p) for p in decay["params"]}
+        names = {n for n, p in model.named_parameters() if id(p) in decayed}
+        assert not any("norm" in n or "embed_tokens" in n for n in names)
+        assert any("q_proj" in n for n in names) and any("down_proj" in n for n in names)
+        assert ("lm_head.weight" in names) == (not tie)  # an untied head is a linear layer
+        assert len(decay["params"]) + len(rest["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("precision, cuda, bf16, expected", [
+    ("auto", False, False, "32-true"),
+    ("auto", True, True, "bf16-mixed"),
+    ("auto", True, False, "32-true"),
+    ("32", True, True, "32-true"),
+    ("bf16-mixed", False, False, "bf16-mixed"),
+    ("16-mixed", True, False, "16-mixed"),
+])
+def test_precision_resolution(precision, cuda, bf16, expected):
+    assert resolve_precision(precision, cuda, bf16) == expected
+
+
+def test_strategy_resolution():
+    from pytorch_lightning.strategies import FSDPStrategy
+
+    from model.transformer import Block
+
+    assert resolve_strategy("auto") == "auto"
+    assert resolve_strategy("ddp") == "ddp"
+    fsdp = resolve_strategy("fsdp")
+    assert isinstance(fsdp, FSDPStrategy)
+    assert fsdp._state_dict_type == "full"
+    assert Block in fsdp.kwargs["auto_wrap_policy"]._module_classes
+
+
+# --- checkpoint format --------------------------------------------------------------------------
+
+
+def test_checkpoint_round_trip_keeps_types_and_shared_tensors(tmp_path):
+    w = torch.randn(4, 3)
+    obj = {"state_dict": {"a": w, "b": w, "bf16": torch.ones(2, dtype=torch.bfloat16)},
+           "optimizer_states": [{"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(2)}},
+                                 "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.95), "params": [0, 1]}]}],
+           "loops": {"x": {"n": 3, "flag": True, "none": None, "nan": float("nan")}},
+           "rng": np.arange(5, dtype=np.uint32), "empty": torch.empty(0)}
+    path = tmp_path / "step-00000001.ckpt"
+    ckpt.save(obj, path)
+    back = ckpt.load(path)
+    assert torch.equal(back["state_dict"]["a"], w) and back["state_dict"]["a"] is back["state_dict"]["b"]
+    assert back["state_dict"]["bf16"].dtype == torch.bfloat16
+    state = back["optimizer_states"][0]
+    assert list(state["state"]) == [0] and torch.equal(state["state"][0]["step"], torch.tensor(3.0))
+    assert state["param_groups"][0]["betas"] == (0.9, 0.95)
+    assert back["loops"]["x"]["n"] == 3 and back["loops"]["x"]["flag"] is True and back["loops"]["x"]["none"] is None
+    assert math.isnan(back["loops"]["x"]["nan"])
+    assert np.array_equal(back["rng"], np.arange(5)) and back["empty"].numel() == 0
+    assert not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(TypeError, match="cannot store object"):
+        ckpt.save({"bad": object()}, tmp_path / "x.ckpt")
+
+
+def test_torn_or_corrupt_checkpoints_are_skipped_with_a_warning(tmp_path):
+    for step in (4, 8, 12):
+        ckpt.save({"global_step": step, "w": torch.full((1000,), float(step))}, ckpt.checkpoint_path(tmp_path, step))
+    newest, middle = ckpt.checkpoint_path(tmp_path, 12), ckpt.checkpoint_path(tmp_path, 8)
+    newest.write_bytes(newest.read_bytes()[:-100])  # truncated
+    data = bytearray(middle.read_bytes())
+    data[-10] ^= 0xFF  # one flipped byte in the tensor data
+    middle.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="skipping checkpoint") as record:
+        path, content = ckpt.latest_valid(tmp_path)
+    assert path == ckpt.checkpoint_path(tmp_path, 4) and content["global_step"] == 4
+    assert len(record) == 2 and "CRC" in str(record[1].message)
+    (tmp_path / "step-00000016.ckpt").write_bytes(b"garbage")
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [16, 12, 8, 4]
+    (tmp_path / ".step-00000020.ckpt.abc.tmp").write_bytes(b"half")
+    ckpt.prune(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000012.ckpt", "step-00000016.ckpt"]
+
+
+def test_incompatibilities_name_what_changed():
+    base = {"model_config": {"n_layer": 2, "n_embd": 64}, "tokenizer_sha256": "a" * 64, "data_sha256": "d",
+            "world_size": 1, "train": TrainParams().model_dump()}
+    assert incompatibilities(base, base, False) == []
+    changed = {**base, "model_config": {"n_layer": 3, "n_embd": 64}}
+    assert incompatibilities(base, changed, False) == ["model.n_layer changed from 2 to 3"]
+    assert "the tokenizer changed" in incompatibilities(base, {**base, "tokenizer_sha256": "b" * 64}, False)[0]
+    assert "token shards changed" in incompatibilities(base, {**base, "data_sha256": "e"}, False)[0]
+    more = {**base, "world_size": 4}
+    assert "world size changed from 1 to 4" in incompatibilities(base, more, False)[0]
+    assert incompatibilities(base, more, True) == []
+    extended = {**base, "train": {**base["train"], "max_steps": 5000, "val_every": 7, "compile": True}}
+    assert incompatibilities(base, extended, False) == []  # may change on resume
+    lr = {**base, "train": {**base["train"], "lr": 0.5}}
+    assert incompatibilities(base, lr, False) == ["train.lr changed from 0.001 to 0.5"]
+
+
+# --- whole runs on the tiny model ---------------------------------------------------------------
+
+
+def test_fast_dev_run_trains_one_step_and_writes_nothing(work):
+    paths, uri = work
+    metrics = train(make_params(), paths, fast_dev_run=True, tracking_uri=uri)
+    assert metrics["steps"] == 1 and math.isfinite(metrics["train_loss"]) and metrics["mfu"] is None
+    assert not paths.checkpoints.exists() and not paths.model_out.exists() and not paths.metrics.exists()
+
+
+def test_training_lowers_the_loss_and_fills_the_mlflow_run(work):
+    from mlflow import MlflowClient
+
+    paths, uri = work
+    metrics = train(make_params(max_steps=40, val_every=20, checkpoint_every=20), paths, tracking_uri=uri)
+
+    # metrics/train.json: the documented keys, and learning happened
+    saved = json.loads(paths.metrics.read_text())
+    assert set(saved) == {"steps", "tokens_seen", "train_loss", "val_loss", "val_bpb", "tokens_per_s", "mfu",
+                          "params", "resumed_from_step"}
+    assert saved == pytest.approx(metrics)
+    assert saved["steps"] == 40 and saved["tokens_seen"] == 40 * 4 * 64 and saved["resumed_from_step"] == 0
+    assert saved["mfu"] is None and saved["tokens_per_s"] > 0
+    rows = list(csv_rows(paths.plots / "train.csv"))
+    first_loss = float(rows[0]["train_loss"])
+    assert abs(first_loss - math.log(512)) < 0.5  # starts near uniform over the vocabulary
+    assert saved["train_loss"] < first_loss - 0.8 and saved["val_loss"] < math.log(512) - 0.8
+    meta = json.loads((paths.tokens / "meta.json").read_text())["splits"]["val"]
+    expected_bpb = saved["val_loss"] / math.log(2) * (meta["tokens"] - meta["docs"]) / meta["bytes"]
+    assert saved["val_bpb"] == pytest.approx(expected_bpb)
+
+    # curves for dvc plots, checkpoints, and the model folder
+    assert [int(r["step"]) for r in rows] == list(range(2, 41, 2))
+    assert [int(r["step"]) for r in csv_rows(paths.plots / "val.csv")] == [20, 40]
+    assert (paths.plots / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert [s for s, _ in ckpt.list_checkpoints(paths.checkpoints)] == [40, 20]
+    model = load_pretrained(paths.model_out)
+    assert model.config.vocab_size == 512 and model.config.n_layer == 2
+    run_file = json.loads((paths.model_out / "quill_run.json").read_text())
+    assert run_file["mlflow_tracking_uri"] == uri and run_file["steps"] == 40
+
+    # the MLflow run, read back from the store
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_file["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    p = run.data.params
+    assert p["train.max_steps"] == "40" and p["train.lr"] == "0.003" and p["model.n_layer"] == "2"
+    assert p["tokenizer_sha256"] == meta_sha(paths) and p["dvc.tokens"].startswith("sha256:")
+    assert p["dvc.tokenizer"].startswith("sha256:") and "git_commit" in p and p["precision_resolved"] == "32-true"
+    history = client.get_metric_history(run.info.run_id, "train_loss")
+    assert [m.step for m in history] == list(range(2, 41, 2))
+    assert history[-1].value == pytest.approx(saved["train_loss"])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_bpb")] == [20, 40]
+    for key in ("lr", "grad_norm", "tokens_per_s"):
+        assert len(client.get_metric_history(run.info.run_id, key)) == 20
+    assert run.data.metrics["final_val_bpb"] == pytest.approx(saved["val_bpb"])
+    artifacts = {f.path for f in client.list_artifacts(run.info.run_id, "model")}
+    assert {"model/model.safetensors", "model/config.json", "model/tokenizer.json", "model/quill_run.json"} <= artifacts
+    assert {f.path for f in client.list_artifacts(run.info.run_id, "plots")} >= {"plots/loss.png", "plots/train.csv"}
+
+    # running again with nothing changed re-exports from the final checkpoint without training
+    again = train(make_params(max_steps=40, val_every=20, checkpoint_every=20), paths, tracking_uri=uri)
+    assert again["resumed_from_step"] == 40 and again["val_loss"] == pytest.approx(saved["val_loss"])
+    assert json.loads((paths.model_out / "quill_run.json").read_text())["mlflow_run_id"] == run.info.run_id
+
+
+def csv_rows(path: Path):
+    import csv
+
+    with open(path, newline="") as f:
+        yield from csv.DictReader(f)
+
+
+def meta_sha(paths: Paths) -> str:
+    return json.loads((paths.tokens / "meta.json").read_text())["tokenizer_sha256"]
+
+
+def test_resume_from_a_torn_checkpoint_falls_back_and_matches(work):
+    paths, uri = work
+    train(make_params(), paths, tracking_uri=uri)
+    reference = load_pretrained(paths.model_out).state_dict()
+    newest = ckpt.list_checkpoints(paths.checkpoints)[0][1]  # step 16
+    shutil.rmtree(paths.model_out)
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    with pytest.warns(UserWarning, match="skipping checkpoint"):
+        metrics = train(make_params(), paths, tracking_uri=uri)
+    assert metrics["resumed_from_step"] == 12 and metrics["steps"] == 16
+    resumed = load_pretrained(paths.model_out).state_dict()
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+
+
+def test_incompatible_resume_is_refused_with_what_changed(work):
+    paths, uri = work
+    train(make_params(max_steps=4), paths, tracking_uri=uri)
+    bigger = parse_params({"data": {"sources": [{"type": "local", "path": "c"}]},
+                           "model": {"preset": "tiny", "n_layer": 3}, "train": {**TINY_TRAIN, "max_steps": 4}})
+    with pytest.raises(TrainError, match="model.n_layer changed from 2 to 3"):
+        train(bigger, paths, tracking_uri=uri)
+    meta = json.loads((paths.tokens / "meta.json").read_text())
+    meta["tokenizer_sha256"] = "f" * 64
+    (paths.tokens / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(TrainError, match="the tokenizer changed"):
+        train(make_params(max_steps=4), paths, tracking_uri=uri)
+
+
+def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(work, monkeypatch):
+    from mlflow import MlflowClient
+
+    paths, uri = work
+    original = LitGPT.training_step
+
+    def poisoned(self, batch, batch_idx):
+        if self.global_step == 6:
+            self.model.lm_head.weight.data[0, 0] = float("nan")
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(LitGPT, "training_step", poisoned)
+    with pytest.raises(TrainError, match=r"loss is nan at step 6.*last good checkpoint kept: .*step-00000004\.ckpt"):
+        train(make_params(), paths, tracking_uri=uri)
+    assert [s for s, _ in ckpt.list_checkpoints(paths.checkpoints)] == [4]
+    assert not paths.model_out.exists()
+    run = MlflowClient(tracking_uri=uri).search_runs([MlflowClient(tracking_uri=uri).get_experiment_by_name(
+        "quill").experiment_id])[0]
+    assert run.info.status == "FAILED"
+
+
+def test_missing_shards_and_bad_keys_fail_in_one_line(tmp_path, monkeypatch, capsys):
+    from pipelines.train import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("data:\n  sources: [{type: local, path: x}]\nmodel: {preset: tiny}\n")
+    assert main() == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "run dvc repro tokenize first" in err and "Traceback" not in err
+    (tmp_path / "params.yaml").write_text("data:\n  sources: [{type: local, path: x}]\ntrain: {max_step: 3}\n")
+    assert main() == 1
+    assert "unknown key 'train.max_step' (did you mean 'max_steps'?)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compiled_training_runs_and_matches_eager_closely(work):
+    paths, uri = work
+    eager = train(make_params(max_steps=4), paths, fast_dev_run=True, tracking_uri=uri)
+    compiled = train(make_params(max_steps=4, compile=True), paths, fast_dev_run=True, tracking_uri=uri)
+    assert compiled["train_loss"] == pytest.approx(eager["train_loss"], abs=1e-4)
