@@ -1,0 +1,351 @@
+"""evaluate: sliding-window bits per byte, the lm-eval adapter, the task pack, the reference models, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model import GPT, Engine, GPTConfig, save_pretrained
+from pipelines.lm_eval_adapter import QuillLM, rolling_loglikelihood, rolling_windows, split_documents
+from pipelines.ngram import ByteNgram, uniform_bpb
+from pipelines.params import EvalParams, TokenizerParams
+from pipelines.task_pack import TASKS, build_task_pack
+from pipelines.tokenizer import tokenize_corpus
+from tests.conftest import make_document
+
+
+def write_clean(clean_dir: Path, seed: int = 0, n_train: int = 60, n_test: int = 8) -> dict[str, list[str]]:
+    """Pseudo-English documents with short lines (cloze and next-line items need lines)."""
+    rng = random.Random(seed)
+
+    def doc() -> str:  # lines of 5-9 words, like verse
+        words = make_document(rng, paragraphs=3).split()
+        lines, i = [], 0
+        while i < len(words):
+            n = rng.randint(5, 9)
+            lines.append(" ".join(words[i : i + n]))
+            i += n
+        return "\n".join(lines) + "\n"
+
+    splits = {"train": [doc() for _ in range(n_train)], "val": [doc() for _ in range(6)],
+              "test": [doc() for _ in range(n_test)]}
+    clean_dir.mkdir(parents=True, exist_ok=True)
+    for split, texts in splits.items():
+        with open(clean_dir / f"{split}.jsonl", "w", encoding="utf-8") as f:
+            for i, text in enumerate(texts):
+                f.write(json.dumps({"id": f"{split}-{i}", "text": text, "source": "fixture"}) + "\n")
+    return splits
+
+
+def make_project(root: Path, seed: int = 0, model_seed: int = 0, block_size: int = 64) -> Path:
+    """data/clean, data/tokenizer, data/tokens and a tiny random model in artifacts/model, under root."""
+    write_clean(root / "data/clean", seed)
+    tokenize_corpus(TokenizerParams(vocab_size=320, min_frequency=2), root / "data/clean", root / "data/tokenizer",
+                    root / "data/tokens", root / "metrics/tokenize.json")
+    vocab = json.loads((root / "data/tokens/meta.json").read_text())["vocab_size"]
+    save_model(root / "artifacts/model", root / "data/tokenizer", vocab, model_seed, block_size)
+    return root
+
+
+def save_model(out: Path, tokenizer_dir: Path, vocab: int, seed: int, block_size: int = 64) -> None:
+    torch.manual_seed(seed)
+    save_pretrained(GPT(GPTConfig.from_preset("tiny", vocab_size=vocab, block_size=block_size)), out,
+                    tokenizer_dir=tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    return make_project(tmp_path_factory.mktemp("evalproj"))
+
+
+@pytest.fixture(scope="module")
+def engine(project) -> Engine:
+    return Engine.from_pretrained(project / "artifacts/model")
+
+
+def held_out_docs(project) -> list[list[int]]:
+    meta = json.loads((project / "data/tokens/meta.json").read_text())
+    tokens = np.fromfile(project / "data/tokens/test.bin", dtype=meta["dtype"])
+    return split_documents(tokens, meta["eot_id"])
+
+
+# --- sliding windows -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,block_size,stride", [(1, 4, 2), (4, 4, 4), (5, 4, 4), (10, 4, 2), (10, 4, 1), (100, 16, 5)])
+def test_every_token_scored_once_with_bounded_context(n, block_size, stride):
+    scored = []
+    for start, end, n_scored in rolling_windows(n, block_size, stride):
+        assert 0 <= start < end and end - start <= block_size and 1 <= n_scored <= end - start
+        scored += list(range(end - n_scored, end))  # target t[i] is predicted at x position i
+    assert scored == list(range(n))
+
+
+def naive_loglik(model, doc: list[int], prefix: int, stride: int) -> float:
+    """Hand computation: each token's logprob with the context the window rule gives it, one forward each."""
+    bs = model.config.block_size
+    x = [prefix, *doc]
+    total = 0.0
+    for start, end, n_scored in rolling_windows(len(doc), bs, stride):
+        for i in range(end - n_scored, end):  # predict x[i + 1] from x[start : i + 1]
+            with torch.no_grad():
+                logits, _ = model(torch.tensor([x[start : i + 1]]))
+            total += torch.log_softmax(logits[0, -1], -1)[x[i + 1]].item()
+    return total
+
+
+@pytest.mark.parametrize("stride", [64, 24, 7])
+def test_rolling_loglikelihood_equals_token_by_token_computation(engine, project, stride):
+    docs = [d[:150] for d in held_out_docs(project)[:2]]
+    got = rolling_loglikelihood(engine.model, docs, 0, stride=stride, batch_size=3)
+    want = [naive_loglik(engine.model, d, 0, stride) for d in docs]
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_bits_per_byte_of_a_uniform_model_is_log2_vocab_per_byte(project):
+    """All-zero weights give logits of 0: every token costs log2(V) bits, so bpb = tokens * log2(V) / bytes."""
+    from pipelines.evaluate import held_out
+
+    vocab = json.loads((project / "data/tokens/meta.json").read_text())["vocab_size"]
+    model = GPT(GPTConfig.from_preset("tiny", vocab_size=vocab))
+    for p in model.parameters():
+        torch.nn.init.zeros_(p)
+    docs = [[5, 6, 7] * 50, [9, 10]]  # 152 tokens; longer than block_size, so several windows
+    got = held_out(model.eval(), docs, 0, n_bytes=300, stride=16, batch_size=4, desc=None)
+    assert got["test_bpb"] == pytest.approx(152 * math.log2(vocab) / 300, rel=1e-6)
+    assert got["test_loss"] == pytest.approx(math.log(vocab), rel=1e-6)
+    assert got["test_ppl"] == pytest.approx(vocab, rel=1e-5)
+
+
+def test_held_out_bpb_by_hand_on_fixture(engine, project):
+    """bpb = -(sum of every test token's natural-log prob) / ln 2 / (UTF-8 bytes of the test text)."""
+    from pipelines.evaluate import held_out
+
+    docs = held_out_docs(project)
+    texts = [json.loads(line)["text"] for line in open(project / "data/clean/test.jsonl")]
+    n_bytes = sum(len(t.encode()) for t in texts)
+    got = held_out(engine.model, docs, 0, n_bytes, stride=32, batch_size=8, desc=None)
+    by_hand = -sum(naive_loglik(engine.model, d, 0, 32) for d in docs) / math.log(2) / n_bytes
+    assert got["test_bpb"] == pytest.approx(by_hand, rel=1e-5)
+    assert got["test_tokens"] == sum(len(d) for d in docs)
+
+
+# --- the lm-eval adapter ---------------------------------------------------------------------------
+
+
+def instances(kind: str, args: list[tuple]) -> list:
+    from lm_eval.api.instance import Instance
+
+    return [Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
+
+
+def direct_loglik(model, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([(ctx + cont)[:-1]]))
+    logp = torch.log_softmax(logits[0, len(ctx) - 1 :], -1)
+    target = torch.tensor(cont)
+    return logp.gather(1, target[:, None]).sum().item(), bool((logp.argmax(-1) == target).all())
+
+
+PAIRS = [("The king", " is dead"), ("", "hello world"), ("And so", " to bed."), ("x" * 400, " long context"),
+         ("Ünïcödé café", " — naïve 🎉"), ("a b c d e f g", " h")]
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_adapter_loglikelihood_equals_direct_computation(engine, batch_size):
+    lm = QuillLM(engine=engine, batch_size=batch_size)
+    got = lm.loglikelihood(instances("loglikelihood", PAIRS), disable_tqdm=True)
+    bs = engine.config.block_size
+    for (ctx, cont), (ll, greedy) in zip(PAIRS, got):
+        ctx_ids = engine.encode(ctx) if ctx else [engine.eos_token_id]
+        whole = engine.encode(ctx + cont) if ctx else ctx_ids + engine.encode(cont)
+        cont_ids = whole[len(ctx_ids) :]
+        seq = (ctx_ids + cont_ids)[-(bs + 1) :]  # left truncation, like Hugging Face's lm-eval model
+        want = direct_loglik(engine.model, seq[: len(seq) - len(cont_ids)], cont_ids)
+        assert ll == pytest.approx(want[0], rel=1e-4, abs=1e-4)
+        assert greedy == want[1]
+
+
+def test_adapter_rolling_equals_held_out_and_generate_stops(engine, project):
+    lm = QuillLM(engine=engine, batch_size=4, stride=16)
+    texts = [json.loads(line)["text"] for line in open(project / "data/clean/test.jsonl")]
+    got = lm.loglikelihood_rolling(instances("loglikelihood_rolling", [(t,) for t in texts[:3]]), disable_tqdm=True)
+    want = rolling_loglikelihood(engine.model, [engine.encode(t) for t in texts[:3]], 0, 16, 8)
+    assert got == pytest.approx(want, rel=1e-5)
+    outs = lm.generate_until(instances("generate_until", [("The", {"until": ["e"], "max_gen_toks": 20}),
+                                                          ("A", {"until": ["\n"], "max_gen_toks": 5})]),
+                             disable_tqdm=True)
+    assert len(outs) == 2 and "e" not in outs[0]
+
+
+# --- the task pack ---------------------------------------------------------------------------------
+
+
+def read_split(project: Path, split: str) -> list[str]:
+    return [json.loads(line)["text"] for line in open(project / f"data/clean/{split}.jsonl")]
+
+
+def test_task_pack_is_deterministic_and_well_formed(project, tmp_path):
+    test, val = read_split(project, "test"), read_split(project, "val")
+    a = build_task_pack(test, val, tmp_path / "a", max_items=5, seed=7)
+    b = build_task_pack(test, val, tmp_path / "b", max_items=5, seed=7)
+    c = build_task_pack(test, val, tmp_path / "c", max_items=5, seed=8)
+    assert a == b and set(a) == set(TASKS) and a["quill_perplexity"] == len(test)
+    for f in sorted((tmp_path / "a").iterdir()):
+        other = (tmp_path / "b" / f.name).read_text()
+        assert f.read_text().replace(str(tmp_path / "a"), "X") == other.replace(str(tmp_path / "b"), "X")
+    assert (tmp_path / "a/quill_cloze.test.jsonl").read_text() != (tmp_path / "c/quill_cloze.test.jsonl").read_text()
+    for line in open(tmp_path / "a/quill_cloze.test.jsonl"):
+        item = json.loads(line)
+        assert item["target"].startswith(" ") and item["target"].strip().isalpha() or "'" in item["target"]
+        assert item["context"] == item["context"].rstrip() 
+    for line in open(tmp_path / "a/quill_nextline.test.jsonl"):
+        item = json.loads(line)
+        assert len(set(item["choices"])) == 4
+        assert item["context"] + "\n" + item["choices"][item["label"]] in test[item["doc"]]
+    assert [json.loads(x)["text"] for x in open(tmp_path / "a/quill_perplexity.test.jsonl")] == test
+
+
+def test_rolling_task_agrees_with_held_out_metric(engine, project, tmp_path):
+    """quill_perplexity through lm-eval gives the held-out bits per byte (same windows, same documents)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from pipelines.evaluate import held_out
+
+    test = read_split(project, "test")
+    build_task_pack(test, read_split(project, "val"), tmp_path / "pack", max_items=5, seed=1)
+    lm = QuillLM(engine=engine, batch_size=8, stride=24)
+    res = lm_eval.simple_evaluate(model=lm, tasks=["quill_perplexity"], num_fewshot=0, log_samples=False,
+                                  task_manager=TaskManager(include_path=str(tmp_path / "pack")), bootstrap_iters=0)
+    task = res["results"]["quill_perplexity"]
+    meta = json.loads((project / "data/tokens/meta.json").read_text())
+    ref = held_out(engine.model, held_out_docs(project), 0, meta["splits"]["test"]["bytes"], 24, 8, desc=None)
+    assert task["bits_per_byte,none"] == pytest.approx(ref["test_bpb"], rel=1e-5)
+    assert task["byte_perplexity,none"] == pytest.approx(2 ** ref["test_bpb"], rel=1e-5)
+
+
+# --- reference models ------------------------------------------------------------------------------
+
+
+def test_byte_ngram_is_normalised_and_beats_uniform(project):
+    train, test = read_split(project, "train"), read_split(project, "test")
+    lm = ByteNgram.fit([t.encode() for t in train], order=4)
+    probs = [2 ** lm.log2_probs(b"the k" + bytes([b]))[-1] for b in range(256)]
+    assert sum(probs) == pytest.approx(1.0, abs=1e-9)
+    assert lm.bits_per_byte([t.encode() for t in test]) < 8.0
+    assert ByteNgram.fit([b"abab" * 100], 2).bits_per_byte([b"abab"]) < 1.0
+    assert uniform_bpb(10, 20, 256) == pytest.approx(4.0)
+
+
+# --- the stage, end to end, and its bad inputs -----------------------------------------------------
+
+SMALL = EvalParams(num_fewshot=[0, 1], max_items=6, batch_size=8, stride=32, sample_prompts=["The king"],
+                   samples_from_test=1, sample_max_tokens=8, ngram_order=3)
+
+
+@pytest.fixture
+def in_project(project, tmp_path, monkeypatch) -> Path:
+    """A fresh copy of the project as cwd, with its own SQLite tracking store."""
+    import shutil
+
+    work = tmp_path / "proj"
+    for sub in ("data", "artifacts"):
+        shutil.copytree(project / sub, work / sub)
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work}/mlflow.db")
+    return work
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_evaluate_stage_writes_metrics_reports_and_mlflow(in_project):
+    from pipelines.evaluate import evaluate
+    from pipelines.tracking import mlflow_client
+
+    m = evaluate(SMALL)
+    on_disk = json.loads(Path("metrics/eval.json").read_text())
+    assert on_disk["test_bpb"] == pytest.approx(m["test_bpb"])
+    assert on_disk["num_fewshot"] == "0,1"
+    assert set(on_disk["quill_cloze"]) == {"0shot", "1shot"} and set(on_disk["quill_perplexity"]) == {"0shot"}
+    assert {"acc", "acc_norm"} <= set(on_disk["quill_nextline"]["1shot"])
+    assert on_disk["quill_perplexity"]["0shot"]["bits_per_byte"] == pytest.approx(on_disk["test_bpb"], rel=1e-5)
+    assert on_disk["reference"]["ngram_bpb"] > 0 and on_disk["reference"]["uniform_bpb"] > on_disk["test_bpb"] * 0.5
+    assert on_disk["samples"]["count"] == 2
+    for f in ("reports/eval/report.md", "reports/eval/samples.json", "reports/eval/lm_eval/0shot.json",
+              "reports/eval/lm_eval/1shot.json", "plots/eval/attention.png", "plots/eval/bpb.csv"):
+        assert Path(f).is_file(), f
+    run = mlflow_client().get_run(on_disk["mlflow_run_id"])
+    assert run.data.metrics["eval.test_bpb"] == pytest.approx(on_disk["test_bpb"])
+    assert "eval.quill_cloze.1shot.acc" in run.data.metrics
+
+
+def run_main(module) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = module.main()
+    return code, err.getvalue()
+
+
+def test_missing_model_folder_fails_fast_with_one_line(in_project):
+    import shutil
+
+    from pipelines import evaluate
+
+    Path("params.yaml").write_text("data:\n  sources: [{type: local, path: x}]\n")
+    shutil.rmtree("artifacts/model")
+    code, err = run_main(evaluate)
+    assert code == 1 and "no model in artifacts/model" in err and "dvc repro train" in err
+    assert len(err.strip().splitlines()) == 1 and not Path("metrics/eval.json").exists()
+
+
+def test_tokenizer_mismatch_fails_fast(in_project):
+    from pipelines import evaluate
+
+    Path("params.yaml").write_text("data:\n  sources: [{type: local, path: x}]\n")
+    meta = json.loads(Path("data/tokens/meta.json").read_text())
+    meta["tokenizer_sha256"] = "0" * 64
+    Path("data/tokens/meta.json").write_text(json.dumps(meta))
+    code, err = run_main(evaluate)
+    assert code == 1 and "tokenizer mismatch" in err and not Path("metrics/eval.json").exists()
+
+
+def test_incompatible_model_folder_fails_fast(in_project):
+    from pipelines import evaluate
+
+    Path("params.yaml").write_text("data:\n  sources: [{type: local, path: x}]\n")
+    Path("artifacts/model/config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    code, err = run_main(evaluate)
+    assert code == 1 and "not a model quill can load" in err
+
+
+@pytest.mark.slow
+def test_unknown_task_fails_fast(in_project):
+    from pipelines import evaluate
+
+    Path("params.yaml").write_text("data:\n  sources: [{type: local, path: x}]\neval:\n  tasks: [quill_cloze, no_such_task]\n")
+    code, err = run_main(evaluate)
+    assert code == 1 and "unknown lm-eval task(s) in eval.tasks: no_such_task" in err
+
+
+def test_unreachable_tracking_server_fails_fast(in_project, monkeypatch):
+    import socket
+
+    from pipelines import evaluate
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    Path("params.yaml").write_text("data:\n  sources: [{type: local, path: x}]\n")
+    code, err = run_main(evaluate)
+    assert code == 1 and f"http://127.0.0.1:{port} is unreachable" in err and not Path("metrics/eval.json").exists()
