@@ -101,6 +101,19 @@ def total_steps(train: TrainParams, tokens_per_step: int) -> int:
     return min(train.max_steps, -(-train.max_tokens // tokens_per_step))
 
 
+def build_trainer(t: TrainParams, precision: str, callbacks: list, plugins: list | None = None,
+                  fast_dev_run: bool = False, **overrides) -> pl.Trainer:
+    """The Lightning Trainer for `t` (the stage and benchmarks/train.py build it here, the same way)."""
+    kwargs = dict(
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=resolve_strategy(t.strategy),
+        precision=precision, max_steps=t.max_steps, accumulate_grad_batches=t.grad_accum,
+        val_check_interval=t.val_every * t.grad_accum, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+        logger=False, enable_checkpointing=False, enable_model_summary=False, use_distributed_sampler=False,
+        fast_dev_run=fast_dev_run, plugins=plugins, callbacks=callbacks,
+    )
+    return pl.Trainer(**{**kwargs, **overrides})
+
+
 # --- resuming -----------------------------------------------------------------------------------
 
 
@@ -188,14 +201,8 @@ def train(params: Params, paths: Paths = Paths(), *, fast_dev_run: bool = False,
     found = None if fast_dev_run else latest_valid(paths.checkpoints)
     checkpoint_io = SafeCheckpointIO({str(found[0]): found[1]} if found else None)
     step_ckpt = StepCheckpoint(paths.checkpoints, t.checkpoint_every, t.keep_checkpoints)
-    trainer = pl.Trainer(
-        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=resolve_strategy(t.strategy),
-        precision=precision, max_steps=t.max_steps, accumulate_grad_batches=t.grad_accum,
-        val_check_interval=t.val_every * t.grad_accum, check_val_every_n_epoch=None, num_sanity_val_steps=0,
-        logger=False, enable_checkpointing=False, enable_model_summary=False,
-        use_distributed_sampler=False, fast_dev_run=fast_dev_run, plugins=[checkpoint_io],
-        callbacks=[StepProgressBar()] + ([] if fast_dev_run else [step_ckpt]),
-    )
+    trainer = build_trainer(t, precision, callbacks=[StepProgressBar()] + ([] if fast_dev_run else [step_ckpt]),
+                            plugins=[checkpoint_io], fast_dev_run=fast_dev_run)
     world_size = trainer.world_size
     tokens_per_step = t.batch_size * t.grad_accum * config.block_size * world_size
     steps = total_steps(t, tokens_per_step)
