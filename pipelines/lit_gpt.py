@@ -88,7 +88,10 @@ class LitGPT(pl.LightningModule):
         x, y = batch[:, :-1], batch[:, 1:]
         _, loss = self.model(x, y)
         detached = loss.detach()
-        if not torch.isfinite(detached):  # one host sync per micro-batch; cheap next to the step itself
+        bad = not torch.isfinite(detached)  # one host sync per micro-batch; cheap next to the step itself
+        if self.trainer.world_size > 1:  # all ranks stop together, or the others would hang in all-reduce
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
             raise NonFiniteLossError(self.global_step, detached.item())
         self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
         self._loss_n += 1

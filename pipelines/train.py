@@ -313,6 +313,8 @@ def _end_run(client, run_info: dict, status: str) -> None:
 
 def main() -> int:
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # no GPU/TPU banner lines
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning 2.6 on torch 2.13, harmless
     try:
         params = load_params()
         metrics = train(params)

@@ -372,3 +372,16 @@ def test_compiled_training_runs_and_matches_eager_closely(work):
     eager = train(make_params(max_steps=4), paths, fast_dev_run=True, tracking_uri=uri)
     compiled = train(make_params(max_steps=4, compile=True), paths, fast_dev_run=True, tracking_uri=uri)
     assert compiled["train_loss"] == pytest.approx(eager["train_loss"], abs=1e-4)
+
+
+def test_dvc_stage_lists_exactly_the_train_keys():
+    import yaml
+
+    from tests.conftest import REPO
+
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]
+    keys = {p.removeprefix("train.") for p in stage["params"] if isinstance(p, str) and p.startswith("train.")}
+    assert keys == set(TrainParams.model_fields)
+    assert "model" in stage["params"] and stage["cmd"] == "python -m pipelines.train"
+    outs = {next(iter(o)) if isinstance(o, dict) else o: o for o in stage["outs"]}
+    assert outs["checkpoints"]["checkpoints"]["persist"] is True
