@@ -165,7 +165,7 @@ def decide(client, name: str, version: str, metrics: dict, params: RegistryParam
     champion = champion_of(client, name)
     decision = {"promoted": False, "forced": False, "champion_version": None, "champion_test_bpb": None}
     if champion is not None:
-        decision["champion_version"] = champion.version
+        decision["champion_version"] = str(champion.version)
         decision["champion_test_bpb"] = float(champion.tags["test_bpb"]) if "test_bpb" in champion.tags else None
     if params.force_promote:
         return {**decision, "promoted": True, "forced": True,
@@ -219,13 +219,13 @@ def log_pyfunc(model_dir: Path, run_id: str, n_examples: list[str]):
 
     from pipelines import pyfunc_model
 
-    signature = infer_signature(
-        pd.DataFrame({"prompt": n_examples}),
-        pd.DataFrame([[p, "", "length", 1, 1] for p in n_examples], columns=pyfunc_model.OUTPUT_COLUMNS),
-        params=pyfunc_model.PARAMS,
-    )
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # mlflow's hints about type hints and integer columns
+        signature = infer_signature(
+            list(n_examples),  # an unnamed string column: a list, a string, {"prompt": [...]} or a DataFrame
+            pd.DataFrame([[p, "", "length", 1, 1] for p in n_examples], columns=pyfunc_model.OUTPUT_COLUMNS),
+            params=pyfunc_model.PARAMS,
+        )
         staged = Path(tmp) / pyfunc_model.HF_ARTIFACT  # its name is the folder's name inside the logged model
         shutil.copytree(model_dir, staged)
         with mlflow.start_run(run_id=run_id):
