@@ -1,0 +1,125 @@
+"""lm-eval loglikelihood throughput of our adapter: batched requests against the same adapter one request at a time.
+
+Both sides answer the same few-shot multiple-choice requests (a context of a few lines, four candidate next
+lines: what quill_nextline asks at 5 shots) through `QuillLM.loglikelihood`, with the same model, and must
+give the same log-likelihoods. Ours batches eval.batch_size requests per forward pass (sorted by length);
+the baseline sets batch_size=1, which is how a naive lm-eval model class scores.
+
+Model: artifacts/model if it exists, else a randomly initialised `model.preset` model over data/tokenizer
+(the speed does not depend on the weights). Requests: built from data/clean/test.jsonl if it exists, else
+from synthetic text.
+
+Run: python -m benchmarks.evaluate [--requests 64] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def build_engine():
+    from model import GPT, Engine, GPTConfig
+    from pipelines.params import load_params
+
+    if (Path("artifacts/model") / "config.json").is_file():
+        return Engine.from_pretrained("artifacts/model"), "artifacts/model"
+    params = load_params()
+    tokenizer = Path("data/tokenizer/tokenizer.json")
+    if not tokenizer.is_file():
+        tokenizer = synthetic_tokenizer()
+    from tokenizers import Tokenizer
+
+    vocab = Tokenizer.from_file(str(tokenizer)).get_vocab_size()
+    torch.manual_seed(0)
+    config = GPTConfig.from_preset(params.model.preset, **{**params.model.overrides(), "vocab_size": vocab})
+    return Engine(GPT(config).eval(), tokenizer), f"random {params.model.preset} preset"
+
+
+def synthetic_tokenizer() -> Path:
+    import tempfile
+
+    from pipelines.params import TokenizerParams
+    from pipelines.tokenizer import save_tokenizer, train_tokenizer
+
+    out = Path(tempfile.mkdtemp(prefix="bench-tok-"))
+    save_tokenizer(train_tokenizer(iter(synthetic_texts(200)), TokenizerParams(vocab_size=4096)), out)
+    return out / "tokenizer.json"
+
+
+def synthetic_texts(n: int) -> list[str]:
+    from tests.conftest import make_document
+
+    rng = random.Random(0)
+    return [make_document(rng) for _ in range(n)]
+
+
+def build_requests(n: int, block_size: int) -> list[tuple[str, str]]:
+    """(context, continuation) pairs: ~block_size/4 words of context lines, four candidate lines each."""
+    test = Path("data/clean/test.jsonl")
+    texts = [json.loads(line)["text"] for line in open(test)] if test.is_file() else synthetic_texts(50)
+    lines = [line.strip() for t in texts for line in t.splitlines() if len(line.split()) >= 4]
+    rng = random.Random(0)
+    out = []
+    while len(out) < n:
+        start = rng.randrange(max(1, len(lines) - 40))
+        context, words = [], 0
+        while words < block_size // 2 and start + len(context) < len(lines):
+            context.append(lines[start + len(context)])
+            words += len(context[-1].split())
+        for _ in range(4):
+            out.append(("\n".join(context), "\n" + rng.choice(lines)))
+    return out[:n]
+
+
+def main() -> int:
+    from lm_eval.api.instance import Instance
+
+    from pipelines.lm_eval_adapter import QuillLM
+    from pipelines.params import load_params
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+
+    engine, source = build_engine()
+    batch_size = load_params().eval.batch_size
+    pairs = build_requests(args.requests, engine.config.block_size)
+    requests = [Instance(request_type="loglikelihood", doc={}, arguments=p, idx=i) for i, p in enumerate(pairs)]
+
+    def timed(bs: int):
+        lm = QuillLM(engine=engine, batch_size=bs)
+        best, result = float("inf"), None
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            result = lm.loglikelihood(requests, disable_tqdm=True)
+            best = min(best, time.perf_counter() - started)
+        return best, result
+
+    timed(batch_size)  # warm-up
+    ours_s, ours = timed(batch_size)
+    base_s, base = timed(1)
+    worst = max(abs(a[0] - b[0]) for a, b in zip(ours, base))
+    if worst > 1e-3:
+        print(f"evaluate benchmark: batched and one-by-one log-likelihoods differ by {worst}", file=sys.stderr)
+        return 1
+    ours_rps, base_rps = len(requests) / ours_s, len(requests) / base_s
+    n_tokens = sum(len(engine.encode(c + x)) for c, x in pairs)
+    print(f"model: {source}; {len(requests)} requests, {n_tokens / len(requests):.0f} tokens each on average; "
+          f"batched (batch_size={batch_size}) {ours_s:.2f} s, one by one {base_s:.2f} s; max |diff| {worst:.2e}",
+          file=sys.stderr)
+    print(json.dumps({"benchmark": "evaluate", "ours": round(ours_rps, 2), "baseline": round(base_rps, 2),
+                      "unit": "requests/s", "ratio": round(ours_rps / base_rps, 2), "batch_size": batch_size,
+                      "requests": len(requests), "threads": torch.get_num_threads(), "model": source}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
