@@ -236,6 +236,7 @@ class StepCheckpoint(pl.Callback):
         step = trainer.global_step
         if step == self.last_saved:
             return
+        trainer.lightning_module.check_finite()  # never write a checkpoint after a NaN step
         trainer.save_checkpoint(checkpoint_path(self.directory, step), weights_only=False)
         self.last_saved = step
         if trainer.is_global_zero:

@@ -25,7 +25,7 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stops before the step is applied."""
 
     def __init__(self, step: int, loss: float):
-        super().__init__(f"loss is {loss} at step {step}")
+        super().__init__(f"loss is not finite ({loss}) at step {step}")
         self.step, self.loss = step, loss
 
 
@@ -84,19 +84,35 @@ class LitGPT(pl.LightningModule):
         if batch_idx % self.trainer.accumulate_grad_batches == 0:  # first micro-batch of a step
             torch.manual_seed(step_seed(self.train_params.seed, self.global_step, self.global_rank))
 
+    # Check for a NaN/inf loss at every micro-batch (a host sync), or only at `check_finite` calls
+    # (log steps and before each checkpoint) while a device-side tensor remembers the first bad step.
+    # None = defer on CUDA, where a sync per step would stall the GPU; check at once on a CPU.
+    defer_finite_check: bool | None = None
+
+    def on_fit_start(self) -> None:
+        self._defer = self.defer_finite_check if self.defer_finite_check is not None else self.device.type == "cuda"
+        self._first_bad = torch.tensor(-1, device=self.device)  # first step with a non-finite loss, or -1
+
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         x, y = batch[:, :-1], batch[:, 1:]
         _, loss = self.model(x, y)
         detached = loss.detach()
-        bad = not torch.isfinite(detached)  # one host sync per micro-batch; cheap next to the step itself
+        bad = ~torch.isfinite(detached) & (self._first_bad < 0)
+        self._first_bad = torch.where(bad, self.global_step, self._first_bad)
+        if not self._defer:
+            self.check_finite()
+        self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
+        self._loss_n += 1
+        return loss
+
+    def check_finite(self) -> None:
+        """Raise NonFiniteLossError (on every rank at once) if any loss so far was NaN or infinite."""
+        first_bad = int(self._first_bad.item())
+        bad = first_bad >= 0
         if self.trainer.world_size > 1:  # all ranks stop together, or the others would hang in all-reduce
             bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
         if bad:
-            raise NonFiniteLossError(self.global_step, detached.item())
-        self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
-        self._loss_n += 1
-        self.log("loss", detached, prog_bar=True, logger=False)
-        return loss
+            raise NonFiniteLossError(first_bad if first_bad >= 0 else self.global_step, float("nan"))
 
     def on_before_optimizer_step(self, optimizer) -> None:
         t = self.train_params

@@ -114,6 +114,7 @@ class TrainLog(pl.Callback):
         self._last = now
         if step % self.log_every and step != trainer.max_steps:
             return
+        pl_module.check_finite()
         tokens_per_s = self._window_tokens / self._window_seconds if self._window_seconds else None
         self._window_tokens, self._window_seconds = 0, 0.0
         lr = trainer.optimizers[0].param_groups[0]["lr"]
@@ -128,8 +129,9 @@ class TrainLog(pl.Callback):
             "mfu": self.mfu(tokens_per_s),
         }
         self.train_rows.append(row)
-        if tokens_per_s is not None:
-            pl_module.log("tok/s", tokens_per_s, prog_bar=True, logger=False, rank_zero_only=True)
+        # plain floats (already synced once for this row), so the bar costs no extra device syncs
+        bar = {"loss": row["train_loss"]} | ({"tok/s": tokens_per_s} if tokens_per_s is not None else {})
+        pl_module.log_dict(bar, prog_bar=True, logger=False, rank_zero_only=True)
         self._send(row, ("train_loss", "lr", "grad_norm", "tokens_per_s", "mfu"), trainer)
 
     # --- summaries ---------------------------------------------------------------------------------

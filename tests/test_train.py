@@ -332,10 +332,12 @@ def test_incompatible_resume_is_refused_with_what_changed(work):
         train(make_params(max_steps=4), paths, tracking_uri=uri)
 
 
-def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(work, monkeypatch):
+@pytest.mark.parametrize("deferred", [False, True], ids=["checked-each-step", "deferred-as-on-gpu"])
+def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(work, monkeypatch, deferred):
     from mlflow import MlflowClient
 
     paths, uri = work
+    monkeypatch.setattr(LitGPT, "defer_finite_check", deferred)
     original = LitGPT.training_step
 
     def poisoned(self, batch, batch_idx):
@@ -344,7 +346,7 @@ def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(work,
         return original(self, batch, batch_idx)
 
     monkeypatch.setattr(LitGPT, "training_step", poisoned)
-    with pytest.raises(TrainError, match=r"loss is nan at step 6.*last good checkpoint kept: .*step-00000004\.ckpt"):
+    with pytest.raises(TrainError, match=r"loss is not finite \(nan\) at step 6.*last good checkpoint kept: .*step-00000004\.ckpt"):
         train(make_params(), paths, tracking_uri=uri)
     assert [s for s, _ in ckpt.list_checkpoints(paths.checkpoints)] == [4]
     assert not paths.model_out.exists()
