@@ -144,11 +144,16 @@ def check_tracking() -> str:
 
 
 def held_out(model, docs: list[list[int]], prefix_id: int, n_bytes: int, stride: int | None, batch_size: int,
-             desc: str | None = "held-out") -> dict:
-    """test_loss (nats/token), test_ppl and test_bpb over every document, with sliding windows."""
+             desc: str | None = "held-out", cache: dict | None = None) -> dict:
+    """test_loss (nats/token), test_ppl and test_bpb over every document, with sliding windows.
+
+    `cache`, if given, receives {tuple(document ids): log-likelihood} (QuillLM's rolling_cache: lm-eval's
+    perplexity task then reuses these numbers instead of computing the same windows again)."""
     from pipelines.lm_eval_adapter import perplexity_summary, rolling_loglikelihood
 
     logliks = rolling_loglikelihood(model, docs, prefix_id, stride, batch_size, desc=desc)
+    if cache is not None:
+        cache.update((tuple(d), ll) for d, ll in zip(docs, logliks))
     n_tokens = sum(len(d) for d in docs)
     s = perplexity_summary(logliks, n_tokens, n_bytes)
     return {"test_loss": s["loss"], "test_ppl": s["ppl"], "test_bpb": s["bpb"], "test_tokens": n_tokens,
@@ -169,6 +174,8 @@ def run_lm_eval(lm, tasks: list[str], fewshots: list[int], pack_dir: Path, limit
     import lm_eval
     from lm_eval.tasks import TaskManager, get_task_dict
 
+    if not tasks:
+        return {}
     manager = TaskManager(include_path=str(pack_dir))
     try:
         task_dict = get_task_dict(tasks, manager)
@@ -403,7 +410,8 @@ def evaluate(params: EvalParams, paths: Paths = Paths()) -> dict:
     n_bytes = meta["splits"]["test"]["bytes"]
 
     log(f"held-out loss over {len(tokens)} test tokens (stride {params.stride or engine.config.block_size})")
-    metrics = held_out(engine.model, docs, eot, n_bytes, params.stride, params.batch_size)
+    rolling_cache: dict[tuple, float] = {}
+    metrics = held_out(engine.model, docs, eot, n_bytes, params.stride, params.batch_size, cache=rolling_cache)
 
     log(f"byte {params.ngram_order}-gram reference on the train split")
     test_texts = read_texts(paths.clean / "test.jsonl")
@@ -419,7 +427,7 @@ def evaluate(params: EvalParams, paths: Paths = Paths()) -> dict:
         warnings.simplefilter("ignore")
         build_task_pack(test_texts, read_texts(paths.clean / "val.jsonl"), paths.reports / "tasks", params.max_items,
                         params.seed)
-        lm = QuillLM(engine=engine, batch_size=params.batch_size, stride=params.stride)
+        lm = QuillLM(engine=engine, batch_size=params.batch_size, stride=params.stride, rolling_cache=rolling_cache)
         scores = run_lm_eval(lm, params.tasks, params.num_fewshot, paths.reports / "tasks", params.limit,
                              params.seed, paths.reports / "lm_eval")
 

@@ -104,7 +104,8 @@ class QuillLM(TemplateLM):
     """An lm-eval model over a quill generation engine (one process, one device)."""
 
     def __init__(self, pretrained: str | None = None, engine: Engine | None = None, batch_size: int | str = 16,
-                 stride: int | str | None = None, max_gen_toks: int | str = 64, device: str | None = None, **_):
+                 stride: int | str | None = None, max_gen_toks: int | str = 64, device: str | None = None,
+                 rolling_cache: dict | None = None, **_):
         super().__init__()
         if engine is None:
             if pretrained is None:
@@ -115,6 +116,9 @@ class QuillLM(TemplateLM):
         self.batch_size = int(batch_size)
         self.stride = int(stride) if stride not in (None, "", "None") else None
         self.max_gen_toks = int(max_gen_toks)
+        # {tuple(token ids): log-likelihood} computed with this model and stride (evaluate fills it from the
+        # held-out pass, so the perplexity task does not score the same documents twice)
+        self.rolling_cache = rolling_cache if rolling_cache is not None else {}
         if engine.eos_token_id is None:
             raise ValueError("the model's tokenizer has no end-of-text token; lm-eval needs one as prefix")
 
@@ -164,9 +168,13 @@ class QuillLM(TemplateLM):
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        docs = [self.tok_encode(req.args[0]) for req in requests]
-        out = rolling_loglikelihood(self.model, docs, self.eot_token_id, self.stride, self.batch_size,
-                                    desc=None if disable_tqdm else "loglikelihood_rolling")
+        docs = [tuple(self.tok_encode(req.args[0])) for req in requests]
+        todo = sorted({d for d in docs if d not in self.rolling_cache})
+        if todo:
+            computed = rolling_loglikelihood(self.model, todo, self.eot_token_id, self.stride, self.batch_size,
+                                             desc=None if disable_tqdm else "loglikelihood_rolling")
+            self.rolling_cache.update(zip(todo, computed))
+        out = [self.rolling_cache[d] for d in docs]
         for req, result in zip(requests, out):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, result)
         return out

@@ -6,17 +6,18 @@ is installed:
 
     >>> m = mlflow.pyfunc.load_model("models:/quill-gpt@champion")
     >>> m.predict(["To be, or"], params={"max_tokens": 16, "temperature": 0.0})
-       prompt      text         finish_reason  prompt_tokens  completion_tokens
-    0  To be, or    not to be,  length         4              16
+    #    prompt     text        finish_reason  prompt_tokens  completion_tokens
+    # 0  To be, or  " not to..."  length         4              16
 
 A server that wants the folder itself (to run `model.Engine` directly):
 
-    >>> path = mlflow.artifacts.download_artifacts("models:/quill-gpt@champion")  # the pyfunc model folder
-    >>> engine = Engine.from_pretrained(Path(path) / HF_MODEL_PATH)
+    >>> path = mlflow.artifacts.download_artifacts("models:/quill-gpt@champion")  # the logged pyfunc model
+    >>> engine = Engine.from_pretrained(Path(path) / HF_MODEL_PATH)               # <path>/artifacts/hf_model
 
-Input: a DataFrame with a `prompt` column, a list of strings, or one string. Params (the signature's
-`params` schema, every one optional): those of `model.SamplingParams` that make sense per request;
-`stop` is one stop string ("" = none) and `seed` -1 means unseeded.
+Input (the signature's unnamed string column): a list of prompts, one string, {"prompt": [...]} or a
+one-column DataFrame. Params (the signature's `params` schema, every one optional, defaults in PARAMS):
+the per-request controls of `model.SamplingParams`; `stop` is one stop string ("" = none) and `seed` -1
+means unseeded. Output: a DataFrame with OUTPUT_COLUMNS, one row per prompt.
 """
 
 from __future__ import annotations
