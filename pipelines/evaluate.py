@@ -8,7 +8,9 @@ In:  artifacts/model/                  the train stage's Hugging Face folder (+ 
 Out: metrics/eval.json                 test_loss, test_ppl, test_bpb, test_tokens, test_bytes, one entry per
                                        lm-eval task ({"0shot": {"acc": ...}, "5shot": {...}}), num_fewshot
                                        ("0,5"), reference (uniform_bpb, ngram_bpb), samples (bleu, rougeL),
-                                       model_sha256 + test_data_sha256 (what was evaluated), seconds
+                                       seconds
+     reports/eval/evaluated.json       what was evaluated, for register: model_sha256, tokenizer_sha256,
+                                       test_data_sha256, test_window_stride, mlflow_run_id
      reports/eval/report.md            everything above as tables, with the generated samples
      reports/eval/lm_eval/<k>shot.json lm-eval's results JSON per few-shot setting
      reports/eval/samples.json         prompt, reference, generation, BLEU, ROUGE-L per sample
@@ -42,6 +44,7 @@ from pipelines.params import EvalParams, ParamsError, load_params
 from pipelines.tracking import tracking_uri
 
 RUN_FILE = "quill_run.json"  # written by the train stage into the model folder
+IDENTITY = ("model_sha256", "tokenizer_sha256", "test_data_sha256", "test_window_stride", "mlflow_run_id")
 SHA_KEY = "quill_tokenizer_sha256"
 
 
@@ -455,7 +458,9 @@ def evaluate(params: EvalParams, paths: Paths = Paths()) -> dict:
                        f"quill,{metrics['test_bpb']:.6f}\n")
     metrics.pop("task_names")
     metrics["mlflow_run_id"] = log_to_mlflow(paths.model, metrics, samples["rows"], paths)
-    write_json(paths.metrics, metrics)  # last: register only ever sees a complete evaluation
+    write_json(paths.reports / "evaluated.json", {k: metrics[k] for k in IDENTITY})
+    write_json(paths.metrics, {k: v for k, v in metrics.items() if k not in IDENTITY})  # last: register only
+    # ever sees a complete evaluation (the identity strings stay out of `dvc metrics show`'s table)
     log(f"logged to MLflow run {metrics['mlflow_run_id']}")
     return metrics
 

@@ -1,7 +1,8 @@
 """register: log the evaluated model to MLflow as a pyfunc model, register a version, decide the champion.
 
 In:  artifacts/model/                 the Hugging Face folder (+ quill_run.json from train)
-     metrics/eval.json                the evaluate stage's numbers (must be of this very model)
+     metrics/eval.json                the evaluate stage's numbers
+     reports/eval/evaluated.json      ... and what they are of (must be this very model)
      reports/eval/samples.json        generation samples for the model card
      params.yaml `registry`           model_name, min_improvement, force_promote, lock_timeout_s
 Out: artifacts/registered.json        {model_name, version, model_uri, aliases, run_id, promoted, why, forced,
@@ -46,6 +47,7 @@ HEADLINE = ("test_bpb", "test_loss", "test_ppl")  # also every task's 0-shot sco
 class Paths:
     model: Path = Path("artifacts/model")
     metrics: Path = Path("metrics/eval.json")
+    evaluated: Path = Path("reports/eval/evaluated.json")
     samples: Path = Path("reports/eval/samples.json")
     clean: Path = Path("data/clean")  # read only when the champion must be re-evaluated on a changed split
     out: Path = Path("artifacts/registered.json")
@@ -74,7 +76,9 @@ def read_evaluation(paths: Paths) -> dict:
         raise RegisterError(str(exc)) from None
     if not paths.metrics.is_file():
         raise RegisterError(f"{paths.metrics} missing: run the evaluate stage first (dvc repro evaluate)")
-    metrics = json.loads(paths.metrics.read_text())
+    if not paths.evaluated.is_file():
+        raise RegisterError(f"{paths.evaluated} missing: rerun the evaluate stage (dvc repro evaluate)")
+    metrics = {**json.loads(paths.metrics.read_text()), **json.loads(paths.evaluated.read_text())}
     missing = [k for k in ("test_bpb", "model_sha256", "test_data_sha256") if k not in metrics]
     if missing:
         raise RegisterError(f"{paths.metrics} lacks {missing}: rerun the evaluate stage (dvc repro evaluate)")

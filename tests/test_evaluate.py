@@ -281,7 +281,9 @@ def test_evaluate_stage_writes_metrics_reports_and_mlflow(in_project):
     for f in ("reports/eval/report.md", "reports/eval/samples.json", "reports/eval/lm_eval/0shot.json",
               "reports/eval/lm_eval/1shot.json", "plots/eval/attention.png", "plots/eval/bpb.csv"):
         assert Path(f).is_file(), f
-    run = mlflow_client().get_run(on_disk["mlflow_run_id"])
+    evaluated = json.loads(Path("reports/eval/evaluated.json").read_text())
+    assert "model_sha256" not in on_disk and evaluated["test_window_stride"] == 32
+    run = mlflow_client().get_run(evaluated["mlflow_run_id"])
     assert run.data.metrics["eval.test_bpb"] == pytest.approx(on_disk["test_bpb"])
     assert "eval.quill_cloze.1shot.acc" in run.data.metrics
 

@@ -54,11 +54,15 @@ def write_eval(bpb: float, run_id: str, data_sha: str | None = None, model_sha: 
 
     Path("metrics").mkdir(exist_ok=True)
     Path("metrics/eval.json").write_text(json.dumps({
-        "test_bpb": bpb, "test_loss": bpb * 2, "test_ppl": 100.0, "test_window_stride": 32,
-        "model_sha256": model_sha or content_hash("artifacts/model/model.safetensors"),
-        "test_data_sha256": data_sha or content_hash("data/clean/test.jsonl"), "mlflow_run_id": run_id,
-        "tokenizer_sha256": "abc", "quill_cloze": {"0shot": {"acc": 0.25}, "5shot": {"acc": 0.5}},
+        "test_bpb": bpb, "test_loss": bpb * 2, "test_ppl": 100.0,
+        "quill_cloze": {"0shot": {"acc": 0.25}, "5shot": {"acc": 0.5}},
         "reference": {"uniform_bpb": 9.0, "ngram_bpb": 3.0, "ngram_order": 3},
+    }))
+    Path("reports/eval").mkdir(parents=True, exist_ok=True)
+    Path("reports/eval/evaluated.json").write_text(json.dumps({
+        "model_sha256": model_sha or content_hash("artifacts/model/model.safetensors"), "test_window_stride": 32,
+        "test_data_sha256": data_sha or content_hash("data/clean/test.jsonl"), "mlflow_run_id": run_id,
+        "tokenizer_sha256": "abc",
     }))
 
 
@@ -217,7 +221,7 @@ def test_http_server_concurrent_registrations_give_one_champion(proj, mlflow_ser
     copies = []
     for i in range(2):  # two checkouts registering the same name at the same time
         other = proj.parent / f"copy{i}"
-        for sub in ("artifacts", "metrics"):
+        for sub in ("artifacts", "metrics", "reports"):
             shutil.copytree(proj / sub, other / sub)
         (other / "params.yaml").write_text(PARAMS_YAML)
         copies.append(other)
