@@ -72,6 +72,16 @@ def test_greedy_matches_full_recompute(engine, model):
     assert c.text == engine.decode(c.token_ids)
 
 
+@pytest.mark.slow
+def test_compiled_engine_generates_what_the_eager_one_does(model, tokenizer):
+    """Engine(compile=True) (torch.compile with dynamic shapes) on CPU: same greedy tokens, padded batches too."""
+    prompts = ["To be, or not", "Whether 'tis nobler in the mind to"]
+    params = SamplingParams(max_tokens=8, **GREEDY)
+    eager = Engine(model, tokenizer).generate(prompts, params)
+    compiled = Engine(model, tokenizer, compile=True).generate(prompts, params)
+    assert [c.token_ids for c in compiled] == [c.token_ids for c in eager]
+
+
 def test_batched_prompts_of_different_lengths_equal_one_by_one(engine):
     prompts = ["To", "Whether 'tis nobler in the mind", "🙂 中文", "All the world's a stage, and all"]
     params = SamplingParams(max_tokens=12, **GREEDY)
