@@ -215,6 +215,20 @@ def version_tags(metrics: dict, run_id: str, n_params: int, paths: Paths) -> dic
     return tags
 
 
+def training_metrics(client, run_id: str) -> dict:
+    """The training run's final metrics for the model card; {} when the run is unknown or not in this store."""
+    from mlflow.exceptions import MlflowException
+
+    if run_id == "unknown":
+        return {}
+    try:
+        logged = client.get_run(run_id).data.metrics
+    except MlflowException:
+        log(f"warning: training run {run_id} is not in {client.tracking_uri}; the model card leaves out its metrics")
+        return {}
+    return {k.removeprefix("final_"): v for k, v in logged.items() if k.startswith("final_")}
+
+
 def log_pyfunc(model_dir: Path, run_id: str, n_examples: list[str]):
     """Log the pyfunc model (code + the HF folder staged as `hf_model`) to `run_id`; return its ModelInfo."""
     import mlflow
@@ -269,9 +283,11 @@ def register(params: RegistryParams, paths: Paths = Paths()) -> dict:
     config = json.loads((paths.model / "config.json").read_text()).get("quill_config", {})
     n_params = load_pretrained(paths.model).num_params()
 
+    tags = version_tags(metrics, run_id, n_params, paths)
+    train_metrics = training_metrics(client, tags["training_run_id"])  # read before anything is registered
+
     log(f"logging the pyfunc model to run {run_id}")
     info = log_pyfunc(paths.model, run_id, ["To be, or not to be"])
-    tags = version_tags(metrics, run_id, n_params, paths)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         version = mlflow.register_model(info.model_uri, params.model_name, tags=tags).version
@@ -288,10 +304,6 @@ def register(params: RegistryParams, paths: Paths = Paths()) -> dict:
     client.set_model_version_tag(params.model_name, version, "forced", str(decision["forced"]).lower())
 
     samples = json.loads(paths.samples.read_text()) if paths.samples.is_file() else []
-    train_metrics = {}
-    if tags["training_run_id"] != "unknown":
-        with_final = client.get_run(tags["training_run_id"]).data.metrics
-        train_metrics = {k.removeprefix("final_"): v for k, v in with_final.items() if k.startswith("final_")}
     lineage = {k: v for k, v in tags.items() if k in ("git_commit", "training_run_id", "tokenizer_sha256",
                                                         "test_data_sha256") or k.startswith("dvc_hash.")}
     card = render_card(params.model_name, version, config, n_params, metrics, train_metrics, lineage, samples, decision)

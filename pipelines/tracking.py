@@ -23,11 +23,26 @@ if TYPE_CHECKING:  # mlflow takes seconds to import; stages import it only when 
     from mlflow import MlflowClient
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+RUN_FILE = "quill_run.json"  # the train stage's MLflow run id and store, written into the model folder
 EXPERIMENT = "quill"
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def default_tracking_uri(cwd: Path | None = None) -> str:
+    """The project's SQLite store, also from a queued DVC experiment.
+
+    `dvc exp run --queue` runs stages in a temporary copy, <project>/.dvc/tmp/exps/<tmp>/, that DVC
+    deletes afterwards; a relative sqlite:///mlflow.db would put the experiment's runs there and lose
+    them. From such a copy the store is the project's own mlflow.db (an absolute path).
+    """
+    parts = (cwd or Path.cwd()).resolve().parts
+    for i in range(len(parts) - 3):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return f"sqlite:///{Path(*parts[:i]) / 'mlflow.db'}"
+    return DEFAULT_TRACKING_URI
 
 
 def mlflow_client(uri: str | None = None) -> MlflowClient:

@@ -111,6 +111,20 @@ def test_promotion_rules_first_worse_better_forced(proj):
     assert len({v.version for v in client.search_model_versions(f"name='{NAME}'")}) == 4
 
 
+def test_a_training_run_missing_from_the_store_is_named_not_fatal(proj, capsys):
+    """The model was trained against another store: registration goes on, the card leaves out its metrics."""
+    from pipelines.register import register
+    from pipelines.tracking import mlflow_client
+
+    missing = "0" * 32
+    Path("artifacts/model/quill_run.json").write_text(json.dumps({"mlflow_run_id": missing}))
+    write_eval(3.0, new_run())
+    r = register(RegistryParams(model_name=NAME))
+    assert r["version"] == "1" and r["promoted"]
+    assert f"training run {missing} is not in" in capsys.readouterr().err
+    assert mlflow_client().get_model_version(NAME, "1").tags["training_run_id"] == missing
+
+
 def test_changed_test_split_reevaluates_the_champion(proj):
     from model import Engine
     from pipelines.evaluate import held_out, read_texts
