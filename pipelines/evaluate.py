@@ -41,9 +41,9 @@ import numpy as np
 
 from pipelines.atomic import atomic_file, write_json, write_text
 from pipelines.params import EvalParams, ParamsError, load_params
-from pipelines.tracking import tracking_uri
+from pipelines.model_card import fmt_value, table_cell
+from pipelines.tracking import RUN_FILE, tracking_uri
 
-RUN_FILE = "quill_run.json"  # written by the train stage into the model folder
 IDENTITY = ("model_sha256", "tokenizer_sha256", "test_data_sha256", "test_window_stride", "mlflow_run_id")
 SHA_KEY = "quill_tokenizer_sha256"
 
@@ -284,38 +284,29 @@ def attention_png(engine, prompt: str, path: Path) -> Path:
 # --- the report ------------------------------------------------------------------------------------
 
 
-def _fmt(x) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, float):
-        return f"{x:.4g}"
-    return str(x)
-
-
 def render_report(metrics: dict, samples: list[dict], model_dir: Path) -> str:
     lines = [f"# Evaluation of `{model_dir}`", "",
              "## Held-out test split (sliding window)", "",
              "| model | loss (nats/token) | perplexity | bits per byte |", "|---|---|---|---|",
-             f"| uniform over the vocabulary | {_fmt(metrics['reference']['uniform_loss'])} | "
-             f"{_fmt(metrics['reference']['uniform_ppl'])} | {_fmt(metrics['reference']['uniform_bpb'])} |",
+             f"| uniform over the vocabulary | {fmt_value(metrics['reference']['uniform_loss'])} | "
+             f"{fmt_value(metrics['reference']['uniform_ppl'])} | {fmt_value(metrics['reference']['uniform_bpb'])} |",
              f"| byte {metrics['reference']['ngram_order']}-gram (train split) | – | – | "
-             f"{_fmt(metrics['reference']['ngram_bpb'])} |",
-             f"| **this model** | {_fmt(metrics['test_loss'])} | {_fmt(metrics['test_ppl'])} | "
-             f"**{_fmt(metrics['test_bpb'])}** |", "",
+             f"{fmt_value(metrics['reference']['ngram_bpb'])} |",
+             f"| **this model** | {fmt_value(metrics['test_loss'])} | {fmt_value(metrics['test_ppl'])} | "
+             f"**{fmt_value(metrics['test_bpb'])}** |", "",
              f"{metrics['test_tokens']} tokens, {metrics['test_bytes']} bytes of text.", "",
              "## Benchmarks (lm-evaluation-harness)", "", "| task | shots | metric | value |", "|---|---|---|---|"]
     for task in metrics["task_names"]:
         for shots, values in metrics.get(task, {}).items():
             for metric, value in values.items():
-                lines.append(f"| {task} | {shots.removesuffix('shot')} | {metric} | {_fmt(value)} |")
+                lines.append(f"| {task} | {shots.removesuffix('shot')} | {metric} | {fmt_value(value)} |")
     lines += ["", "## Samples (default sampling settings)", "",
-              f"Corpus BLEU {_fmt(metrics['samples']['bleu'])}, mean ROUGE-L {_fmt(metrics['samples']['rougeL'])} "
+              f"Corpus BLEU {fmt_value(metrics['samples']['bleu'])}, mean ROUGE-L {fmt_value(metrics['samples']['rougeL'])} "
               "against the true continuation.", "", "| prompt | generation | reference | BLEU | ROUGE-L |",
               "|---|---|---|---|---|"]
-    cell = lambda s: "–" if s is None else s.replace("|", "\\|").replace("\n", " ⏎ ")  # noqa: E731
     for r in samples:
-        lines.append(f"| {cell(r['prompt'])} | {cell(r['generation'])} | {cell(r['reference'])} | "
-                     f"{_fmt(r['bleu'])} | {_fmt(r['rougeL'])} |")
+        lines.append(f"| {table_cell(r['prompt'])} | {table_cell(r['generation'])} | {table_cell(r['reference'])} | "
+                     f"{fmt_value(r['bleu'])} | {fmt_value(r['rougeL'])} |")
     return "\n".join(lines) + "\n"
 
 

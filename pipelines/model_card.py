@@ -7,7 +7,7 @@ samples, limitations), stored as the MLflow model version's description and besi
 from __future__ import annotations
 
 
-def _fmt(x) -> str:
+def fmt_value(x) -> str:
     if x is None:
         return "–"
     if isinstance(x, float):
@@ -15,7 +15,7 @@ def _fmt(x) -> str:
     return str(x)
 
 
-def _cell(s) -> str:
+def table_cell(s) -> str:
     return "–" if s is None else str(s).replace("|", "\\|").replace("\n", " ⏎ ")
 
 
@@ -29,27 +29,27 @@ def render_card(name: str, version: str, config: dict, n_params: int, eval_metri
         "attention) trained from scratch by the quill pipeline.", "",
         "## Architecture", "",
         "| field | value |", "|---|---|",
-        *(f"| {k} | {_fmt(config.get(k))} |" for k in ("n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size",
+        *(f"| {k} | {fmt_value(config.get(k))} |" for k in ("n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size",
                                                        "block_size", "vocab_size", "tie_embeddings")),
         f"| parameters | {n_params:,} |", "",
         "## Data and lineage", "",
         *(f"- {k}: `{v}`" for k, v in sorted(lineage.items())), "",
         "## Training", "",
-        *(f"- {k}: {_fmt(v)}" for k, v in sorted(train_metrics.items())), "",
+        *(f"- {k}: {fmt_value(v)}" for k, v in sorted(train_metrics.items())), "",
         "## Evaluation (held-out test split)", "",
         "| model | bits per byte |", "|---|---|",
-        f"| uniform over the vocabulary | {_fmt(ref.get('uniform_bpb'))} |",
-        f"| byte {_fmt(ref.get('ngram_order'))}-gram on the train split | {_fmt(ref.get('ngram_bpb'))} |",
-        f"| **{name} v{version}** | **{_fmt(eval_metrics.get('test_bpb'))}** |", "",
-        f"test loss {_fmt(eval_metrics.get('test_loss'))} nats/token, perplexity {_fmt(eval_metrics.get('test_ppl'))}.", "",
+        f"| uniform over the vocabulary | {fmt_value(ref.get('uniform_bpb'))} |",
+        f"| byte {fmt_value(ref.get('ngram_order'))}-gram on the train split | {fmt_value(ref.get('ngram_bpb'))} |",
+        f"| **{name} v{version}** | **{fmt_value(eval_metrics.get('test_bpb'))}** |", "",
+        f"test loss {fmt_value(eval_metrics.get('test_loss'))} nats/token, perplexity {fmt_value(eval_metrics.get('test_ppl'))}.", "",
         "| task | shots | metric | value |", "|---|---|---|---|",
     ]
     for task, by_shots in sorted(eval_metrics.items()):
         if isinstance(by_shots, dict) and all(k.endswith("shot") for k in by_shots) and by_shots:
             for shots, values in by_shots.items():
-                lines += [f"| {task} | {shots.removesuffix('shot')} | {m} | {_fmt(v)} |" for m, v in values.items()]
+                lines += [f"| {task} | {shots.removesuffix('shot')} | {m} | {fmt_value(v)} |" for m, v in values.items()]
     lines += ["", "## Samples", "", "| prompt | generation | reference |", "|---|---|---|"]
-    lines += [f"| {_cell(r.get('prompt'))} | {_cell(r.get('generation'))} | {_cell(r.get('reference'))} |"
+    lines += [f"| {table_cell(r.get('prompt'))} | {table_cell(r.get('generation'))} | {table_cell(r.get('reference'))} |"
               for r in samples]
     lines += ["", "## Promotion", "", f"{'Promoted to champion' if decision['promoted'] else 'Not promoted'}: "
               f"{decision['why']}", "",
@@ -57,7 +57,7 @@ def render_card(name: str, version: str, config: dict, n_params: int, eval_metri
               "- Trained on a small corpus (by default Shakespeare and Milton from Project Gutenberg): it imitates "
               "Early Modern English verse and prose, and knows nothing else.",
               "- A few million parameters and a short context window "
-              f"({_fmt(config.get('block_size'))} tokens): expect locally plausible, globally incoherent text.",
+              f"({fmt_value(config.get('block_size'))} tokens): expect locally plausible, globally incoherent text.",
               "- No instruction tuning, no safety filtering; outputs can reproduce the training text verbatim.",
               "- Benchmark scores come from a task pack built from the same corpus's held-out split; they compare "
               "quill models with each other, not with published models.", ""]

@@ -38,6 +38,7 @@ from pipelines.checkpoints import SafeCheckpointIO, StepCheckpoint, latest_valid
 from pipelines.lit_gpt import LitGPT, NonFiniteLossError
 from pipelines.params import Params, ParamsError, TrainParams, load_params
 from pipelines.train_data import DataError, TokenData, TokenDataModule
+from pipelines.tracking import RUN_FILE
 from pipelines.train_log import StepProgressBar, TrainLog
 
 # train.* keys that may change between an interrupted run and its resumption; any other change
@@ -45,7 +46,6 @@ from pipelines.train_log import StepProgressBar, TrainLog
 RESUMABLE_CHANGES = {"max_steps", "max_tokens", "precision", "accelerator", "devices", "num_nodes", "strategy",
                      "compile", "val_every", "val_batches", "log_every", "checkpoint_every", "keep_checkpoints",
                      "allow_world_size_change"}
-RUN_FILE = "quill_run.json"
 SIGTERM_EXIT = 143  # 128 + SIGTERM: the stage did not finish, so DVC must not record its outputs
 
 
