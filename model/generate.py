@@ -297,7 +297,12 @@ class Engine:
     @torch.inference_mode()
     def loglikelihood(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 8) -> list[tuple[float, bool]]:
         """For each (context_ids, continuation_ids): (sum of the continuation's logprobs given the
-        context, whether greedy decoding would have produced the continuation). lm-eval's contract."""
+        context, whether greedy decoding would have produced the continuation). lm-eval's contract.
+
+        With batch_size > 1, requests that share a context (the choices of a multiple-choice item) are
+        scored together: the context runs once into the KV cache, then every continuation from it.
+        The rest are batched, longest first, right-padded.
+        """
         out: list[tuple[float, bool] | None] = [None] * len(requests)
         for i, (ctx, cont) in enumerate(requests):
             _check(len(ctx) > 0, "context_ids", "non-empty (start with an end-of-text token)", list(ctx))
@@ -305,7 +310,21 @@ class Engine:
             n = len(ctx) + len(cont) - 1
             if n > self.config.block_size:
                 raise ValueError(f"request {i}: context + continuation is {n + 1} tokens, more than block_size + 1 = {self.config.block_size + 1}")
-        order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
+        singles = list(range(len(requests)))
+        if batch_size > 1:
+            groups: dict[tuple[int, ...], list[int]] = {}
+            for i, (ctx, _) in enumerate(requests):
+                groups.setdefault(tuple(ctx), []).append(i)
+            singles = []
+            for members in groups.values():
+                if len(members) == 1:
+                    singles += members
+                    continue
+                for s in range(0, len(members), batch_size):
+                    chunk = members[s : s + batch_size]
+                    for i, result in zip(chunk, self._shared_context_loglikelihood([requests[i] for i in chunk])):
+                        out[i] = result
+        order = sorted(singles, key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
         for s in range(0, len(order), batch_size):
             chunk = order[s : s + batch_size]
             seqs = [list(requests[i][0]) + list(requests[i][1]) for i in chunk]
@@ -321,6 +340,30 @@ class Engine:
                 target = torch.tensor(list(cont), device=self.device)
                 lp = logp[r, pos]  # (len(cont), V)
                 out[i] = (lp.gather(1, target[:, None]).sum().item(), bool((lp.argmax(-1) == target).all()))
+        return out
+
+    def _shared_context_loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        """loglikelihood for continuations of one context: the context once, then all continuations."""
+        ctx = list(requests[0][0])
+        conts = [list(c) for _, c in requests]
+        cache = self.kv_cache(len(conts))
+        logits, _ = self._forward(torch.tensor([ctx], device=self.device), kv_cache=cache, logits_to_keep=1)
+        first = torch.log_softmax(logits[0, -1], dim=-1)  # predicts every continuation's first token
+        cache.reorder(torch.zeros(len(conts), dtype=torch.long, device=self.device))  # the context in every row
+        rest = None
+        T = max(len(c) for c in conts) - 1
+        if T > 0:
+            idx = torch.zeros(len(conts), T, dtype=torch.long)
+            for r, c in enumerate(conts):
+                idx[r, : len(c) - 1] = torch.tensor(c[:-1])  # right padding: earlier positions are unaffected
+            logits, _ = self._forward(idx.to(self.device), kv_cache=cache)
+            rest = torch.log_softmax(logits, dim=-1)
+        out = []
+        for r, c in enumerate(conts):
+            target = torch.tensor(c, device=self.device)
+            lp = first[None] if rest is None else torch.cat([first[None], rest[r, : len(c) - 1]])
+            lp = lp[: len(c)]
+            out.append((lp.gather(1, target[:, None]).sum().item(), bool((lp.argmax(-1) == target).all())))
         return out
 
     def kv_cache(self, batch_size: int) -> KVCache:

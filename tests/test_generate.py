@@ -281,8 +281,12 @@ def test_loglikelihood(engine, model):
     ctx = engine.encode("To be, or")
     greedy = reference_greedy(model, ctx, 4)[len(ctx):]
     other = [(greedy[0] + 1) % model.config.vocab_size] + greedy[1:]
-    requests = [(ctx, greedy), (ctx, other), (engine.encode("Whether"), engine.encode(" the mind"))]
-    out = engine.loglikelihood(requests, batch_size=2)
+    # the first three share a context (scored from one cached context, continuations of 4, 4 and 1 tokens)
+    requests = [(ctx, greedy), (ctx, other), (ctx, greedy[:1]), (engine.encode("Whether"), engine.encode(" the mind"))]
+    out = engine.loglikelihood(requests, batch_size=4)
+    alone = engine.loglikelihood(requests, batch_size=1)
+    assert [ll for ll, _ in out] == pytest.approx([ll for ll, _ in alone], abs=1e-4)
+    assert [g for _, g in out] == [g for _, g in alone]
     for (c, x), (ll, is_greedy) in zip(requests, out):
         ref = torch.log_softmax(model(torch.tensor([c + x]))[0][0], -1)
         expect = sum(ref[len(c) - 1 + i, t].item() for i, t in enumerate(x))
