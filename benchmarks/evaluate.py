@@ -5,11 +5,11 @@ lines: what quill_nextline asks at 5 shots) through `QuillLM.loglikelihood`, wit
 give the same log-likelihoods. Ours batches eval.batch_size requests per forward pass (sorted by length);
 the baseline sets batch_size=1, which is how a naive lm-eval model class scores.
 
-Model: artifacts/model if it exists, else a randomly initialised `model.preset` model over data/tokenizer
-(the speed does not depend on the weights). Requests: built from data/clean/test.jsonl if it exists, else
+Model: artifacts/model if it exists, else a randomly initialised params.yaml model (or `--preset NAME`)
+over data/tokenizer (the speed does not depend on the weights). Requests: built from data/clean/test.jsonl if it exists, else
 from synthetic text.
 
-Run: python -m benchmarks.evaluate [--requests 64] [--repeats 2]
+Run: python -m benchmarks.evaluate [--requests 64] [--repeats 2] [--preset cpu]
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 
-def build_engine():
+def build_engine(preset: str | None = None):
     from model import GPT, Engine, GPTConfig
     from pipelines.params import load_params
 
-    if (Path("artifacts/model") / "config.json").is_file():
+    if preset is None and (Path("artifacts/model") / "config.json").is_file():
         return Engine.from_pretrained("artifacts/model"), "artifacts/model"
     params = load_params()
     tokenizer = Path("data/tokenizer/tokenizer.json")
@@ -38,8 +38,13 @@ def build_engine():
 
     vocab = Tokenizer.from_file(str(tokenizer)).get_vocab_size()
     torch.manual_seed(0)
-    config = GPTConfig.from_preset(params.model.preset, **{**params.model.overrides(), "vocab_size": vocab})
-    return Engine(GPT(config).eval(), tokenizer), f"random {params.model.preset} preset"
+    if preset is None:  # the CPU default of params.yaml
+        config = GPTConfig.from_preset(params.model.preset, **{**params.model.overrides(), "vocab_size": vocab})
+        name = f"random params.yaml model ({config.n_embd} wide)"
+    else:
+        config = GPTConfig.from_preset(preset, vocab_size=vocab)
+        name = f"random {preset} preset"
+    return Engine(GPT(config).eval(), tokenizer), name
 
 
 def synthetic_tokenizer() -> Path:
@@ -87,9 +92,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--preset", help="a random model of this preset instead of artifacts/model or params.yaml's")
     args = parser.parse_args()
 
-    engine, source = build_engine()
+    engine, source = build_engine(args.preset)
     batch_size = load_params().eval.batch_size
     pairs = build_requests(args.requests, engine.config.block_size)
     requests = [Instance(request_type="loglikelihood", doc={}, arguments=p, idx=i) for i, p in enumerate(pairs)]
