@@ -136,3 +136,21 @@ def test_sigterm_saves_at_the_next_step_boundary_and_exits_143(tmp_path, shards,
         assert (resumed[name] - reference[name]).abs().max().item() <= 1e-6, name
     client, found = runs(cwd)
     assert len(found) == 1 and found[0].info.status == "FINISHED"
+
+
+def test_ddp_on_two_cpu_processes_with_bf16_trains_and_refuses_a_world_size_change(tmp_path, shards):
+    """The multi-device paths CI has no GPU for: DDP (gloo, 2 CPU processes) and bf16-mixed autocast."""
+    cwd = workdir(tmp_path / "ddp", shards)
+    params = yaml.safe_load((cwd / "params.yaml").read_text())
+    params["train"].update(max_steps=8, checkpoint_every=4, val_every=4, accelerator="cpu", devices=2, strategy="ddp",
+                           precision="bf16-mixed")
+    (cwd / "params.yaml").write_text(yaml.safe_dump(params))
+    metrics = finish(cwd)
+    assert metrics["steps"] == 8 and metrics["tokens_seen"] == 8 * 2 * TRAIN["grad_accum"] * TRAIN["batch_size"] * 64
+    assert (cwd / "artifacts" / "model" / "model.safetensors").is_file()
+    (cwd / "artifacts").rename(cwd / "artifacts-ddp")
+    params["train"].update(devices=1, strategy="auto", max_steps=12)  # resuming on one device changes the data order
+    (cwd / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = start(cwd)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and "world size" in err, err[-2000:]
