@@ -122,29 +122,13 @@ class Attention(nn.Module):
             kc[:B, :, start:end] = k  # in-place write into the preallocated cache
             vc[:B, :, start:end] = v
             k, v = kc[:B, :, :end], vc[:B, :, :end]
-        if T == 1 and not torch.is_grad_enabled():
-            y = self._decode_attention(q, k, v, mask)
-        else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal,
-                dropout_p=self.dropout if self.training else 0.0,
-                enable_gqa=self.n_kv_head != self.n_head,
-            )  # (B, nh, T, hs)
+        # also for single-token decoding: on torch 2.13 CPU the fused kernel beats explicit matmuls
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )  # (B, nh, T, hs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
-
-    def _decode_attention(self, q, k, v, mask):
-        """One query per row (decoding): plain matmuls beat the fused kernel's setup cost on CPU.
-
-        Query heads are grouped onto their key/value head by a view, so GQA needs no copies.
-        """
-        B, _, _, hs = q.shape
-        L = k.size(2)
-        q = q.view(B, self.n_kv_head, self.n_head // self.n_kv_head, hs)  # (B, nkv, group, hs)
-        att = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nkv, group, L)
-        if mask is not None:
-            att = att.masked_fill(~mask.view(B, 1, 1, L), float("-inf"))
-        y = torch.matmul(att.softmax(dim=-1), v)  # (B, nkv, group, hs)
-        return y.view(B, self.n_head, 1, hs)
 
     def weights(self, x, cos, sin) -> torch.Tensor:
         """Attention probabilities (B, nh, T, T), computed explicitly (for plots only)."""
