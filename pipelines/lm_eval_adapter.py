@@ -19,6 +19,7 @@ a smaller stride gives every prediction more context at the cost of T/stride for
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -99,6 +100,14 @@ def split_documents(tokens, eot_id: int) -> list[list[int]]:
     return docs
 
 
+def usable_device(device: str | None) -> str | None:
+    """lm-eval's command line asks for `cuda` by default; without a GPU that means the CPU (as for its HF model)."""
+    if device and device.startswith("cuda") and not torch.cuda.is_available():
+        warnings.warn(f"device {device!r} requested but no GPU is available: using the CPU", stacklevel=2)
+        return "cpu"
+    return device
+
+
 @register_model("quill")
 class QuillLM(TemplateLM):
     """An lm-eval model over a quill generation engine (one process, one device)."""
@@ -110,7 +119,7 @@ class QuillLM(TemplateLM):
         if engine is None:
             if pretrained is None:
                 raise ValueError("QuillLM needs pretrained=<model folder> or an engine")
-            engine = Engine.from_pretrained(pretrained, device=device)
+            engine = Engine.from_pretrained(pretrained, device=usable_device(device))
         self.engine = engine
         self.model = engine.model
         self.batch_size = int(batch_size)

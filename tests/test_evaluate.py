@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ from pipelines.ngram import ByteNgram, uniform_bpb
 from pipelines.params import EvalParams, TokenizerParams
 from pipelines.task_pack import TASKS, build_task_pack
 from pipelines.tokenizer import tokenize_corpus
-from tests.conftest import make_document
+from tests.conftest import REPO, make_document
 
 
 def write_clean(clean_dir: Path, seed: int = 0, n_train: int = 60, n_test: int = 8) -> dict[str, list[str]]:
@@ -351,3 +353,19 @@ def test_unreachable_tracking_server_fails_fast(in_project, monkeypatch):
     Path("params.yaml").write_text("data:\n  sources: [{type: local, path: x}]\n")
     code, err = run_main(evaluate)
     assert code == 1 and f"http://127.0.0.1:{port} is unreachable" in err and not Path("metrics/eval.json").exists()
+
+
+@pytest.mark.slow
+def test_lm_eval_command_line_runs_a_quill_model(project, tmp_path):
+    """`--model quill` from lm-eval's own CLI (which asks for device cuda by default) on a CPU-only machine."""
+    build_task_pack(read_split(project, "test"), read_split(project, "val"), tmp_path / "tasks", max_items=5, seed=7)
+    code = "import sys, pipelines.lm_eval_adapter, lm_eval.__main__ as m; sys.argv[0] = 'lm_eval'; m.cli_evaluate()"
+    out = tmp_path / "cli-out"
+    result = subprocess.run(
+        [sys.executable, "-c", code, "--model", "quill", "--model_args", f"pretrained={project / 'artifacts/model'}",
+         "--tasks", "quill_cloze", "--include_path", str(tmp_path / "tasks"), "--limit", "3",
+         "--batch_size", "4", "--output_path", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [results] = list(out.rglob("results_*.json"))
+    assert "quill_cloze" in json.loads(results.read_text())["results"]
