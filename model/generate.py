@@ -361,8 +361,7 @@ class Engine:
         out = []
         for r, c in enumerate(conts):
             target = torch.tensor(c, device=self.device)
-            lp = first[None] if rest is None else torch.cat([first[None], rest[r, : len(c) - 1]])
-            lp = lp[: len(c)]
+            lp = first[None] if rest is None else torch.cat([first[None], rest[r, : len(c) - 1]])  # (len(c), V)
             out.append((lp.gather(1, target[:, None]).sum().item(), bool((lp.argmax(-1) == target).all())))
         return out
 
