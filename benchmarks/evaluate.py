@@ -39,7 +39,7 @@ def build_engine(preset: str | None = None):
     vocab = Tokenizer.from_file(str(tokenizer)).get_vocab_size()
     torch.manual_seed(0)
     if preset is None:  # the CPU default of params.yaml
-        config = GPTConfig.from_preset(params.model.preset, **{**params.model.overrides(), "vocab_size": vocab})
+        config = params.model.config(vocab)
         name = f"random params.yaml model ({config.n_embd} wide)"
     else:
         config = GPTConfig.from_preset(preset, vocab_size=vocab)

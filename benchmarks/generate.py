@@ -91,7 +91,7 @@ def bench_config(name: str) -> GPTConfig:
     from pipelines.params import load_params
 
     p = load_params()
-    return GPTConfig.from_preset(p.model.preset, **{**p.model.overrides(), "vocab_size": p.tokenizer.vocab_size})
+    return p.model.config(p.tokenizer.vocab_size)
 
 
 def cache_vs_recompute(base: GPTConfig, context: int, new_tokens: int, repeats: int) -> dict:

@@ -115,6 +115,12 @@ class ModelParams(Section):
         """The fields set here, to apply on top of the preset."""
         return {k: v for k, v in self.model_dump(exclude={"preset"}).items() if v is not None}
 
+    def config(self, vocab_size: int):
+        """The model's GPTConfig: the preset, these overrides, the tokenizer's vocab size."""
+        from model.config import GPTConfig  # lazily: the data stages need no torch
+
+        return GPTConfig.from_preset(self.preset, **{**self.overrides(), "vocab_size": vocab_size})
+
 
 # --- train ------------------------------------------------------------------------------------
 

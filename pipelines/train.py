@@ -32,7 +32,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from model import GPTConfig, save_pretrained
+from model import save_pretrained
 from pipelines.atomic import write_json
 from pipelines.checkpoints import SafeCheckpointIO, StepCheckpoint, latest_valid, list_checkpoints
 from pipelines.lit_gpt import LitGPT, NonFiniteLossError
@@ -189,8 +189,7 @@ def train(params: Params, paths: Paths = Paths(), *, fast_dev_run: bool = False,
     if not (paths.tokenizer / "tokenizer.json").is_file():
         raise DataError(f"{paths.tokenizer / 'tokenizer.json'} not found: run dvc repro tokenize first")
     try:
-        config = GPTConfig.from_preset(params.model.preset, **{**params.model.overrides(),
-                                                                "vocab_size": data.vocab_size})
+        config = params.model.config(data.vocab_size)
     except ValueError as exc:
         raise TrainError(f"model: {exc}") from None
 
