@@ -173,6 +173,32 @@ def test_dropout_only_in_training():
     assert not torch.equal(m(idx)[0], m(idx)[0])
 
 
+
+def test_inference_follows_weight_changes():
+    """The fused q/k/v and gate/up weights used at inference are rebuilt after any change to the weights."""
+    torch.manual_seed(8)
+    m = GPT(tiny()).eval()
+    idx = torch.randint(0, 97, (2, 10))
+
+    def agree() -> bool:  # inference (packed weights) against the training path (separate linears)
+        with torch.no_grad():
+            packed = m(idx)[0]
+        with torch.enable_grad():
+            return torch.allclose(packed, m(idx)[0].detach(), atol=1e-5)
+
+    assert agree()
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    m(idx, idx)[1].backward()
+    opt.step()  # in-place update
+    assert agree()
+    m.load_state_dict({k: v + 0.01 for k, v in m.state_dict().items()})  # in-place copy
+    assert agree()
+    attn = m.model.layers[0].self_attn
+    attn.k_proj.weight = torch.nn.Parameter(torch.randn_like(attn.k_proj.weight))  # a new Parameter object
+    mlp = m.model.layers[1].mlp
+    mlp.up_proj.weight = torch.nn.Parameter(torch.randn_like(mlp.up_proj.weight))
+    assert agree()
+
 def test_tied_embeddings_share_storage():
     tied, untied = GPT(tiny()), GPT(tiny(tie_embeddings=False))
     assert tied.lm_head.weight is tied.model.embed_tokens.weight
