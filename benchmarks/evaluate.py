@@ -2,14 +2,17 @@
 
 Both sides answer the same few-shot multiple-choice requests (a context of a few lines, four candidate next
 lines: what quill_nextline asks at 5 shots) through `QuillLM.loglikelihood`, with the same model, and must
-give the same log-likelihoods. Ours batches eval.batch_size requests per forward pass (sorted by length);
-the baseline sets batch_size=1, which is how a naive lm-eval model class scores.
+give the same log-likelihoods. Ours batches eval.batch_size requests per forward pass (sorted by length;
+the choices of one item share their context's forward pass); the baseline sets batch_size=1, which is how a
+naive lm-eval model class scores. For reference, lm-eval's own Hugging Face model (`HFLM`) scores the same
+requests on the same weights exported with save_pretrained, at batch size 1 and eval.batch_size: what a user
+without quill's adapter would run.
 
 Model: artifacts/model if it exists, else a randomly initialised params.yaml model (or `--preset NAME`)
 over data/tokenizer (the speed does not depend on the weights). Requests: built from data/clean/test.jsonl if it exists, else
 from synthetic text.
 
-Run: python -m benchmarks.evaluate [--requests 64] [--repeats 2] [--preset cpu]
+Run: python -m benchmarks.evaluate [--requests 64] [--repeats 2] [--preset cpu] [--no-hf]
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ import torch
 
 
 def build_engine(preset: str | None = None):
+    """(engine, description, Hugging Face folder holding the same weights)."""
     from model import GPT, Engine, GPTConfig
     from pipelines.params import load_params
 
     if preset is None and (Path("artifacts/model") / "config.json").is_file():
-        return Engine.from_pretrained("artifacts/model"), "artifacts/model"
+        return Engine.from_pretrained("artifacts/model"), "artifacts/model", Path("artifacts/model")
     params = load_params()
     tokenizer = Path("data/tokenizer/tokenizer.json")
     if not tokenizer.is_file():
@@ -44,7 +48,13 @@ def build_engine(preset: str | None = None):
     else:
         config = GPTConfig.from_preset(preset, vocab_size=vocab)
         name = f"random {preset} preset"
-    return Engine(GPT(config).eval(), tokenizer), name
+    import tempfile
+
+    from model import save_pretrained
+
+    model = GPT(config).eval()
+    folder = save_pretrained(model, Path(tempfile.mkdtemp(prefix="bench-eval-")) / "model", tokenizer_dir=Path(tokenizer).parent)
+    return Engine(model, tokenizer), name, folder
 
 
 def synthetic_tokenizer() -> Path:
@@ -93,15 +103,16 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--preset", help="a random model of this preset instead of artifacts/model or params.yaml's")
+    parser.add_argument("--no-hf", action="store_true", help="skip the lm-eval HFLM reference")
     args = parser.parse_args()
 
-    engine, source = build_engine(args.preset)
+    engine, source, folder = build_engine(args.preset)
     batch_size = load_params().eval.batch_size
     pairs = build_requests(args.requests, engine.config.block_size)
     requests = [Instance(request_type="loglikelihood", doc={}, arguments=p, idx=i) for i, p in enumerate(pairs)]
 
-    def timed(bs: int):
-        lm = QuillLM(engine=engine, batch_size=bs)
+    def timed(bs: int, lm=None):
+        lm = lm or QuillLM(engine=engine, batch_size=bs)
         best, result = float("inf"), None
         for _ in range(args.repeats):
             started = time.perf_counter()
@@ -121,10 +132,28 @@ def main() -> int:
     print(f"model: {source}; {len(requests)} requests, {n_tokens / len(requests):.0f} tokens each on average; "
           f"batched (batch_size={batch_size}) {ours_s:.2f} s, one by one {base_s:.2f} s; max |diff| {worst:.2e}",
           file=sys.stderr)
+    hf = {} if args.no_hf else hflm_reference(folder, batch_size, timed, ours)
+    for bs, (seconds, diff) in hf.items():
+        print(f"lm-eval HFLM on the same weights, batch_size={bs}: {seconds:.2f} s ({seconds / ours_s:.2f}x our batched time); "
+              f"max |diff| {diff:.2e}", file=sys.stderr)
     print(json.dumps({"benchmark": "evaluate", "ours": round(ours_rps, 2), "baseline": round(base_rps, 2),
                       "unit": "requests/s", "ratio": round(ours_rps / base_rps, 2), "batch_size": batch_size,
+                      **{f"ratio_vs_hflm_batch{bs}": round(seconds / ours_s, 2) for bs, (seconds, _) in hf.items()},
                       "requests": len(requests), "threads": torch.get_num_threads(), "model": source}))
     return 0
+
+
+def hflm_reference(folder: Path, batch_size: int, timed, ours) -> dict[int, tuple[float, float]]:
+    """{batch size: (best seconds, max |log-likelihood diff| against ours)} for lm-eval's HFLM on the exported weights."""
+    from lm_eval.models.huggingface import HFLM
+
+    out = {}
+    for bs in (1, batch_size):
+        lm = HFLM(pretrained=str(folder), device="cpu", batch_size=bs)
+        timed(bs, lm)  # warm-up
+        seconds, result = timed(bs, lm)
+        out[bs] = (seconds, max(abs(a[0] - b[0]) for a, b in zip(result, ours)))
+    return out
 
 
 if __name__ == "__main__":

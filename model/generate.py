@@ -332,14 +332,11 @@ class Engine:
             idx = torch.zeros(len(seqs), T, dtype=torch.long)
             for r, q in enumerate(seqs):
                 idx[r, : len(q) - 1] = torch.tensor(q[:-1])  # right padding: earlier positions are unaffected
-            logits, _ = self._forward(idx.to(self.device))
-            logp = torch.log_softmax(logits, dim=-1)
-            for r, i in enumerate(chunk):
-                ctx, cont = requests[i]
-                pos = torch.arange(len(ctx) - 1, len(ctx) - 1 + len(cont), device=self.device)
-                target = torch.tensor(list(cont), device=self.device)
-                lp = logp[r, pos]  # (len(cont), V)
-                out[i] = (lp.gather(1, target[:, None]).sum().item(), bool((lp.argmax(-1) == target).all()))
+            hidden = self.model.hidden_states(idx.to(self.device))
+            # the head only where a continuation token is predicted: position p predicts token p + 1
+            spans = [hidden[r, len(requests[i][0]) - 1 : len(seqs[r]) - 1] for r, i in enumerate(chunk)]
+            for i, result in zip(chunk, self._score_continuations(spans, [requests[i][1] for i in chunk])):
+                out[i] = result
         return out
 
     def _shared_context_loglikelihood(self, requests) -> list[tuple[float, bool]]:
@@ -347,22 +344,29 @@ class Engine:
         ctx = list(requests[0][0])
         conts = [list(c) for _, c in requests]
         cache = self.kv_cache(len(conts))
-        logits, _ = self._forward(torch.tensor([ctx], device=self.device), kv_cache=cache, logits_to_keep=1)
-        first = torch.log_softmax(logits[0, -1], dim=-1)  # predicts every continuation's first token
+        first = self.model.hidden_states(torch.tensor([ctx], device=self.device), kv_cache=cache)[0, -1:]
         cache.reorder(torch.zeros(len(conts), dtype=torch.long, device=self.device))  # the context in every row
-        rest = None
         T = max(len(c) for c in conts) - 1
+        spans = [first] * len(conts)  # the context's last position predicts every continuation's first token
         if T > 0:
             idx = torch.zeros(len(conts), T, dtype=torch.long)
             for r, c in enumerate(conts):
                 idx[r, : len(c) - 1] = torch.tensor(c[:-1])  # right padding: earlier positions are unaffected
-            logits, _ = self._forward(idx.to(self.device), kv_cache=cache)
-            rest = torch.log_softmax(logits, dim=-1)
-        out = []
-        for r, c in enumerate(conts):
-            target = torch.tensor(c, device=self.device)
-            lp = first[None] if rest is None else torch.cat([first[None], rest[r, : len(c) - 1]])  # (len(c), V)
-            out.append((lp.gather(1, target[:, None]).sum().item(), bool((lp.argmax(-1) == target).all())))
+            hidden = self.model.hidden_states(idx.to(self.device), kv_cache=cache)
+            spans = [torch.cat([first, hidden[r, : len(c) - 1]]) for r, c in enumerate(conts)]
+        return self._score_continuations(spans, conts)
+
+    def _score_continuations(self, spans: list[torch.Tensor], continuations) -> list[tuple[float, bool]]:
+        """spans[r]: the hidden states (len(cont), n_embd) that predict continuations[r] -> (logprob sum, greedy?)."""
+        logp = torch.log_softmax(self.model.lm_head(torch.cat(spans)).float(), dim=-1)
+        target = torch.tensor([t for c in continuations for t in c], device=self.device)
+        token_lp = logp.gather(1, target[:, None]).squeeze(1)
+        hit = logp.argmax(-1) == target
+        out, at = [], 0
+        for c in continuations:
+            n = len(c)
+            out.append((token_lp[at : at + n].sum().item(), bool(hit[at : at + n].all())))
+            at += n
         return out
 
     def kv_cache(self, batch_size: int) -> KVCache:
