@@ -80,9 +80,13 @@ def rolling_loglikelihood(
             x = xs[i]
             idx[r, : end - start] = torch.tensor(x[start:end])
             tgt[r, end - start - n_scored : end - start] = torch.tensor(x[end - n_scored + 1 : end + 1])
-        logits, _ = model(idx.to(device))
-        nll = F.cross_entropy(logits.transpose(1, 2), tgt.to(device), ignore_index=-100, reduction="none")  # (B, T)
-        for r, row in enumerate(nll.sum(dim=1).tolist()):
+        hidden = model.hidden_states(idx.to(device))
+        scored = (tgt != -100).to(device)
+        # the output head only at scored positions: windows after a document's first overlap their predecessor
+        nll = F.cross_entropy(model.lm_head(hidden[scored]).float(), tgt.to(device)[scored], reduction="none")
+        rows = scored.nonzero()[:, 0]
+        per_row = torch.zeros(len(chunk), device=device, dtype=nll.dtype).index_add_(0, rows, nll)
+        for r, row in enumerate(per_row.tolist()):
             sums[chunk[r][0]] -= row
     return sums
 
