@@ -26,7 +26,8 @@ test-fast: setup
 
 run: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc metrics show
+	$(PY) -m pipelines.summary
+	@echo "Compare with the last commit: .venv/bin/dvc metrics diff; plots: .venv/bin/dvc plots show; runs and models: .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"
 
 bench: setup
 	@for b in benchmarks/[a-z]*.py; do name=$$(basename $$b .py); echo "== $$name"; $(PY) -m benchmarks.$$name || exit 1; done

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipelines.summary import summary_rows
 from tests.conftest import REPO, VENV_BIN, write_corpus
 
 pytestmark = pytest.mark.integration
@@ -81,6 +82,10 @@ def test_repro_builds_the_data_stages_and_metrics(repo: Path):
     assert clean["docs_in"] == (clean["docs_out"] + clean["exact_duplicates"] + clean["near_duplicates"]
                                 + sum(clean["dropped"].values()) + clean["quarantined"])
     assert tok["tokens"]["train"] > 0 and tok["vocab_size"] <= 400 and len(tok["tokenizer_sha256"]) == 64
+    # what `make run` prints at the end, from the files the stages just wrote
+    rows = dict(summary_rows(repo))
+    assert rows["clean"].startswith(f"{clean['docs_out']} of 36 documents kept")
+    assert rows["tokenize"].startswith(f"vocab {tok['vocab_size']},") and rows["train"] == "not run yet (dvc repro)"
 
 
 def test_second_repro_does_nothing(repo: Path):

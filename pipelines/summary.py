@@ -1,0 +1,88 @@
+"""What the last pipeline run made, in a dozen lines: the end of `make run`.
+
+Reads the DVC metrics files (metrics/{clean,tokenize,train,eval}.json) and artifacts/registered.json;
+a stage that has not run yet shows as such. `dvc metrics show` prints the same numbers as one row per
+file with a column per metric, too wide for a terminal; `dvc metrics diff` stays the tool to compare runs.
+
+    python -m pipelines.summary [--root .]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from pipelines.model_card import fmt_value
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"summary: {path} is not valid JSON ({e}); rerun its stage with `dvc repro`") from e
+
+
+def _millions(n: float) -> str:
+    return f"{n / 1e6:.2f}M"
+
+
+def summary_rows(root: Path) -> list[tuple[str, str]]:
+    """(stage, one line about it) for every stage of the pipeline, in order."""
+    clean = _read(root / "metrics/clean.json")
+    tok = _read(root / "metrics/tokenize.json")
+    train = _read(root / "metrics/train.json")
+    ev = _read(root / "metrics/eval.json")
+    reg = _read(root / "artifacts/registered.json")
+    rows = []
+    if clean:
+        dropped = sum(clean.get("dropped", {}).values()) + clean.get("quarantined", 0)
+        rows.append(("clean", f"{clean['docs_out']} of {clean['docs_in']} documents kept ({clean['exact_duplicates']} exact and "
+                              f"{clean['near_duplicates']} near duplicates, {dropped} dropped or quarantined)"))
+    if tok:
+        tokens = tok["tokens"]
+        rows.append(("tokenize", f"vocab {tok['vocab_size']}, {tok['bytes_per_token']:.2f} bytes/token; tokens train "
+                                 f"{_millions(tokens['train'])}, val {_millions(tokens['val'])}, test {_millions(tokens['test'])}"))
+    if train:
+        resumed = f", resumed from step {train['resumed_from_step']}" if train.get("resumed_from_step") else ""
+        mfu = f", MFU {train['mfu']:.0%}" if train.get("mfu") is not None else ""
+        rows.append(("train", f"{_millions(train['params'])} params, {train['steps']} steps, {_millions(train['tokens_seen'])} tokens "
+                              f"at {train['tokens_per_s']:,.0f} tok/s{mfu}{resumed}; val_bpb {train['val_bpb']:.3f}"))
+    if ev:
+        ref = ev.get("reference", {})
+        refs = ", ".join(f"{name} {ref[key]:.3f}" for name, key in (("byte n-gram", "ngram_bpb"), ("uniform", "uniform_bpb")) if key in ref)
+        rows.append(("evaluate", f"test_bpb {ev['test_bpb']:.3f}" + (f" (reference: {refs})" if refs else "") +
+                                 f", perplexity {ev['test_ppl']:.1f}"))
+        for task, by_shot in ev.items():
+            if isinstance(by_shot, dict) and task != "reference" and all(isinstance(v, dict) for v in by_shot.values()):
+                scores = "; ".join(f"{shot}: " + ", ".join(f"{k} {fmt_value(v)}" for k, v in vals.items()) for shot, vals in by_shot.items())
+                rows.append(("", f"{task}  {scores}"))
+        if "samples" in ev:
+            s = ev["samples"]
+            rows.append(("", f"{s['count']} samples against their true continuation: BLEU {s['bleu']:.1f}, ROUGE-L {s['rougeL']:.3f}"))
+    if reg:
+        rows.append(("register", f"{reg['model_name']} v{reg['version']} -> {', '.join(reg['aliases'])}: {reg['why']}"))
+    for stage, present in (("clean", clean), ("tokenize", tok), ("train", train), ("evaluate", ev), ("register", reg)):
+        if present is None:
+            rows.append((stage, "not run yet (dvc repro)"))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=Path("."), help="the project folder")
+    args = parser.parse_args(argv)
+    table = Table(title="quill: the last run", show_header=False, box=None, padding=(0, 2))
+    for stage, line in summary_rows(args.root):
+        table.add_row(f"[bold]{stage}[/bold]", line)
+    Console().print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
