@@ -12,6 +12,7 @@ RSS over 200 sequential generations (it should stay flat after warm-up).
     python -m benchmarks.generate            # ~2 minutes on 2 cores
     python -m benchmarks.generate --model cpu
     python -m benchmarks.generate --quick    # smaller, for a smoke run
+    python -m benchmarks.generate --compile  # also Engine(compile=True) against the same eager HF (+1 minute of compiling)
 
 Ends with one JSON line: {"benchmark": "generate", "ours": tok/s, "baseline": tok/s, "ratio": min ratio, ...}.
 """
@@ -144,6 +145,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer tokens and repeats")
     ap.add_argument("--model", default="params", help="params (the CPU default in params.yaml) or a preset name")
+    ap.add_argument("--compile", action="store_true", help="also time Engine(compile=True) against the same eager HF generate")
     args = ap.parse_args()
     new_tokens, repeats = (32, 1) if args.quick else (128, 7)  # best of 7: this VM's timings jitter by +-30 %
     from transformers import AutoModelForCausalLM
@@ -163,6 +165,13 @@ def main() -> None:
     for B in (1, 8):
         results[f"batch{B}"] = r = decode_speed(engine, hf, prompts[:B], new_tokens, repeats)
         print(f"batch {B}: ours {r['ours']} tok/s, HF generate {r['baseline']} tok/s, ratio {r['ratio']}x, same tokens: {r['same_tokens']}", flush=True)
+    compiled = {}
+    if args.compile:
+        engine_c = Engine.from_pretrained(folder, compile=True)
+        for B in (1, 8):
+            compiled[f"compiled_batch{B}"] = r = decode_speed(engine_c, hf, prompts[:B], new_tokens, repeats)
+            print(f"batch {B}, Engine(compile=True): ours {r['ours']} tok/s, HF generate (eager) {r['baseline']} tok/s, "
+                  f"ratio {r['ratio']}x, same tokens: {r['same_tokens']}", flush=True)
     kv = cache_vs_recompute(cfg, 512, 16 if args.quick else 32, repeats)
     print(f"KV cache vs recompute at {kv['context']} tokens: {kv['ms_per_token_kv_cache']} vs {kv['ms_per_token_recompute']} ms/token, {kv['ratio']}x", flush=True)
     mem = memory(engine, 50 if args.quick else 200, 20, cfg.vocab_size)
@@ -176,7 +185,8 @@ def main() -> None:
         "ratio_batch1": results["batch1"]["ratio"], "ratio_batch8": results["batch8"]["ratio"],
         "ours_batch1": results["batch1"]["ours"], "baseline_batch1": results["batch1"]["baseline"],
         "ours_batch8": results["batch8"]["ours"], "baseline_batch8": results["batch8"]["baseline"],
-        "same_tokens": all(r["same_tokens"] for r in results.values()),
+        **{f"ratio_{k}": r["ratio"] for k, r in compiled.items()}, **{f"ours_{k}": r["ours"] for k, r in compiled.items()},
+        "same_tokens": all(r["same_tokens"] for r in [*results.values(), *compiled.values()]),
         "kv_cache_vs_recompute_ratio": kv["ratio"], "kv_cache_context": kv["context"],
         "rss_after_warmup_mb": mem["rss_after_warmup_mb"], "rss_end_mb": mem["rss_end_mb"], "peak_rss_mb": mem["peak_rss_mb"],
         "model": args.model, "params": model.num_params(), "n_embd": cfg.n_embd, "vocab_size": cfg.vocab_size, "prompt_tokens": prompt_len, "new_tokens": new_tokens,

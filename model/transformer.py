@@ -106,7 +106,7 @@ class Attention(nn.Module):
     def qkv(self, x, cos, sin):
         B, T, _ = x.shape
         nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # compiled: the compiler plans the matmuls
             q = self.q_proj(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
             k = self.k_proj(x).view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
             v = self.v_proj(x).view(B, T, nkv, hs).transpose(1, 2)
@@ -152,7 +152,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
 
     def forward(self, x):
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
             gate, up = self.gate_proj(x), self.up_proj(x)
         else:  # inference: one fused matmul
             gate, up = F.linear(x, packed_weight(self, "gate_proj", "up_proj")).chunk(2, dim=-1)
