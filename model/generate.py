@@ -358,7 +358,7 @@ class Engine:
 
     def _score_continuations(self, spans: list[torch.Tensor], continuations) -> list[tuple[float, bool]]:
         """spans[r]: the hidden states (len(cont), n_embd) that predict continuations[r] -> (logprob sum, greedy?)."""
-        logp = torch.log_softmax(self.model.lm_head(torch.cat(spans)).float(), dim=-1)
+        logp = torch.log_softmax(self.model.logits(torch.cat(spans)), dim=-1)
         target = torch.tensor([t for c in continuations for t in c], device=self.device)
         token_lp = logp.gather(1, target[:, None]).squeeze(1)
         hit = logp.argmax(-1) == target

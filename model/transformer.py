@@ -234,7 +234,7 @@ class GPT(nn.Module):
         x = self.hidden_states(idx, position_ids=position_ids, attention_mask=attention_mask, kv_cache=kv_cache)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        logits = self.lm_head(x).float()
+        logits = self.logits(x)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
@@ -275,6 +275,10 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.pos = end
         return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., n_embd) final hidden states -> (..., vocab_size) float32 logits."""
+        return self.lm_head(hidden).float()
 
     @staticmethod
     def _attn_mask(T: int, start: int, attention_mask, device):

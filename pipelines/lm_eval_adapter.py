@@ -81,9 +81,10 @@ def rolling_loglikelihood(
             idx[r, : end - start] = torch.tensor(x[start:end])
             tgt[r, end - start - n_scored : end - start] = torch.tensor(x[end - n_scored + 1 : end + 1])
         hidden = model.hidden_states(idx.to(device))
-        scored = (tgt != -100).to(device)
+        tgt = tgt.to(device)
+        scored = tgt != -100
         # the output head only at scored positions: windows after a document's first overlap their predecessor
-        nll = F.cross_entropy(model.lm_head(hidden[scored]).float(), tgt.to(device)[scored], reduction="none")
+        nll = F.cross_entropy(model.logits(hidden[scored]), tgt[scored], reduction="none")
         rows = scored.nonzero()[:, 0]
         per_row = torch.zeros(len(chunk), device=device, dtype=nll.dtype).index_add_(0, rows, nll)
         for r, row in enumerate(per_row.tolist()):
