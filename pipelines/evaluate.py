@@ -192,9 +192,14 @@ def run_lm_eval(lm, tasks: list[str], fewshots: list[int], pack_dir: Path, limit
         if not names:
             continue
         log(f"lm-eval {k}-shot: {', '.join(names)}")
+        seen, cut = lm.loglikelihood_requests, lm.truncated_requests
         results = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=k, task_manager=manager, limit=limit,
                                           log_samples=False, bootstrap_iters=1000, random_seed=seed,
                                           numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+        seen, cut = lm.loglikelihood_requests - seen, lm.truncated_requests - cut
+        if cut:
+            log(f"  {cut} of {seen} {k}-shot loglikelihood requests were longer than the model's context "
+                f"({lm.max_length} tokens) and lost their start, as lm-eval's Hugging Face model does")
         with atomic_file(out_dir / f"{k}shot.json") as tmp:
             tmp.write_text(json.dumps(results, indent=2, default=str, sort_keys=True) + "\n")
         for task, values in results["results"].items():

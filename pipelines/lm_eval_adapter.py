@@ -133,6 +133,7 @@ class QuillLM(TemplateLM):
         # {tuple(token ids): log-likelihood} computed with this model and stride (evaluate fills it from the
         # held-out pass, so the perplexity task does not score the same documents twice)
         self.rolling_cache = rolling_cache if rolling_cache is not None else {}
+        self.loglikelihood_requests = self.truncated_requests = 0  # counted for the evaluate stage's log
         if engine.eos_token_id is None:
             raise ValueError("the model's tokenizer has no end-of-text token; lm-eval needs one as prefix")
 
@@ -162,13 +163,22 @@ class QuillLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """(context, continuation) token pairs, left-truncated to the context window like HFLM."""
         limit = self.max_length + 1
-        pairs = []
+        pairs, cut = [], []
         for _, ctx, cont in requests:
+            if len(ctx) + len(cont) > limit:
+                cut.append(len(ctx) + len(cont))
             cont = list(cont)[-self.max_length :]
             ctx = list(ctx)[-(limit - len(cont)) :] if len(ctx) + len(cont) > limit else list(ctx)
             if not ctx:  # the continuation filled the window: condition on its first token
                 ctx, cont = cont[:1], cont[1:]
             pairs.append((ctx, cont))
+        self.loglikelihood_requests += len(requests)
+        self.truncated_requests += len(cut)
+        if cut:  # what HFLM does per request, said once: few-shot scores mean less when the prompts are cut
+            warnings.warn(f"{len(cut)} of {len(requests)} loglikelihood requests ({sum(cut) / len(cut):.0f} tokens on average) "
+                          f"exceed the model's context of {self.max_length} + 1 tokens and lose their start, as in lm-eval's "
+                          "Hugging Face model; fewer few-shot examples (eval.num_fewshot) or a longer model.block_size avoid it",
+                          stacklevel=2)
         scored = [i for i, (_, cont) in enumerate(pairs) if cont]  # an empty continuation has probability 1
         results: list[tuple[float, bool]] = []
         group = self.batch_size * 8  # Engine.loglikelihood sorts within a group; groups give a progress bar

@@ -162,7 +162,9 @@ PAIRS = [("The king", " is dead"), ("", "hello world"), ("And so", " to bed."), 
 @pytest.mark.parametrize("batch_size", [1, 4])
 def test_adapter_loglikelihood_equals_direct_computation(engine, batch_size):
     lm = QuillLM(engine=engine, batch_size=batch_size)
-    got = lm.loglikelihood(instances("loglikelihood", PAIRS), disable_tqdm=True)
+    with pytest.warns(UserWarning, match=r"^1 of 6 loglikelihood requests \(\d+ tokens on average\) exceed the model's context"):
+        got = lm.loglikelihood(instances("loglikelihood", PAIRS), disable_tqdm=True)
+    assert (lm.truncated_requests, lm.loglikelihood_requests) == (1, 6)  # what the evaluate stage logs
     bs = engine.config.block_size
     for (ctx, cont), (ll, greedy) in zip(PAIRS, got):
         ctx_ids = engine.encode(ctx) if ctx else [engine.eos_token_id]
