@@ -21,6 +21,7 @@ import argparse
 import json
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import torch
 
 def build_engine(preset: str | None = None):
     """(engine, description, Hugging Face folder holding the same weights)."""
-    from model import GPT, Engine, GPTConfig
+    from model import GPT, Engine, GPTConfig, save_pretrained
     from pipelines.params import load_params
 
     if preset is None and (Path("artifacts/model") / "config.json").is_file():
@@ -48,18 +49,12 @@ def build_engine(preset: str | None = None):
     else:
         config = GPTConfig.from_preset(preset, vocab_size=vocab)
         name = f"random {preset} preset"
-    import tempfile
-
-    from model import save_pretrained
-
     model = GPT(config).eval()
     folder = save_pretrained(model, Path(tempfile.mkdtemp(prefix="bench-eval-")) / "model", tokenizer_dir=Path(tokenizer).parent)
     return Engine(model, tokenizer), name, folder
 
 
 def synthetic_tokenizer() -> Path:
-    import tempfile
-
     from pipelines.params import TokenizerParams
     from pipelines.tokenizer import save_tokenizer, train_tokenizer
 
