@@ -209,3 +209,9 @@ class StepProgressBar(TQDMProgressBar):
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
         return metrics
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        # a failed run (NaN loss, interrupt) closes its bars now; left open, tqdm prints them again at exit
+        for bar in (self._train_progress_bar, self._val_progress_bar):
+            if bar is not None:
+                bar.close()

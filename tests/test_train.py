@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tqdm import tqdm
 
 from model import GPT, GPTConfig, load_pretrained
 from pipelines import checkpoints as ckpt
@@ -350,6 +351,7 @@ def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(work,
         train(make_params(), paths, tracking_uri=uri)
     assert [s for s, _ in ckpt.list_checkpoints(paths.checkpoints)] == [4]
     assert not paths.model_out.exists()
+    assert not [bar for bar in tqdm._instances if bar.desc.startswith("train")]  # closed, not reprinted at exit
     run = MlflowClient(tracking_uri=uri).search_runs([MlflowClient(tracking_uri=uri).get_experiment_by_name(
         "quill").experiment_id])[0]
     assert run.info.status == "FAILED"
