@@ -175,7 +175,7 @@ class EvalParams(Section):
     """The evaluate stage (pipelines/evaluate.py): held-out metrics, lm-eval tasks, samples, baselines."""
 
     tasks: list[str] = LOCAL_TASKS  # lm-eval task names: the local pack, or standard ones (need network)
-    num_fewshot: list[int] = Field(default=[0, 5], min_length=1)  # each task runs once per entry (perplexity: 0 only)
+    num_fewshot: list[int] = Field(default=[0, 2], min_length=1)  # each task runs once per entry (perplexity: 0 only)
     stride: int | None = Field(default=128, gt=0)  # sliding window: new tokens scored per window; None = block_size
     batch_size: int = Field(default=16, gt=0)  # sequences per forward pass (held-out windows, lm-eval requests)
     max_items: int = Field(default=200, gt=0)  # items per task built into the local pack (cloze, next-line)
