@@ -1,18 +1,20 @@
-"""lm-eval loglikelihood throughput of our adapter: batched requests against the same adapter one request at a time.
+"""lm-eval loglikelihood throughput of our adapter: batched against the same adapter one request at a time.
 
-Both sides answer the same few-shot multiple-choice requests (a context of a few lines, four candidate next
-lines: what quill_nextline asks at 5 shots) through `QuillLM.loglikelihood`, with the same model, and must
-give the same log-likelihoods. Ours batches eval.batch_size requests per forward pass (sorted by length;
-the choices of one item share their context's forward pass); the baseline sets batch_size=1, which is how a
-naive lm-eval model class scores. For reference, lm-eval's own Hugging Face model (`HFLM`) scores the same
-requests on the same weights exported with save_pretrained, at batch size 1 and eval.batch_size: what a user
-without quill's adapter would run.
+The requests are exactly those the evaluate stage sends with params.yaml's `eval` settings: the task pack is
+built from the clean test and validation splits, and every loglikelihood request lm-eval makes for
+`eval.tasks` at each `eval.num_fewshot` is recorded (token ids included), then scored through
+`QuillLM._loglikelihood_tokens` with the same model, and the results must agree. Ours batches
+eval.batch_size requests per forward pass (sorted by length; the choices of one item share their context's
+forward pass); the baseline sets batch_size=1, which is how a naive lm-eval model class scores. For
+reference, lm-eval's own Hugging Face model (`HFLM`) scores the same token ids on the same weights exported
+with save_pretrained, at batch size 1 and eval.batch_size: what a user without quill's adapter would run.
+The scorers take turns each repeat, so this VM's load swings hit all of them.
 
 Model: artifacts/model if it exists, else a randomly initialised params.yaml model (or `--preset NAME`)
-over data/tokenizer (the speed does not depend on the weights). Requests: built from data/clean/test.jsonl if it exists, else
-from synthetic text.
+over data/tokenizer (the speed does not depend on the weights). Texts: data/clean/{test,val}.jsonl if they
+exist, else synthetic text.
 
-Run: python -m benchmarks.evaluate [--requests 64] [--repeats 2] [--preset cpu] [--no-hf]
+Run: python -m benchmarks.evaluate [--repeats 3] [--max-items 200] [--preset cpu] [--no-hf]
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import random
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -70,75 +73,94 @@ def synthetic_texts(n: int) -> list[str]:
     return [make_document(rng) for _ in range(n)]
 
 
-def build_requests(n: int, block_size: int) -> list[tuple[str, str]]:
-    """(context, continuation) pairs: ~block_size/4 words of context lines, four candidate lines each."""
-    test = Path("data/clean/test.jsonl")
-    texts = [json.loads(line)["text"] for line in open(test)] if test.is_file() else synthetic_texts(50)
-    lines = [line.strip() for t in texts for line in t.splitlines() if len(line.split()) >= 4]
-    rng = random.Random(0)
-    out = []
-    while len(out) < n:
-        start = rng.randrange(max(1, len(lines) - 40))
-        context, words = [], 0
-        while words < block_size // 2 and start + len(context) < len(lines):
-            context.append(lines[start + len(context)])
-            words += len(context[-1].split())
-        for _ in range(4):
-            out.append(("\n".join(context), "\n" + rng.choice(lines)))
-    return out[:n]
+def record_requests(engine, params, max_items: int) -> dict[str, list]:
+    """{"<task>:<k>shot": lm-eval's loglikelihood requests ((context, continuation), context ids, continuation ids)}
+    for the pack the evaluate stage builds, at each eval.num_fewshot."""
+    import contextlib
+    import io
+
+    from pipelines.evaluate import read_texts, run_lm_eval
+    from pipelines.lm_eval_adapter import QuillLM
+    from pipelines.task_pack import build_task_pack
+
+    clean = Path("data/clean")
+    if (clean / "test.jsonl").is_file() and (clean / "val.jsonl").is_file():
+        test, val = read_texts(clean / "test.jsonl"), read_texts(clean / "val.jsonl")
+    else:
+        texts = synthetic_texts(60)
+        test, val = texts[:50], texts[50:]
+    work = Path(tempfile.mkdtemp(prefix="bench-eval-pack-"))
+    build_task_pack(test, val, work / "tasks", max_items, params.seed)
+    recorded: dict[str, list] = {}
+
+    class Recorder(QuillLM):
+        key = ""
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+            recorded.setdefault(self.key, []).extend(requests)
+            return [(0.0, False)] * len(requests)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return [0.0] * len(requests)
+
+    lm = Recorder(engine=engine, batch_size=params.batch_size)
+    tasks = [t for t in params.tasks if t != "quill_perplexity"]  # rolling perplexity is not loglikelihood
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        for task in tasks:
+            for k in params.num_fewshot:
+                lm.key = f"{task}:{k}shot"
+                run_lm_eval(lm, [task], [k], work / "tasks", params.limit, params.seed, work / "results")
+    return recorded
 
 
 def main() -> int:
-    from lm_eval.api.instance import Instance
-
     from pipelines.lm_eval_adapter import QuillLM
     from pipelines.params import load_params
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-items", type=int, help="items per pack task (default: eval.max_items)")
     parser.add_argument("--preset", help="a random model of this preset instead of artifacts/model or params.yaml's")
     parser.add_argument("--no-hf", action="store_true", help="skip the lm-eval HFLM reference")
     args = parser.parse_args()
 
+    params = load_params().eval
     engine, source, folder = build_engine(args.preset)
-    batch_size = load_params().eval.batch_size
-    pairs = build_requests(args.requests, engine.config.block_size)
-    requests = [Instance(request_type="loglikelihood", doc={}, arguments=p, idx=i) for i, p in enumerate(pairs)]
-
-    def timed(*lms) -> list[tuple[float, list]]:
-        """(best seconds, results) per model; the models take turns, so load changes on this VM hit all of them."""
-        best = [(float("inf"), None)] * len(lms)
+    recorded = record_requests(engine, params, args.max_items or params.max_items)
+    requests = [r for rs in recorded.values() for r in rs]
+    names = ["ours (batched)", "ours (one by one)"] + ([] if args.no_hf else ["HFLM batch 1", f"HFLM batch {params.batch_size}"])
+    lms = [QuillLM(engine=engine, batch_size=params.batch_size), QuillLM(engine=engine, batch_size=1)]
+    lms += [] if args.no_hf else [hflm(folder, 1), hflm(folder, params.batch_size)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the truncation notice (the stage logs it)
+        for lm in lms:
+            lm._loglikelihood_tokens(requests[:8], disable_tqdm=True)  # warm-up
+        seconds = {name: float("inf") for name in names}
+        results = {}
         for _ in range(args.repeats):
-            for k, lm in enumerate(lms):
+            for name, lm in zip(names, lms):
                 started = time.perf_counter()
-                result = lm.loglikelihood(requests, disable_tqdm=True)
-                best[k] = (min(best[k][0], time.perf_counter() - started), result)
-        return best
-
-    lms = [QuillLM(engine=engine, batch_size=batch_size), QuillLM(engine=engine, batch_size=1)]
-    hf_sizes = [] if args.no_hf else [1, batch_size]
-    lms += [hflm(folder, bs) for bs in hf_sizes]
-    for lm in lms:
-        lm.loglikelihood(requests[:8], disable_tqdm=True)  # warm-up
-    (ours_s, ours), (base_s, base), *hf_runs = timed(*lms)
-    worst = max(abs(a[0] - b[0]) for a, b in zip(ours, base))
-    if worst > 1e-3:
-        print(f"evaluate benchmark: batched and one-by-one log-likelihoods differ by {worst}", file=sys.stderr)
-        return 1
-    ours_rps, base_rps = len(requests) / ours_s, len(requests) / base_s
-    n_tokens = sum(len(engine.encode(c + x)) for c, x in pairs)
-    print(f"model: {source}; {len(requests)} requests, {n_tokens / len(requests):.0f} tokens each on average; "
-          f"batched (batch_size={batch_size}) {ours_s:.2f} s, one by one {base_s:.2f} s; max |diff| {worst:.2e}",
-          file=sys.stderr)
-    hf = {bs: (seconds, max(abs(a[0] - b[0]) for a, b in zip(result, ours))) for bs, (seconds, result) in zip(hf_sizes, hf_runs)}
-    for bs, (seconds, diff) in hf.items():
-        print(f"lm-eval HFLM on the same weights, batch_size={bs}: {seconds:.2f} s ({seconds / ours_s:.2f}x our batched time); "
-              f"max |diff| {diff:.2e}", file=sys.stderr)
+                results[name] = lm._loglikelihood_tokens(requests, disable_tqdm=True)
+                seconds[name] = min(seconds[name], time.perf_counter() - started)
+    ours = results["ours (batched)"]
+    for name in names[1:]:
+        worst = max(abs(a[0] - b[0]) for a, b in zip(results[name], ours))
+        if worst > 1e-3:
+            print(f"evaluate benchmark: {name} and ours (batched) log-likelihoods differ by {worst}", file=sys.stderr)
+            return 1
+    tokens = sum(len(c) + len(x) for _, c, x in requests) / len(requests)
+    print(f"model: {source}; {len(requests)} requests ({', '.join(f'{k} {len(v)}' for k, v in recorded.items())}), "
+          f"{tokens:.0f} tokens each on average before truncation", file=sys.stderr)
+    for name in names:
+        print(f"  {name}: {seconds[name]:.2f} s ({seconds[name] / seconds[names[0]]:.2f}x ours batched)", file=sys.stderr)
+    ours_rps, base_rps = len(requests) / seconds[names[0]], len(requests) / seconds[names[1]]
     print(json.dumps({"benchmark": "evaluate", "ours": round(ours_rps, 2), "baseline": round(base_rps, 2),
-                      "unit": "requests/s", "ratio": round(ours_rps / base_rps, 2), "batch_size": batch_size,
-                      **{f"ratio_vs_hflm_batch{bs}": round(seconds / ours_s, 2) for bs, (seconds, _) in hf.items()},
-                      "requests": len(requests), "threads": torch.get_num_threads(), "model": source}))
+                      "unit": "requests/s", "ratio": round(ours_rps / base_rps, 2), "batch_size": params.batch_size,
+                      **{f"ratio_vs_hflm_batch{bs}": round(seconds[n] / seconds[names[0]], 2)
+                         for bs, n in zip([1, params.batch_size], names[2:])},
+                      "num_fewshot": params.num_fewshot, "requests": len(requests), "threads": torch.get_num_threads(),
+                      "model": source}))
     return 0
 
 

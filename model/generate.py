@@ -315,15 +315,12 @@ class Engine:
             groups: dict[tuple[int, ...], list[int]] = {}
             for i, (ctx, _) in enumerate(requests):
                 groups.setdefault(tuple(ctx), []).append(i)
-            singles = []
-            for members in groups.values():
-                if len(members) == 1:
-                    singles += members
-                    continue
-                for s in range(0, len(members), batch_size):
-                    chunk = members[s : s + batch_size]
-                    for i, result in zip(chunk, self._shared_context_loglikelihood([requests[i] for i in chunk])):
-                        out[i] = result
+            singles = [m[0] for m in groups.values() if len(m) == 1]
+            chunks = [m[s : s + batch_size] for m in groups.values() if len(m) > 1 for s in range(0, len(m), batch_size)]
+            for batch in self._pack_shared_contexts(requests, chunks, batch_size):
+                members = [i for m in batch for i in m]
+                for i, result in zip(members, self._shared_context_loglikelihood([[requests[i] for i in m] for m in batch])):
+                    out[i] = result
         order = sorted(singles, key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
         for s in range(0, len(order), batch_size):
             chunk = order[s : s + batch_size]
@@ -339,21 +336,50 @@ class Engine:
                 out[i] = result
         return out
 
-    def _shared_context_loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        """loglikelihood for continuations of one context: the context once, then all continuations."""
-        ctx = list(requests[0][0])
-        conts = [list(c) for _, c in requests]
+    def _pack_shared_contexts(self, requests, chunks: list[list[int]], batch_size: int) -> Iterator[list[list[int]]]:
+        """Batches of same-context chunks: at most batch_size continuations, and the longest context plus the
+        longest continuation within the model's context (they share cache slots). Longest contexts first, so
+        similar lengths share a batch."""
+        batch, rows, ctx_len, cont_len = [], 0, 0, 0
+        for chunk in sorted(chunks, key=lambda m: -len(requests[m[0]][0])):
+            c, t = len(requests[chunk[0]][0]), max(len(requests[i][1]) for i in chunk) - 1
+            if batch and (rows + len(chunk) > batch_size or max(ctx_len, c) + max(cont_len, t) > self.config.block_size):
+                yield batch
+                batch, rows, ctx_len, cont_len = [], 0, 0, 0
+            batch.append(chunk)
+            rows, ctx_len, cont_len = rows + len(chunk), max(ctx_len, c), max(cont_len, t)
+        if batch:
+            yield batch
+
+    def _shared_context_loglikelihood(self, groups) -> list[tuple[float, bool]]:
+        """loglikelihood for groups of requests that share a context, in order: the contexts run once (right-padded
+        together) into the KV cache, each is copied to the rows of its continuations, then every continuation
+        runs from there at its own positions, with the context padding masked out."""
+        ctxs = [list(g[0][0]) for g in groups]
+        conts = [list(c) for g in groups for _, c in g]
+        owner = [k for k, g in enumerate(groups) for _ in g]  # context of each continuation row
+        L = max(len(c) for c in ctxs)
+        idx = torch.zeros(len(ctxs), L, dtype=torch.long)
+        for k, c in enumerate(ctxs):
+            idx[k, : len(c)] = torch.tensor(c)
         cache = self.kv_cache(len(conts))
-        first = self.model.hidden_states(torch.tensor([ctx], device=self.device), kv_cache=cache)[0, -1:]
-        cache.reorder(torch.zeros(len(conts), dtype=torch.long, device=self.device))  # the context in every row
+        hidden = self.model.hidden_states(idx.to(self.device), kv_cache=cache)
+        # a context's last position predicts the first token of each of its continuations
+        first = [hidden[k, len(c) - 1 : len(c)] for k, c in enumerate(ctxs)]
+        cache.reorder(torch.tensor(owner, device=self.device))
+        spans = [first[k] for k in owner]
         T = max(len(c) for c in conts) - 1
-        spans = [first] * len(conts)  # the context's last position predicts every continuation's first token
         if T > 0:
             idx = torch.zeros(len(conts), T, dtype=torch.long)
             for r, c in enumerate(conts):
                 idx[r, : len(c) - 1] = torch.tensor(c[:-1])  # right padding: earlier positions are unaffected
-            hidden = self.model.hidden_states(idx.to(self.device), kv_cache=cache)
-            spans = [torch.cat([first, hidden[r, : len(c) - 1]]) for r, c in enumerate(conts)]
+            ctx_len = torch.tensor([len(ctxs[k]) for k in owner], device=self.device)[:, None]
+            slots = torch.arange(L + T, device=self.device)[None, :]
+            hidden = self.model.hidden_states(
+                idx.to(self.device), position_ids=ctx_len + slots[:, :T], kv_cache=cache,
+                attention_mask=(slots < ctx_len) | (slots >= L),  # the context's real tokens, then the continuation
+            )
+            spans = [torch.cat([first[k], hidden[r, : len(conts[r]) - 1]]) for r, k in enumerate(owner)]
         return self._score_continuations(spans, conts)
 
     def _score_continuations(self, spans: list[torch.Tensor], continuations) -> list[tuple[float, bool]]:

@@ -1,6 +1,7 @@
 """The generation engine: KV-cache decoding, batching, every sampling control, streaming, scoring."""
 
 import math
+import random
 
 import pytest
 import torch
@@ -299,6 +300,23 @@ def test_loglikelihood(engine, model):
     assert out[0][1] is True and out[1][1] is False and out[0][0] > out[1][0]
     with pytest.raises(ValueError, match="block_size"):
         engine.loglikelihood([([1] * 90, [2] * 10)])
+
+
+def test_loglikelihood_batches_several_shared_contexts(engine, model):
+    """Items with different context lengths share one batch (context padding masked, each at its own positions)
+    and score as one by one; a long context beside a long continuation would overflow the cache, so they split."""
+    rng = random.Random(0)
+    V, bs = model.config.vocab_size, model.config.block_size
+    requests = []
+    for n_ctx, n_choices in [(5, 4), (17, 3), (2, 4), (30, 2), (9, 1)]:
+        ctx = [rng.randrange(1, V) for _ in range(n_ctx)]
+        requests += [(ctx, [rng.randrange(1, V) for _ in range(rng.randrange(1, 6))]) for _ in range(n_choices)]
+    long_ctx, short_ctx = [rng.randrange(1, V) for _ in range(bs - 2)], [rng.randrange(1, V) for _ in range(3)]
+    requests += [(long_ctx, [1, 2]), (long_ctx, [3]), (short_ctx, [rng.randrange(1, V) for _ in range(bs - 4)]), (short_ctx, [5, 6])]
+    batched = engine.loglikelihood(requests, batch_size=16)
+    alone = engine.loglikelihood(requests, batch_size=1)
+    assert [ll for ll, _ in batched] == pytest.approx([ll for ll, _ in alone], abs=1e-4)
+    assert [g for _, g in batched] == [g for _, g in alone]
 
 
 def test_beam_search_beats_greedy_on_total_logprob(engine):
