@@ -300,8 +300,9 @@ class Engine:
         context, whether greedy decoding would have produced the continuation). lm-eval's contract.
 
         With batch_size > 1, requests that share a context (the choices of a multiple-choice item) are
-        scored together: the context runs once into the KV cache, then every continuation from it.
-        The rest are batched, longest first, right-padded.
+        scored together: the context runs once into the KV cache, then every continuation from it, several
+        items per batch. The rest are batched, longest first, right-padded. Either way the output head runs
+        only where a continuation token is predicted.
         """
         out: list[tuple[float, bool] | None] = [None] * len(requests)
         for i, (ctx, cont) in enumerate(requests):
