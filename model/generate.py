@@ -326,11 +326,7 @@ class Engine:
         for s in range(0, len(order), batch_size):
             chunk = order[s : s + batch_size]
             seqs = [list(requests[i][0]) + list(requests[i][1]) for i in chunk]
-            T = max(len(q) for q in seqs) - 1
-            idx = torch.zeros(len(seqs), T, dtype=torch.long)
-            for r, q in enumerate(seqs):
-                idx[r, : len(q) - 1] = torch.tensor(q[:-1])  # right padding: earlier positions are unaffected
-            hidden = self.model.hidden_states(idx.to(self.device))
+            hidden = self.model.hidden_states(self._right_padded([q[:-1] for q in seqs]))
             # the head only where a continuation token is predicted: position p predicts token p + 1
             spans = [hidden[r, len(requests[i][0]) - 1 : len(seqs[r]) - 1] for r, i in enumerate(chunk)]
             for i, result in zip(chunk, self._score_continuations(spans, [requests[i][1] for i in chunk])):
@@ -360,28 +356,29 @@ class Engine:
         conts = [list(c) for g in groups for _, c in g]
         owner = [k for k, g in enumerate(groups) for _ in g]  # context of each continuation row
         L = max(len(c) for c in ctxs)
-        idx = torch.zeros(len(ctxs), L, dtype=torch.long)
-        for k, c in enumerate(ctxs):
-            idx[k, : len(c)] = torch.tensor(c)
         cache = self.kv_cache(len(conts))
-        hidden = self.model.hidden_states(idx.to(self.device), kv_cache=cache)
+        hidden = self.model.hidden_states(self._right_padded(ctxs), kv_cache=cache)
         # a context's last position predicts the first token of each of its continuations
         first = [hidden[k, len(c) - 1 : len(c)] for k, c in enumerate(ctxs)]
         cache.reorder(torch.tensor(owner, device=self.device))
         spans = [first[k] for k in owner]
         T = max(len(c) for c in conts) - 1
         if T > 0:
-            idx = torch.zeros(len(conts), T, dtype=torch.long)
-            for r, c in enumerate(conts):
-                idx[r, : len(c) - 1] = torch.tensor(c[:-1])  # right padding: earlier positions are unaffected
             ctx_len = torch.tensor([len(ctxs[k]) for k in owner], device=self.device)[:, None]
             slots = torch.arange(L + T, device=self.device)[None, :]
             hidden = self.model.hidden_states(
-                idx.to(self.device), position_ids=ctx_len + slots[:, :T], kv_cache=cache,
+                self._right_padded([c[:-1] for c in conts]), position_ids=ctx_len + slots[:, :T], kv_cache=cache,
                 attention_mask=(slots < ctx_len) | (slots >= L),  # the context's real tokens, then the continuation
             )
             spans = [torch.cat([first[k], hidden[r, : len(conts[r]) - 1]]) for r, k in enumerate(owner)]
         return self._score_continuations(spans, conts)
+
+    def _right_padded(self, seqs: list[list[int]]) -> torch.Tensor:
+        """(B, longest) token ids on the engine's device; right padding never changes earlier positions of a causal model."""
+        idx = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
+        for r, q in enumerate(seqs):
+            idx[r, : len(q)] = torch.tensor(q, dtype=torch.long)
+        return idx.to(self.device)
 
     def _score_continuations(self, spans: list[torch.Tensor], continuations) -> list[tuple[float, bool]]:
         """spans[r]: the hidden states (len(cont), n_embd) that predict continuations[r] -> (logprob sum, greedy?)."""
