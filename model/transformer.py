@@ -76,6 +76,12 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
+def use_packed_weights() -> bool:
+    """Eager inference runs the fused q/k/v and gate/up matmuls of packed_weight. Training keeps the separate
+    linears (their gradients), and so does torch.compile: the cache check would break the graph in every layer."""
+    return not (torch.is_grad_enabled() or torch.compiler.is_compiling())
+
+
 def packed_weight(module: nn.Module, *names: str) -> torch.Tensor:
     """The weights of the named child linears concatenated along the output dim, cached on `module`.
 
@@ -106,7 +112,7 @@ class Attention(nn.Module):
     def qkv(self, x, cos, sin):
         B, T, _ = x.shape
         nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # compiled: the compiler plans the matmuls
+        if not use_packed_weights():
             q = self.q_proj(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
             k = self.k_proj(x).view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
             v = self.v_proj(x).view(B, T, nkv, hs).transpose(1, 2)
@@ -152,7 +158,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
 
     def forward(self, x):
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if not use_packed_weights():
             gate, up = self.gate_proj(x), self.up_proj(x)
         else:  # inference: one fused matmul
             gate, up = F.linear(x, packed_weight(self, "gate_proj", "up_proj")).chunk(2, dim=-1)
