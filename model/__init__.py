@@ -1,8 +1,10 @@
-"""quill's model: a Llama-layout GPT, its generation engine and Hugging Face folder I/O."""
+"""quill's model: a Llama-layout GPT, its generation engine and Hugging Face folder I/O (pure PyTorch)."""
 
 from model.config import PRESETS, GPTConfig
-from model.generate import Completion, Engine, SamplingParams, StreamChunk, TokenLogprob
+from model.engine import Engine
 from model.hf import load_pretrained, save_pretrained
+from model.sampling import SamplingParams
+from model.sequence import Completion, StreamChunk, TokenLogprob
 from model.transformer import GPT, KVCache
 
 __all__ = [

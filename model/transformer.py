@@ -340,15 +340,3 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             n_matmul += cfg.vocab_size * cfg.n_embd  # the tied head is still a matmul
         return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
-
-    # Hugging Face folder I/O lives in model/hf.py; these are conveniences.
-    def save_pretrained(self, out_dir, tokenizer_dir=None, generation_config: dict | None = None):
-        from model.hf import save_pretrained
-
-        return save_pretrained(self, out_dir, tokenizer_dir=tokenizer_dir, generation_config=generation_config)
-
-    @classmethod
-    def from_pretrained(cls, path, expected_tokenizer_sha256: str | None = None, map_location="cpu") -> GPT:
-        from model.hf import load_pretrained
-
-        return load_pretrained(path, expected_tokenizer_sha256=expected_tokenizer_sha256, map_location=map_location)

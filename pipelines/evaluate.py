@@ -278,7 +278,7 @@ def attention_png(engine, prompt: str, path: Path) -> Path:
     """Heatmaps of every layer and head for one prompt (model/attention_plot.py)."""
     import torch
 
-    from model.attention_plot import plot_attention
+    from pipelines.attention_plot import plot_attention
 
     ids = engine.encode(prompt)[: min(32, engine.config.block_size)] or [engine.eos_token_id]
     with torch.inference_mode():

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from model import GPT, Engine, GPTConfig, SamplingParams
-from model.generate import _Detokenizer, apply_penalties, sampling_probs
+from model.sampling import apply_penalties, sampling_probs
+from model.sequence import Detokenizer
 
 SENTENCES = [
     "To be, or not to be, that is the question.",
@@ -367,7 +368,7 @@ def test_stream_with_stop_string_holds_back_a_possible_match(engine):
 @pytest.mark.parametrize("text", ["", "plain ascii", "🙂🎭👩‍👩‍👧", "中文 text, 日本語", "naïve café", "\n\t mixed 🙂 中"])
 def test_detokenizer_never_splits_characters(tokenizer, text):
     ids = tokenizer.encode(text).ids
-    detok = _Detokenizer(lambda x: tokenizer.decode(x, skip_special_tokens=True))
+    detok = Detokenizer(lambda x: tokenizer.decode(x, skip_special_tokens=True))
     pieces = [detok.push(t) for t in ids] + [detok.flush()]
     assert "".join(pieces) == text
     assert not any("\ufffd" in p for p in pieces)
@@ -378,7 +379,7 @@ def test_detokenizer_never_splits_characters(tokenizer, text):
 def test_detokenizer_concatenation_equals_decode(ids):
     tok = _TOKENIZER
     decode = lambda x: tok.decode(x, skip_special_tokens=True)  # noqa: E731
-    detok = _Detokenizer(decode)
+    detok = Detokenizer(decode)
     assert "".join([detok.push(t) for t in ids] + [detok.flush()]) == decode(ids)
 
 

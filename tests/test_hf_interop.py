@@ -72,7 +72,7 @@ def test_transformers_loads_our_folder_with_identical_outputs(tmp_path, tokenize
 
 def test_round_trip(tmp_path, tokenizer_dir):
     m = make_model(tie=False, n_kv_head=2)
-    out = m.save_pretrained(tmp_path / "m", tokenizer_dir=tokenizer_dir, generation_config={"temperature": 0.8})
+    out = save_pretrained(m, tmp_path / "m", tokenizer_dir=tokenizer_dir, generation_config={"temperature": 0.8})
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
     ]
@@ -82,7 +82,7 @@ def test_round_trip(tmp_path, tokenizer_dir):
     assert cfg[SHA_KEY] == file_sha256(tokenizer_dir / "tokenizer.json")
     assert json.loads((out / "generation_config.json").read_text())["temperature"] == 0.8
 
-    loaded = GPT.from_pretrained(out)
+    loaded = load_pretrained(out)
     assert loaded.config == m.config
     for (k, a), (k2, b) in zip(m.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(a, b)

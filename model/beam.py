@@ -1,0 +1,86 @@
+"""Deterministic beam search over the engine's KV cache, with Hugging Face's length penalty and early stop.
+
+    >>> engine.generate(["To be"], SamplingParams(max_tokens=8, temperature=0, num_beams=4, n=2))
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from model.sampling import SamplingParams, apply_penalties, find_stop, penalty_state
+from model.sequence import Completion
+
+if TYPE_CHECKING:  # the engine imports this module
+    from model.engine import Engine
+
+
+@torch.inference_mode()
+def beam_search(engine: Engine, index: int, prompt_ids: list[int], params: SamplingParams) -> list[Completion]:
+    """Deterministic beam search for one prompt; returns the best n hypotheses."""
+    K, L, V = params.num_beams, len(prompt_ids), engine.config.vocab_size
+    engine.kv_cache(K)  # make room for K rows before the prefill (which uses row 0)
+    logits, idx, _, _, cache = engine.prefill([prompt_ids], L + params.max_tokens, params.echo)
+    prompt_lp = engine.prompt_logprobs(logits, idx, [L], 0)[0] if params.echo else None
+    for tensor in cache.k + cache.v:
+        tensor[1:K, :, :L] = tensor[0:1, :, :L]
+    stop_ids = engine.stop_ids(params)
+    beams: list[list[int]] = [[]]  # generated ids per live beam
+    scores = torch.zeros(1, device=engine.device)
+    last = logits[:, -1]  # (live beams, V)
+    finished: list[tuple[float, float, list[int], str, str]] = []  # (norm score, sum logprob, ids, text, reason)
+
+    def norm(score, length):
+        return score / (max(length, 1) ** params.length_penalty)
+
+    for t in range(params.max_tokens):
+        seen, counts, history = penalty_state(params, [(prompt_ids, ids) for ids in beams], V, engine.device)
+        logp = torch.log_softmax(apply_penalties(last, params, seen, counts, history), dim=-1)
+        cand = (scores[:, None] + logp).view(-1)
+        top_scores, top_idx = cand.topk(min(2 * K, cand.numel()))
+        keep_beam, keep_tok, keep_score = [], [], []
+        for rank, (s, j) in enumerate(zip(top_scores.tolist(), top_idx.tolist())):
+            if s == float("-inf"):
+                break
+            b, tok = divmod(j, V)
+            ids = beams[b] + [tok]
+            if tok in stop_ids:
+                if rank < K:
+                    finished.append((norm(s, len(ids)), s, ids, engine.decode(ids[:-1]), "stop"))
+                continue
+            if params.stop:
+                text = engine.decode(ids)
+                cut = find_stop(text, params.stop)
+                if cut is not None:
+                    if rank < K:
+                        finished.append((norm(s, len(ids)), s, ids, text[:cut], "stop"))
+                    continue
+            keep_beam.append(b), keep_tok.append(tok), keep_score.append(s)
+            if len(keep_beam) == K:
+                break
+        if not keep_beam:
+            break
+        beams = [beams[b] + [tok] for b, tok in zip(keep_beam, keep_tok)]
+        scores = torch.tensor(keep_score, device=engine.device)
+        if t == params.max_tokens - 1:
+            break
+        # HF's early stop: K finished and no live beam can beat the worst of the best K
+        if len(finished) >= K:
+            worst = sorted(f[0] for f in finished)[-K]
+            if norm(keep_score[0], len(beams[0])) <= worst:
+                beams = []
+                break
+        beam_idx = torch.tensor(keep_beam, device=engine.device)
+        cache.reorder(beam_idx)
+        tokens = torch.tensor(keep_tok, device=engine.device)[:, None]
+        logits, _ = engine.forward(tokens, kv_cache=cache, logits_to_keep=1)
+        last = logits[:, -1]
+    for ids, s in zip(beams, scores.tolist()):
+        finished.append((norm(s, len(ids)), s, ids, engine.decode(ids), "length"))
+    finished.sort(key=lambda f: -f[0])
+    return [
+        Completion(index=index, text=text, token_ids=ids, finish_reason=reason, prompt_token_ids=list(prompt_ids),
+                   prompt_logprobs=prompt_lp, cumulative_logprob=s)
+        for _, s, ids, text, reason in finished[: params.n]
+    ]
