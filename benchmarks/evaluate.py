@@ -34,7 +34,7 @@ import torch
 def build_engine(preset: str | None = None):
     """(engine, description, Hugging Face folder holding the same weights)."""
     from model import GPT, Engine, GPTConfig, save_pretrained
-    from pipelines.params import load_params
+    from pipelines.common.params import load_params
 
     if preset is None and (Path("artifacts/model") / "config.json").is_file():
         return Engine.from_pretrained("artifacts/model"), "artifacts/model", Path("artifacts/model")
@@ -58,8 +58,8 @@ def build_engine(preset: str | None = None):
 
 
 def synthetic_tokenizer() -> Path:
-    from pipelines.params import TokenizerParams
-    from pipelines.tokenizer import save_tokenizer, train_tokenizer
+    from pipelines.common.params import TokenizerParams
+    from pipelines.tokenize.stage import save_tokenizer, train_tokenizer
 
     out = Path(tempfile.mkdtemp(prefix="bench-tok-"))
     save_tokenizer(train_tokenizer(iter(synthetic_texts(200)), TokenizerParams(vocab_size=4096)), out)
@@ -79,9 +79,9 @@ def record_requests(engine, params, max_items: int) -> dict[str, list]:
     import contextlib
     import io
 
-    from pipelines.evaluate import read_texts, run_lm_eval
-    from pipelines.lm_eval_adapter import QuillLM
-    from pipelines.task_pack import build_task_pack
+    from pipelines.evaluate.stage import read_texts, run_lm_eval
+    from pipelines.evaluate.lm_eval_adapter import QuillLM
+    from pipelines.evaluate.task_pack import build_task_pack
 
     clean = Path("data/clean")
     if (clean / "test.jsonl").is_file() and (clean / "val.jsonl").is_file():
@@ -115,8 +115,8 @@ def record_requests(engine, params, max_items: int) -> dict[str, list]:
 
 
 def main() -> int:
-    from pipelines.lm_eval_adapter import QuillLM
-    from pipelines.params import load_params
+    from pipelines.evaluate.lm_eval_adapter import QuillLM
+    from pipelines.common.params import load_params
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)

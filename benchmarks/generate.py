@@ -90,7 +90,7 @@ def bench_config(name: str) -> GPTConfig:
     """`params`: the CPU default from params.yaml (model section, tokenizer.vocab_size); else a preset."""
     if name != "params":
         return GPTConfig.from_preset(name)
-    from pipelines.params import load_params
+    from pipelines.common.params import load_params
 
     p = load_params()
     return p.model.config(p.tokenizer.vocab_size)

@@ -5,7 +5,7 @@ vocabulary of pseudo-words (so that, as in real text, common words make unrelate
 few shingles), 1-3 variants of most bases with 5-15 % of their words substituted, deleted or
 inserted, and unrelated documents. Ground truth: documents built from the same base are duplicates.
 
-Ours: `pipelines.dedup` exactly as the clean stage calls it (sketch each document, MinHash LSH,
+Ours: `pipelines.clean.dedup` exactly as the clean stage calls it (sketch each document, MinHash LSH,
 exact verification of candidates, clusters), with `data.dedup` from params.yaml.
 Baseline: exact Jaccard of the same shingle sets over all pairs (Python sets), same threshold, same
 clustering. Quality is precision and recall of same-cluster pairs against the ground truth; the
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines import dedup
-from pipelines.params import DedupParams, load_params
+from pipelines.clean.stage import dedup
+from pipelines.common.params import DedupParams, load_params
 
 SYLLABLES = "ba be bi bo bu da de di do du fa fe fi fo ka ke ki ko la le li lo lu ma me mi mo na ne ni no " \
             "ra re ri ro sa se si so ta te ti to va ve vi wa we wi ya yo za ze th sh ch an en in on ar er or".split()

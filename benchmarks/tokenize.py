@@ -21,8 +21,8 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from pipelines.params import load_params
-from pipelines.tokenizer import CLEAN_DIR, SPLITS, TOKENIZER_DIR, batches, encode_documents, encode_split, read_texts
+from pipelines.common.params import load_params
+from pipelines.tokenize.stage import CLEAN_DIR, SPLITS, TOKENIZER_DIR, batches, encode_documents, encode_split, read_texts
 
 
 def best_of(repeats: int, fn) -> tuple[float, object]:

@@ -2,7 +2,7 @@
 
 Both sides train the same GPT (same seed, same init) on the same windows of the same synthetic token
 shards (TrainWindows), with the same AdamW groups, learning-rate schedule, gradient clipping and
-accumulation. "Ours" is pipelines.train's Trainer (built by the same `build_trainer`) with the
+accumulation. "Ours" is pipelines.train.stage's Trainer (built by the same `build_trainer`) with the
 LightningModule, NaN check and TrainLog callback; MLflow and checkpoint writes are off (they are
 I/O, not training). Each side runs in its own fresh process, alternately, `--repeats` times; the best
 tokens/s of each is kept (the machine is shared). Peak memory is the training loop's: CUDA's
@@ -67,9 +67,9 @@ def setup(args):
     import torch
 
     from model import GPTConfig
-    from pipelines.params import TrainParams
-    from pipelines.train import resolve_precision, uses_cuda
-    from pipelines.train_data import TokenData
+    from pipelines.common.params import TrainParams
+    from pipelines.train.stage import resolve_precision, uses_cuda
+    from pipelines.train.data import TokenData
 
     data = TokenData.open(args.data)
     overrides = {"vocab_size": data.vocab_size}
@@ -128,10 +128,10 @@ def run_ours(args) -> dict:
     import pytorch_lightning as pl
     import torch
 
-    from pipelines.lit_gpt import LitGPT
-    from pipelines.train import build_trainer
-    from pipelines.train_data import TokenDataModule
-    from pipelines.train_log import TrainLog
+    from pipelines.train.lit_gpt import LitGPT
+    from pipelines.train.stage import build_trainer
+    from pipelines.train.data import TokenDataModule
+    from pipelines.train.log import TrainLog
 
     data, config, t, precision, device = setup(args)
     memory = Memory(device)
@@ -163,8 +163,8 @@ def run_baseline(args) -> dict:
     import torch
 
     from model import GPT
-    from pipelines.lit_gpt import lr_at, param_groups
-    from pipelines.train_data import TrainWindows
+    from pipelines.train.lit_gpt import lr_at, param_groups
+    from pipelines.train.data import TrainWindows
 
     data, config, t, precision, device = setup(args)
     memory = Memory(device)
@@ -203,7 +203,7 @@ def run_baseline(args) -> dict:
 
 
 def result(args, times, tokens_per_step, peak_mb, model, precision, device) -> dict:
-    from pipelines.train_log import peak_flops
+    from pipelines.train.log import peak_flops
 
     timed = times[args.warmup - 1:] if args.warmup else times
     seconds = timed[-1] - timed[0]

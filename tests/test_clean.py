@@ -17,11 +17,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines import clean as clean_mod
-from pipelines import dedup
-from pipelines.clean import CleanError, clean_corpus, cut_passages
-from pipelines.params import DataParams
-from pipelines.textclean import (
+from pipelines.clean import stage as clean_mod
+from pipelines.clean import dedup
+from pipelines.clean.stage import CleanError, clean_corpus, cut_passages
+from pipelines.common.params import DataParams
+from pipelines.clean.textclean import (
     TextCleaner,
     binary_reason,
     clean_text,
@@ -662,8 +662,8 @@ def test_cli_errors_are_one_clear_line(tmp_path: Path) -> None:
 MEMORY_PROBE = """
 import resource, sys
 from pathlib import Path
-from pipelines.clean import clean_corpus
-from pipelines.params import DataParams
+from pipelines.clean.stage import clean_corpus
+from pipelines.common.params import DataParams
 root = Path(sys.argv[1])
 params = DataParams(sources=[{"type": "local", "path": "c"}])
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from model import GPT, Engine, GPTConfig, save_pretrained
-from pipelines.lm_eval_adapter import QuillLM, rolling_loglikelihood, rolling_windows, split_documents
-from pipelines.ngram import ByteNgram, uniform_bpb
-from pipelines.params import EvalParams, TokenizerParams
-from pipelines.task_pack import TASKS, build_task_pack
-from pipelines.tokenizer import tokenize_corpus
+from pipelines.evaluate.lm_eval_adapter import QuillLM, rolling_loglikelihood, rolling_windows, split_documents
+from pipelines.evaluate.ngram import ByteNgram, uniform_bpb
+from pipelines.common.params import EvalParams, TokenizerParams
+from pipelines.evaluate.task_pack import TASKS, build_task_pack
+from pipelines.tokenize.stage import tokenize_corpus
 from tests.conftest import REPO, make_document
 
 
@@ -112,7 +112,7 @@ def test_rolling_loglikelihood_equals_token_by_token_computation(engine, project
 
 def test_bits_per_byte_of_a_uniform_model_is_log2_vocab_per_byte(project):
     """All-zero weights give logits of 0: every token costs log2(V) bits, so bpb = tokens * log2(V) / bytes."""
-    from pipelines.evaluate import held_out
+    from pipelines.evaluate.stage import held_out
 
     vocab = json.loads((project / "data/tokens/meta.json").read_text())["vocab_size"]
     model = GPT(GPTConfig.from_preset("tiny", vocab_size=vocab))
@@ -127,7 +127,7 @@ def test_bits_per_byte_of_a_uniform_model_is_log2_vocab_per_byte(project):
 
 def test_held_out_bpb_by_hand_on_fixture(engine, project):
     """bpb = -(sum of every test token's natural-log prob) / ln 2 / (UTF-8 bytes of the test text)."""
-    from pipelines.evaluate import held_out
+    from pipelines.evaluate.stage import held_out
 
     docs = held_out_docs(project)[:3]  # the naive computation runs one forward per token
     texts = [json.loads(line)["text"] for line in open(project / "data/clean/test.jsonl")][:3]
@@ -221,7 +221,7 @@ def test_rolling_task_agrees_with_held_out_metric(engine, project, tmp_path):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from pipelines.evaluate import held_out
+    from pipelines.evaluate.stage import held_out
 
     test = read_split(project, "test")
     build_task_pack(test, read_split(project, "val"), tmp_path / "pack", max_items=5, seed=1)
@@ -270,8 +270,8 @@ def in_project(project, tmp_path, monkeypatch) -> Path:
 @pytest.mark.slow
 @pytest.mark.integration
 def test_evaluate_stage_writes_metrics_reports_and_mlflow(in_project):
-    from pipelines.evaluate import evaluate
-    from pipelines.tracking import mlflow_client
+    from pipelines.evaluate.stage import evaluate
+    from pipelines.common.tracking import mlflow_client
 
     m = evaluate(SMALL)
     on_disk = json.loads(Path("metrics/eval.json").read_text())
@@ -305,7 +305,7 @@ def run_main(module) -> tuple[int, str]:
 def test_missing_model_folder_fails_fast_with_one_line(in_project):
     import shutil
 
-    from pipelines import evaluate
+    from pipelines.evaluate import stage as evaluate
 
     Path("params.yaml").write_text("data:\n  sources: [{type: local, path: x}]\n")
     shutil.rmtree("artifacts/model")
@@ -315,7 +315,7 @@ def test_missing_model_folder_fails_fast_with_one_line(in_project):
 
 
 def test_tokenizer_mismatch_fails_fast(in_project):
-    from pipelines import evaluate
+    from pipelines.evaluate import stage as evaluate
 
     Path("params.yaml").write_text("data:\n  sources: [{type: local, path: x}]\n")
     meta = json.loads(Path("data/tokens/meta.json").read_text())
@@ -326,7 +326,7 @@ def test_tokenizer_mismatch_fails_fast(in_project):
 
 
 def test_incompatible_model_folder_fails_fast(in_project):
-    from pipelines import evaluate
+    from pipelines.evaluate import stage as evaluate
 
     Path("params.yaml").write_text("data:\n  sources: [{type: local, path: x}]\n")
     Path("artifacts/model/config.json").write_text(json.dumps({"model_type": "gpt2"}))
@@ -336,7 +336,7 @@ def test_incompatible_model_folder_fails_fast(in_project):
 
 @pytest.mark.slow
 def test_unknown_task_fails_fast(in_project):
-    from pipelines import evaluate
+    from pipelines.evaluate import stage as evaluate
 
     Path("params.yaml").write_text("data:\n  sources: [{type: local, path: x}]\neval:\n  tasks: [quill_cloze, no_such_task]\n")
     code, err = run_main(evaluate)
@@ -346,7 +346,7 @@ def test_unknown_task_fails_fast(in_project):
 def test_unreachable_tracking_server_fails_fast(in_project, monkeypatch):
     import socket
 
-    from pipelines import evaluate
+    from pipelines.evaluate import stage as evaluate
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
@@ -361,7 +361,7 @@ def test_unreachable_tracking_server_fails_fast(in_project, monkeypatch):
 def test_lm_eval_command_line_runs_a_quill_model(project, tmp_path):
     """`--model quill` from lm-eval's own CLI (which asks for device cuda by default) on a CPU-only machine."""
     build_task_pack(read_split(project, "test"), read_split(project, "val"), tmp_path / "tasks", max_items=5, seed=7)
-    code = "import sys, pipelines.lm_eval_adapter, lm_eval.__main__ as m; sys.argv[0] = 'lm_eval'; m.cli_evaluate()"
+    code = "import sys, pipelines.evaluate.lm_eval_adapter, lm_eval.__main__ as m; sys.argv[0] = 'lm_eval'; m.cli_evaluate()"
     out = tmp_path / "cli-out"
     result = subprocess.run(
         [sys.executable, "-c", code, "--model", "quill", "--model_args", f"pretrained={project / 'artifacts/model'}",

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.ingest import IngestError, ingest, matches
-from pipelines.params import HfSource, LocalSource, PypiSdistSource
+from pipelines.ingest.stage import IngestError, ingest, matches
+from pipelines.common.params import HfSource, LocalSource, PypiSdistSource
 from tests.conftest import run_module
 
 

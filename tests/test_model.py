@@ -250,7 +250,7 @@ def test_attention_maps_reproduce_the_attention_output(model):
 
 
 def test_plot_attention_writes_png(model, tmp_path):
-    from pipelines.attention_plot import plot_attention
+    from pipelines.evaluate.attention_plot import plot_attention
 
     tokens = ["To", " be", ",", " or", "\n", "🙂"]
     maps = model.attention_maps(torch.randint(0, 97, (1, 6)))

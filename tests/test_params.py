@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.params import LocalSource, ParamsError, PypiSdistSource, load_params, parse_params
+from pipelines.common.params import LocalSource, ParamsError, PypiSdistSource, load_params, parse_params
 
 REPO = Path(__file__).resolve().parents[1]
 

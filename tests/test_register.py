@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.params import RegistryParams
+from pipelines.common.params import RegistryParams
 from tests.conftest import run_module
 from tests.test_evaluate import make_project
 
@@ -42,7 +42,7 @@ def proj(built, tmp_path, monkeypatch) -> Path:
 
 
 def new_run() -> str:
-    from pipelines import tracking
+    from pipelines.common import tracking
 
     client = tracking.mlflow_client()
     return client.create_run(tracking.get_or_create_experiment(client), run_name="evaluate").info.run_id
@@ -50,7 +50,7 @@ def new_run() -> str:
 
 def write_eval(bpb: float, run_id: str, data_sha: str | None = None, model_sha: str | None = None) -> None:
     """metrics/eval.json as the evaluate stage writes it (the numbers are chosen by the test)."""
-    from pipelines.tracking import content_hash
+    from pipelines.common.tracking import content_hash
 
     Path("metrics").mkdir(exist_ok=True)
     Path("metrics/eval.json").write_text(json.dumps({
@@ -75,8 +75,8 @@ def champion_version(client) -> str:
 
 
 def test_promotion_rules_first_worse_better_forced(proj):
-    from pipelines.register import register
-    from pipelines.tracking import mlflow_client
+    from pipelines.register.stage import register
+    from pipelines.common.tracking import mlflow_client
 
     client = mlflow_client()
     params = RegistryParams(model_name=NAME, min_improvement=0.05)
@@ -113,8 +113,8 @@ def test_promotion_rules_first_worse_better_forced(proj):
 
 def test_a_training_run_missing_from_the_store_is_named_not_fatal(proj, capsys):
     """The model was trained against another store: registration goes on, the card leaves out its metrics."""
-    from pipelines.register import register
-    from pipelines.tracking import mlflow_client
+    from pipelines.register.stage import register
+    from pipelines.common.tracking import mlflow_client
 
     missing = "0" * 32
     Path("artifacts/model/quill_run.json").write_text(json.dumps({"mlflow_run_id": missing}))
@@ -127,8 +127,8 @@ def test_a_training_run_missing_from_the_store_is_named_not_fatal(proj, capsys):
 
 def test_changed_test_split_reevaluates_the_champion(proj):
     from model import Engine
-    from pipelines.evaluate import held_out, read_texts
-    from pipelines.register import register
+    from pipelines.evaluate.stage import held_out, read_texts
+    from pipelines.register.stage import register
 
     params = RegistryParams(model_name=NAME, min_improvement=0.01)
     run_id = new_run()
@@ -149,8 +149,8 @@ def test_pyfunc_model_round_trips_and_generates(proj):
     import mlflow
 
     from model import Engine, SamplingParams
-    from pipelines.pyfunc_model import HF_MODEL_PATH
-    from pipelines.register import register
+    from pipelines.register.pyfunc_model import HF_MODEL_PATH
+    from pipelines.register.stage import register
 
     write_eval(3.0, new_run())
     register(RegistryParams(model_name=NAME))
@@ -169,8 +169,8 @@ def test_pyfunc_model_round_trips_and_generates(proj):
 
 
 def test_stale_or_missing_evaluation_registers_nothing(proj):
-    from pipelines import register as reg
-    from pipelines.tracking import mlflow_client
+    from pipelines.register import stage as reg
+    from pipelines.common.tracking import mlflow_client
 
     code, err = _main(reg)
     assert code == 1 and "metrics/eval.json missing" in err
@@ -228,7 +228,7 @@ def mlflow_server(tmp_path) -> str:
 def test_http_server_concurrent_registrations_give_one_champion(proj, mlflow_server, monkeypatch):
     import mlflow
 
-    from pipelines.tracking import mlflow_client
+    from pipelines.common.tracking import mlflow_client
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     write_eval(3.0, new_run())
@@ -259,7 +259,7 @@ def test_http_server_concurrent_registrations_give_one_champion(proj, mlflow_ser
 
 
 def test_register_refuses_unreachable_server(proj, monkeypatch):
-    from pipelines import register as reg
+    from pipelines.register import stage as reg
 
     write_eval(3.0, "no-run")
     with socket.socket() as s:

@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
-from pipelines.params import TokenizerParams
-from pipelines.tokenizer import EOT, SPECIAL_TOKENS, TokenizeError, token_dtype, tokenize_corpus
+from pipelines.common.params import TokenizerParams
+from pipelines.tokenize.stage import EOT, SPECIAL_TOKENS, TokenizeError, token_dtype, tokenize_corpus
 from tests.conftest import make_document
 
 TRICKY = [

@@ -17,13 +17,13 @@ import torch
 from tqdm import tqdm
 
 from model import GPT, GPTConfig, load_pretrained
-from pipelines import checkpoints as ckpt
-from pipelines.lit_gpt import LitGPT, lr_at, param_groups
-from pipelines.params import TokenizerParams, TrainParams, parse_params
-from pipelines.tokenizer import tokenize_corpus
-from pipelines.train import (Paths, TrainError, incompatibilities, resolve_precision, resolve_strategy, total_steps,
+from pipelines.train import checkpoints as ckpt
+from pipelines.train.lit_gpt import LitGPT, lr_at, param_groups
+from pipelines.common.params import TokenizerParams, TrainParams, parse_params
+from pipelines.tokenize.stage import tokenize_corpus
+from pipelines.train.stage import (Paths, TrainError, incompatibilities, resolve_precision, resolve_strategy, total_steps,
                              train)
-from pipelines.train_data import (DataError, TokenData, TrainWindows, bits_per_byte, val_offsets,
+from pipelines.train.data import (DataError, TokenData, TrainWindows, bits_per_byte, val_offsets,
                                   window_offsets)
 from tests.test_tokenizer import write_clean
 
@@ -358,7 +358,7 @@ def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(work,
 
 
 def test_missing_shards_and_bad_keys_fail_in_one_line(tmp_path, monkeypatch, capsys):
-    from pipelines.train import main
+    from pipelines.train.stage import main
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text("data:\n  sources: [{type: local, path: x}]\nmodel: {preset: tiny}\n")

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from pipelines.checkpoints import list_checkpoints
+from pipelines.train.checkpoints import list_checkpoints
 from tests.conftest import REPO, VENV_BIN
 from tests.test_train import TINY_TRAIN, build_shards
 

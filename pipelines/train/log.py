@@ -20,8 +20,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import TQDMProgressBar
 
-from pipelines.atomic import atomic_file
-from pipelines.train_data import bits_per_byte
+from pipelines.common.atomic import atomic_file
+from pipelines.train.data import bits_per_byte
 
 TRAIN_COLUMNS = ("step", "tokens", "train_loss", "lr", "grad_norm", "tokens_per_s", "mfu")
 VAL_COLUMNS = ("step", "tokens", "val_loss", "val_bpb")

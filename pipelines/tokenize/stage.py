@@ -9,7 +9,7 @@ Out: data/tokenizer/                          tokenizer.json, tokenizer_config.j
      data/tokens/meta.json                    dtype, vocab size, special ids, per-split tokens/docs/bytes
      metrics/tokenize.json                    vocab_size, tokens per split, bytes_per_token,
                                               encode_mb_per_s, tokenizer_sha256
-Run: python -m pipelines.tokenizer            (or `dvc repro tokenize`)
+Run: python -m pipelines.tokenize            (or `dvc repro tokenize`)
 
 (The module is not called tokenize.py: that would shadow the standard library's tokenize.)
 """
@@ -27,8 +27,8 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
-from pipelines.atomic import atomic_dir, write_json
-from pipelines.params import ParamsError, TokenizerParams, load_params
+from pipelines.common.atomic import atomic_dir, write_json
+from pipelines.common.params import ParamsError, TokenizerParams, load_params
 
 CLEAN_DIR = Path("data/clean")
 TOKENIZER_DIR = Path("data/tokenizer")
@@ -207,6 +207,3 @@ def main() -> int:
           f"{metrics['bytes_per_token']} bytes/token, {metrics['encode_mb_per_s']} MB/s")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

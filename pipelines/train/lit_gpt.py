@@ -18,7 +18,7 @@ import pytorch_lightning as pl
 import torch
 
 from model import GPT, GPTConfig
-from pipelines.params import TrainParams
+from pipelines.common.params import TrainParams
 
 
 class NonFiniteLossError(RuntimeError):

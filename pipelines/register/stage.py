@@ -35,9 +35,9 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.atomic import write_json
-from pipelines.params import ParamsError, RegistryParams, load_params
-from pipelines.tracking import tracking_uri
+from pipelines.common.atomic import write_json
+from pipelines.common.params import ParamsError, RegistryParams, load_params
+from pipelines.common.tracking import tracking_uri
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HEADLINE = ("test_bpb", "test_loss", "test_ppl")  # also every task's 0-shot scores
@@ -67,8 +67,8 @@ def log(msg: str) -> None:
 
 def read_evaluation(paths: Paths) -> dict:
     """metrics/eval.json, after checking it is complete and describes the model in artifacts/model."""
-    from pipelines.evaluate import EvalError, check_model_dir
-    from pipelines.tracking import content_hash
+    from pipelines.evaluate.stage import EvalError, check_model_dir
+    from pipelines.common.tracking import content_hash
 
     try:
         check_model_dir(paths.model)
@@ -152,8 +152,8 @@ def reevaluate_bpb(model_uri: str, test_file: Path, stride: int | None) -> float
     import mlflow
 
     from model import Engine
-    from pipelines.evaluate import held_out, read_texts
-    from pipelines.pyfunc_model import HF_MODEL_PATH
+    from pipelines.evaluate.stage import held_out, read_texts
+    from pipelines.register.pyfunc_model import HF_MODEL_PATH
 
     local = Path(mlflow.artifacts.download_artifacts(model_uri))
     engine = Engine.from_pretrained(local / HF_MODEL_PATH)
@@ -195,8 +195,8 @@ def decide(client, name: str, version: str, metrics: dict, params: RegistryParam
 
 
 def version_tags(metrics: dict, run_id: str, n_params: int, paths: Paths) -> dict[str, str]:
-    from pipelines.evaluate import flat_metrics, training_run_id
-    from pipelines.tracking import git_commit, input_hashes
+    from pipelines.evaluate.stage import flat_metrics, training_run_id
+    from pipelines.common.tracking import git_commit, input_hashes
 
     tags = {
         "git_commit": git_commit() or "unknown",
@@ -235,7 +235,7 @@ def log_pyfunc(model_dir: Path, run_id: str, n_examples: list[str]):
     import pandas as pd
     from mlflow.models import infer_signature
 
-    from pipelines import pyfunc_model
+    from pipelines.register import pyfunc_model
 
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # mlflow's hints about type hints and integer columns
@@ -255,7 +255,7 @@ def log_pyfunc(model_dir: Path, run_id: str, n_examples: list[str]):
 
 def register(params: RegistryParams, paths: Paths = Paths()) -> dict:
     """Log, register, decide, write artifacts/registered.json; return its content."""
-    from pipelines.evaluate import EvalError, check_tracking
+    from pipelines.evaluate.stage import EvalError, check_tracking
 
     metrics = read_evaluation(paths)
     try:
@@ -267,8 +267,8 @@ def register(params: RegistryParams, paths: Paths = Paths()) -> dict:
     from mlflow.exceptions import MlflowException
 
     from model.hf import load_pretrained
-    from pipelines import tracking
-    from pipelines.model_card import render_card
+    from pipelines.common import tracking
+    from pipelines.register.model_card import render_card
 
     mlflow.set_tracking_uri(uri)
     client = tracking.mlflow_client(uri)
@@ -335,6 +335,3 @@ def main() -> int:
           f"{'promoted' if result['promoted'] else 'not promoted'} ({result['why']})")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

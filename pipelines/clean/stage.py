@@ -10,8 +10,8 @@ Run:  python -m pipelines.clean          (or `dvc repro clean`)
 
 A document is a text file (.txt, .md, .html, ...; optionally gzipped) or one line of a .jsonl file.
 Each one is decoded (BOMs, UTF-16, UTF-8, legacy encodings via charset-normalizer), cleaned
-(pipelines.textclean), checked for length, then deduplicated: exact duplicates by the SHA-256 of the
-cleaned text, near duplicates by MinHash LSH over word shingles (pipelines.dedup); in both cases the
+(pipelines.clean.textclean), checked for length, then deduplicated: exact duplicates by the SHA-256 of the
+cleaned text, near duplicates by MinHash LSH over word shingles (pipelines.clean.dedup); in both cases the
 first document in sorted path order is kept. Kept documents are cut at paragraph boundaries into
 passages of about `split.passage_chars` characters, and each passage goes to a split by a hash of
 its text, so adding a document never moves another one's passages.
@@ -40,11 +40,11 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
-from pipelines import dedup
-from pipelines.atomic import atomic_dir, write_json
-from pipelines.params import DataParams, ParamsError, load_params
-from pipelines.textclean import HEAD_BYTES, TextCleaner, binary_reason, detect_encoding, html_to_text
-from pipelines.textclean import looks_like_html, looks_like_metadata
+from pipelines.clean import dedup
+from pipelines.common.atomic import atomic_dir, write_json
+from pipelines.common.params import DataParams, ParamsError, load_params
+from pipelines.clean.textclean import HEAD_BYTES, TextCleaner, binary_reason, detect_encoding, html_to_text
+from pipelines.clean.textclean import looks_like_html, looks_like_metadata
 
 RAW_DIR = Path("data/raw")
 OUT_DIR = Path("data/clean")
@@ -335,7 +335,7 @@ def read_documents(raw_dir: Path, params: DataParams, spill: BinaryIO) -> list[D
 
 
 def deduplicate(docs: list[Doc], params: DataParams, spill: BinaryIO) -> None:
-    """Mark exact duplicates (same cleaned text) and near duplicates (pipelines.dedup) among kept docs."""
+    """Mark exact duplicates (same cleaned text) and near duplicates (pipelines.clean.dedup) among kept docs."""
     first_with: dict[str, Doc] = {}
     for doc in docs:
         if doc.outcome != "kept":
@@ -511,6 +511,3 @@ def main() -> None:
         f"report: {REPORT_DIR / 'report.md'}"
     )
 
-
-if __name__ == "__main__":
-    main()

@@ -33,13 +33,13 @@ import torch
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from model import save_pretrained
-from pipelines.atomic import write_json
-from pipelines.checkpoints import SafeCheckpointIO, StepCheckpoint, latest_valid, list_checkpoints
-from pipelines.lit_gpt import LitGPT, NonFiniteLossError
-from pipelines.params import Params, ParamsError, TrainParams, load_params
-from pipelines.train_data import DataError, TokenData, TokenDataModule
-from pipelines.tracking import RUN_FILE
-from pipelines.train_log import StepProgressBar, TrainLog
+from pipelines.common.atomic import write_json
+from pipelines.train.checkpoints import SafeCheckpointIO, StepCheckpoint, latest_valid, list_checkpoints
+from pipelines.train.lit_gpt import LitGPT, NonFiniteLossError
+from pipelines.common.params import Params, ParamsError, TrainParams, load_params
+from pipelines.train.data import DataError, TokenData, TokenDataModule
+from pipelines.common.tracking import RUN_FILE
+from pipelines.train.log import StepProgressBar, TrainLog
 
 # train.* keys that may change between an interrupted run and its resumption; any other change
 # would make the resumed run differ from an uninterrupted one, so it is refused (naming the key)
@@ -149,7 +149,7 @@ def start_run(client, run_id: str | None, params: Params, run_info: dict, extra:
     """Continue `run_id` if the store still has it, else create a run with every param that shaped it."""
     from mlflow.exceptions import MlflowException
 
-    from pipelines import tracking
+    from pipelines.common import tracking
 
     if run_id is not None:
         try:
@@ -235,7 +235,7 @@ def train(params: Params, paths: Paths = Paths(), *, fast_dev_run: bool = False,
     flops_per_token = lit.model.flops_per_token(config.block_size)
     client = None
     if trainer.is_global_zero and not fast_dev_run:
-        from pipelines import tracking
+        from pipelines.common import tracking
 
         client = tracking.mlflow_client(tracking_uri)
         extra = {"world_size": world_size, "precision_resolved": precision, "tokens_per_step": tokens_per_step,
@@ -281,7 +281,7 @@ def train(params: Params, paths: Paths = Paths(), *, fast_dev_run: bool = False,
 
 def export(lit: LitGPT, log: TrainLog, metrics: dict, run_info: dict, paths: Paths, client, tracking_uri) -> None:
     """Write the model folder, metrics and plots, and attach them to the MLflow run (rank 0 only)."""
-    from pipelines import tracking
+    from pipelines.common import tracking
 
     save_pretrained(lit.model, paths.model_out, tokenizer_dir=paths.tokenizer)
     run_id = run_info["mlflow_run_id"]
@@ -327,6 +327,3 @@ def main() -> int:
     print(f"train: {json.dumps(summary)}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

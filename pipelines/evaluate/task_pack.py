@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from pipelines.atomic import write_text
+from pipelines.common.atomic import write_text
 
 CLOZE_CONTEXT_WORDS = 40  # a cloze passage holds about this many words before the hidden one
 NEXTLINE_CONTEXT_LINES = 3  # lines of context before the four candidate lines

@@ -28,8 +28,8 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
-from pipelines.atomic import atomic_dir, write_json
-from pipelines.params import HfSource, LocalSource, ParamsError, PypiSdistSource, Source, load_params
+from pipelines.common.atomic import atomic_dir, write_json
+from pipelines.common.params import HfSource, LocalSource, ParamsError, PypiSdistSource, Source, load_params
 
 RAW_DIR = Path("data/raw")
 MANIFEST = "manifest.json"
@@ -230,6 +230,3 @@ def main() -> int:
           + (f", {len(manifest['skipped'])} skipped (see manifest.json)" if manifest["skipped"] else ""))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

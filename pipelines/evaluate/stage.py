@@ -39,10 +39,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.atomic import atomic_file, write_json, write_text
-from pipelines.params import EvalParams, ParamsError, load_params
-from pipelines.model_card import fmt_value, table_cell
-from pipelines.tracking import RUN_FILE, tracking_uri
+from pipelines.common.atomic import atomic_file, write_json, write_text
+from pipelines.common.params import EvalParams, ParamsError, load_params
+from pipelines.register.model_card import fmt_value, table_cell
+from pipelines.common.tracking import RUN_FILE, tracking_uri
 
 IDENTITY = ("model_sha256", "tokenizer_sha256", "test_data_sha256", "test_window_stride", "mlflow_run_id")
 SHA_KEY = "quill_tokenizer_sha256"
@@ -113,7 +113,7 @@ def read_meta(tokens_dir: Path) -> dict:
 
 def check_tasks(tasks: list[str]) -> None:
     """Every eval.tasks name is in the local pack or known to lm-eval."""
-    from pipelines.task_pack import TASKS
+    from pipelines.evaluate.task_pack import TASKS
 
     unknown = [t for t in tasks if t not in TASKS]
     if not unknown:
@@ -152,7 +152,7 @@ def held_out(model, docs: list[list[int]], prefix_id: int, n_bytes: int, stride:
 
     `cache`, if given, receives {tuple(document ids): log-likelihood} (QuillLM's rolling_cache: lm-eval's
     perplexity task then reuses these numbers instead of computing the same windows again)."""
-    from pipelines.lm_eval_adapter import perplexity_summary, rolling_loglikelihood
+    from pipelines.evaluate.lm_eval_adapter import perplexity_summary, rolling_loglikelihood
 
     logliks = rolling_loglikelihood(model, docs, prefix_id, stride, batch_size, desc=desc)
     if cache is not None:
@@ -278,7 +278,7 @@ def attention_png(engine, prompt: str, path: Path) -> Path:
     """Heatmaps of every layer and head for one prompt (model/attention_plot.py)."""
     import torch
 
-    from pipelines.attention_plot import plot_attention
+    from pipelines.evaluate.attention_plot import plot_attention
 
     ids = engine.encode(prompt)[: min(32, engine.config.block_size)] or [engine.eos_token_id]
     with torch.inference_mode():
@@ -343,7 +343,7 @@ def log_to_mlflow(model_dir: Path, metrics: dict, samples: list[dict], paths: Pa
     from mlflow.entities import Metric
     from mlflow.exceptions import MlflowException
 
-    from pipelines import tracking
+    from pipelines.common import tracking
 
     client = tracking.mlflow_client()
     run_id = training_run_id(model_dir)
@@ -390,10 +390,10 @@ def evaluate(params: EvalParams, paths: Paths = Paths()) -> dict:
 
     from model import Engine
     from model.hf import file_sha256
-    from pipelines.lm_eval_adapter import QuillLM, split_documents
-    from pipelines.ngram import ByteNgram, uniform_bpb
-    from pipelines.task_pack import build_task_pack
-    from pipelines.tracking import content_hash
+    from pipelines.evaluate.lm_eval_adapter import QuillLM, split_documents
+    from pipelines.evaluate.ngram import ByteNgram, uniform_bpb
+    from pipelines.evaluate.task_pack import build_task_pack
+    from pipelines.common.tracking import content_hash
 
     torch.manual_seed(params.seed)
     try:
@@ -479,6 +479,3 @@ def main() -> int:
           f"uniform {metrics['reference']['uniform_bpb']:.4f}); tasks {json.dumps(tasks)}; {metrics['seconds']} s")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

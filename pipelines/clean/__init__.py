@@ -1,0 +1,1 @@
+"""The clean stage (`python -m pipelines.clean`): see stage.py."""

@@ -1,0 +1,1 @@
+"""The evaluate stage (`python -m pipelines.evaluate`): see stage.py."""

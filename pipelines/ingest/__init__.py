@@ -1,0 +1,1 @@
+"""The ingest stage (`python -m pipelines.ingest`): see stage.py."""

@@ -1,0 +1,1 @@
+"""The register stage (`python -m pipelines.register`): see stage.py."""

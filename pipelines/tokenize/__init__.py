@@ -1,0 +1,1 @@
+"""The tokenize stage (`python -m pipelines.tokenize`): see stage.py."""

@@ -1,0 +1,1 @@
+"""The train stage (`python -m pipelines.train`): see stage.py."""
