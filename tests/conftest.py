@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
+from tests.helpers.paths import REPO, run_module
 
 # A small vocabulary: random documents over it share almost no 3-word shingles, so they are not near duplicates.
 WORDS = (
@@ -57,20 +56,6 @@ def write_corpus(root: Path, n_docs: int = 40, seed: int = 0) -> Path:
 @pytest.fixture
 def corpus_dir(tmp_path: Path) -> Path:
     return write_corpus(tmp_path / "corpus")
-
-
-def run_module(module: str, cwd: Path, *args: str, check: bool = False, env: dict | None = None,
-               timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run `python -m <module>` from `cwd` the way a user or DVC does (with the repo importable)."""
-    import os
-
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
-                **(env or {})}
-    result = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env, capture_output=True,
-                            text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{module} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
 
 
 @pytest.fixture(scope="session")

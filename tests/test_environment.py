@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, VENV_BIN
+from tests.helpers.paths import REPO, VENV_BIN, free_port
 
 ENGINES = ["torch", "pytorch_lightning", "mlflow", "prefect", "dvc", "ray", "ray.serve", "tokenizers", "datasketch",
            "lm_eval", "transformers", "safetensors", "openai", "fastapi", "charset_normalizer", "sacrebleu",
@@ -42,12 +42,6 @@ def test_installed_versions_match_the_lock():
              if name not in {"torch"} and md.version(name) != version}
     assert not wrong, f"installed versions differ from requirements.lock (run `make setup`): {wrong}"
     assert md.version("torch").split("+")[0] == pins["torch"].split("+")[0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.integration

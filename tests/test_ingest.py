@@ -13,7 +13,7 @@ import pytest
 
 from pipelines.ingest.stage import IngestError, ingest, matches
 from pipelines.common.params import HfSource, LocalSource, PypiSdistSource
-from tests.conftest import run_module
+from tests.helpers.paths import run_module
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.common.params import RegistryParams
-from tests.conftest import run_module
+from tests.helpers.paths import run_module
 from tests.test_evaluate import make_project
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -205,6 +205,33 @@ class RegistryParams(Section):
     lock_timeout_s: float = Field(default=300, gt=0)  # wait this long for another registration of the same name
 
 
+# --- serve ------------------------------------------------------------------------------------
+
+
+class ServeParams(Section):
+    """The Ray Serve application (pipelines/serve): where it listens, what it serves, how it scales and what it refuses."""
+
+    host: str = "127.0.0.1"  # loopback unless you mean to expose it
+    port: int = Field(default=8000, ge=1, le=65535)
+    model: str | None = None  # registry URI or local folder; None = models:/<registry.model_name>@champion
+    num_replicas: int = Field(default=1, ge=1)  # fixed replica count (ignored when autoscaling is set)
+    min_replicas: int | None = Field(default=None, ge=0)  # autoscaling bounds (both set = autoscaling on)
+    max_replicas: int | None = Field(default=None, ge=1)
+    num_gpus_per_replica: float = Field(default=0, ge=0)  # ray_actor_options; > 0 on GPU machines
+    num_cpus_per_replica: float = Field(default=1, gt=0)
+    max_ongoing_requests: int = Field(default=64, ge=1)  # per replica, running + waiting in the scheduler
+    max_queued_requests: int = Field(default=128, ge=0)  # Ray Serve's queue bound; past it: 503 + Retry-After
+    max_batch_size: int = Field(default=16, ge=1)  # KV-cache slots per replica (sequences decoded together)
+    default_max_tokens: int = Field(default=128, ge=1)  # when a request names none
+    max_tokens_cap: int = Field(default=1024, ge=1)  # the most a request may ask for
+    max_n: int = Field(default=8, ge=1)
+    max_logprobs: int = Field(default=20, ge=0, le=20)
+    max_stop_sequences: int = Field(default=4, ge=0)
+    max_stop_chars: int = Field(default=64, ge=1)
+    max_body_bytes: int = Field(default=1_000_000, ge=1024)
+    compile: bool = False  # torch.compile the engine (pays off in a long-lived server, costs start-up time)
+
+
 # --- the whole file ---------------------------------------------------------------------------
 
 
@@ -215,6 +242,7 @@ class Params(Section):
     eval: EvalParams = EvalParams()
     registry: RegistryParams = RegistryParams()
     train: TrainParams = TrainParams()
+    serve: ServeParams = ServeParams()
 
 
 class ParamsError(ValueError):
