@@ -25,8 +25,7 @@ from __future__ import annotations
 import mlflow
 from mlflow.pyfunc import PythonModel
 
-HF_ARTIFACT = "hf_model"  # the artifacts key (log_model(artifacts={HF_ARTIFACT: folder}))
-HF_MODEL_PATH = "artifacts/hf_model"  # where that folder lies inside the logged model (register.py stages it so)
+from pipelines.common.contracts import HF_ARTIFACT, HF_MODEL_PATH  # noqa: F401  (part of this module's face)
 
 # Sampling parameters accepted per request, with their defaults (the signature's params schema).
 PARAMS = {
