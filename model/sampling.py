@@ -35,6 +35,7 @@ class SamplingParams:
     num_beams: int = 1  # > 1: deterministic beam search (needs temperature=0)
     no_repeat_ngram_size: int = 0  # ban any n-gram from occurring twice (prompt included)
     length_penalty: float = 1.0  # beam search: score = sum logprob / length ** length_penalty
+    logit_bias: dict[int, float] | None = None  # OpenAI: token id -> bias in [-100, 100] added to its logit
 
     def __post_init__(self):
         if self.top_k is None or self.top_k == -1:
@@ -59,6 +60,11 @@ class SamplingParams:
         check_param(_is_int(self.num_beams) and self.num_beams >= 1, "num_beams", "an integer >= 1", self.num_beams)
         check_param(_is_int(self.no_repeat_ngram_size) and self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size", "an integer >= 0", self.no_repeat_ngram_size)
         check_param(_is_num(self.length_penalty), "length_penalty", "a number", self.length_penalty)
+        self.logit_bias = dict(self.logit_bias or {})
+        check_param(
+            all(_is_int(t) and t >= 0 and _is_num(b) and -100 <= b <= 100 for t, b in self.logit_bias.items()),
+            "logit_bias", "a map of token ids to numbers in [-100, 100]", self.logit_bias,
+        )
         if self.num_beams > 1:
             check_param(self.temperature == 0, "temperature", "0 when num_beams > 1 (beam search is deterministic)", self.temperature)
             check_param(self.n <= self.num_beams, "n", f"<= num_beams ({self.num_beams}) in beam search", self.n)
@@ -84,13 +90,17 @@ def check_param(ok: bool, name: str, what: str, value) -> None:
 
 
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, seen=None, counts=None, history=None) -> torch.Tensor:
-    """Penalties and bans on raw logits (B, V).
+    """Logit bias, penalties and bans on raw logits (B, V).
 
     seen: (B, V) bool, tokens in prompt or output (repetition_penalty); counts: (B, V) float, how
     often each token was generated (presence/frequency penalties); history: per row, prompt + output
     ids (no_repeat_ngram_size).
     """
     x = logits
+    if params.logit_bias:
+        ids = torch.tensor(list(params.logit_bias), device=x.device)
+        bias = torch.tensor(list(params.logit_bias.values()), dtype=x.dtype, device=x.device)
+        x = x.index_add(1, ids, bias.expand(x.size(0), -1))
     if seen is not None:
         p = params.repetition_penalty
         x = torch.where(seen, torch.where(x > 0, x / p, x * p), x)

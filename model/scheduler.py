@@ -1,0 +1,262 @@
+"""Continuous batching: requests with their own sampling parameters share every decode step, joining and
+leaving at step boundaries, so a short request never waits for a long one to finish.
+
+    >>> sched = Scheduler(engine, max_batch_size=16)
+    >>> rid = sched.add(engine.encode("To be"), SamplingParams(max_tokens=32, temperature=0.7, seed=1))
+    >>> while sched.has_work():
+    ...     for u in sched.step():          # one token for every running request
+    ...         print(u.rid, u.chunk.text, u.completion)   # completion is set on a request's last update
+
+One request is one row (n > 1 is n requests). `add` and `cancel` may be called from another thread than
+`step` (a server's event loop while the step runs in a worker thread); `step` itself is not reentrant.
+
+KV-cache layout: one KVCache of max_batch_size rows. Running rows are packed into cache rows [0, N) and
+right-aligned: row r's tokens fill columns [pos - len_r, pos). A decode step feeds every row's last token at
+the shared column `pos` (where GPT.forward writes), and per-row position_ids plus an attention mask over the
+columns give each row its own positions. A new request is prefilled on its own batch (left padding, which
+is right-aligned too) in the engine's scratch cache and copied into a free row. The window moves left when
+`pos` reaches block_size (there is always room: a running row holds at most block_size - 1 tokens) and
+right when a new prompt is longer than `pos`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from model.engine import Engine
+from model.sampling import SamplingParams, apply_penalties, check_param, penalty_state, sampling_probs
+from model.sequence import Completion, Row, StreamChunk, TokenLogprob
+from model.transformer import KVCache
+
+
+@dataclass
+class RowUpdate:
+    """What one step did for one request."""
+
+    rid: int
+    chunk: StreamChunk  # the new token and the text that became final with it
+    completion: Completion | None = None  # set on the request's last update
+
+
+@dataclass
+class _Request:
+    rid: int
+    row: Row
+    gen: torch.Generator | None  # None for greedy rows
+    seen: torch.Tensor | None = None  # (1, V) penalty state, as model.sampling.penalty_state makes it
+    counts: torch.Tensor | None = None
+    history: list[list[int]] | None = None
+    length: int = 0  # tokens of this row in the KV cache
+
+
+class Scheduler:
+    """Admits waiting requests into free KV-cache rows at every step, decodes all running rows together,
+    retires finished or cancelled ones at once.
+
+    static=True admits only into an empty batch, so a batch runs to completion (what `@serve.batch` does):
+    the baseline the serving benchmark compares against.
+    """
+
+    def __init__(self, engine: Engine, max_batch_size: int, static: bool = False):
+        check_param(max_batch_size >= 1, "max_batch_size", "an integer >= 1", max_batch_size)
+        self.engine, self.max_batch_size, self.static = engine, max_batch_size, static
+        self.device = engine.device
+        dtype = next(engine.model.parameters()).dtype
+        self.cache = KVCache(engine.config, max_batch_size, device=self.device, dtype=dtype)
+        self.pos = 0  # columns in use: every running row ends at pos - 1
+        self.running: list[_Request] = []  # index i lives in cache row i
+        self._waiting: deque[_Request] = deque()
+        self._cancelled: set[int] = set()
+        self._lock = threading.Lock()  # guards _waiting and _cancelled (add/cancel come from other threads)
+        self._ids = itertools.count()
+
+    # -- what callers use ------------------------------------------------------------------------
+    def add(self, prompt, params: SamplingParams) -> int:
+        """Queue a request (a prompt string or token ids, n=1); returns its id. Raises ValueError if it
+        cannot run (token ids outside the vocabulary, prompt + max_tokens beyond the context, beam search)."""
+        check_param(params.n == 1, "n", "1 per scheduler request (submit n requests)", params.n)
+        check_param(params.num_beams == 1, "num_beams", "1 with continuous batching", params.num_beams)
+        ids = self.engine._prompt_ids(prompt)
+        V = self.engine.config.vocab_size
+        check_param(all(t < V for t in params.logit_bias), "logit_bias", f"keyed by token ids < {V}", params.logit_bias)
+        self.engine._check_fits([ids], params)
+        rid = next(self._ids)
+        row = Row(rid, ids, params, self.engine.stop_ids(params), self.engine.decode, incremental=True)
+        gen = None
+        if not params.greedy:
+            gen = torch.Generator(device=self.device)
+            if params.seed is not None:
+                gen.manual_seed(params.seed)
+            else:
+                gen.seed()
+        seen, counts, history = penalty_state(params, [(ids, ())], self.engine.config.vocab_size, self.device)
+        with self._lock:
+            self._waiting.append(_Request(rid, row, gen, seen, counts, history))
+        return rid
+
+    def cancel(self, rid: int) -> None:
+        """Drop a request (client gone): it leaves the queue, or frees its cache row at the next step."""
+        with self._lock:
+            self._cancelled.add(rid)
+
+    def has_work(self) -> bool:
+        return bool(self.running or self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @torch.inference_mode()
+    def step(self) -> list[RowUpdate]:
+        """Retire cancelled rows, decode one token for every running row, then admit and prefill waiting
+        requests into free rows (each gets its first token). Returns one update per request that advanced."""
+        self._drop_cancelled()
+        updates = self._decode() if self.running else []
+        updates += self._admit()
+        return updates
+
+    # -- internals -------------------------------------------------------------------------------
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            gone, self._cancelled = self._cancelled, set()
+            if gone:
+                self._waiting = deque(r for r in self._waiting if r.rid not in gone)
+        for i in reversed(range(len(self.running))):
+            if self.running[i].rid in gone:
+                self._retire(i)
+
+    def _decode(self) -> list[RowUpdate]:
+        N = len(self.running)
+        if self.pos == self.cache.block_size:  # slide the window left past columns no row uses any more
+            self._shift(max(r.length for r in self.running) - self.pos)
+        lengths = torch.tensor([r.length for r in self.running], device=self.device)
+        idx = torch.tensor([[r.row.ids[-1]] for r in self.running], device=self.device)  # (N, 1)
+        cols = torch.arange(self.pos + 1, device=self.device)[None, :]
+        mask = cols >= (self.pos - lengths)[:, None]  # (N, pos + 1): the row's own columns and the new one
+        self.cache.pos = self.pos
+        logits, _ = self.engine.forward(
+            idx, position_ids=lengths[:, None], attention_mask=mask, kv_cache=self.cache, logits_to_keep=1
+        )
+        self.pos += 1
+        for r in self.running:
+            r.length += 1
+        updates = self._sample(self.running, logits[:, -1])
+        for i in reversed(range(N)):
+            if self.running[i].row.finish_reason:
+                self._retire(i)
+        return updates
+
+    def _admit(self) -> list[RowUpdate]:
+        if self.static and self.running:
+            return []
+        with self._lock:
+            free = self.max_batch_size - len(self.running)
+            new = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+        if not new:
+            return []
+        prompts = [r.row.prompt_ids for r in new]
+        L = max(len(p) for p in prompts)
+        echo = any(r.row.params.echo for r in new)
+        logits, idx, _, _, scratch = self.engine.prefill(prompts, L, want_all_logits=echo)
+        if echo:
+            n_top = max(r.row.params.logprobs or 0 for r in new)
+            recs = self.engine.prompt_logprobs(logits, idx, [len(p) for p in prompts], n_top)
+            for r, rec in zip(new, recs):
+                if r.row.params.echo:
+                    r.row.prompt_logprobs = [_keep_top(x, r.row.params.logprobs or 0) for x in rec]
+        updates = []
+        joining = []
+        for r in new:
+            if r.row.params.max_tokens == 0:  # prompt scoring only (echo): done after the prefill
+                r.row.finish_reason = "length"
+                updates.append(RowUpdate(r.rid, StreamChunk(None, "", "length"), r.row.completion()))
+            else:
+                joining.append(r)
+        if not joining:
+            return updates
+        rows = [new.index(r) for r in joining]
+        if self.running and L > self.pos:
+            self._shift(L - self.pos)
+        self.pos = max(self.pos, L)
+        for b, r in zip(rows, joining):  # copy the prefilled keys/values in, right-aligned at pos
+            dst, n = len(self.running), len(r.row.prompt_ids)
+            for src_t, dst_t in zip(scratch.k + scratch.v, self.cache.k + self.cache.v):
+                dst_t[dst, :, self.pos - n : self.pos] = src_t[b, :, L - n : L]
+            r.length = n
+            self.running.append(r)
+        rows_t = torch.tensor(rows, device=self.device)
+        updates += self._sample(joining, logits.index_select(0, rows_t)[:, -1])
+        for i in reversed(range(len(self.running))):
+            if self.running[i].row.finish_reason:
+                self._retire(i)
+        return updates
+
+    def _sample(self, reqs: list[_Request], last: torch.Tensor) -> list[RowUpdate]:
+        """One token per request from its row of last (N, V), each with its own parameters and generator."""
+        nxt = last.max(dim=-1).indices  # greedy rows without penalties keep this (one batched op)
+        for i, r in enumerate(reqs):
+            p = r.row.params
+            if r.gen is None and r.seen is None and r.counts is None and r.history is None and not p.logit_bias:
+                continue
+            x = apply_penalties(last[i : i + 1], p, r.seen, r.counts, r.history)
+            if r.gen is None:
+                nxt[i] = x.max(dim=-1).indices[0]
+            else:
+                nxt[i] = torch.multinomial(sampling_probs(x, p), 1, generator=r.gen)[0, 0]
+        want = [i for i, r in enumerate(reqs) if r.row.params.logprobs is not None]
+        recs: dict[int, TokenLogprob] = {}
+        if want:
+            w = torch.tensor(want, device=self.device)
+            n_top = max(reqs[i].row.params.logprobs for i in want)
+            got = self.engine._logprob_records(torch.log_softmax(last.index_select(0, w), dim=-1), nxt[w], n_top)
+            recs = {i: _keep_top(rec, reqs[i].row.params.logprobs) for i, rec in zip(want, got)}
+        updates = []
+        for i, (r, tok) in enumerate(zip(reqs, nxt.tolist())):
+            if r.seen is not None:
+                r.seen[0, tok] = True
+            if r.counts is not None:
+                r.counts[0, tok] += 1
+            if r.history is not None:
+                r.history[0].append(tok)
+            row = r.row
+            row.append(tok, recs.get(i))
+            final = row.final_text()
+            chunk = StreamChunk(tok, final[row.emitted :], row.finish_reason, recs.get(i))
+            row.emitted = len(final)
+            updates.append(RowUpdate(r.rid, chunk, row.completion() if row.finish_reason else None))
+        return updates
+
+    def _retire(self, i: int) -> None:
+        """Free cache row i: the last running row moves into it, so running rows stay packed in [0, N)."""
+        last = self.running.pop()
+        if i < len(self.running):
+            src = len(self.running)
+            for t in self.cache.k + self.cache.v:
+                t[i, :, : self.pos] = t[src, :, : self.pos]
+            self.running[i] = last
+        if not self.running:
+            self.pos = 0
+
+    def _shift(self, d: int) -> None:
+        """Move every running row's columns by d (negative = left); the rows stay right-aligned at pos."""
+        N, p = len(self.running), self.pos
+        for t in self.cache.k + self.cache.v:
+            if d > 0:
+                t[:N, :, d : p + d] = t[:N, :, :p].clone()
+            else:
+                t[:N, :, : p + d] = t[:N, :, -d:p].clone()
+        self.pos = p + d
+
+
+def _keep_top(rec: TokenLogprob, n: int) -> TokenLogprob:
+    """A record with at most n alternatives (rows in one batch may ask for different numbers)."""
+    return rec if len(rec.top) <= n else TokenLogprob(rec.token_id, rec.token, rec.logprob, rec.top[:n])
