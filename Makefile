@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast run serve bench lock clean
+.PHONY: setup test test-fast lint format run serve bench lock clean
 
 # Idempotent: reinstalls only when requirements.lock changed (the stamp holds its hash).
 setup: $(STAMP)
@@ -18,8 +18,17 @@ $(STAMP): requirements.lock
 	$(PY) -m pip check
 	@touch $(STAMP)
 
-test: setup
+test: setup lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Style as pyproject.toml configures it; `make format` applies it.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 test-fast: setup
 	$(PY) -m pytest -m "not integration and not slow" $(PYTEST_ARGS)

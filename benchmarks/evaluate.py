@@ -79,8 +79,8 @@ def record_requests(engine, params, max_items: int) -> dict[str, list]:
     import contextlib
     import io
 
-    from pipelines.evaluate.stage import read_texts, run_lm_eval
     from pipelines.evaluate.lm_eval_adapter import QuillLM
+    from pipelines.evaluate.stage import read_texts, run_lm_eval
     from pipelines.evaluate.task_pack import build_task_pack
 
     clean = Path("data/clean")
@@ -115,8 +115,8 @@ def record_requests(engine, params, max_items: int) -> dict[str, list]:
 
 
 def main() -> int:
-    from pipelines.evaluate.lm_eval_adapter import QuillLM
     from pipelines.common.params import load_params
+    from pipelines.evaluate.lm_eval_adapter import QuillLM
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)

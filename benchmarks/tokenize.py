@@ -22,7 +22,15 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from pipelines.common.params import load_params
-from pipelines.tokenize.stage import CLEAN_DIR, SPLITS, TOKENIZER_DIR, batches, encode_documents, encode_split, read_texts
+from pipelines.tokenize.stage import (
+    CLEAN_DIR,
+    SPLITS,
+    TOKENIZER_DIR,
+    batches,
+    encode_documents,
+    encode_split,
+    read_texts,
+)
 
 
 def best_of(repeats: int, fn) -> tuple[float, object]:

@@ -68,8 +68,8 @@ def setup(args):
 
     from model import GPTConfig
     from pipelines.common.params import TrainParams
-    from pipelines.train.stage import resolve_precision, uses_cuda
     from pipelines.train.data import TokenData
+    from pipelines.train.stage import resolve_precision, uses_cuda
 
     data = TokenData.open(args.data)
     overrides = {"vocab_size": data.vocab_size}
@@ -128,10 +128,10 @@ def run_ours(args) -> dict:
     import pytorch_lightning as pl
     import torch
 
-    from pipelines.train.lit_gpt import LitGPT
-    from pipelines.train.stage import build_trainer
     from pipelines.train.data import TokenDataModule
+    from pipelines.train.lit_gpt import LitGPT
     from pipelines.train.log import TrainLog
+    from pipelines.train.stage import build_trainer
 
     data, config, t, precision, device = setup(args)
     memory = Memory(device)
@@ -163,8 +163,8 @@ def run_baseline(args) -> dict:
     import torch
 
     from model import GPT
-    from pipelines.train.lit_gpt import lr_at, param_groups
     from pipelines.train.data import TrainWindows
+    from pipelines.train.lit_gpt import lr_at, param_groups
 
     data, config, t, precision, device = setup(args)
     memory = Memory(device)

@@ -17,10 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines.clean import stage as clean_mod
 from pipelines.clean import dedup
+from pipelines.clean import stage as clean_mod
 from pipelines.clean.stage import CleanError, clean_corpus, cut_passages
-from pipelines.common.params import DataParams
 from pipelines.clean.textclean import (
     TextCleaner,
     binary_reason,
@@ -31,8 +30,9 @@ from pipelines.clean.textclean import (
     looks_like_html,
     strip_gutenberg,
 )
+from pipelines.common.params import DataParams
+from tests.helpers.paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 PARAMS = DataParams(sources=[{"type": "local", "path": "corpus"}], min_chars=50)
 
 # --- fixtures the tests write ----------------------------------------------------------------------
@@ -252,7 +252,7 @@ CAFE = "The café — a naïve “résumé” of façades, déjà vu; ‘Grüße
         pytest.param("café — naïve".encode("cp1252"), "café — naïve", id="cp1252-short"),
         pytest.param(("Привет, мир! Это проверка кодировки windows-1251.\n" * 2).encode("cp1251"),
                      "Привет, мир! Это проверка кодировки windows-1251.\n" * 2, id="cp1251"),
-        pytest.param("plain ascii\n".encode(), "plain ascii\n", id="ascii"),
+        pytest.param(b"plain ascii\n", "plain ascii\n", id="ascii"),
         pytest.param("日本語のテキスト、Ελληνικά, العربية, עברית 👩‍👩‍👧\n".encode(),
                      "日本語のテキスト、Ελληνικά, العربية, עברית 👩‍👩‍👧\n", id="utf8-scripts"),
     ],

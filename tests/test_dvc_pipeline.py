@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from pipelines.summary import summary_rows
-from tests.conftest import REPO, VENV_BIN, write_corpus
+from tests.helpers.corpus import write_corpus
+from tests.helpers.paths import REPO, VENV_BIN
 
 pytestmark = pytest.mark.integration
 

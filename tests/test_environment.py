@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib
 import importlib.metadata as md
 import os
-import socket
 import subprocess
 import time
 import urllib.request

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -13,52 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from model import GPT, Engine, GPTConfig, save_pretrained
+from model import GPT, Engine, GPTConfig
+from pipelines.common.params import EvalParams
 from pipelines.evaluate.lm_eval_adapter import QuillLM, rolling_loglikelihood, rolling_windows, split_documents
 from pipelines.evaluate.ngram import ByteNgram, uniform_bpb
-from pipelines.common.params import EvalParams, TokenizerParams
 from pipelines.evaluate.task_pack import TASKS, build_task_pack
-from pipelines.tokenize.stage import tokenize_corpus
-from tests.conftest import REPO, make_document
-
-
-def write_clean(clean_dir: Path, seed: int = 0, n_train: int = 60, n_test: int = 8) -> dict[str, list[str]]:
-    """Pseudo-English documents with short lines (cloze and next-line items need lines)."""
-    rng = random.Random(seed)
-
-    def doc() -> str:  # lines of 5-9 words, like verse
-        words = make_document(rng, paragraphs=3).split()
-        lines, i = [], 0
-        while i < len(words):
-            n = rng.randint(5, 9)
-            lines.append(" ".join(words[i : i + n]))
-            i += n
-        return "\n".join(lines) + "\n"
-
-    splits = {"train": [doc() for _ in range(n_train)], "val": [doc() for _ in range(6)],
-              "test": [doc() for _ in range(n_test)]}
-    clean_dir.mkdir(parents=True, exist_ok=True)
-    for split, texts in splits.items():
-        with open(clean_dir / f"{split}.jsonl", "w", encoding="utf-8") as f:
-            for i, text in enumerate(texts):
-                f.write(json.dumps({"id": f"{split}-{i}", "text": text, "source": "fixture"}) + "\n")
-    return splits
-
-
-def make_project(root: Path, seed: int = 0, model_seed: int = 0, block_size: int = 64) -> Path:
-    """data/clean, data/tokenizer, data/tokens and a tiny random model in artifacts/model, under root."""
-    write_clean(root / "data/clean", seed)
-    tokenize_corpus(TokenizerParams(vocab_size=320, min_frequency=2), root / "data/clean", root / "data/tokenizer",
-                    root / "data/tokens", root / "metrics/tokenize.json")
-    vocab = json.loads((root / "data/tokens/meta.json").read_text())["vocab_size"]
-    save_model(root / "artifacts/model", root / "data/tokenizer", vocab, model_seed, block_size)
-    return root
-
-
-def save_model(out: Path, tokenizer_dir: Path, vocab: int, seed: int, block_size: int = 64) -> None:
-    torch.manual_seed(seed)
-    save_pretrained(GPT(GPTConfig.from_preset("tiny", vocab_size=vocab, block_size=block_size)), out,
-                    tokenizer_dir=tokenizer_dir)
+from tests.helpers.paths import REPO
+from tests.helpers.projects import make_project
 
 
 @pytest.fixture(scope="module")
@@ -204,6 +164,10 @@ def test_task_pack_is_deterministic_and_well_formed(project, tmp_path):
     for f in sorted((tmp_path / "a").iterdir()):
         other = (tmp_path / "b" / f.name).read_text()
         assert f.read_text().replace(str(tmp_path / "a"), "X") == other.replace(str(tmp_path / "b"), "X")
+    assert c == a  # the same number of items per task, drawn differently:
+    assert any((tmp_path / "a" / f.name).read_text().replace(str(tmp_path / "a"), "X")
+               != (tmp_path / "c" / f.name).read_text().replace(str(tmp_path / "c"), "X")
+               for f in (tmp_path / "a").iterdir())
     assert (tmp_path / "a/quill_cloze.test.jsonl").read_text() != (tmp_path / "c/quill_cloze.test.jsonl").read_text()
     for line in open(tmp_path / "a/quill_cloze.test.jsonl"):
         item = json.loads(line)
@@ -270,8 +234,8 @@ def in_project(project, tmp_path, monkeypatch) -> Path:
 @pytest.mark.slow
 @pytest.mark.integration
 def test_evaluate_stage_writes_metrics_reports_and_mlflow(in_project):
-    from pipelines.evaluate.stage import evaluate
     from pipelines.common.tracking import mlflow_client
+    from pipelines.evaluate.stage import evaluate
 
     m = evaluate(SMALL)
     on_disk = json.loads(Path("metrics/eval.json").read_text())

@@ -294,7 +294,7 @@ def test_loglikelihood(engine, model):
     alone = engine.loglikelihood(requests, batch_size=1)
     assert [ll for ll, _ in out] == pytest.approx([ll for ll, _ in alone], abs=1e-4)
     assert [g for _, g in out] == [g for _, g in alone]
-    for (c, x), (ll, is_greedy) in zip(requests, out):
+    for (c, x), (ll, _) in zip(requests, out):
         ref = torch.log_softmax(model(torch.tensor([c + x]))[0][0], -1)
         expect = sum(ref[len(c) - 1 + i, t].item() for i, t in enumerate(x))
         assert ll == pytest.approx(expect, abs=1e-4)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.ingest.stage import IngestError, ingest, matches
 from pipelines.common.params import HfSource, LocalSource, PypiSdistSource
+from pipelines.ingest.stage import IngestError, ingest, matches
 from tests.helpers.paths import run_module
 
 

@@ -1,13 +1,11 @@
 """params.yaml is read through one typed loader; bad keys fail at once with their names."""
 
-from pathlib import Path
 
 import pytest
 import yaml
 
 from pipelines.common.params import LocalSource, ParamsError, PypiSdistSource, load_params, parse_params
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers.paths import REPO
 
 
 def repo_params() -> dict:

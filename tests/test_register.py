@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.common.params import RegistryParams
-from tests.helpers.paths import run_module
-from tests.test_evaluate import make_project
+from tests.helpers.projects import make_project
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -50,7 +49,7 @@ def new_run() -> str:
 
 def write_eval(bpb: float, run_id: str, data_sha: str | None = None, model_sha: str | None = None) -> None:
     """metrics/eval.json as the evaluate stage writes it (the numbers are chosen by the test)."""
-    from pipelines.common.tracking import content_hash
+    from pipelines.common.hashing import content_hash
 
     Path("metrics").mkdir(exist_ok=True)
     Path("metrics/eval.json").write_text(json.dumps({
@@ -75,8 +74,8 @@ def champion_version(client) -> str:
 
 
 def test_promotion_rules_first_worse_better_forced(proj):
-    from pipelines.register.stage import register
     from pipelines.common.tracking import mlflow_client
+    from pipelines.register.stage import register
 
     client = mlflow_client()
     params = RegistryParams(model_name=NAME, min_improvement=0.05)
@@ -113,8 +112,8 @@ def test_promotion_rules_first_worse_better_forced(proj):
 
 def test_a_training_run_missing_from_the_store_is_named_not_fatal(proj, capsys):
     """The model was trained against another store: registration goes on, the card leaves out its metrics."""
-    from pipelines.register.stage import register
     from pipelines.common.tracking import mlflow_client
+    from pipelines.register.stage import register
 
     missing = "0" * 32
     Path("artifacts/model/quill_run.json").write_text(json.dumps({"mlflow_run_id": missing}))
@@ -169,8 +168,8 @@ def test_pyfunc_model_round_trips_and_generates(proj):
 
 
 def test_stale_or_missing_evaluation_registers_nothing(proj):
-    from pipelines.register import stage as reg
     from pipelines.common.tracking import mlflow_client
+    from pipelines.register import stage as reg
 
     code, err = _main(reg)
     assert code == 1 and "metrics/eval.json missing" in err
@@ -213,7 +212,7 @@ def mlflow_server(tmp_path) -> str:
                     break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mlflow server did not start:\n{(tmp_path / 'server.log').read_text()}")
+                    raise RuntimeError(f"mlflow server did not start:\n{(tmp_path / 'server.log').read_text()}") from None
                 time.sleep(0.5)
         yield uri
     finally:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ from tokenizers import Tokenizer
 
 from pipelines.common.params import TokenizerParams
 from pipelines.tokenize.stage import EOT, SPECIAL_TOKENS, TokenizeError, token_dtype, tokenize_corpus
-from tests.conftest import make_document
+from tests.helpers.corpus import write_clean
 
 TRICKY = [
     "",
@@ -34,19 +33,6 @@ TRICKY = [
     "x" * 5000,
 ]
 PLAIN = [t for t in TRICKY if "<|" not in t]
-
-
-def write_clean(clean_dir: Path, n: int = 60, seed: int = 0, extra: list[str] = ()) -> dict[str, list[str]]:
-    rng = random.Random(seed)
-    splits = {"train": [make_document(rng) for _ in range(n)] + list(extra),
-              "val": [make_document(rng) for _ in range(4)],
-              "test": [make_document(rng) for _ in range(4)]}
-    clean_dir.mkdir(parents=True, exist_ok=True)
-    for split, texts in splits.items():
-        with open(clean_dir / f"{split}.jsonl", "w", encoding="utf-8") as f:
-            for i, text in enumerate(texts):
-                f.write(json.dumps({"id": f"{split}-{i}", "text": text, "source": "fixture"}) + "\n")
-    return splits
 
 
 @pytest.fixture(scope="module")

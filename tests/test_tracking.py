@@ -2,7 +2,12 @@
 
 from pathlib import Path
 
-from pipelines.common.tracking import DEFAULT_TRACKING_URI, default_tracking_uri, get_or_create_experiment, mlflow_client
+from pipelines.common.tracking import (
+    DEFAULT_TRACKING_URI,
+    default_tracking_uri,
+    get_or_create_experiment,
+    mlflow_client,
+)
 
 
 def test_default_store_is_relative_in_the_project(tmp_path: Path):

@@ -17,29 +17,21 @@ import torch
 from tqdm import tqdm
 
 from model import GPT, GPTConfig, load_pretrained
+from pipelines.common.params import TrainParams, parse_params
 from pipelines.train import checkpoints as ckpt
+from pipelines.train.data import DataError, TokenData, TrainWindows, bits_per_byte, val_offsets, window_offsets
 from pipelines.train.lit_gpt import LitGPT, lr_at, param_groups
-from pipelines.common.params import TokenizerParams, TrainParams, parse_params
-from pipelines.tokenize.stage import tokenize_corpus
-from pipelines.train.stage import (Paths, TrainError, incompatibilities, resolve_precision, resolve_strategy, total_steps,
-                             train)
-from pipelines.train.data import (DataError, TokenData, TrainWindows, bits_per_byte, val_offsets,
-                                  window_offsets)
-from tests.test_tokenizer import write_clean
-
-TINY_TRAIN = dict(max_steps=16, batch_size=4, lr=3e-3, min_lr=3e-4, warmup_steps=4, val_every=8, val_batches=2,
-                  log_every=2, checkpoint_every=4, seed=7)
-
-
-# --- fixtures -----------------------------------------------------------------------------------
-
-
-def build_shards(root: Path) -> Path:
-    """data/tokens and data/tokenizer of a tiny corpus under `root` (vocab 512)."""
-    write_clean(root / "data" / "clean", n=40)
-    tokenize_corpus(TokenizerParams(vocab_size=512, min_frequency=2), root / "data" / "clean",
-                    root / "data" / "tokenizer", root / "data" / "tokens", root / "metrics" / "tokenize.json")
-    return root / "data"
+from pipelines.train.stage import (
+    Paths,
+    TrainError,
+    incompatibilities,
+    resolve_precision,
+    resolve_strategy,
+    total_steps,
+    train,
+)
+from tests.helpers.paths import REPO
+from tests.helpers.projects import TINY_TRAIN, build_shards
 
 
 @pytest.fixture(scope="session")
@@ -381,7 +373,6 @@ def test_compiled_training_runs_and_matches_eager_closely(work):
 def test_dvc_stage_lists_exactly_the_train_keys():
     import yaml
 
-    from tests.conftest import REPO
 
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]
     keys = {p.removeprefix("train.") for p in stage["params"] if isinstance(p, str) and p.startswith("train.")}

@@ -20,8 +20,8 @@ import yaml
 from safetensors.torch import load_file
 
 from pipelines.train.checkpoints import list_checkpoints
-from tests.conftest import REPO, VENV_BIN
-from tests.test_train import TINY_TRAIN, build_shards
+from tests.helpers.paths import REPO, VENV_BIN
+from tests.helpers.projects import TINY_TRAIN, build_shards
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

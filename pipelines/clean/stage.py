@@ -41,10 +41,18 @@ from typing import BinaryIO
 from tqdm import tqdm
 
 from pipelines.clean import dedup
+from pipelines.clean.textclean import (
+    HEAD_BYTES,
+    TextCleaner,
+    binary_reason,
+    detect_encoding,
+    html_to_text,
+    looks_like_html,
+    looks_like_metadata,
+)
 from pipelines.common.atomic import atomic_dir, write_json
-from pipelines.common.params import DataParams, ParamsError, load_params
-from pipelines.clean.textclean import HEAD_BYTES, TextCleaner, binary_reason, detect_encoding, html_to_text
-from pipelines.clean.textclean import looks_like_html, looks_like_metadata
+from pipelines.common.params import DataParams, Params
+from pipelines.common.runner import StageError, run_stage
 
 RAW_DIR = Path("data/raw")
 OUT_DIR = Path("data/clean")
@@ -54,7 +62,7 @@ SPLITS = ("train", "val", "test")
 CHUNK_BYTES = 1 << 20  # raw bytes read at a time
 
 
-class CleanError(RuntimeError):
+class CleanError(StageError):
     """The stage cannot produce a usable corpus; the message says why."""
 
 
@@ -496,18 +504,18 @@ def _raw_size(path: Path) -> int:
         return 0
 
 
-def main() -> None:
-    try:
-        params = load_params().data
-        metrics = clean_corpus(RAW_DIR, OUT_DIR, METRICS_PATH, REPORT_DIR, params)
-    except (CleanError, ParamsError) as exc:
-        print(f"clean: error: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
-    print(
-        f"clean: {metrics['docs_in']} documents in, {metrics['docs_out']} kept "
+def summarize(params: Params) -> str:
+    """Run the stage on data/raw; the line printed on success."""
+    metrics = clean_corpus(RAW_DIR, OUT_DIR, METRICS_PATH, REPORT_DIR, params.data)
+    return (
+        f"{metrics['docs_in']} documents in, {metrics['docs_out']} kept "
         f"({metrics['exact_duplicates']} exact and {metrics['near_duplicates']} near duplicates, "
         f"{sum(metrics['dropped'].values())} dropped, {metrics['quarantined']} quarantined); "
         f"{metrics['passages']} passages, {metrics['mb_per_s']} MB/s in {metrics['seconds']} s; "
         f"report: {REPORT_DIR / 'report.md'}"
     )
 
+
+def main() -> int:
+    """`python -m pipelines.clean`: the exit status (pipelines/common/runner.py)."""
+    return run_stage("clean", summarize)

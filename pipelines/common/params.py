@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -54,7 +54,7 @@ class HfSource(Section):
     max_docs: int | None = Field(default=None, gt=0)
 
 
-Source = Annotated[Union[PypiSdistSource, LocalSource, HfSource], Field(discriminator="type")]
+Source = Annotated[PypiSdistSource | LocalSource | HfSource, Field(discriminator="type")]
 SOURCE_TYPES: dict[str, type[Section]] = {"pypi_sdist": PypiSdistSource, "local": LocalSource, "hf": HfSource}
 
 
@@ -70,7 +70,7 @@ class SplitParams(Section):
     test: float = Field(default=0.05, ge=0.0, lt=1.0)
 
     @model_validator(mode="after")
-    def _fractions_leave_train(self) -> "SplitParams":
+    def _fractions_leave_train(self) -> SplitParams:
         if self.val + self.test >= 1.0:
             raise ValueError(f"data.split.val + data.split.test must be < 1 (got {self.val} + {self.test})")
         return self
@@ -160,7 +160,7 @@ class TrainParams(Section):
     allow_world_size_change: bool = False
 
     @model_validator(mode="after")
-    def _min_lr_below_lr(self) -> "TrainParams":
+    def _min_lr_below_lr(self) -> TrainParams:
         if self.min_lr > self.lr:
             raise ValueError(f"train.min_lr ({self.min_lr}) must not exceed train.lr ({self.lr})")
         return self
@@ -187,7 +187,7 @@ class EvalParams(Section):
     ngram_order: int = Field(default=5, ge=1, le=7)  # byte n-gram reference model fitted on the train split
 
     @model_validator(mode="after")
-    def _fewshot_non_negative(self) -> "EvalParams":
+    def _fewshot_non_negative(self) -> EvalParams:
         if any(k < 0 for k in self.num_fewshot):
             raise ValueError(f"eval.num_fewshot entries must be >= 0, got {self.num_fewshot}")
         return self

@@ -11,13 +11,14 @@ else a content hash computed here).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
+
+from pipelines.common.hashing import content_hash
 
 if TYPE_CHECKING:  # mlflow takes seconds to import; stages import it only when they log
     from mlflow import MlflowClient
@@ -84,20 +85,6 @@ def git_commit(repo: str | Path = ".") -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return f"{sha}-dirty" if dirty else sha
-
-
-def content_hash(path: str | Path) -> str:
-    """sha256 over a file, or over a folder's relative paths and file contents (sorted)."""
-    path = Path(path)
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        h.update(str(f.relative_to(path) if f != path else f.name).encode() + b"\0")
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        h.update(b"\0")
-    return "sha256:" + h.hexdigest()
 
 
 def input_hashes(paths: list[str], lock_file: str | Path = "dvc.lock") -> dict[str, str]:

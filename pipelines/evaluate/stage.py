@@ -40,9 +40,10 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.common.atomic import atomic_file, write_json, write_text
-from pipelines.common.params import EvalParams, ParamsError, load_params
-from pipelines.register.model_card import fmt_value, table_cell
+from pipelines.common.params import EvalParams, Params
+from pipelines.common.runner import StageError, run_stage
 from pipelines.common.tracking import RUN_FILE, tracking_uri
+from pipelines.register.model_card import fmt_value, table_cell
 
 IDENTITY = ("model_sha256", "tokenizer_sha256", "test_data_sha256", "test_window_stride", "mlflow_run_id")
 SHA_KEY = "quill_tokenizer_sha256"
@@ -58,7 +59,7 @@ class Paths:
     plots: Path = Path("plots/eval")
 
 
-class EvalError(RuntimeError):
+class EvalError(StageError):
     """The inputs cannot be evaluated; the message says what is wrong and what to do."""
 
 
@@ -390,10 +391,10 @@ def evaluate(params: EvalParams, paths: Paths = Paths()) -> dict:
 
     from model import Engine
     from model.hf import file_sha256
+    from pipelines.common.hashing import content_hash
     from pipelines.evaluate.lm_eval_adapter import QuillLM, split_documents
     from pipelines.evaluate.ngram import ByteNgram, uniform_bpb
     from pipelines.evaluate.task_pack import build_task_pack
-    from pipelines.common.tracking import content_hash
 
     torch.manual_seed(params.seed)
     try:
@@ -461,21 +462,15 @@ def evaluate(params: EvalParams, paths: Paths = Paths()) -> dict:
     return metrics
 
 
-def main() -> int:
-    try:
-        params = load_params()
-        metrics = evaluate(params.eval)
-    except (ParamsError, EvalError) as exc:
-        print(f"evaluate: error: {exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:
-        if type(exc).__module__.startswith("mlflow"):
-            print(f"evaluate: error: MLflow ({tracking_uri()}): {exc}; check the tracking server", file=sys.stderr)
-            return 1
-        raise
+def summarize(params: Params) -> str:
+    """Evaluate artifacts/model; the line printed on success."""
+    metrics = evaluate(params.eval)
     tasks = {k: v for k, v in metrics.items() if isinstance(v, dict) and k not in ("reference", "samples")}
-    print(f"evaluate: test_loss {metrics['test_loss']:.4f}, test_ppl {metrics['test_ppl']:.2f}, "
-          f"test_bpb {metrics['test_bpb']:.4f} (byte n-gram {metrics['reference']['ngram_bpb']:.4f}, "
-          f"uniform {metrics['reference']['uniform_bpb']:.4f}); tasks {json.dumps(tasks)}; {metrics['seconds']} s")
-    return 0
+    return (f"test_loss {metrics['test_loss']:.4f}, test_ppl {metrics['test_ppl']:.2f}, "
+            f"test_bpb {metrics['test_bpb']:.4f} (byte n-gram {metrics['reference']['ngram_bpb']:.4f}, "
+            f"uniform {metrics['reference']['uniform_bpb']:.4f}); tasks {json.dumps(tasks)}; {metrics['seconds']} s")
 
+
+def main() -> int:
+    """`python -m pipelines.evaluate`: the exit status (pipelines/common/runner.py)."""
+    return run_stage("evaluate", summarize)

@@ -13,7 +13,6 @@ order and the manifest holds no timestamps. data/raw/ is replaced whole, atomica
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import os
 import shutil
@@ -29,22 +28,16 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from pipelines.common.atomic import atomic_dir, write_json
-from pipelines.common.params import HfSource, LocalSource, ParamsError, PypiSdistSource, Source, load_params
+from pipelines.common.hashing import sha256_file
+from pipelines.common.params import HfSource, LocalSource, Params, PypiSdistSource, Source
+from pipelines.common.runner import StageError, run_stage
 
 RAW_DIR = Path("data/raw")
 MANIFEST = "manifest.json"
 
 
-class IngestError(RuntimeError):
+class IngestError(StageError):
     """A source could not be read; the message says which and what to do."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def matches(rel_path: str, patterns: list[str]) -> bool:
@@ -218,15 +211,14 @@ def ingest(sources: list[Source], raw_dir: Path = RAW_DIR) -> dict:
     return manifest
 
 
-def main() -> int:
-    try:
-        params = load_params()
-        manifest = ingest(params.data.sources)
-    except (ParamsError, IngestError) as exc:
-        print(f"ingest: error: {exc}", file=sys.stderr)
-        return 1
+def summarize(params: Params) -> str:
+    """Run the stage on params.yaml's sources; the line printed on success."""
+    manifest = ingest(params.data.sources)
     total = sum(f["bytes"] for f in manifest["files"])
-    print(f"ingest: {len(manifest['files'])} files, {total / 1e6:.1f} MB into {RAW_DIR}/"
-          + (f", {len(manifest['skipped'])} skipped (see manifest.json)" if manifest["skipped"] else ""))
-    return 0
+    skipped = f", {len(manifest['skipped'])} skipped (see manifest.json)" if manifest["skipped"] else ""
+    return f"{len(manifest['files'])} files, {total / 1e6:.1f} MB into {RAW_DIR}/{skipped}"
 
+
+def main() -> int:
+    """`python -m pipelines.ingest`: the exit status (pipelines/common/runner.py)."""
+    return run_stage("ingest", summarize)

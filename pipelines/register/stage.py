@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.common.atomic import write_json
-from pipelines.common.params import ParamsError, RegistryParams, load_params
-from pipelines.common.tracking import tracking_uri
+from pipelines.common.params import Params, RegistryParams
+from pipelines.common.runner import StageError, run_stage
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HEADLINE = ("test_bpb", "test_loss", "test_ppl")  # also every task's 0-shot scores
@@ -54,7 +54,7 @@ class Paths:
     lock_file: Path = Path("dvc.lock")
 
 
-class RegisterError(RuntimeError):
+class RegisterError(StageError):
     """Registration cannot proceed; the message says why and what to do."""
 
 
@@ -67,8 +67,8 @@ def log(msg: str) -> None:
 
 def read_evaluation(paths: Paths) -> dict:
     """metrics/eval.json, after checking it is complete and describes the model in artifacts/model."""
+    from pipelines.common.hashing import content_hash
     from pipelines.evaluate.stage import EvalError, check_model_dir
-    from pipelines.common.tracking import content_hash
 
     try:
         check_model_dir(paths.model)
@@ -195,8 +195,8 @@ def decide(client, name: str, version: str, metrics: dict, params: RegistryParam
 
 
 def version_tags(metrics: dict, run_id: str, n_params: int, paths: Paths) -> dict[str, str]:
-    from pipelines.evaluate.stage import flat_metrics, training_run_id
     from pipelines.common.tracking import git_commit, input_hashes
+    from pipelines.evaluate.stage import flat_metrics, training_run_id
 
     tags = {
         "git_commit": git_commit() or "unknown",
@@ -319,19 +319,13 @@ def register(params: RegistryParams, paths: Paths = Paths()) -> dict:
     return result
 
 
-def main() -> int:
-    try:
-        params = load_params()
-        result = register(params.registry)
-    except (ParamsError, RegisterError) as exc:
-        print(f"register: error: {exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:
-        if type(exc).__module__.startswith("mlflow"):
-            print(f"register: error: MLflow ({tracking_uri()}): {exc}; check the tracking server", file=sys.stderr)
-            return 1
-        raise
-    print(f"register: {result['model_name']} v{result['version']} {result['aliases']}: "
-          f"{'promoted' if result['promoted'] else 'not promoted'} ({result['why']})")
-    return 0
+def summarize(params: Params) -> str:
+    """Register artifacts/model and decide on the champion; the line printed on success."""
+    result = register(params.registry)
+    return (f"{result['model_name']} v{result['version']} {result['aliases']}: "
+            f"{'promoted' if result['promoted'] else 'not promoted'} ({result['why']})")
 
+
+def main() -> int:
+    """`python -m pipelines.register`: the exit status (pipelines/common/runner.py)."""
+    return run_stage("register", summarize)

@@ -16,9 +16,7 @@ Run: python -m pipelines.tokenize            (or `dvc repro tokenize`)
 
 from __future__ import annotations
 
-import hashlib
 import json
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +26,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
 from pipelines.common.atomic import atomic_dir, write_json
-from pipelines.common.params import ParamsError, TokenizerParams, load_params
+from pipelines.common.hashing import sha256_file
+from pipelines.common.params import Params, TokenizerParams
+from pipelines.common.runner import StageError, run_stage
 
 CLEAN_DIR = Path("data/clean")
 TOKENIZER_DIR = Path("data/tokenizer")
@@ -45,7 +45,7 @@ CHAT_TEMPLATE = (
 )
 
 
-class TokenizeError(RuntimeError):
+class TokenizeError(StageError):
     """The inputs cannot be tokenized; the message says why and what to do."""
 
 
@@ -84,10 +84,6 @@ def save_tokenizer(tokenizer: Tokenizer, out_dir: Path) -> None:
                                  extra_special_tokens=list(CHAT_TOKENS))
     hf.chat_template = CHAT_TEMPLATE
     hf.save_pretrained(str(out_dir))
-
-
-def sha256_of(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -157,7 +153,7 @@ def tokenize_corpus(params: TokenizerParams, clean_dir: Path = CLEAN_DIR, tokeni
         train_seconds = time.perf_counter() - started
         tokenizer.encode_special_tokens = True  # "<|endoftext|>" typed in a document is text, not a separator
         save_tokenizer(tokenizer, tok_tmp)
-        tokenizer_sha = sha256_of(tok_tmp / "tokenizer.json")
+        tokenizer_sha = sha256_file(tok_tmp / "tokenizer.json")
 
         vocab_size = tokenizer.get_vocab_size()
         dtype = token_dtype(vocab_size)
@@ -196,14 +192,13 @@ def tokenize_corpus(params: TokenizerParams, clean_dir: Path = CLEAN_DIR, tokeni
     return metrics
 
 
-def main() -> int:
-    try:
-        params = load_params()
-        metrics = tokenize_corpus(params.tokenizer)
-    except (ParamsError, TokenizeError) as exc:
-        print(f"tokenize: error: {exc}", file=sys.stderr)
-        return 1
-    print(f"tokenize: vocab {metrics['vocab_size']}, tokens {metrics['tokens']}, "
-          f"{metrics['bytes_per_token']} bytes/token, {metrics['encode_mb_per_s']} MB/s")
-    return 0
+def summarize(params: Params) -> str:
+    """Run the stage on data/clean; the line printed on success."""
+    metrics = tokenize_corpus(params.tokenizer)
+    return (f"vocab {metrics['vocab_size']}, tokens {metrics['tokens']}, "
+            f"{metrics['bytes_per_token']} bytes/token, {metrics['encode_mb_per_s']} MB/s")
 
+
+def main() -> int:
+    """`python -m pipelines.tokenize`: the exit status (pipelines/common/runner.py)."""
+    return run_stage("tokenize", summarize)

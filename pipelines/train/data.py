@@ -22,10 +22,12 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from pipelines.common.runner import StageError
+
 SPLITS = ("train", "val", "test")
 
 
-class DataError(RuntimeError):
+class DataError(StageError):
     """The token shards are missing or unusable; the message says what to do."""
 
 

@@ -20,7 +20,6 @@ Exit codes: 0 done, 1 error (one line on stderr), 143 stopped by SIGTERM after s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import sys
@@ -34,11 +33,13 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from model import save_pretrained
 from pipelines.common.atomic import write_json
-from pipelines.train.checkpoints import SafeCheckpointIO, StepCheckpoint, latest_valid, list_checkpoints
-from pipelines.train.lit_gpt import LitGPT, NonFiniteLossError
-from pipelines.common.params import Params, ParamsError, TrainParams, load_params
-from pipelines.train.data import DataError, TokenData, TokenDataModule
+from pipelines.common.hashing import sha256_file
+from pipelines.common.params import Params, TrainParams
+from pipelines.common.runner import StageError, run_stage
 from pipelines.common.tracking import RUN_FILE
+from pipelines.train.checkpoints import SafeCheckpointIO, StepCheckpoint, latest_valid, list_checkpoints
+from pipelines.train.data import DataError, TokenData, TokenDataModule
+from pipelines.train.lit_gpt import LitGPT, NonFiniteLossError
 from pipelines.train.log import StepProgressBar, TrainLog
 
 # train.* keys that may change between an interrupted run and its resumption; any other change
@@ -60,12 +61,14 @@ class Paths:
     lock_file: Path = Path("dvc.lock")
 
 
-class TrainError(RuntimeError):
+class TrainError(StageError):
     """Training cannot start or continue; the message says why and what to do."""
 
 
-class Preempted(RuntimeError):
+class Preempted(StageError):
     """SIGTERM: a checkpoint was saved at the step boundary and the run stopped; run again to resume."""
+
+    exit_code = SIGTERM_EXIT  # the stage did not finish, so DVC must not record its outputs
 
 
 # --- resolving the hardware knobs -----------------------------------------------------------------
@@ -138,10 +141,6 @@ def incompatibilities(saved: dict, current: dict, allow_world_size_change: bool)
     return problems
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 # --- MLflow -------------------------------------------------------------------------------------
 
 
@@ -211,7 +210,7 @@ def train(params: Params, paths: Paths = Paths(), *, fast_dev_run: bool = False,
     run_info = {
         "model_config": config.to_dict(),
         "tokenizer_sha256": data.tokenizer_sha256,
-        "data_sha256": _sha256(paths.tokens / "meta.json"),
+        "data_sha256": sha256_file(paths.tokens / "meta.json"),
         "world_size": world_size,
         "train": t.model_dump(),
         "mlflow_run_id": None,
@@ -310,20 +309,15 @@ def _end_run(client, run_info: dict, status: str) -> None:
         client.set_terminated(run_info["mlflow_run_id"], status=status)
 
 
-def main() -> int:
+def summarize(params: Params) -> str:
+    """Train (or resume); the line printed on success."""
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # no GPU/TPU banner lines
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning 2.6 on torch 2.13, harmless
-    try:
-        params = load_params()
-        metrics = train(params)
-    except (ParamsError, DataError, TrainError) as exc:
-        print(f"train: error: {exc}", file=sys.stderr)
-        return 1
-    except Preempted as exc:
-        print(f"train: {exc}", file=sys.stderr)
-        return SIGTERM_EXIT
-    summary = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
-    print(f"train: {json.dumps(summary)}")
-    return 0
+    metrics = train(params)
+    return json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
 
+
+def main() -> int:
+    """`python -m pipelines.train`: the exit status (pipelines/common/runner.py)."""
+    return run_stage("train", summarize)
