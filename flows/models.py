@@ -1,0 +1,145 @@
+"""The small flows around the registry: evaluate any registered version, move `champion`, serve a model.
+
+    evaluate_model(model="champion")   the evaluate stage on the current data for a version or alias
+    promote_model(version="3")         `champion` -> that version (under the register stage's lock), then redeploy
+    serve_model(model=None)            deploy the champion (or a registry URI / local folder) and smoke-test it
+
+Each is a deployment of `python -m flows.deploy`; none re-implements a stage: evaluate_model runs the evaluate
+stage's own command in a scratch folder that links the workspace's data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+from pydantic import Field
+
+from flows.overrides import check
+from flows.serving import endpoint, serve_cli
+from flows.train_and_deploy import deploy_champion, smoke
+from pipelines.common.tracking import RUN_FILE, mlflow_client, tracking_uri
+from pipelines.register.pyfunc_model import HF_MODEL_PATH
+from pipelines.register.stage import CHAMPION, RegistrationLock
+
+
+def resolve(name: str, model: str) -> Any:
+    """The ModelVersion that `model` (a version number or an alias) names in registered model `name`."""
+    client = mlflow_client()
+    return client.get_model_version(name, model) if model.isdigit() else client.get_model_version_by_alias(name, model)
+
+
+@task(retries=1, retry_delay_seconds=10)
+def evaluate_version(model: str) -> dict[str, Any]:
+    """Run the evaluate stage on the current data for a registered version; its metrics and MLflow run."""
+    import mlflow  # heavy: only this task downloads models
+
+    params = check({})
+    name = params.registry.model_name
+    version = resolve(name, model)
+    logger = get_run_logger()
+    with tempfile.TemporaryDirectory(prefix="quill-evaluate-") as tmp:
+        scratch = Path(tmp)
+        local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}", dst_path=str(scratch)))
+        (scratch / "artifacts").mkdir()
+        shutil.move(local / HF_MODEL_PATH, scratch / "artifacts" / "model")
+        (scratch / "artifacts" / "model" / RUN_FILE).unlink(missing_ok=True)  # log to a new run, not the training one
+        shutil.copy("params.yaml", scratch / "params.yaml")
+        os.symlink(Path("data").resolve(), scratch / "data")
+        env = {**os.environ, "MLFLOW_TRACKING_URI": _absolute()}
+        env["PYTHONPATH"] = str(Path.cwd())
+        result = subprocess.run(
+            [sys.executable, "-m", "pipelines.evaluate"], cwd=scratch, env=env, capture_output=True, text=True
+        )
+        for line in (result.stdout + result.stderr).splitlines()[-40:]:
+            logger.info(line)
+        if result.returncode != 0:
+            raise RuntimeError(f"evaluate of {name} v{version.version} failed: {result.stderr[-1500:]}")
+        metrics = json.loads((scratch / "metrics" / "eval.json").read_text())
+    return {"name": name, "version": str(version.version), "metrics": metrics}
+
+
+def _absolute() -> str:
+    """The SQLite store as an absolute URI, so a scratch folder logs to the project's store."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    return uri
+
+
+@flow(name="evaluate_model", log_prints=True)
+def evaluate_model(
+    model: str = Field(default="champion", description="a version number or an alias (champion, challenger)"),
+) -> dict[str, Any]:
+    """Evaluate a registered version on the current test split; a Markdown table of its headline metrics."""
+    result = evaluate_version(model)
+    rows = [f"| {k} | {v:.4f} |" for k, v in result["metrics"].items() if isinstance(v, float)]
+    create_markdown_artifact(
+        f"# {result['name']} v{result['version']} on the current data\n\n| metric | value |\n|---|---|\n"
+        + "\n".join(rows),
+        key="evaluate-model",
+    )
+    return result
+
+
+@task(retries=1, retry_delay_seconds=5)
+def move_champion(version: str) -> str:
+    """Point `champion` at `version` (under the register stage's lock); the version it pointed at before."""
+    params = check({}).registry
+    client = mlflow_client()
+    with RegistrationLock(client, params.model_name, params.lock_timeout_s):
+        try:
+            before = str(client.get_model_version_by_alias(params.model_name, CHAMPION).version)
+        except Exception:  # noqa: BLE001 - MLflow's own exception for a missing alias
+            before = "none"
+        target = resolve(params.model_name, version)
+        client.set_registered_model_alias(params.model_name, CHAMPION, target.version)
+        client.set_model_version_tag(
+            params.model_name,
+            target.version,
+            "quill.promoted_by",
+            f"promote_model flow run {flow_run.name} ({flow_run.id}), replacing v{before}",
+        )
+    return before
+
+
+@flow(name="promote_model", log_prints=True)
+def promote_model(
+    version: str = Field(description="the version number (or an alias) to make champion"), redeploy: bool = True
+) -> dict[str, Any]:
+    """Move `champion` to a registered version, then redeploy it and smoke-test the endpoint."""
+    before = move_champion(version)
+    served = None
+    if redeploy:
+        params = check({})
+        url = deploy_champion({}, params.serve, params.registry.model_name)
+        served = smoke(url) if url else None
+    return {"champion_before": before, "served": served}
+
+
+@task(retries=1, retry_delay_seconds=10)
+def deploy_model(model: str) -> str:
+    """`python -m pipelines.serve --model <model>` (rolling update); the endpoint."""
+    result = serve_cli("--model", model)
+    if result.returncode != 0:
+        raise RuntimeError(f"python -m pipelines.serve failed (exit {result.returncode}): {result.stderr[-2000:]}")
+    return endpoint(check({}).serve)
+
+
+@flow(name="serve_model", log_prints=True)
+def serve_model(
+    model: str | None = Field(default=None, description="registry URI or local folder; empty: the champion"),
+) -> str | None:
+    """Deploy a model on Ray Serve (the champion by default) and smoke-test the live endpoint."""
+    params = check({})
+    url = deploy_model(model) if model else deploy_champion({}, params.serve, params.registry.model_name)
+    return smoke(url) if url else None

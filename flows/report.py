@@ -1,0 +1,84 @@
+"""The Markdown a flow run leaves in the Prefect UI: what each stage did, the evaluation, the registry decision.
+
+The per-stage lines are pipelines/summary.py's (the same ones `make run` prints); this adds what only the
+flow knows: which stages DVC skipped, the overrides, the champion-vs-challenger numbers, links, the endpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pipelines.summary import summary_rows
+
+REGISTERED = Path("artifacts/registered.json")  # the register stage's output (dvc.yaml)
+
+
+def mlflow_ui(tracking_uri: str) -> tuple[str, str]:
+    """(base URL of the MLflow UI for this store, how to open it)."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri.rstrip("/"), f"open {tracking_uri}"
+    return "http://127.0.0.1:5000", f"`.venv/bin/mlflow ui --backend-store-uri {tracking_uri}`, then"
+
+
+def registered() -> dict[str, Any] | None:
+    return json.loads(REGISTERED.read_text()) if REGISTERED.is_file() else None
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def summary_markdown(
+    ran: dict[str, bool],
+    overrides: dict[str, Any],
+    reg: dict[str, Any] | None,
+    experiment_id: str | None,
+    tracking_uri: str,
+    approval: str | None,
+    served: str | None,
+) -> str:
+    """The run's summary: stages (ran or skipped), overrides, evaluation, registry decision, links, endpoint."""
+
+    def status(stage: str) -> str:
+        return ("ran" if ran[stage] else "up to date (skipped by DVC)") if stage in ran else ""
+
+    rows = summary_rows(Path("."))
+    described = {stage for stage, _ in rows}
+    lines = ["# quill: train_and_deploy", "", "| stage | this run | result |", "|---|---|---|"]
+    lines += [f"| {stage} | {status(stage)} | |" for stage in ran if stage not in described]
+    lines += [f"| {stage} | {status(stage)} | {_cell(text)} |" for stage, text in rows]
+    lines += ["", "## Overrides of params.yaml for this run", ""]
+    if overrides:
+        lines += ["| key | value |", "|---|---|"] + [f"| `{k}` | `{json.dumps(v)}` |" for k, v in overrides.items()]
+        lines += ["", "Recorded in dvc.lock with each output they made; params.yaml itself is unchanged."]
+    else:
+        lines.append("none: params.yaml as committed")
+    if approval:
+        lines += ["", f"**Approval:** {approval}"]
+    if reg:
+        base, how = mlflow_ui(tracking_uri)
+        lines += [
+            "",
+            "## Registry",
+            "",
+            "| | version | test_bpb |",
+            "|---|---|---|",
+            f"| this model | v{reg['version']} | {reg['test_bpb']:.4f} |",
+        ]
+        champ = reg.get("champion_test_bpb")
+        if reg.get("champion_version"):
+            numbers = f"{champ:.4f} (this model {reg['test_bpb'] - champ:+.4f})" if champ is not None else "?"
+            lines.append(f"| champion before | v{reg['champion_version']} | {numbers} |")
+        verdict = "promoted to **champion**" if reg["promoted"] else "kept as **challenger**"
+        lines += ["", f"{reg['model_name']} v{reg['version']} {verdict}: {reg['why']}", ""]
+        version_link = f"{base}/#/models/{reg['model_name']}/versions/{reg['version']}"
+        lines.append(f"- MLflow model version: [{reg['model_name']} v{reg['version']}]({version_link})")
+        if experiment_id is not None:
+            lines.append(f"- MLflow run: [{reg['run_id']}]({base}/#/experiments/{experiment_id}/runs/{reg['run_id']})")
+        lines.append(f"- MLflow UI: {how} open {base}")
+    else:
+        lines += ["", "## Registry", "", "not registered in this run"]
+    lines += ["", f"**Endpoint:** {served}" if served else "**Endpoint:** not deployed by this run"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,249 @@
+"""train_and_deploy: the dvc.yaml stages through DVC, then the champion on Ray Serve and a smoke test.
+
+Each task is one `dvc repro <stage>`, so DVC skips what is up to date and keeps every output versioned; the
+flow adds what DVC does not do: typed overrides from the Prefect UI (checked before any work), retries (train
+resumes from its last checkpoint), a progress artifact during training, an optional approval pause before
+the registry decides, a Markdown summary, and the deploy. One run per workspace (flows/lock.py).
+
+    python -m flows.train_and_deploy [--set train.max_steps=200 ...] [--require-approval] [--no-deploy]
+
+With PREFECT_API_URL set the run shows in that server's UI; `python -m flows.deploy` serves it with a Run button.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.exceptions import FlowPauseTimeout
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
+from prefect.runtime import flow_run
+from pydantic import Field
+
+from flows.lock import workspace_lock
+from flows.overrides import Overrides, check, overridden, recover
+from flows.report import mlflow_ui, registered, summary_markdown
+from flows.repro import StageFailed, repro, stale
+from flows.serving import endpoint, serve_cli, served_version, smoke_test
+from pipelines.common.params import ParamsError, ServeParams
+from pipelines.common.tracking import RUN_FILE, mlflow_client, tracking_uri
+
+NO_OVERRIDES = Overrides()
+TRAIN_RUN = Path("artifacts/model") / RUN_FILE  # the train stage's MLflow run id (pipelines/common/tracking.py)
+
+
+class Approval(RunInput):
+    """A reviewer's answer to the pause after evaluation."""
+
+    approve: bool = Field(description="register this model and let the registry rule promote it")
+    force: bool = Field(default=False, description="promote it even if the rule (registry.min_improvement) says no")
+    comment: str = Field(default="", description="why (kept in the run's summary)")
+
+
+def stages() -> list[str]:
+    """The stage names of dvc.yaml, in its order (ingest, clean, tokenize, train, evaluate, register)."""
+    return list(yaml.safe_load(Path("dvc.yaml").read_text(encoding="utf-8"))["stages"])
+
+
+@task(retries=1, retry_delay_seconds=10, task_run_name="{stage}")
+def run_stage(stage: str, overrides: dict[str, Any]) -> bool:
+    """`dvc repro <stage>` with the run's overrides; True if it ran, False if DVC found it up to date."""
+    with overridden(overrides):
+        return repro(stage, get_run_logger().info).ran
+
+
+@task(retries=2, retry_delay_seconds=5)
+def train(overrides: dict[str, Any]) -> bool:
+    """`dvc repro train`, its step count in a progress artifact; a retry resumes from the last checkpoint."""
+    artifact = create_progress_artifact(0.0, key="train-progress", description="train stage: optimizer steps")
+    last = [0.0, 0.0]  # percent shown, when
+
+    def progress(step: int, total: int) -> None:
+        percent = 100.0 * step / max(total, 1)
+        if percent == 100.0 or (percent - last[0] >= 1 and time.monotonic() - last[1] >= 2):
+            update_progress_artifact(artifact, percent)
+            last[:] = [percent, time.monotonic()]
+
+    with overridden(overrides):
+        ran = repro("train", get_run_logger().info, progress).ran
+    update_progress_artifact(artifact, 100.0)
+    return ran
+
+
+@task(retries=0)
+def needs_registration(overrides: dict[str, Any]) -> bool:
+    """Whether `dvc repro register` would run (a new evaluation, or none registered yet)."""
+    with overridden(overrides):
+        return stale("register")
+
+
+@task(retries=0)
+def comparison() -> str:
+    """The evaluation just made beside the champion's registered numbers, as Markdown for the reviewer."""
+    evaluated = json.loads(Path("metrics/eval.json").read_text())
+    name = check({}).registry.model_name
+    client = mlflow_client()
+    try:
+        champion = client.get_model_version_by_alias(name, "champion")
+    except Exception:  # noqa: BLE001 - MLflow raises its own exception for an unknown name or alias
+        champion = None
+    rows = ["| metric | this model | champion |", "|---|---|---|"]
+    for key in ("test_bpb", "test_loss", "test_ppl"):
+        theirs = champion.tags.get(key, "?") if champion else "none yet"
+        rows.append(f"| {key} | {evaluated[key]:.4f} | {theirs} |")
+    who = f"{name} v{champion.version}" if champion else "no champion yet"
+    return (
+        f"Champion: {who}. Approve to register this model (the registry rule then decides), force to promote.\n\n"
+        + "\n".join(rows)
+    )
+
+
+@task(retries=0)
+def record_in_mlflow(run_id: str, overrides: dict[str, Any]) -> None:
+    """Tag the training run with this flow run and its overrides (the params it logged already hold the values)."""
+    client = mlflow_client()
+    client.set_tag(run_id, "quill.flow_run_id", str(flow_run.id))
+    client.set_tag(run_id, "quill.flow_run_name", str(flow_run.name))
+    client.set_tag(run_id, "quill.overrides", json.dumps(overrides, sort_keys=True))
+
+
+@task(retries=1, retry_delay_seconds=10)
+def deploy_champion(overrides: dict[str, Any], serve: ServeParams, model_name: str) -> str | None:
+    """Deploy (rolling update) the champion unless the endpoint serves it already; the endpoint, or None."""
+    logger = get_run_logger()
+    try:
+        champion = str(mlflow_client().get_model_version_by_alias(model_name, "champion").version)
+    except Exception:  # noqa: BLE001 - MLflow's own exception for a missing alias
+        logger.warning(f"no champion of {model_name} in the registry: nothing to deploy")
+        return None
+    url = endpoint(serve)
+    if serve.model is None and served_version(url) == champion:
+        logger.info(f"{url} already serves {model_name} v{champion}")
+        return url
+    with overridden(overrides):
+        result = serve_cli()
+    for line in (result.stdout + result.stderr).splitlines():
+        logger.info(line)
+    if result.returncode != 0:
+        raise RuntimeError(f"python -m pipelines.serve failed (exit {result.returncode}): {result.stderr[-2000:]}")
+    return url
+
+
+@task(retries=3, retry_delay_seconds=5)
+def smoke(url: str) -> str:
+    """The live endpoint answers /health, /v1/models and a completion; a line saying what it served."""
+    result = smoke_test(url)
+    return f"{result.model} (version {result.version}) at {url} completed 'The king' with {result.completion!r}"
+
+
+@flow(name="train_and_deploy", log_prints=True)
+def train_and_deploy(
+    overrides: Overrides = NO_OVERRIDES,
+    require_approval: bool = False,
+    approval_timeout_s: int = Field(default=3600, ge=10, description="seconds to wait for a reviewer"),
+    deploy: bool = True,
+) -> dict[str, Any]:
+    """The dvc.yaml pipeline through DVC with this run's overrides, then deploy the champion and smoke-test it."""
+    logger = get_run_logger()
+    dotted = overrides.dotted()
+    params = check(dotted)  # bad keys, types and ranges stop the run here, before any work
+    with workspace_lock(f"flow run {flow_run.name} ({flow_run.id})"):
+        if recover():
+            logger.warning("params.yaml held a killed run's overrides: the original is back")
+        ran: dict[str, bool] = {}
+        for stage in stages():
+            if stage == "train":
+                ran[stage] = train(dotted)
+            elif stage == "register":
+                break
+            else:
+                ran[stage] = run_stage(stage, dotted)
+        if ran.get("train"):
+            record_in_mlflow(json.loads(TRAIN_RUN.read_text())["mlflow_run_id"], dotted)
+        approval, register_overrides = None, dotted
+        if require_approval and needs_registration(dotted):
+            description = comparison()
+            try:
+                answer = pause_flow_run(
+                    wait_for_input=Approval.with_initial_data(description=description), timeout=approval_timeout_s
+                )
+                approval = ("approved" + (" (forced)" if answer.force else "")) if answer.approve else "rejected"
+                approval += f": {answer.comment}" if answer.comment else ""
+                if answer.force:
+                    register_overrides = {**dotted, "registry.force_promote": True}
+            except FlowPauseTimeout:
+                approval = f"no answer within {approval_timeout_s} s"
+            logger.info(f"approval: {approval}")
+        if approval is None or approval.startswith("approved"):
+            ran["register"] = run_stage("register", register_overrides)
+        reg = registered() if "register" in ran else None
+        served = None
+        if deploy and (approval is None or approval.startswith("approved")):
+            url = deploy_champion(dotted, params.serve, params.registry.model_name)
+            served = smoke(url) if url else None
+        experiment = mlflow_client().get_run(reg["run_id"]).info.experiment_id if reg else None
+        create_markdown_artifact(
+            summary_markdown(
+                ran,
+                dotted,
+                reg,
+                experiment,
+                tracking_uri(),
+                None if approval is None else f"{approval} (not registered)" if "register" not in ran else approval,
+                served,
+            ),
+            key="train-and-deploy-summary",
+            description="stages, evaluation, registry decision, endpoint",
+        )
+    return {"ran": ran, "registered": reg, "approval": approval, "served": served}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a params.yaml value for this run (YAML value), e.g. train.max_steps=200",
+    )
+    parser.add_argument("--require-approval", action="store_true", help="pause after evaluate for a reviewer")
+    parser.add_argument("--approval-timeout-s", type=int, default=3600)
+    parser.add_argument("--no-deploy", dest="deploy", action="store_false", help="stop after register")
+    args = parser.parse_args(argv)
+    values = {}
+    for item in args.sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item}: expected KEY=VALUE, e.g. train.max_steps=200")
+        values[key.strip()] = yaml.safe_load(value)
+    try:
+        overrides = Overrides.from_dotted(values)
+        check(overrides.dotted())
+    except (ParamsError, ValueError) as exc:
+        print(f"train_and_deploy: refused before any work: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = train_and_deploy(overrides, args.require_approval, args.approval_timeout_s, args.deploy)
+    except (StageFailed, RuntimeError, OSError) as exc:
+        print(f"train_and_deploy failed: {exc}", file=sys.stderr)
+        return 1
+    reg = result["registered"]
+    if reg:
+        print(f"registered {reg['model_name']} v{reg['version']} ({', '.join(reg['aliases'])}): {reg['why']}")
+    print(f"served: {result['served'] or 'not deployed'}")
+    print(f"MLflow: {mlflow_ui(tracking_uri())[1]} open {mlflow_ui(tracking_uri())[0]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
