@@ -4,15 +4,18 @@
     [(-12.3, False)]
 
 The output head runs only where a continuation token is predicted; requests that share a context (the
-choices of a multiple-choice item) run the context once. The held-out rolling pass is in
-model.transformer (GPT.hidden_states + GPT.logits) and pipelines/evaluate.
+choices of a multiple-choice item) run the context once. `rolling_loglikelihood` scores whole documents with
+sliding windows: the evaluate stage's held-out bits per byte and lm-eval's `loglikelihood_rolling`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 from model.sampling import check_param
 from model.transformer import GPT, KVCache
@@ -121,3 +124,73 @@ def _score_continuations(model: GPT, spans: list[torch.Tensor], continuations) -
         out.append((token_lp[at : at + n].sum().item(), bool(hit[at : at + n].all())))
         at += n
     return out
+
+
+def rolling_windows(n: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
+    """Windows over targets t[0..n) of x = [prefix] + t, as (input_start, input_end, n_scored) in x's indices.
+
+    The window feeds x[input_start:input_end] and scores its last n_scored predictions (targets
+    t[input_end - n_scored .. input_end)); every target is scored exactly once.
+
+        >>> rolling_windows(10, block_size=4, stride=2)
+        [(0, 4, 4), (2, 6, 2), (4, 8, 2), (6, 10, 2)]
+    """
+    if n <= 0:
+        return []
+    stride = min(stride, block_size)
+    out, b = [], min(n, block_size)
+    out.append((0, b, b))
+    while b < n:
+        a, b = b, min(n, b + stride)
+        out.append((b - block_size, b, b - a))
+    return out
+
+
+@torch.inference_mode()
+def rolling_loglikelihood(
+    model: GPT, docs: Sequence[Sequence[int]], prefix_id: int, stride: int | None = None, batch_size: int = 16,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[float]:
+    """Sum of log p(t_i | preceding tokens) over each document, with sliding windows (natural log).
+
+    Windows from all documents are sorted by length and run `batch_size` at a time (right padding never
+    changes earlier positions in a causal model). progress(done, total), if given, is called after each batch.
+    """
+    block_size = model.config.block_size
+    stride = stride or block_size
+    device = next(model.parameters()).device
+    jobs = []  # (doc index, x, start, end, n_scored)
+    xs = [[prefix_id, *map(int, d)] for d in docs]
+    for i, x in enumerate(xs):
+        for start, end, n_scored in rolling_windows(len(x) - 1, block_size, stride):
+            jobs.append((i, start, end, n_scored))
+    jobs.sort(key=lambda j: j[1] - j[2])  # longest windows first: fewer padded positions per batch
+    sums = [0.0] * len(docs)
+    for s in range(0, len(jobs), batch_size):
+        chunk = jobs[s : s + batch_size]
+        T = max(end - start for _, start, end, _ in chunk)
+        idx = torch.zeros(len(chunk), T, dtype=torch.long)
+        tgt = torch.full((len(chunk), T), -100, dtype=torch.long)  # -100: not scored
+        for r, (i, start, end, n_scored) in enumerate(chunk):
+            x = xs[i]
+            idx[r, : end - start] = torch.tensor(x[start:end])
+            tgt[r, end - start - n_scored : end - start] = torch.tensor(x[end - n_scored + 1 : end + 1])
+        hidden = model.hidden_states(idx.to(device))
+        tgt = tgt.to(device)
+        scored = tgt != -100
+        # the output head only at scored positions: windows after a document's first overlap their predecessor
+        nll = F.cross_entropy(model.logits(hidden[scored]), tgt[scored], reduction="none")
+        rows = scored.nonzero()[:, 0]
+        per_row = torch.zeros(len(chunk), device=device, dtype=nll.dtype).index_add_(0, rows, nll)
+        for r, row in enumerate(per_row.tolist()):
+            sums[chunk[r][0]] -= row
+        if progress is not None:
+            progress(min(s + batch_size, len(jobs)), len(jobs))
+    return sums
+
+
+def perplexity_summary(logliks: Sequence[float], n_tokens: int, n_bytes: int) -> dict:
+    """loss (nats/token), ppl and bits per byte from summed log-likelihoods."""
+    total = -float(sum(logliks))
+    loss = total / max(n_tokens, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 700)), "bpb": total / math.log(2) / max(n_bytes, 1)}

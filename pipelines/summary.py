@@ -16,7 +16,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from pipelines.register.model_card import fmt_value
+from pipelines.common.report import fmt_value
 
 
 def _read(path: Path) -> dict | None:

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from model import GPT, Engine, GPTConfig
+from model.scoring import rolling_loglikelihood, rolling_windows
 from pipelines.common.params import EvalParams
-from pipelines.evaluate.lm_eval_adapter import QuillLM, rolling_loglikelihood, rolling_windows, split_documents
+from pipelines.evaluate.lm_eval_adapter import QuillLM, split_documents
 from pipelines.evaluate.ngram import ByteNgram, uniform_bpb
 from pipelines.evaluate.task_pack import TASKS, build_task_pack
 from tests.helpers.paths import REPO
@@ -72,7 +73,7 @@ def test_rolling_loglikelihood_equals_token_by_token_computation(engine, project
 
 def test_bits_per_byte_of_a_uniform_model_is_log2_vocab_per_byte(project):
     """All-zero weights give logits of 0: every token costs log2(V) bits, so bpb = tokens * log2(V) / bytes."""
-    from pipelines.evaluate.stage import held_out
+    from pipelines.common.heldout import held_out
 
     vocab = json.loads((project / "data/tokens/meta.json").read_text())["vocab_size"]
     model = GPT(GPTConfig.from_preset("tiny", vocab_size=vocab))
@@ -87,7 +88,7 @@ def test_bits_per_byte_of_a_uniform_model_is_log2_vocab_per_byte(project):
 
 def test_held_out_bpb_by_hand_on_fixture(engine, project):
     """bpb = -(sum of every test token's natural-log prob) / ln 2 / (UTF-8 bytes of the test text)."""
-    from pipelines.evaluate.stage import held_out
+    from pipelines.common.heldout import held_out
 
     docs = held_out_docs(project)[:3]  # the naive computation runs one forward per token
     texts = [json.loads(line)["text"] for line in open(project / "data/clean/test.jsonl")][:3]
@@ -185,7 +186,7 @@ def test_rolling_task_agrees_with_held_out_metric(engine, project, tmp_path):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from pipelines.evaluate.stage import held_out
+    from pipelines.common.heldout import held_out
 
     test = read_split(project, "test")
     build_task_pack(test, read_split(project, "val"), tmp_path / "pack", max_items=5, seed=1)

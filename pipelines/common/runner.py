@@ -13,14 +13,11 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+from pipelines.common.errors import StageError
 from pipelines.common.params import Params, ParamsError, load_params
 from pipelines.common.tracking import tracking_uri
 
-
-class StageError(RuntimeError):
-    """A stage cannot go on; the message names the problem and what to do about it."""
-
-    exit_code = 1
+__all__ = ["StageError", "run_stage"]
 
 
 def run_stage(name: str, work: Callable[[Params], str]) -> int:

@@ -11,13 +11,18 @@ else a content hash computed here).
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import subprocess
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
 
+from pipelines.common.errors import StageError
 from pipelines.common.hashing import content_hash
 
 if TYPE_CHECKING:  # mlflow takes seconds to import; stages import it only when they log
@@ -118,3 +123,40 @@ def _matches(path: Path, entry: dict) -> bool:
     if entry.get("size") is not None and entry["size"] != size:
         return False
     return entry.get("nfiles") is None or path.is_file() or entry["nfiles"] == len(files)
+
+
+class TrackingError(StageError):
+    """The MLflow tracking server does not answer."""
+
+
+def check_tracking() -> str:
+    """The tracking URI, after checking that an HTTP server answers (a SQLite store needs no check)."""
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as resp:
+                resp.read()
+        except (urllib.error.URLError, OSError) as exc:
+            raise TrackingError(f"MLflow tracking server {uri} is unreachable ({getattr(exc, 'reason', exc)}); start "
+                                "it or unset MLFLOW_TRACKING_URI to use the local store") from None
+    return uri
+
+
+def training_run_id(model_dir: Path) -> str | None:
+    """The MLflow run the train stage recorded in the model folder (None if it recorded none)."""
+    f = model_dir / RUN_FILE
+    if not f.is_file():
+        return None
+    return json.loads(f.read_text()).get("mlflow_run_id")
+
+
+def flat_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """Nested numeric metrics as {"a.b.c": value}, the names `dvc metrics show` prints."""
+    out = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat_metrics(value, name + "."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out[name] = float(value)
+    return out

@@ -18,78 +18,16 @@ a smaller stride gives every prediction more context at the cost of T/stride for
 
 from __future__ import annotations
 
-import math
 import warnings
-from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from model import Engine, SamplingParams
-
-
-def rolling_windows(n: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
-    """Windows over targets t[0..n) of x = [prefix] + t, as (input_start, input_end, n_scored) in x's indices.
-
-    The window feeds x[input_start:input_end] and scores its last n_scored predictions (targets
-    t[input_end - n_scored .. input_end)); every target is scored exactly once.
-
-        >>> rolling_windows(10, block_size=4, stride=2)
-        [(0, 4, 4), (2, 6, 2), (4, 8, 2), (6, 10, 2)]
-    """
-    if n <= 0:
-        return []
-    stride = min(stride, block_size)
-    out, b = [], min(n, block_size)
-    out.append((0, b, b))
-    while b < n:
-        a, b = b, min(n, b + stride)
-        out.append((b - block_size, b, b - a))
-    return out
-
-
-@torch.inference_mode()
-def rolling_loglikelihood(
-    model, docs: Sequence[Sequence[int]], prefix_id: int, stride: int | None = None, batch_size: int = 16,
-    desc: str | None = None,
-) -> list[float]:
-    """Sum of log p(t_i | preceding tokens) over each document, with sliding windows (natural log).
-
-    Windows from all documents are sorted by length and run `batch_size` at a time (right padding never
-    changes earlier positions in a causal model).
-    """
-    block_size = model.config.block_size
-    stride = stride or block_size
-    device = next(model.parameters()).device
-    jobs = []  # (doc index, x, start, end, n_scored)
-    xs = [[prefix_id, *map(int, d)] for d in docs]
-    for i, x in enumerate(xs):
-        for start, end, n_scored in rolling_windows(len(x) - 1, block_size, stride):
-            jobs.append((i, start, end, n_scored))
-    jobs.sort(key=lambda j: j[1] - j[2])  # longest windows first: fewer padded positions per batch
-    sums = [0.0] * len(docs)
-    for s in tqdm(range(0, len(jobs), batch_size), desc=desc, disable=desc is None, unit="batch", mininterval=2):
-        chunk = jobs[s : s + batch_size]
-        T = max(end - start for _, start, end, _ in chunk)
-        idx = torch.zeros(len(chunk), T, dtype=torch.long)
-        tgt = torch.full((len(chunk), T), -100, dtype=torch.long)  # -100: not scored
-        for r, (i, start, end, n_scored) in enumerate(chunk):
-            x = xs[i]
-            idx[r, : end - start] = torch.tensor(x[start:end])
-            tgt[r, end - start - n_scored : end - start] = torch.tensor(x[end - n_scored + 1 : end + 1])
-        hidden = model.hidden_states(idx.to(device))
-        tgt = tgt.to(device)
-        scored = tgt != -100
-        # the output head only at scored positions: windows after a document's first overlap their predecessor
-        nll = F.cross_entropy(model.logits(hidden[scored]), tgt[scored], reduction="none")
-        rows = scored.nonzero()[:, 0]
-        per_row = torch.zeros(len(chunk), device=device, dtype=nll.dtype).index_add_(0, rows, nll)
-        for r, row in enumerate(per_row.tolist()):
-            sums[chunk[r][0]] -= row
-    return sums
+from model.scoring import rolling_loglikelihood
+from pipelines.common.progress import progress_bar
 
 
 def split_documents(tokens, eot_id: int) -> list[list[int]]:
@@ -196,7 +134,7 @@ class QuillLM(TemplateLM):
         todo = sorted({d for d in docs if d not in self.rolling_cache})
         if todo:
             computed = rolling_loglikelihood(self.model, todo, self.eot_token_id, self.stride, self.batch_size,
-                                             desc=None if disable_tqdm else "loglikelihood_rolling")
+                                             progress=progress_bar(None if disable_tqdm else "loglikelihood_rolling"))
             self.rolling_cache.update(zip(todo, computed))
         out = [self.rolling_cache[d] for d in docs]
         for req, result in zip(requests, out):
@@ -231,10 +169,3 @@ class QuillLM(TemplateLM):
                 bar.update(len(chunk))
         bar.close()
         return out
-
-
-def perplexity_summary(logliks: Sequence[float], n_tokens: int, n_bytes: int) -> dict:
-    """loss (nats/token), ppl and bits per byte from summed log-likelihoods."""
-    total = -float(sum(logliks))
-    loss = total / max(n_tokens, 1)
-    return {"loss": loss, "ppl": math.exp(min(loss, 700)), "bpb": total / math.log(2) / max(n_bytes, 1)}

@@ -37,16 +37,31 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import lm_eval
 import numpy as np
+import sacrebleu
+import torch
+from lm_eval.tasks import TaskManager, get_task_dict
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
+from rouge_score import rouge_scorer
 
+from model import Engine, SamplingParams, hf
+from pipelines.common import tracking
 from pipelines.common.atomic import atomic_file, write_json, write_text
+from pipelines.common.hashing import content_hash, sha256_file
+from pipelines.common.heldout import held_out, read_texts
+from pipelines.common.model_folder import check_model_dir
 from pipelines.common.params import EvalParams, Params
+from pipelines.common.report import fmt_value, table_cell
 from pipelines.common.runner import StageError, run_stage
-from pipelines.common.tracking import RUN_FILE, tracking_uri
-from pipelines.register.model_card import fmt_value, table_cell
+from pipelines.common.tracking import check_tracking, flat_metrics, training_run_id
+from pipelines.evaluate.attention_plot import plot_attention
+from pipelines.evaluate.lm_eval_adapter import QuillLM, split_documents
+from pipelines.evaluate.ngram import ByteNgram, uniform_bpb
+from pipelines.evaluate.task_pack import TASKS, build_task_pack
 
 IDENTITY = ("model_sha256", "tokenizer_sha256", "test_data_sha256", "test_window_stride", "mlflow_run_id")
-SHA_KEY = "quill_tokenizer_sha256"
 
 
 @dataclass(frozen=True)
@@ -70,35 +85,13 @@ def log(msg: str) -> None:
 # --- checks before any long work -------------------------------------------------------------------
 
 
-def check_model_dir(model_dir: Path) -> dict:
-    """The folder's config.json, after checking that the folder holds a model quill can load."""
-    from model.hf import config_from_hf
-
-    if not (model_dir / "config.json").is_file():
-        raise EvalError(f"no model in {model_dir} (config.json missing): run the train stage first (dvc repro train)")
-    if not (model_dir / "model.safetensors").is_file() and not (model_dir / "model.safetensors.index.json").is_file():
-        raise EvalError(f"{model_dir} has no model.safetensors: re-export the model (dvc repro train)")
-    if not (model_dir / "tokenizer.json").is_file():
-        raise EvalError(f"{model_dir} has no tokenizer.json: re-export the model with its tokenizer (dvc repro train)")
+def check_tokenizer(model_dir: Path, meta: dict) -> None:
+    """The model's tokenizer must be the one it was trained with and the one that wrote the token shards."""
     try:
-        cfg = json.loads((model_dir / "config.json").read_text())
-        if "quill_config" not in cfg:
-            config_from_hf(cfg)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise EvalError(f"{model_dir}/config.json is not a model quill can load ({exc}); "
-                        "point eval at a quill or Llama-layout folder") from None
-    return cfg
-
-
-def check_tokenizer(model_dir: Path, model_cfg: dict, meta: dict) -> None:
-    """The model's tokenizer must be the one that wrote the token shards (sha256 of tokenizer.json)."""
-    from model.hf import file_sha256
-
-    actual = file_sha256(model_dir / "tokenizer.json")
-    recorded = model_cfg.get(SHA_KEY)
-    if recorded is not None and recorded != actual:
-        raise EvalError(f"{model_dir}/tokenizer.json (sha256 {actual[:12]}) is not the tokenizer the model was trained "
-                        f"with ({recorded[:12]}); re-export the model (dvc repro train)")
+        hf.check_tokenizer(model_dir)
+    except hf.TokenizerMismatchError as exc:
+        raise EvalError(f"{exc}; re-export the model (dvc repro train)") from None
+    actual = sha256_file(model_dir / "tokenizer.json")
     if meta.get("tokenizer_sha256") != actual:
         raise EvalError(f"tokenizer mismatch: the model in {model_dir} uses tokenizer {actual[:12]}, but data/tokens was "
                         f"made with {str(meta.get('tokenizer_sha256'))[:12]}; retrain on the current tokens "
@@ -114,59 +107,14 @@ def read_meta(tokens_dir: Path) -> dict:
 
 def check_tasks(tasks: list[str]) -> None:
     """Every eval.tasks name is in the local pack or known to lm-eval."""
-    from pipelines.evaluate.task_pack import TASKS
-
     unknown = [t for t in tasks if t not in TASKS]
     if not unknown:
         return
-    from lm_eval.tasks import TaskManager
-
     known = set(TaskManager().all_tasks)
     unknown = [t for t in unknown if t not in known]
     if unknown:
         raise EvalError(f"unknown lm-eval task(s) in eval.tasks: {', '.join(unknown)}; the local pack has "
                         f"{', '.join(TASKS)} and `lm-eval ls tasks` lists the standard ones")
-
-
-def check_tracking() -> str:
-    """The tracking URI, after checking that an HTTP server answers (a SQLite store needs no check)."""
-    uri = tracking_uri()
-    if uri.startswith(("http://", "https://")):
-        import urllib.error
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as resp:
-                resp.read()
-        except (urllib.error.URLError, OSError) as exc:
-            raise EvalError(f"MLflow tracking server {uri} is unreachable ({getattr(exc, 'reason', exc)}); start it "
-                            "or unset MLFLOW_TRACKING_URI to use the local store") from None
-    return uri
-
-
-# --- held-out language-model quality ---------------------------------------------------------------
-
-
-def held_out(model, docs: list[list[int]], prefix_id: int, n_bytes: int, stride: int | None, batch_size: int,
-             desc: str | None = "held-out", cache: dict | None = None) -> dict:
-    """test_loss (nats/token), test_ppl and test_bpb over every document, with sliding windows.
-
-    `cache`, if given, receives {tuple(document ids): log-likelihood} (QuillLM's rolling_cache: lm-eval's
-    perplexity task then reuses these numbers instead of computing the same windows again)."""
-    from pipelines.evaluate.lm_eval_adapter import perplexity_summary, rolling_loglikelihood
-
-    logliks = rolling_loglikelihood(model, docs, prefix_id, stride, batch_size, desc=desc)
-    if cache is not None:
-        cache.update((tuple(d), ll) for d, ll in zip(docs, logliks))
-    n_tokens = sum(len(d) for d in docs)
-    s = perplexity_summary(logliks, n_tokens, n_bytes)
-    return {"test_loss": s["loss"], "test_ppl": s["ppl"], "test_bpb": s["bpb"], "test_tokens": n_tokens,
-            "test_bytes": n_bytes}
-
-
-def read_texts(path: Path) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line)["text"] for line in f if line.strip()]
 
 
 # --- lm-eval ---------------------------------------------------------------------------------------
@@ -175,9 +123,6 @@ def read_texts(path: Path) -> list[str]:
 def run_lm_eval(lm, tasks: list[str], fewshots: list[int], pack_dir: Path, limit: int | None, seed: int,
                 out_dir: Path) -> dict:
     """Each task at each few-shot setting ({task: {"<k>shot": {metric: value}}}); raw results to out_dir."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager, get_task_dict
-
     if not tasks:
         return {}
     manager = TaskManager(include_path=str(pack_dir))
@@ -250,11 +195,6 @@ def sample_prompts(params: EvalParams, test_texts: list[str], train_path: Path, 
 
 def generate_samples(engine, rows: list[dict], max_tokens: int, seed: int) -> dict:
     """Generate for each prompt with the default sampling settings; BLEU and ROUGE-L against the reference."""
-    import sacrebleu
-    from rouge_score import rouge_scorer
-
-    from model import SamplingParams
-
     if not rows:
         return {"rows": [], "bleu": None, "rougeL": None}
     params = SamplingParams(max_tokens=max_tokens, seed=seed)
@@ -277,10 +217,6 @@ def generate_samples(engine, rows: list[dict], max_tokens: int, seed: int) -> di
 
 def attention_png(engine, prompt: str, path: Path) -> Path:
     """Heatmaps of every layer and head for one prompt (model/attention_plot.py)."""
-    import torch
-
-    from pipelines.evaluate.attention_plot import plot_attention
-
     ids = engine.encode(prompt)[: min(32, engine.config.block_size)] or [engine.eos_token_id]
     with torch.inference_mode():
         maps = engine.model.attention_maps(torch.tensor([ids], device=engine.device))
@@ -319,33 +255,8 @@ def render_report(metrics: dict, samples: list[dict], model_dir: Path) -> str:
 # --- MLflow ----------------------------------------------------------------------------------------
 
 
-def training_run_id(model_dir: Path) -> str | None:
-    """The MLflow run the train stage recorded in the model folder (None if it recorded none)."""
-    f = model_dir / RUN_FILE
-    if not f.is_file():
-        return None
-    return json.loads(f.read_text()).get("mlflow_run_id")
-
-
-def flat_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
-    """Nested numeric metrics as {"a.b.c": value}, the names `dvc metrics show` prints."""
-    out = {}
-    for key, value in metrics.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flat_metrics(value, name + "."))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            out[name] = float(value)
-    return out
-
-
 def log_to_mlflow(model_dir: Path, metrics: dict, samples: list[dict], paths: Paths) -> str:
     """Log metrics, reports, plots and the samples table to the training run (or a new run if it has none)."""
-    from mlflow.entities import Metric
-    from mlflow.exceptions import MlflowException
-
-    from pipelines.common import tracking
-
     client = tracking.mlflow_client()
     run_id = training_run_id(model_dir)
     if run_id is not None:
@@ -377,24 +288,15 @@ def log_to_mlflow(model_dir: Path, metrics: dict, samples: list[dict], paths: Pa
 def evaluate(params: EvalParams, paths: Paths = Paths()) -> dict:
     """Check inputs, then compute every metric and write every output; return metrics/eval.json's content."""
     started = time.perf_counter()
-    cfg = check_model_dir(paths.model)
+    check_model_dir(paths.model)
     meta = read_meta(paths.tokens)
-    check_tokenizer(paths.model, cfg, meta)
+    check_tokenizer(paths.model, meta)
     for split in ("train", "val", "test"):
         if not (paths.clean / f"{split}.jsonl").is_file():
             raise EvalError(f"{paths.clean}/{split}.jsonl missing: run the clean stage (dvc repro clean)")
     check_tasks(params.tasks)
     check_tracking()
     paths.metrics.unlink(missing_ok=True)  # a failure below must not leave the previous numbers for register
-
-    import torch
-
-    from model import Engine
-    from model.hf import file_sha256
-    from pipelines.common.hashing import content_hash
-    from pipelines.evaluate.lm_eval_adapter import QuillLM, split_documents
-    from pipelines.evaluate.ngram import ByteNgram, uniform_bpb
-    from pipelines.evaluate.task_pack import build_task_pack
 
     torch.manual_seed(params.seed)
     try:
@@ -441,7 +343,7 @@ def evaluate(params: EvalParams, paths: Paths = Paths()) -> dict:
     metrics["num_fewshot"] = ",".join(str(k) for k in params.num_fewshot)
     metrics["samples"] = {"bleu": samples["bleu"], "rougeL": samples["rougeL"], "count": len(samples["rows"])}
     metrics["model_sha256"] = content_hash(paths.model / "model.safetensors")
-    metrics["tokenizer_sha256"] = file_sha256(paths.model / "tokenizer.json")
+    metrics["tokenizer_sha256"] = sha256_file(paths.model / "tokenizer.json")
     metrics["test_data_sha256"] = content_hash(paths.clean / "test.jsonl")
     metrics["test_window_stride"] = params.stride or engine.config.block_size
     metrics["seconds"] = round(time.perf_counter() - started, 1)

@@ -6,17 +6,7 @@ samples, limitations), stored as the MLflow model version's description and besi
 
 from __future__ import annotations
 
-
-def fmt_value(x) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, float):
-        return f"{x:.4g}"
-    return str(x)
-
-
-def table_cell(s) -> str:
-    return "–" if s is None else str(s).replace("|", "\\|").replace("\n", " ⏎ ")
+from pipelines.common.report import fmt_value, table_cell
 
 
 def render_card(name: str, version: str, config: dict, n_params: int, eval_metrics: dict, train_metrics: dict,

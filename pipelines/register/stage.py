@@ -8,7 +8,7 @@ In:  artifacts/model/                 the Hugging Face folder (+ quill_run.json 
 Out: artifacts/registered.json        {model_name, version, model_uri, aliases, run_id, promoted, why, forced,
                                        test_bpb, champion_version, champion_test_bpb, tracking_uri}
      MLflow: a pyfunc model logged to the evaluation's run (the HF folder under artifacts/hf_model, see
-     pipelines/pyfunc_model.py), a new version of registry.model_name with tags (git commit, DVC hashes
+     pipelines/register/pyfunc_model.py), a new version of registry.model_name with tags (git commit, DVC hashes
      of data and tokenizer, training run id, parameter count, headline metrics, the decision) and the
      model card as its description; aliases `challenger` / `champion`.
 Run: python -m pipelines.register     (or `dvc repro register`)
@@ -35,9 +35,23 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+
+from model import Engine, load_pretrained
+from pipelines.common import tracking
 from pipelines.common.atomic import write_json
+from pipelines.common.contracts import HF_MODEL_PATH
+from pipelines.common.hashing import content_hash
+from pipelines.common.heldout import held_out, read_texts
+from pipelines.common.model_folder import check_model_dir
 from pipelines.common.params import Params, RegistryParams
 from pipelines.common.runner import StageError, run_stage
+from pipelines.common.tracking import check_tracking, flat_metrics, git_commit, input_hashes, training_run_id
+from pipelines.register import pyfunc_model
+from pipelines.register.model_card import render_card
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HEADLINE = ("test_bpb", "test_loss", "test_ppl")  # also every task's 0-shot scores
@@ -67,13 +81,7 @@ def log(msg: str) -> None:
 
 def read_evaluation(paths: Paths) -> dict:
     """metrics/eval.json, after checking it is complete and describes the model in artifacts/model."""
-    from pipelines.common.hashing import content_hash
-    from pipelines.evaluate.stage import EvalError, check_model_dir
-
-    try:
-        check_model_dir(paths.model)
-    except EvalError as exc:
-        raise RegisterError(str(exc)) from None
+    check_model_dir(paths.model)
     if not paths.metrics.is_file():
         raise RegisterError(f"{paths.metrics} missing: run the evaluate stage first (dvc repro evaluate)")
     if not paths.evaluated.is_file():
@@ -98,8 +106,6 @@ class RegistrationLock:
         self.client, self.name, self.timeout_s = client, f"{name}.registration-lock", timeout_s
 
     def __enter__(self):
-        from mlflow.exceptions import MlflowException
-
         deadline = time.monotonic() + self.timeout_s
         while True:
             try:
@@ -124,8 +130,6 @@ class RegistrationLock:
             time.sleep(0.2)
 
     def _release(self) -> None:
-        from mlflow.exceptions import MlflowException
-
         try:
             self.client.delete_registered_model(self.name)
         except MlflowException:
@@ -139,8 +143,6 @@ class RegistrationLock:
 
 
 def champion_of(client, name: str):
-    from mlflow.exceptions import MlflowException
-
     try:
         return client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
@@ -149,12 +151,6 @@ def champion_of(client, name: str):
 
 def reevaluate_bpb(model_uri: str, test_file: Path, stride: int | None) -> float:
     """The champion's bits per byte on the current test split (its own tokenizer), same windows as evaluate."""
-    import mlflow
-
-    from model import Engine
-    from pipelines.evaluate.stage import held_out, read_texts
-    from pipelines.register.pyfunc_model import HF_MODEL_PATH
-
     local = Path(mlflow.artifacts.download_artifacts(model_uri))
     engine = Engine.from_pretrained(local / HF_MODEL_PATH)
     texts = read_texts(test_file)
@@ -195,9 +191,6 @@ def decide(client, name: str, version: str, metrics: dict, params: RegistryParam
 
 
 def version_tags(metrics: dict, run_id: str, n_params: int, paths: Paths) -> dict[str, str]:
-    from pipelines.common.tracking import git_commit, input_hashes
-    from pipelines.evaluate.stage import flat_metrics, training_run_id
-
     tags = {
         "git_commit": git_commit() or "unknown",
         "run_id": run_id,
@@ -217,8 +210,6 @@ def version_tags(metrics: dict, run_id: str, n_params: int, paths: Paths) -> dic
 
 def training_metrics(client, run_id: str) -> dict:
     """The training run's final metrics for the model card; {} when the run is unknown or not in this store."""
-    from mlflow.exceptions import MlflowException
-
     if run_id == "unknown":
         return {}
     try:
@@ -231,12 +222,6 @@ def training_metrics(client, run_id: str) -> dict:
 
 def log_pyfunc(model_dir: Path, run_id: str, n_examples: list[str]):
     """Log the pyfunc model (code + the HF folder staged as `hf_model`) to `run_id`; return its ModelInfo."""
-    import mlflow
-    import pandas as pd
-    from mlflow.models import infer_signature
-
-    from pipelines.register import pyfunc_model
-
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # mlflow's hints about type hints and integer columns
         signature = infer_signature(
@@ -255,21 +240,8 @@ def log_pyfunc(model_dir: Path, run_id: str, n_examples: list[str]):
 
 def register(params: RegistryParams, paths: Paths = Paths()) -> dict:
     """Log, register, decide, write artifacts/registered.json; return its content."""
-    from pipelines.evaluate.stage import EvalError, check_tracking
-
     metrics = read_evaluation(paths)
-    try:
-        uri = check_tracking()
-    except EvalError as exc:
-        raise RegisterError(str(exc)) from None
-
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from model.hf import load_pretrained
-    from pipelines.common import tracking
-    from pipelines.register.model_card import render_card
-
+    uri = check_tracking()
     mlflow.set_tracking_uri(uri)
     client = tracking.mlflow_client(uri)
     run_id = metrics.get("mlflow_run_id")

@@ -29,9 +29,14 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+from pytorch_lightning.strategies import FSDPStrategy
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from model import save_pretrained
+from model.transformer import Block
+from pipelines.common import tracking
 from pipelines.common.atomic import write_json
 from pipelines.common.hashing import sha256_file
 from pipelines.common.params import Params, TrainParams
@@ -89,10 +94,6 @@ def resolve_strategy(strategy: str):
     """auto lets Lightning choose (one device: none; several: DDP); fsdp shards whole transformer blocks."""
     if strategy != "fsdp":
         return strategy
-    from pytorch_lightning.strategies import FSDPStrategy
-
-    from model.transformer import Block
-
     # "full" state dicts: the checkpoint is one file, loadable on any world size
     return FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full", sharding_strategy="FULL_SHARD")
 
@@ -146,10 +147,6 @@ def incompatibilities(saved: dict, current: dict, allow_world_size_change: bool)
 
 def start_run(client, run_id: str | None, params: Params, run_info: dict, extra: dict, paths: Paths) -> str:
     """Continue `run_id` if the store still has it, else create a run with every param that shaped it."""
-    from mlflow.exceptions import MlflowException
-
-    from pipelines.common import tracking
-
     if run_id is not None:
         try:
             client.get_run(run_id)
@@ -169,8 +166,6 @@ def start_run(client, run_id: str | None, params: Params, run_info: dict, extra:
     logged["tokenizer_sha256"] = run_info["tokenizer_sha256"]
     for path, digest in tracking.input_hashes([str(paths.tokens), str(paths.tokenizer)], paths.lock_file).items():
         logged[f"dvc.{Path(path).name}"] = digest  # dvc.tokens, dvc.tokenizer
-    from mlflow.entities import Param
-
     items = [Param(k, str(v)) for k, v in logged.items()]
     for i in range(0, len(items), 100):  # the store takes at most 100 params per batch
         client.log_batch(run.info.run_id, params=items[i:i + 100], synchronous=True)
@@ -234,8 +229,6 @@ def train(params: Params, paths: Paths = Paths(), *, fast_dev_run: bool = False,
     flops_per_token = lit.model.flops_per_token(config.block_size)
     client = None
     if trainer.is_global_zero and not fast_dev_run:
-        from pipelines.common import tracking
-
         client = tracking.mlflow_client(tracking_uri)
         extra = {"world_size": world_size, "precision_resolved": precision, "tokens_per_step": tokens_per_step,
                  "total_steps": steps, "params": lit.model.num_params(), "vocab_size": data.vocab_size}
@@ -280,8 +273,6 @@ def train(params: Params, paths: Paths = Paths(), *, fast_dev_run: bool = False,
 
 def export(lit: LitGPT, log: TrainLog, metrics: dict, run_info: dict, paths: Paths, client, tracking_uri) -> None:
     """Write the model folder, metrics and plots, and attach them to the MLflow run (rank 0 only)."""
-    from pipelines.common import tracking
-
     save_pretrained(lit.model, paths.model_out, tokenizer_dir=paths.tokenizer)
     run_id = run_info["mlflow_run_id"]
     write_json(paths.model_out / RUN_FILE, {
@@ -291,8 +282,6 @@ def export(lit: LitGPT, log: TrainLog, metrics: dict, run_info: dict, paths: Pat
     write_json(paths.metrics, metrics)
     png = log.write_plots(paths.plots)
     if client is not None:
-        from mlflow.entities import Metric
-
         final = [Metric(f"final_{k}", float(v), 0, metrics["steps"]) for k, v in metrics.items()
                  if isinstance(v, (int, float)) and v is not None]
         client.log_batch(run_id, metrics=final, synchronous=True)
