@@ -10,19 +10,28 @@ misspelled keys fail before any work, with the key's dotted name and the closest
 from __future__ import annotations
 
 import difflib
+import importlib.util
+import re
+import sys
+from functools import cache
 from pathlib import Path
-from typing import Annotated, Literal
+from types import ModuleType
+from typing import Annotated, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PARAMS_FILE = Path("params.yaml")
 
 
 class Section(BaseModel):
-    """Base for every params section: unknown keys are errors, values are not coerced silently."""
+    """Base for every params section: unknown keys are errors, values are never coerced.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Strict: `compile: "yes"`, `seed: true` or `max_steps: "100"` fail instead of becoming True, 1 or 100
+    (an integer is still a valid float: `lr: 1` is 1.0); infinities and NaN fail in every float field.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -66,7 +75,7 @@ class DedupParams(Section):
 
 class SplitParams(Section):
     passage_chars: int = Field(default=2000, ge=0)  # 0 keeps whole documents
-    val: float = Field(default=0.05, ge=0.0, lt=1.0)
+    val: float = Field(default=0.05, gt=0.0, lt=1.0)  # > 0: the train stage validates on this split
     test: float = Field(default=0.05, ge=0.0, lt=1.0)
 
     @model_validator(mode="after")
@@ -89,7 +98,8 @@ class DataParams(Section):
 
 
 class TokenizerParams(Section):
-    vocab_size: int = Field(default=4096, ge=300, le=2**32 - 1)  # must hold the 256 byte tokens + specials
+    # at least the 256 byte tokens + specials; past 2**18 the embedding alone outweighs the largest preset
+    vocab_size: int = Field(default=4096, ge=300, le=2**18)
     min_frequency: int = Field(default=2, ge=1)
     encode_batch_size: int = Field(default=256, ge=1)
 
@@ -97,19 +107,53 @@ class TokenizerParams(Section):
 # --- model ------------------------------------------------------------------------------------
 
 
+@cache
+def _model_config_module() -> ModuleType:
+    """model/config.py (PRESETS, GPTConfig; plain Python) without the `model` package, whose import loads torch:
+    every stage checks model.* at load time, and the data stages need no torch."""
+    if "model.config" in sys.modules:
+        return sys.modules["model.config"]
+    spec = importlib.util.spec_from_file_location("_quill_model_config",
+                                                  Path(__file__).resolve().parents[2] / "model" / "config.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses looks the module up while building GPTConfig
+    spec.loader.exec_module(module)
+    return module
+
+
 class ModelParams(Section):
     """A named preset from model/config.py, with optional per-field overrides."""
 
     preset: str = "cpu"
-    block_size: int | None = Field(default=None, gt=0)
-    n_layer: int | None = Field(default=None, gt=0)
-    n_head: int | None = Field(default=None, gt=0)
-    n_kv_head: int | None = Field(default=None, gt=0)
-    n_embd: int | None = Field(default=None, gt=0)
-    intermediate_size: int | None = Field(default=None, gt=0)
+    block_size: int | None = Field(default=None, gt=0, le=2**17)  # context length in tokens
+    n_layer: int | None = Field(default=None, gt=0, le=1024)
+    n_head: int | None = Field(default=None, gt=0, le=1024)
+    n_kv_head: int | None = Field(default=None, gt=0, le=1024)
+    n_embd: int | None = Field(default=None, gt=0, le=2**16)
+    intermediate_size: int | None = Field(default=None, gt=0, le=2**18)
     rope_theta: float | None = Field(default=None, gt=0)
     tie_embeddings: bool | None = None
     dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, name: str) -> str:
+        presets = list(_model_config_module().PRESETS)
+        if name not in presets:
+            hint = difflib.get_close_matches(name, presets, n=1)
+            raise ValueError(f"unknown preset (allowed: {', '.join(presets)})"
+                             + (f"; did you mean '{hint[0]}'?" if hint else ""))
+        return name
+
+    @model_validator(mode="after")
+    def _preset_and_overrides_fit(self) -> ModelParams:
+        """The whole shape is checked here, before any stage runs (n_embd divisible by n_head, ...)."""
+        try:
+            _model_config_module().GPTConfig.from_preset(self.preset, **self.overrides())
+        except ValueError as exc:
+            fields = "".join(f", {k}={v}" for k, v in self.overrides().items())
+            raise ValueError(f"preset={self.preset}{fields}: {exc}") from None
+        return self
 
     def overrides(self) -> dict:
         """The fields set here, to apply on top of the preset."""
@@ -145,11 +189,11 @@ class TrainParams(Section):
     # hardware: auto picks bf16-mixed on a GPU that supports it, 32-bit otherwise
     precision: Literal["auto", "32", "bf16-mixed", "16-mixed"] = "auto"
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
-    devices: int | Literal["auto"] = "auto"  # per node
+    devices: Annotated[int, Field(gt=0)] | Literal["auto"] = "auto"  # per node
     num_nodes: int = Field(default=1, gt=0)
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
     compile: bool = False  # torch.compile the model
-    seed: int = 1337  # init, data order and dropout all derive from it
+    seed: int = Field(default=1337, ge=0, le=2**32 - 1)  # init, data order and dropout all derive from it
     # cadence, in optimizer steps
     val_every: int = Field(default=100, gt=0)
     val_batches: int = Field(default=20, gt=0)  # fixed validation windows = val_batches * batch_size
@@ -180,7 +224,7 @@ class EvalParams(Section):
     batch_size: int = Field(default=16, gt=0)  # sequences per forward pass (held-out windows, lm-eval requests)
     max_items: int = Field(default=200, gt=0)  # items per task built into the local pack (cloze, next-line)
     limit: int | None = Field(default=None, gt=0)  # lm-eval's per-task document limit; None = all
-    seed: int = 1234  # task pack draws and sample generation
+    seed: int = Field(default=1234, ge=0, le=2**32 - 1)  # task pack draws and sample generation
     sample_prompts: list[str] = ["ROMEO:", "To be, or not to be", "The king is dead"]  # fixed generation prompts
     samples_from_test: int = Field(default=4, ge=0)  # plus this many prompts cut from test documents
     sample_max_tokens: int = Field(default=48, gt=0)  # tokens generated per sample
@@ -249,38 +293,84 @@ class ParamsError(ValueError):
     """params.yaml is missing, unreadable or holds an invalid or unknown key."""
 
 
-def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
-    """The keys allowed at `loc` (best effort, for 'did you mean' hints)."""
-    current: type[BaseModel] | None = model
-    for part in loc[:-1]:
-        if part in SOURCE_TYPES:  # pydantic puts the discriminator's tag in the location
-            current = SOURCE_TYPES[part]
-            continue
-        if current is None or isinstance(part, int):
-            continue
-        field = current.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None)
-        current = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-    return list(current.model_fields) if current is not None else []
+def _sections_in(annotation) -> list[type[BaseModel]]:
+    """The sections an annotation holds, through list[...], `X | None` and the sources' tagged union."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _sections_in(arg)]
 
 
-def _describe(error: dict) -> str:
-    loc = tuple(error["loc"])
-    dotted = ".".join(str(p) for p in loc if p not in SOURCE_TYPES)
+def _key_path(loc: tuple) -> tuple[list[str], type[BaseModel]]:
+    """The params.yaml keys of a pydantic error location, and the section that holds the last one.
+
+    pydantic adds names that are not keys: a source's `type` tag (data.sources.0.local.path) and the member of a
+    union that failed (train.devices.int); both are left out.
+    """
+    keys: list[str] = []
+    holder: type[BaseModel] = Params
+    candidates: list[type[BaseModel]] = [Params]
+    for part in loc:
+        if isinstance(part, int):  # a list index: the candidates are the list items' sections already
+            keys.append(str(part))
+        elif len(candidates) > 1 and SOURCE_TYPES.get(str(part)) in candidates:
+            candidates = [SOURCE_TYPES[str(part)]]
+        elif len(candidates) == 1:
+            holder = candidates[0]
+            keys.append(str(part))
+            field = holder.model_fields.get(str(part))  # None: an unknown key, the last part
+            candidates = _sections_in(field.annotation) if field is not None else []
+        # else: below a plain value, the name of a union member
+    return keys, holder
+
+
+def _describe(error: dict) -> tuple[str, str]:
+    """(the dotted key, what is wrong with it) for one pydantic error."""
+    keys, holder = _key_path(tuple(error["loc"]))
+    dotted = ".".join(keys)
     if error["type"] == "extra_forbidden":
-        hint = difflib.get_close_matches(str(loc[-1]), _valid_keys(Params, loc), n=1)
-        suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
-        return f"unknown key '{dotted}'{suggestion}"
-    return f"'{dotted}': {error['msg']}"
+        hint = difflib.get_close_matches(keys[-1], list(holder.model_fields), n=1)
+        return dotted, f"unknown key '{dotted}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+    return dotted, error["msg"].removeprefix("Value error, ")
 
 
 def parse_params(raw: dict, source: str = "params.yaml") -> Params:
-    """Validate a params mapping, turning pydantic's errors into one readable ParamsError."""
+    """Validate a params mapping, turning pydantic's errors into one readable ParamsError.
+
+    Each line names the key, what is allowed and the value found, e.g.
+    `'train.seed': Input should be greater than or equal to 0 (got -1)`.
+    """
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        problems = "\n  - ".join(_describe(e) for e in exc.errors())
+        by_key: dict[str, list[dict]] = {}
+        for error in exc.errors():
+            by_key.setdefault(_describe(error)[0], []).append(error)
+        lines = []
+        for key, errors in by_key.items():
+            if errors[0]["type"] == "extra_forbidden":
+                lines.append(_describe(errors[0])[1])
+                continue
+            value = errors[0].get("input")
+            got = f" (got {value!r})" if value is None or isinstance(value, (str, int, float, bool)) else ""
+            rules = list(dict.fromkeys(_describe(e)[1] for e in errors))  # several for a union: one per member
+            what = " or ".join([rules[0], *(r.removeprefix("Input should be ") for r in rules[1:])])
+            lines.append(f"'{key}': {what}{got}" if key else f"{what}{got}")
+        problems = "\n  - ".join(lines)
         raise ParamsError(f"{source} is invalid:\n  - {problems}\nFix the key(s) above and run again.") from None
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 (PyYAML) reads `1e-3`, having no dot, as a *string*; params.yaml means a float, as YAML 1.2 and
+    DVC's `-S train.lr=1e-3` read it. Every other scalar resolves as yaml.safe_load resolves it."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def read_yaml(text: str):
+    """params.yaml text (or a value of one, such as an override) as the loader reads it: `1e-3` is a float."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
@@ -289,7 +379,7 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
     if not path.is_file():
         raise ParamsError(f"{path} not found: run from the repository root, or pass the path of your params file.")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = read_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
