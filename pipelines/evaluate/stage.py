@@ -285,9 +285,8 @@ def log_to_mlflow(model_dir: Path, metrics: dict, samples: list[dict], paths: Pa
 # --- the stage -------------------------------------------------------------------------------------
 
 
-def evaluate(params: EvalParams, paths: Paths = Paths()) -> dict:
-    """Check inputs, then compute every metric and write every output; return metrics/eval.json's content."""
-    started = time.perf_counter()
+def check_inputs(params: EvalParams, paths: Paths) -> dict:
+    """Everything that can be wrong with the inputs, before any long work; the token shards' meta.json."""
     check_model_dir(paths.model)
     meta = read_meta(paths.tokens)
     check_tokenizer(paths.model, meta)
@@ -296,50 +295,87 @@ def evaluate(params: EvalParams, paths: Paths = Paths()) -> dict:
             raise EvalError(f"{paths.clean}/{split}.jsonl missing: run the clean stage (dvc repro clean)")
     check_tasks(params.tasks)
     check_tracking()
-    paths.metrics.unlink(missing_ok=True)  # a failure below must not leave the previous numbers for register
+    return meta
 
-    torch.manual_seed(params.seed)
+
+def load_engine(model_dir: Path, meta: dict) -> Engine:
     try:
-        engine = Engine.from_pretrained(paths.model)
+        engine = Engine.from_pretrained(model_dir)
     except Exception as exc:  # weights that do not fit the config, unreadable safetensors, ...
-        raise EvalError(f"cannot load the model in {paths.model}: {exc}; re-export it (dvc repro train)") from None
+        raise EvalError(f"cannot load the model in {model_dir}: {exc}; re-export it (dvc repro train)") from None
     if meta["vocab_size"] > engine.config.vocab_size:
         raise EvalError(f"the model's vocab_size {engine.config.vocab_size} is smaller than the tokenizer's "
                         f"{meta['vocab_size']}: retrain (dvc repro train)")
-    eot = meta["eot_id"]
+    return engine
+
+
+def held_out_metrics(engine: Engine, meta: dict, test_texts: list[str], params: EvalParams, paths: Paths,
+                     rolling_cache: dict) -> dict:
+    """test_loss/ppl/bpb on the test shard, beside the uniform and byte n-gram references."""
     tokens = np.memmap(paths.tokens / "test.bin", dtype=meta["dtype"], mode="r")
-    docs = split_documents(np.asarray(tokens), eot)
+    docs = split_documents(np.asarray(tokens), meta["eot_id"])
     n_bytes = meta["splits"]["test"]["bytes"]
-
     log(f"held-out loss over {len(tokens)} test tokens (stride {params.stride or engine.config.block_size})")
-    rolling_cache: dict[tuple, float] = {}
-    metrics = held_out(engine.model, docs, eot, n_bytes, params.stride, params.batch_size, cache=rolling_cache)
-
+    metrics = held_out(engine.model, docs, meta["eot_id"], n_bytes, params.stride, params.batch_size,
+                       cache=rolling_cache)
     log(f"byte {params.ngram_order}-gram reference on the train split")
-    test_texts = read_texts(paths.clean / "test.jsonl")
     ngram = ByteNgram.fit([t.encode() for t in read_texts(paths.clean / "train.jsonl")], params.ngram_order)
     vocab = meta["vocab_size"]
     metrics["reference"] = {
         "uniform_loss": math.log(vocab), "uniform_ppl": float(vocab),
         "uniform_bpb": uniform_bpb(metrics["test_tokens"], n_bytes, vocab),
-        "ngram_order": params.ngram_order, "ngram_bpb": ngram.bits_per_byte([t.encode() for t in test_texts]),
+        "ngram_order": params.ngram_order,
+        "ngram_bpb": ngram.bits_per_byte([t.encode() for t in test_texts]),
     }
+    return metrics
 
+
+def benchmark_scores(engine: Engine, test_texts: list[str], params: EvalParams, paths: Paths, rolling_cache: dict) -> dict:
+    """The lm-eval tasks (the local pack built from the test and val splits, or standard ones)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         build_task_pack(test_texts, read_texts(paths.clean / "val.jsonl"), paths.reports / "tasks", params.max_items,
                         params.seed)
         lm = QuillLM(engine=engine, batch_size=params.batch_size, stride=params.stride, rolling_cache=rolling_cache)
-        scores = run_lm_eval(lm, params.tasks, params.num_fewshot, paths.reports / "tasks", params.limit,
-                             params.seed, paths.reports / "lm_eval")
+        return run_lm_eval(lm, params.tasks, params.num_fewshot, paths.reports / "tasks", params.limit,
+                           params.seed, paths.reports / "lm_eval")
+
+
+def write_outputs(metrics: dict, samples: list[dict], params: EvalParams, paths: Paths) -> dict:
+    """Reports, plots, MLflow, then metrics/eval.json last: register only ever sees a complete evaluation."""
+    write_json(paths.reports / "samples.json", samples)
+    write_text(paths.reports / "report.md", render_report({**metrics, "task_names": list(params.tasks)}, samples,
+                                                          paths.model))
+    with atomic_file(paths.plots / "bpb.csv") as tmp:
+        tmp.write_text("model,bpb\n"
+                       f"uniform,{metrics['reference']['uniform_bpb']:.6f}\n"
+                       f"byte_{params.ngram_order}gram,{metrics['reference']['ngram_bpb']:.6f}\n"
+                       f"quill,{metrics['test_bpb']:.6f}\n")
+    metrics["mlflow_run_id"] = log_to_mlflow(paths.model, metrics, samples, paths)
+    write_json(paths.reports / "evaluated.json", {k: metrics[k] for k in IDENTITY})
+    # the identity strings stay out of `dvc metrics show`'s table
+    write_json(paths.metrics, {k: v for k, v in metrics.items() if k not in IDENTITY})
+    log(f"logged to MLflow run {metrics['mlflow_run_id']}")
+    return metrics
+
+
+def evaluate(params: EvalParams, paths: Paths = Paths()) -> dict:
+    """Check inputs, then compute every metric and write every output; return metrics/eval.json's content."""
+    started = time.perf_counter()
+    meta = check_inputs(params, paths)
+    paths.metrics.unlink(missing_ok=True)  # a failure below must not leave the previous numbers for register
+    torch.manual_seed(params.seed)
+    engine = load_engine(paths.model, meta)
+    rolling_cache: dict[tuple, float] = {}  # held-out log-likelihoods, reused by lm-eval's perplexity task
+    test_texts = read_texts(paths.clean / "test.jsonl")
+    metrics = held_out_metrics(engine, meta, test_texts, params, paths, rolling_cache)
+    metrics.update(benchmark_scores(engine, test_texts, params, paths, rolling_cache))
 
     log("generation samples")
     rows = sample_prompts(params, test_texts, paths.clean / "train.jsonl", engine.encode, engine.decode)
     samples = generate_samples(engine, rows, params.sample_max_tokens, params.seed)
     attention_png(engine, rows[0]["prompt"] if rows else "The", paths.plots / "attention.png")
 
-    metrics.update(scores)
-    metrics["task_names"] = list(params.tasks)
     metrics["num_fewshot"] = ",".join(str(k) for k in params.num_fewshot)
     metrics["samples"] = {"bleu": samples["bleu"], "rougeL": samples["rougeL"], "count": len(samples["rows"])}
     metrics["model_sha256"] = content_hash(paths.model / "model.safetensors")
@@ -347,21 +383,7 @@ def evaluate(params: EvalParams, paths: Paths = Paths()) -> dict:
     metrics["test_data_sha256"] = content_hash(paths.clean / "test.jsonl")
     metrics["test_window_stride"] = params.stride or engine.config.block_size
     metrics["seconds"] = round(time.perf_counter() - started, 1)
-
-    write_json(paths.reports / "samples.json", samples["rows"])
-    write_text(paths.reports / "report.md", render_report(metrics, samples["rows"], paths.model))
-    with atomic_file(paths.plots / "bpb.csv") as tmp:
-        tmp.write_text("model,bpb\n"
-                       f"uniform,{metrics['reference']['uniform_bpb']:.6f}\n"
-                       f"byte_{params.ngram_order}gram,{metrics['reference']['ngram_bpb']:.6f}\n"
-                       f"quill,{metrics['test_bpb']:.6f}\n")
-    metrics.pop("task_names")
-    metrics["mlflow_run_id"] = log_to_mlflow(paths.model, metrics, samples["rows"], paths)
-    write_json(paths.reports / "evaluated.json", {k: metrics[k] for k in IDENTITY})
-    write_json(paths.metrics, {k: v for k, v in metrics.items() if k not in IDENTITY})  # last: register only
-    # ever sees a complete evaluation (the identity strings stay out of `dvc metrics show`'s table)
-    log(f"logged to MLflow run {metrics['mlflow_run_id']}")
-    return metrics
+    return write_outputs(metrics, samples["rows"], params, paths)
 
 
 def summarize(params: Params) -> str:
