@@ -16,6 +16,43 @@ if TYPE_CHECKING:  # the engine imports this module
     from model.engine import Engine
 
 
+Hypothesis = tuple[float, float, list[int], str, str]  # (normalized score, sum of logprobs, ids, text, finish reason)
+
+
+def normalized(score: float, length: int, length_penalty: float) -> float:
+    """Hugging Face's beam score: sum of logprobs / length ** length_penalty."""
+    return score / (max(length, 1) ** length_penalty)
+
+
+def step_candidates(engine: Engine, beams: list[list[int]], top_scores: list[float], top_idx: list[int],
+                    params: SamplingParams, stop_ids: set[int], finished: list[Hypothesis]):
+    """Walk the 2K best (beam, token) candidates in order: a stop token or stop string ends a hypothesis (kept if
+    it ranks among the top K), others extend a live beam until K are kept. Returns (beam, token, score) lists."""
+    K, V = params.num_beams, engine.config.vocab_size
+    keep_beam, keep_tok, keep_score = [], [], []
+    for rank, (s, j) in enumerate(zip(top_scores, top_idx)):
+        if s == float("-inf"):
+            break
+        b, tok = divmod(j, V)
+        ids = beams[b] + [tok]
+        text, reason = None, None
+        if tok in stop_ids:
+            text, reason = engine.decode(ids[:-1]), "stop"
+        elif params.stop:
+            decoded = engine.decode(ids)
+            cut = find_stop(decoded, params.stop)
+            if cut is not None:
+                text, reason = decoded[:cut], "stop"
+        if reason is not None:
+            if rank < K:
+                finished.append((normalized(s, len(ids), params.length_penalty), s, ids, text, reason))
+            continue
+        keep_beam.append(b), keep_tok.append(tok), keep_score.append(s)
+        if len(keep_beam) == K:
+            break
+    return keep_beam, keep_tok, keep_score
+
+
 @torch.inference_mode()
 def beam_search(engine: Engine, index: int, prompt_ids: list[int], params: SamplingParams) -> list[Completion]:
     """Deterministic beam search for one prompt; returns the best n hypotheses."""
@@ -29,36 +66,15 @@ def beam_search(engine: Engine, index: int, prompt_ids: list[int], params: Sampl
     beams: list[list[int]] = [[]]  # generated ids per live beam
     scores = torch.zeros(1, device=engine.device)
     last = logits[:, -1]  # (live beams, V)
-    finished: list[tuple[float, float, list[int], str, str]] = []  # (norm score, sum logprob, ids, text, reason)
-
-    def norm(score, length):
-        return score / (max(length, 1) ** params.length_penalty)
+    finished: list[Hypothesis] = []
 
     for t in range(params.max_tokens):
         seen, counts, history = penalty_state(params, [(prompt_ids, ids) for ids in beams], V, engine.device)
         logp = torch.log_softmax(apply_penalties(last, params, seen, counts, history), dim=-1)
         cand = (scores[:, None] + logp).view(-1)
         top_scores, top_idx = cand.topk(min(2 * K, cand.numel()))
-        keep_beam, keep_tok, keep_score = [], [], []
-        for rank, (s, j) in enumerate(zip(top_scores.tolist(), top_idx.tolist())):
-            if s == float("-inf"):
-                break
-            b, tok = divmod(j, V)
-            ids = beams[b] + [tok]
-            if tok in stop_ids:
-                if rank < K:
-                    finished.append((norm(s, len(ids)), s, ids, engine.decode(ids[:-1]), "stop"))
-                continue
-            if params.stop:
-                text = engine.decode(ids)
-                cut = find_stop(text, params.stop)
-                if cut is not None:
-                    if rank < K:
-                        finished.append((norm(s, len(ids)), s, ids, text[:cut], "stop"))
-                    continue
-            keep_beam.append(b), keep_tok.append(tok), keep_score.append(s)
-            if len(keep_beam) == K:
-                break
+        keep_beam, keep_tok, keep_score = step_candidates(engine, beams, top_scores.tolist(), top_idx.tolist(),
+                                                          params, stop_ids, finished)
         if not keep_beam:
             break
         beams = [beams[b] + [tok] for b, tok in zip(keep_beam, keep_tok)]
@@ -68,16 +84,15 @@ def beam_search(engine: Engine, index: int, prompt_ids: list[int], params: Sampl
         # HF's early stop: K finished and no live beam can beat the worst of the best K
         if len(finished) >= K:
             worst = sorted(f[0] for f in finished)[-K]
-            if norm(keep_score[0], len(beams[0])) <= worst:
+            if normalized(keep_score[0], len(beams[0]), params.length_penalty) <= worst:
                 beams = []
                 break
-        beam_idx = torch.tensor(keep_beam, device=engine.device)
-        cache.reorder(beam_idx)
-        tokens = torch.tensor(keep_tok, device=engine.device)[:, None]
-        logits, _ = engine.forward(tokens, kv_cache=cache, logits_to_keep=1)
+        cache.reorder(torch.tensor(keep_beam, device=engine.device))
+        logits, _ = engine.forward(torch.tensor(keep_tok, device=engine.device)[:, None], kv_cache=cache,
+                                   logits_to_keep=1)
         last = logits[:, -1]
     for ids, s in zip(beams, scores.tolist()):
-        finished.append((norm(s, len(ids)), s, ids, engine.decode(ids), "length"))
+        finished.append((normalized(s, len(ids), params.length_penalty), s, ids, engine.decode(ids), "length"))
     finished.sort(key=lambda f: -f[0])
     return [
         Completion(index=index, text=text, token_ids=ids, finish_reason=reason, prompt_token_ids=list(prompt_ids),
