@@ -1,0 +1,227 @@
+"""train_and_deploy end to end, the way a team uses it: a real `prefect server start`, the deployments served by
+`python -m flows.deploy` from a tiny workspace, runs created through the REST API exactly as the UI's Run,
+Retry and Resume buttons do, real DVC stages and a real MLflow store.
+
+The tests run in order on one workspace (about four minutes): a run from the Run button; bad parameters
+refused; an injected failure in evaluate, then a retry that does not redo the data or training work; an
+approval pause resumed through the API while a second run is refused by the workspace lock.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from mlflow import MlflowClient
+
+from tests.helpers.paths import VENV_BIN
+from tests.helpers.workspace import prefect_server, quill_env, stop, tiny_workspace
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+MODEL = "quill-test"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """(workspace, env, API client) with the four deployments served from the workspace."""
+    root = tiny_workspace(tmp_path_factory.mktemp("flows") / "ws")
+    with prefect_server(root.parent / "prefect") as prefect:
+        env = quill_env(root, **prefect)
+        log = open(root.parent / "deploy.log", "w")
+        served = subprocess.Popen(
+            [sys.executable, "-m", "flows.deploy"],
+            cwd=root,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        api = httpx.Client(base_url=prefect["PREFECT_API_URL"], timeout=30)
+        try:
+            deadline = time.time() + 120
+            while time.time() < deadline:
+                assert served.poll() is None, (root.parent / "deploy.log").read_text()
+                found = api.post("/deployments/filter", json={}).json()
+                if len(found) == 4:
+                    break
+                time.sleep(1)
+            else:
+                pytest.fail("flows.deploy did not create its four deployments within 120 s")
+            yield root, env, api
+        finally:
+            api.close()
+            stop(served)
+            log.close()
+
+
+def deployment_id(api: httpx.Client, flow: str) -> str:
+    return api.get(f"/deployments/name/{flow}/quill").json()["id"]
+
+
+def run_button(api: httpx.Client, parameters: dict) -> httpx.Response:
+    """What the UI's Run button sends: a flow run of the deployment with the form's parameters."""
+    return api.post(
+        f"/deployments/{deployment_id(api, 'train_and_deploy')}/create_flow_run",
+        json={"parameters": parameters, "state": {"type": "SCHEDULED"}},
+    )
+
+
+def wait(api: httpx.Client, run_id: str, until: set[str], timeout: float = 300) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        run = api.get(f"/flow_runs/{run_id}").json()
+        if run["state"]["type"] in until | TERMINAL:
+            return run
+        time.sleep(1)
+    raise AssertionError(f"flow run {run_id} still {run['state']} after {timeout} s")
+
+
+def task_runs(api: httpx.Client, run_id: str) -> dict[str, list[dict]]:
+    runs = api.post("/task_runs/filter", json={"flow_runs": {"id": {"any_": [run_id]}}}).json()
+    out: dict[str, list[dict]] = {}
+    for run in sorted(runs, key=lambda r: r["expected_start_time"]):
+        out.setdefault(run["name"].rsplit("-", 1)[0], []).append(run)
+    return out
+
+
+def logs(api: httpx.Client, run_id: str) -> str:
+    entries = api.post("/logs/filter", json={"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200}).json()
+    return "\n".join(e["message"] for e in entries)
+
+
+def mlflow(root: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
+
+
+def test_run_button_runs_the_pipeline_and_registers_a_champion(stack):
+    root, _, api = stack
+    response = run_button(api, {"overrides": {"train": {"max_steps": 8}}, "deploy": False})
+    assert response.status_code == 201, response.text
+    run = wait(api, response.json()["id"], set())
+    assert run["state"]["type"] == "COMPLETED", logs(api, run["id"])
+    version = mlflow(root).get_model_version_by_alias(MODEL, "champion")
+    assert str(version.version) == "1"
+    registered = json.loads((root / "artifacts" / "registered.json").read_text())
+    assert registered["promoted"] and registered["version"] == "1"
+    training = mlflow(root).get_run(registered["run_id"])
+    assert training.data.tags["quill.flow_run_id"] == run["id"]
+    assert json.loads(training.data.tags["quill.overrides"]) == {"train.max_steps": 8}
+    artifacts = api.post("/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}}}).json()
+    kinds = {a["key"]: a for a in artifacts}
+    assert kinds["train-progress"]["data"] == 100.0
+    summary = kinds["train-and-deploy-summary"]["data"]
+    assert "quill-test v1 promoted to **champion**" in summary and "`train.max_steps` | `8`" in summary
+    # the override lives in dvc.lock, not in the user's params.yaml
+    assert subprocess.run(["git", "diff", "--quiet", "params.yaml"], cwd=root).returncode == 0
+    assert "max_steps: 8" in (root / "dvc.lock").read_text()
+
+
+@pytest.mark.parametrize(
+    ("parameters", "named"),
+    [
+        ({"overrides": {"train": {"max_steps": 0}}}, "max_steps"),
+        ({"overrides": {"train": {"max_stepz": 3}}}, "max_stepz"),
+        ({"overrides": {"train": {"seed": "seven"}}}, "seven"),
+    ],
+)
+def test_bad_parameters_are_refused_before_a_run_exists(stack, parameters, named):
+    _, _, api = stack
+    response = run_button(api, parameters)
+    assert response.status_code == 409 and named in response.text, response.text
+
+
+def test_bad_overrides_are_refused_on_the_command_line_before_any_work(stack):
+    root, env, _ = stack
+    before = (root / "dvc.lock").read_text()
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.train_and_deploy", "--set", "train.lr=fast"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "'train.lr': Input should be a valid number" in result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.train_and_deploy", "--set", "other.thing=1"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "unknown key 'other'" in result.stderr
+    assert (root / "dvc.lock").read_text() == before
+
+
+def test_a_failed_evaluate_is_retried_without_redoing_data_or_training(stack):
+    root, _, api = stack
+    entry = root / "pipelines" / "evaluate" / "__main__.py"
+    original = entry.read_text()
+    entry.write_text('raise SystemExit("injected failure in evaluate")\n')
+    try:
+        response = run_button(api, {"overrides": {"train": {"max_steps": 9}}, "deploy": False})
+        run = wait(api, response.json()["id"], set())
+    finally:
+        entry.write_text(original)
+    assert run["state"]["type"] == "FAILED"
+    assert "injected failure in evaluate" in run["state"]["message"] + logs(api, run["id"])
+    trained = task_runs(api, run["id"])["train"][-1]
+    assert trained["state"]["type"] == "COMPLETED"
+    model_file = root / "artifacts" / "model" / "model.safetensors"
+    stamp = model_file.stat().st_mtime_ns
+    train_runs = len(mlflow(root).search_runs([mlflow(root).get_experiment_by_name("quill").experiment_id]))
+
+    # the UI's Retry button: the failed run goes back to Scheduled and the served deployment runs it again
+    retry = api.post(
+        f"/flow_runs/{run['id']}/set_state",
+        json={"state": {"type": "SCHEDULED", "name": "AwaitingRetry"}, "force": True},
+    )
+    assert retry.status_code in (200, 201), retry.text
+    run = wait(api, run["id"], set())
+    assert run["state"]["type"] == "COMPLETED", logs(api, run["id"])
+    assert model_file.stat().st_mtime_ns == stamp  # not retrained
+    assert len(mlflow(root).search_runs([mlflow(root).get_experiment_by_name("quill").experiment_id])) == train_runs
+    text = logs(api, run["id"])
+    for stage in ("ingest", "clean", "tokenize", "train"):
+        assert f"Stage '{stage}' didn't change, skipping" in text
+    assert "Running stage 'evaluate'" in text and json.loads((root / "artifacts/registered.json").read_text())
+
+
+def test_approval_pause_is_resumed_through_the_api_and_holds_the_workspace(stack):
+    root, env, api = stack
+    versions_before = len(mlflow(root).search_model_versions(f"name='{MODEL}'"))
+    response = run_button(api, {"overrides": {"train": {"max_steps": 10}}, "require_approval": True, "deploy": False})
+    run = wait(api, response.json()["id"], {"PAUSED"})
+    assert run["state"]["type"] == "PAUSED", logs(api, run["id"])
+    assert not (root / "artifacts/registered.json").read_text().count('"version": "3"')
+
+    # a second run meanwhile is refused with a message (the paused run holds the workspace)
+    second = subprocess.run(
+        [sys.executable, "-m", "flows.train_and_deploy", "--no-deploy"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert second.returncode == 1 and "another pipeline run holds this workspace" in second.stderr, second.stderr
+
+    # the reviewer's form, submitted as the UI does
+    resumed = api.post(
+        f"/flow_runs/{run['id']}/resume", json={"run_input": {"approve": True, "force": True, "comment": "looks fine"}}
+    )
+    assert resumed.status_code in (200, 201) and resumed.json()["status"] == "ACCEPT", resumed.text
+    run = wait(api, run["id"], set())
+    assert run["state"]["type"] == "COMPLETED", logs(api, run["id"])
+    assert len(mlflow(root).search_model_versions(f"name='{MODEL}'")) == versions_before + 1
+    registered = json.loads((root / "artifacts/registered.json").read_text())
+    assert registered["promoted"] and registered["forced"]
+    assert str(mlflow(root).get_model_version_by_alias(MODEL, "champion").version) == registered["version"]
