@@ -19,7 +19,6 @@ import httpx
 import pytest
 from mlflow import MlflowClient
 
-from tests.helpers.paths import VENV_BIN
 from tests.helpers.workspace import prefect_server, quill_env, stop, tiny_workspace
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
