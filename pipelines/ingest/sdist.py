@@ -1,0 +1,111 @@
+"""Find a package's source distribution in the indexes pip is configured with, and download it unbuilt.
+
+`pip download --no-binary :all:` would prepare the package's metadata, which runs its `setup.py` or
+build backend: a corpus source must never run code. Instead pip's own option parser reads pip's
+configuration (pip.conf files, PIP_* variables: index-url, extra-index-url, no-index, find-links, cert,
+client-cert, trusted-host, proxy, timeout), `unearth` looks the archive up in those places, and the
+download is checked against the sha256 the index publishes and the one pinned in `data.sources[].sha256`.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipelines.common.atomic import is_out_of_space
+from pipelines.common.hashing import sha256_file
+from pipelines.common.params import PypiSdistSource
+from pipelines.ingest.errors import IngestError
+
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar", ".zip")
+
+
+@dataclass(frozen=True)
+class PipLocations:
+    """Where pip would look for a package, and how it would connect."""
+
+    index_urls: list[str]
+    find_links: list[str]
+    trusted_hosts: list[str]
+    cert: str | None
+    client_cert: str | None
+    proxy: str | None
+    timeout: float
+
+
+def pip_locations() -> PipLocations:
+    """pip's configuration as `pip download` would see it (config files, then PIP_* variables)."""
+    # lazily, and pip's own parser: only pypi_sdist sources need it, and it merges pip's config like pip does
+    from pip._internal.commands import create_command
+
+    try:
+        options, _ = create_command("download").parse_args([])
+    except SystemExit:  # pip's parser exits on a broken pip.conf or PIP_* value
+        raise IngestError("pip's configuration is invalid (see `pip config debug`)") from None
+    return PipLocations(
+        index_urls=[] if options.no_index else [options.index_url, *options.extra_index_urls],
+        find_links=list(options.find_links),
+        trusted_hosts=list(options.trusted_hosts),
+        cert=options.cert or None,
+        client_cert=options.client_cert or None,
+        proxy=options.proxy or None,
+        timeout=float(options.timeout),
+    )
+
+
+def published_sha256(link) -> str | None:
+    """The sha256 the index publishes for a file link (JSON API `hashes`, or `#sha256=` in the URL)."""
+    if link.hashes and link.hashes.get("sha256"):
+        return link.hashes["sha256"].lower()
+    return link.hash.lower() if link.hash_name == "sha256" and link.hash else None
+
+
+def download_sdist(source: PypiSdistSource, into: Path) -> tuple[Path, dict]:
+    """Download `package==version`'s source archive into `into`, unbuilt; (archive path, provenance)."""
+    # lazily: only pypi_sdist sources need the package finder (it pulls in an HTTP client)
+    import httpx2
+    from unearth import PackageFinder
+    from unearth.errors import UnpackError
+    from unearth.fetchers import PyPIClient
+
+    spec = f"{source.package}=={source.version}"
+    where = pip_locations()
+    if not where.index_urls and not where.find_links:
+        raise IngestError(f"could not download the source distribution {spec}: pip is configured with no index "
+                          "and no find-links (PIP_NO_INDEX without PIP_FIND_LINKS?)")
+    verify: ssl.SSLContext | bool = True
+    if where.cert or where.client_cert:
+        verify = ssl.create_default_context(cafile=where.cert)
+        if where.client_cert:
+            verify.load_cert_chain(where.client_cert)
+    try:
+        session = PyPIClient(trusted_hosts=where.trusted_hosts, verify=verify, proxy=where.proxy,
+                             timeout=where.timeout)
+        with session:
+            finder = PackageFinder(session=session, index_urls=where.index_urls, find_links=where.find_links,
+                                   trusted_hosts=where.trusted_hosts, no_binary=[source.package],
+                                   ignore_compatibility=True)  # never installed: the Python tags do not matter
+            best = finder.find_best_match(spec).best
+            if best is None or not best.link.filename.endswith(ARCHIVE_SUFFIXES):
+                places = ", ".join(where.index_urls + where.find_links)
+                raise IngestError(f"could not download the source distribution {spec}: no source archive of it in "
+                                  f"{places}.\nCheck the package name and version in data.sources, and pip's "
+                                  "index settings (`pip config list`).")
+            into.mkdir(parents=True, exist_ok=True)
+            archive = finder.download(best.link, into, hashes={})  # hashes are checked below, both of them
+    except (httpx2.HTTPError, UnpackError, OSError) as exc:
+        if is_out_of_space(exc):
+            raise
+        raise IngestError(f"could not download the source distribution {spec}: {exc}\n"
+                          "Check that the package index is reachable (pip's settings: `pip config list`).") from None
+    actual = sha256_file(archive)
+    published = published_sha256(best.link)
+    if published is not None and actual != published:
+        raise IngestError(f"{spec}: {best.link.filename} has sha256 {actual}, but the index publishes {published}; "
+                          "the download is corrupt or was tampered with")
+    if source.sha256 is not None and actual != source.sha256:
+        raise IngestError(f"{spec}: {best.link.filename} has sha256 {actual}, but data.sources[].sha256 pins "
+                          f"{source.sha256}; if the new archive is trusted, update the pin")
+    return Path(archive), {"archive": best.link.filename, "sha256": actual,
+                           "published_sha256": published is not None}
