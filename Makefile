@@ -6,10 +6,15 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast lint format run serve bench lock clean
+.PHONY: setup test test-fast lint format run stop status serve bench lock clean
+
+# DVC runs each stage's `python -m pipelines.<stage>` through the shell, so `python` must be the venv's even when
+# it is not activated: this .pth line makes every venv interpreter (dvc included) put .venv/bin first on PATH.
+VENV_PATH_PTH := import os, sys; b = os.path.join(sys.prefix, "bin"); p = os.environ.get("PATH", ""); os.environ["PATH"] = p if p.split(os.pathsep)[0] == b else b + os.pathsep + p
 
 # Idempotent: reinstalls only when requirements.lock changed (the stamp holds its hash).
 setup: $(STAMP)
+	@$(PY) -c 'import sys, sysconfig, pathlib; f = pathlib.Path(sysconfig.get_path("purelib"), "quill_venv_path.pth"); line = sys.argv[1] + "\n"; f.is_file() and f.read_text() == line or f.write_text(line)' '$(VENV_PATH_PTH)'
 
 $(STAMP): requirements.lock
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,10 +38,17 @@ format: setup
 test-fast: setup
 	$(PY) -m pytest -m "not integration and not slow" $(PYTEST_ARGS)
 
+# The main job: start the local services that are not running (Prefect server, the flows' deployments; Ray via
+# the serve CLI), run the train_and_deploy flow against them, print the endpoint and the UIs. flows/stack.py.
 run: setup
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro
-	$(PY) -m pipelines.summary
-	@echo "Compare with the last commit: .venv/bin/dvc metrics diff; plots: .venv/bin/dvc plots show; runs and models: .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"
+	$(PY) -m flows.stack run
+
+# Stop exactly what `make run` started (recorded under .quill/pids/); list it.
+stop:
+	@test -x $(PY) && $(PY) -m flows.stack stop || echo "no .venv: nothing to stop"
+
+status:
+	@test -x $(PY) && $(PY) -m flows.stack status || echo "no .venv: nothing started"
 
 bench: setup
 	@for b in benchmarks/[a-z]*.py; do name=$$(basename $$b .py); echo "== $$name"; $(PY) -m benchmarks.$$name || exit 1; done

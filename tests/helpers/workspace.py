@@ -61,14 +61,16 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-def tiny_workspace(root: Path) -> Path:
-    """A committed git repo at `root` holding quill's code, dvc.yaml and a tiny params.yaml over a fixture corpus."""
+def tiny_workspace(root: Path, serve_port: int | None = None) -> Path:
+    """A committed git repo at `root` holding quill's code, dvc.yaml and a tiny params.yaml over a fixture corpus
+    (serving on `serve_port`, a free one by default)."""
     root.mkdir(parents=True, exist_ok=True)
     for name in COPIED:
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in COPIED_FILES:
-        shutil.copy(REPO / name, root / name)
+        shutil.copy2(REPO / name, root / name)
     params = merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY_PARAMS)
+    params["serve"]["port"] = serve_port or free_port()
     (root / "params.yaml").write_text("# tiny test params\n" + yaml.safe_dump(params, sort_keys=False))
     (root / ".dvc").mkdir()
     (root / ".dvc" / "config").write_text("[core]\n    analytics = false\n    autostage = false\n")
