@@ -21,10 +21,10 @@ from pipelines.common.params import TrainParams, parse_params
 from pipelines.train import checkpoints as ckpt
 from pipelines.train.data import DataError, TokenData, TrainWindows, bits_per_byte, val_offsets, window_offsets
 from pipelines.train.lit_gpt import LitGPT, lr_at, param_groups
+from pipelines.train.resume import fingerprint, incompatibilities, stored_runs
 from pipelines.train.stage import (
     Paths,
     TrainError,
-    incompatibilities,
     resolve_precision,
     resolve_strategy,
     total_steps,
@@ -203,21 +203,41 @@ def test_torn_or_corrupt_checkpoints_are_skipped_with_a_warning(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000012.ckpt", "step-00000016.ckpt"]
 
 
+SHARDS = {name: {"bytes": 100, "sha256": name * 8} for name in ("meta.json", "train.bin", "val.bin")}
+
+
 def test_incompatibilities_name_what_changed():
-    base = {"model_config": {"n_layer": 2, "n_embd": 64}, "tokenizer_sha256": "a" * 64, "data_sha256": "d",
-            "world_size": 1, "train": TrainParams().model_dump()}
+    base = {"model_config": {"n_layer": 2, "n_embd": 64}, "tokenizer_sha256": "a" * 64, "shards": SHARDS,
+            "world_size": 1, "train": TrainParams().model_dump(), "total_steps": 1000}
     assert incompatibilities(base, base, False) == []
     changed = {**base, "model_config": {"n_layer": 3, "n_embd": 64}}
     assert incompatibilities(base, changed, False) == ["model.n_layer changed from 2 to 3"]
     assert "the tokenizer changed" in incompatibilities(base, {**base, "tokenizer_sha256": "b" * 64}, False)[0]
-    assert "token shards changed" in incompatibilities(base, {**base, "data_sha256": "e"}, False)[0]
+    shard = {**base, "shards": {**SHARDS, "train.bin": {"bytes": 100, "sha256": "x" * 64}}}  # same meta.json
+    assert incompatibilities(base, shard, False) == ["the token shards changed (train.bin in data/tokens)"]
     more = {**base, "world_size": 4}
     assert "world size changed from 1 to 4" in incompatibilities(base, more, False)[0]
     assert incompatibilities(base, more, True) == []
-    extended = {**base, "train": {**base["train"], "max_steps": 5000, "val_every": 7, "compile": True}}
-    assert incompatibilities(base, extended, False) == []  # may change on resume
+    hardware = {**base, "train": {**base["train"], "val_every": 7, "compile": True, "devices": 2}}
+    assert incompatibilities(base, hardware, False) == []  # may change on resume
     lr = {**base, "train": {**base["train"], "lr": 0.5}}
     assert incompatibilities(base, lr, False) == ["train.lr changed from 0.001 to 0.5"]
+    longer = {**base, "train": {**base["train"], "max_steps": 5000}, "total_steps": 5000}
+    assert incompatibilities(base, longer, False)[0] == "train.max_steps changed from 1000 to 5000"  # the schedule
+
+
+def test_the_fingerprint_covers_what_shapes_the_weights_and_nothing_else():
+    base = {"model_config": {"n_layer": 2}, "tokenizer_sha256": "a", "shards": SHARDS,
+            "train": TrainParams().model_dump(), "world_size": 1, "mlflow_run_id": "r1"}
+    same = [{**base, "world_size": 2, "mlflow_run_id": "r2"},
+            {**base, "train": {**base["train"], "compile": True, "val_every": 5, "devices": 2, "precision": "32"}}]
+    assert {fingerprint(r) for r in same} == {fingerprint(base)}
+    other = [{**base, "model_config": {"n_layer": 3}}, {**base, "tokenizer_sha256": "b"},
+             {**base, "shards": {**SHARDS, "val.bin": {"bytes": 100, "sha256": "y"}}},
+             {**base, "shards": {**SHARDS, "train.bin": {"bytes": 101, "sha256": "train.bin" * 8}}},
+             {**base, "train": {**base["train"], "max_steps": 7}}, {**base, "train": {**base["train"], "seed": 1}},
+             {**base, "train": {**base["train"], "max_tokens": 10**6}}]
+    assert len({fingerprint(r) for r in other} | {fingerprint(base)}) == len(other) + 1
 
 
 # --- whole runs on the tiny model ---------------------------------------------------------------
@@ -255,7 +275,7 @@ def test_training_lowers_the_loss_and_fills_the_mlflow_run(work):
     assert [int(r["step"]) for r in rows] == list(range(2, 41, 2))
     assert [int(r["step"]) for r in csv_rows(paths.plots / "val.csv")] == [20, 40]
     assert (paths.plots / "loss.png").read_bytes()[:4] == b"\x89PNG"
-    assert [s for s, _ in ckpt.list_checkpoints(paths.checkpoints)] == [40, 20]
+    assert [s for s, _ in ckpt.list_checkpoints(run_dir(paths))] == [40, 20]
     model = load_pretrained(paths.model_out)
     assert model.config.vocab_size == 512 and model.config.n_layer == 2
     run_file = json.loads((paths.model_out / "quill_run.json").read_text())
@@ -286,6 +306,12 @@ def test_training_lowers_the_loss_and_fills_the_mlflow_run(work):
     assert json.loads((paths.model_out / "quill_run.json").read_text())["mlflow_run_id"] == run.info.run_id
 
 
+def run_dir(paths: Paths) -> Path:
+    """The one configuration folder under checkpoints/."""
+    [folder] = [p for p in paths.checkpoints.iterdir() if p.is_dir()]
+    return folder
+
+
 def csv_rows(path: Path):
     import csv
 
@@ -301,7 +327,7 @@ def test_resume_from_a_torn_checkpoint_falls_back_and_matches(work):
     paths, uri = work
     train(make_params(), paths, tracking_uri=uri)
     reference = load_pretrained(paths.model_out).state_dict()
-    newest = ckpt.list_checkpoints(paths.checkpoints)[0][1]  # step 16
+    newest = ckpt.list_checkpoints(run_dir(paths))[0][1]  # step 16
     shutil.rmtree(paths.model_out)
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     with pytest.warns(UserWarning, match="skipping checkpoint"):
@@ -311,18 +337,100 @@ def test_resume_from_a_torn_checkpoint_falls_back_and_matches(work):
     assert all(torch.equal(reference[k], resumed[k]) for k in reference)
 
 
-def test_incompatible_resume_is_refused_with_what_changed(work):
+def interrupt(paths: Paths, at: int) -> Path:
+    """Make the finished run under checkpoints/ look killed after step `at`: drop its newer checkpoints."""
+    folder = run_dir(paths)
+    for step, path in ckpt.list_checkpoints(folder):
+        if step > at:
+            path.unlink()
+    return folder
+
+
+def mlflow_runs(uri: str) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    return client.search_runs([client.get_experiment_by_name("quill").experiment_id], order_by=["start_time ASC"])
+
+
+def with_model(**model):
+    return parse_params({"data": {"sources": [{"type": "local", "path": "c"}]}, "model": {"preset": "tiny", **model},
+                         "train": {**TINY_TRAIN, "max_steps": 4}})
+
+
+def test_a_finished_run_never_blocks_another_configuration(work, capsys):
+    """After `make run`, `dvc exp run -S model.n_embd=96` or a new tokenizer trains (it stopped with 'delete
+    checkpoints/' before)."""
     paths, uri = work
     train(make_params(max_steps=4), paths, tracking_uri=uri)
-    bigger = parse_params({"data": {"sources": [{"type": "local", "path": "c"}]},
-                           "model": {"preset": "tiny", "n_layer": 3}, "train": {**TINY_TRAIN, "max_steps": 4}})
-    with pytest.raises(TrainError, match="model.n_layer changed from 2 to 3"):
-        train(bigger, paths, tracking_uri=uri)
+    finished = run_dir(paths)
+    metrics = train(with_model(n_layer=3), paths, tracking_uri=uri)
+    assert metrics["resumed_from_step"] == 0 and metrics["steps"] == 4
+    assert load_pretrained(paths.model_out).config.n_layer == 3
+    assert not finished.exists() and f"removed {finished}/: a finished run" in capsys.readouterr().err
     meta = json.loads((paths.tokens / "meta.json").read_text())
-    meta["tokenizer_sha256"] = "f" * 64
+    meta["tokenizer_sha256"] = "f" * 64  # what `-S tokenizer.vocab_size=8192` changes
     (paths.tokens / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(TrainError, match="the tokenizer changed"):
-        train(make_params(max_steps=4), paths, tracking_uri=uri)
+    assert train(with_model(n_layer=3), paths, tracking_uri=uri)["resumed_from_step"] == 0
+    runs = mlflow_runs(uri)
+    assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}
+    assert [r.data.params["model.n_layer"] for r in runs] == ["2", "3", "3"]
+
+
+def test_an_interrupted_run_of_another_configuration_is_kept_and_resumes_later(work, capsys):
+    paths, uri = work
+    train(make_params(), paths, tracking_uri=uri)  # 16 steps, checkpoints every 4
+    interrupted = interrupt(paths, at=12)
+    first_run = mlflow_runs(uri)[0].info.run_id
+    capsys.readouterr()
+    assert train(with_model(n_embd=32), paths, tracking_uri=uri)["resumed_from_step"] == 0
+    err = capsys.readouterr().err
+    assert f"kept {interrupted}/: an interrupted run (step 12 of 16) of another configuration" in err
+    assert "model.n_embd changed from 64 to 32" in err and "it resumes when its params are restored" in err
+    assert [s for s, _ in ckpt.list_checkpoints(interrupted)] == [12]
+    assert len([p for p in paths.checkpoints.iterdir() if p.is_dir()]) == 2
+
+    metrics = train(make_params(), paths, tracking_uri=uri)  # the old params again: it resumes
+    assert metrics["resumed_from_step"] == 12 and metrics["steps"] == 16
+    assert json.loads((paths.model_out / "quill_run.json").read_text())["mlflow_run_id"] == first_run
+
+
+def test_changing_max_steps_starts_a_new_run_instead_of_reshaping_the_schedule(work, capsys):
+    """The cosine schedule is laid out over max_steps: resuming under another value would change the learning
+    rate of every later step while the MLflow run kept the old train.max_steps."""
+    paths, uri = work
+    train(make_params(), paths, tracking_uri=uri)
+    interrupted = interrupt(paths, at=12)
+    capsys.readouterr()
+    metrics = train(make_params(max_steps=24), paths, tracking_uri=uri)
+    assert metrics["resumed_from_step"] == 0 and metrics["steps"] == 24
+    assert "train.max_steps changed from 16 to 24" in capsys.readouterr().err and interrupted.is_dir()
+    runs = mlflow_runs(uri)
+    assert [r.data.params["train.max_steps"] for r in runs] == ["16", "24"]
+    assert runs[1].data.params["total_steps"] == "24"
+    lr = {int(r["step"]): float(r["lr"]) for r in csv_rows(paths.plots / "train.csv")}
+    assert lr[16] > 2 * 3e-4 and lr[24] < 1.1 * 3e-4  # the floor (min_lr) comes at the new last step, not at 16
+
+
+def test_resume_checks_the_token_shards_themselves(work):
+    """Shards rewritten with the same meta.json (same sizes, counts, tokenizer) are another configuration."""
+    paths, uri = work
+    train(make_params(max_steps=4), paths, tracking_uri=uri)
+    assert train(make_params(max_steps=4), paths, tracking_uri=uri)["resumed_from_step"] == 4  # re-export
+    tokens = np.fromfile(paths.tokens / "train.bin", dtype=np.uint16)
+    np.roll(tokens, 1).tofile(paths.tokens / "train.bin")
+    metrics = train(make_params(max_steps=4), paths, tracking_uri=uri)
+    assert metrics["resumed_from_step"] == 0
+    assert [run.step for run in stored_runs(paths.checkpoints)] == [4]  # the new one; the finished old one removed
+
+
+def test_checkpoints_of_the_earlier_flat_layout_are_kept_and_named(work, capsys):
+    paths, uri = work
+    paths.checkpoints.mkdir()
+    ckpt.save({"global_step": 8, "w": torch.zeros(2)}, ckpt.checkpoint_path(paths.checkpoints, 8))
+    assert train(make_params(max_steps=4), paths, tracking_uri=uri)["resumed_from_step"] == 0
+    assert "ignored 1 checkpoint(s) directly in" in capsys.readouterr().err
+    assert ckpt.checkpoint_path(paths.checkpoints, 8).is_file()
 
 
 @pytest.mark.parametrize("deferred", [False, True], ids=["checked-each-step", "deferred-as-on-gpu"])
@@ -341,7 +449,7 @@ def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(work,
     monkeypatch.setattr(LitGPT, "training_step", poisoned)
     with pytest.raises(TrainError, match=r"loss is not finite \(nan\) at step 6.*last good checkpoint kept: .*step-00000004\.ckpt"):
         train(make_params(), paths, tracking_uri=uri)
-    assert [s for s, _ in ckpt.list_checkpoints(paths.checkpoints)] == [4]
+    assert [s for s, _ in ckpt.list_checkpoints(run_dir(paths))] == [4]
     assert not paths.model_out.exists()
     assert not [bar for bar in tqdm._instances if bar.desc.startswith("train")]  # closed, not reprinted at exit
     run = MlflowClient(tracking_uri=uri).search_runs([MlflowClient(tracking_uri=uri).get_experiment_by_name(

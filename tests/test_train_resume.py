@@ -55,10 +55,15 @@ def finish(cwd: Path) -> dict:
     return json.loads((cwd / "metrics" / "train.json").read_text())
 
 
+def run_dir(cwd: Path) -> Path:
+    """The configuration's folder, checkpoints/<fingerprint>/ (pipelines/train/resume.py)."""
+    [folder] = [p for p in (cwd / "checkpoints").iterdir() if p.is_dir()]
+    return folder
+
+
 def wait_for_checkpoint(cwd: Path, proc: subprocess.Popen, step: int) -> None:
-    target = cwd / "checkpoints" / f"step-{step:08d}.ckpt"
     deadline = time.monotonic() + 240
-    while not target.exists():
+    while not list((cwd / "checkpoints").glob(f"*/step-{step:08d}.ckpt")):
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.01)
@@ -91,7 +96,7 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_weights_in_the_same_mlflow_r
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    killed_at = list_checkpoints(cwd / "checkpoints")[0][0]
+    killed_at = list_checkpoints(run_dir(cwd))[0][0]
     assert killed_at < 48 and not (cwd / "artifacts" / "model").exists()
 
     metrics = finish(cwd)
@@ -124,7 +129,7 @@ def test_sigterm_saves_at_the_next_step_boundary_and_exits_143(tmp_path, shards,
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-3000:]
     assert "SIGTERM: saved" in err and "Traceback" not in err
-    stopped_at = list_checkpoints(cwd / "checkpoints")[0][0]
+    stopped_at = list_checkpoints(run_dir(cwd))[0][0]
     assert 8 <= stopped_at < 48
     client, found = runs(cwd)
     assert found[0].info.status == "KILLED"
@@ -149,7 +154,8 @@ def test_ddp_on_two_cpu_processes_with_bf16_trains_and_refuses_a_world_size_chan
     assert metrics["steps"] == 8 and metrics["tokens_seen"] == 8 * 2 * TRAIN["grad_accum"] * TRAIN["batch_size"] * 64
     assert (cwd / "artifacts" / "model" / "model.safetensors").is_file()
     (cwd / "artifacts").rename(cwd / "artifacts-ddp")
-    params["train"].update(devices=1, strategy="auto", max_steps=12)  # resuming on one device changes the data order
+    list_checkpoints(run_dir(cwd))[0][1].unlink()  # as if killed after step 4
+    params["train"].update(devices=1, strategy="auto")  # resuming on one device changes the data order
     (cwd / "params.yaml").write_text(yaml.safe_dump(params))
     proc = start(cwd)
     _, err = proc.communicate(timeout=300)

@@ -8,8 +8,8 @@ fsynced and renamed, so a checkpoint on disk is either complete or absent; a fil
 means (disk full, copy cut short, bit rot) fails its size or CRC check and is skipped with a warning
 in favour of the previous one.
 
-    checkpoints/step-00000200.ckpt   <- newest two kept (train.keep_checkpoints)
-    checkpoints/step-00000300.ckpt
+    checkpoints/<fingerprint>/step-00000200.ckpt   <- newest two kept (train.keep_checkpoints),
+    checkpoints/<fingerprint>/step-00000300.ckpt      one folder per configuration (resume.py)
 """
 
 from __future__ import annotations

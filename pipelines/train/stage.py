@@ -5,8 +5,9 @@ In:  data/tokens/{train,val}.bin + meta.json     (the tokenize stage; vocab_size
      params.yaml `model` and `train`             (pipelines/params.py documents every key)
 Out: artifacts/model/                            Hugging Face folder (model/hf.py) + quill_run.json
                                                  (MLflow run id and tracking URI, for evaluate/register)
-     checkpoints/step-XXXXXXXX.ckpt              newest train.keep_checkpoints, safetensors + JSON
-                                                 (pipelines/checkpoints.py); persist: true in dvc.yaml
+     checkpoints/<fingerprint>/step-XXXXXXXX.ckpt  newest train.keep_checkpoints, safetensors + JSON
+                                                 (checkpoints.py), one folder per configuration
+                                                 (resume.py); persist: true in dvc.yaml
      metrics/train.json                          steps, tokens_seen, train_loss, val_loss, val_bpb,
                                                  tokens_per_s, mfu, params, resumed_from_step
      plots/train/{train,val}.csv, loss.png       curves for `dvc plots show`
@@ -15,6 +16,8 @@ Run: python -m pipelines.train                   (or `dvc repro train`)
 
 Run it again after a crash, SIGKILL or SIGTERM and it continues from the newest intact checkpoint
 (same weights as an uninterrupted run, same MLflow run). A finished run re-exports without training.
+Another configuration (model, tokenizer, token shards, max_steps, ...) starts fresh in its own folder;
+an interrupted run of another configuration is kept and named in a log line (resume.py).
 Exit codes: 0 done, 1 error (one line on stderr), 143 stopped by SIGTERM after saving a checkpoint.
 """
 
@@ -38,7 +41,6 @@ from model import save_pretrained
 from model.transformer import Block
 from pipelines.common import tracking
 from pipelines.common.atomic import write_json
-from pipelines.common.hashing import sha256_file
 from pipelines.common.params import Params, TrainParams
 from pipelines.common.runner import StageError, run_stage
 from pipelines.common.tracking import RUN_FILE
@@ -46,12 +48,8 @@ from pipelines.train.checkpoints import SafeCheckpointIO, StepCheckpoint, latest
 from pipelines.train.data import DataError, TokenData, TokenDataModule
 from pipelines.train.lit_gpt import LitGPT, NonFiniteLossError
 from pipelines.train.log import StepProgressBar, TrainLog
+from pipelines.train.resume import fingerprint, incompatibilities, settle_other_runs, shard_digests
 
-# train.* keys that may change between an interrupted run and its resumption; any other change
-# would make the resumed run differ from an uninterrupted one, so it is refused (naming the key)
-RESUMABLE_CHANGES = {"max_steps", "max_tokens", "precision", "accelerator", "devices", "num_nodes", "strategy",
-                     "compile", "val_every", "val_batches", "log_every", "checkpoint_every", "keep_checkpoints",
-                     "allow_world_size_change"}
 SIGTERM_EXIT = 143  # 128 + SIGTERM: the stage did not finish, so DVC must not record its outputs
 
 
@@ -118,30 +116,6 @@ def build_trainer(t: TrainParams, precision: str, callbacks: list, plugins: list
     return pl.Trainer(**{**kwargs, **overrides})
 
 
-# --- resuming -----------------------------------------------------------------------------------
-
-
-def incompatibilities(saved: dict, current: dict, allow_world_size_change: bool) -> list[str]:
-    """What differs between a checkpoint's run info and this run's, in words; empty if it may resume."""
-    problems = []
-    for key in sorted(set(saved["model_config"]) | set(current["model_config"])):
-        old, new = saved["model_config"].get(key), current["model_config"].get(key)
-        if old != new:
-            problems.append(f"model.{key} changed from {old} to {new}")
-    if saved["tokenizer_sha256"] != current["tokenizer_sha256"]:
-        problems.append(f"the tokenizer changed (sha256 {saved['tokenizer_sha256'][:12]}... -> "
-                        f"{current['tokenizer_sha256'][:12]}...)")
-    elif saved["data_sha256"] != current["data_sha256"]:
-        problems.append("the token shards changed (data/tokens/meta.json differs)")
-    if saved["world_size"] != current["world_size"] and not allow_world_size_change:
-        problems.append(f"the world size changed from {saved['world_size']} to {current['world_size']} devices "
-                        "(set train.allow_world_size_change: true to resume anyway, with a different data order)")
-    for key in sorted(set(saved["train"]) | set(current["train"])):
-        if key not in RESUMABLE_CHANGES and saved["train"].get(key) != current["train"].get(key):
-            problems.append(f"train.{key} changed from {saved['train'].get(key)} to {current['train'].get(key)}")
-    return problems
-
-
 # --- MLflow -------------------------------------------------------------------------------------
 
 
@@ -191,9 +165,19 @@ def train(params: Params, paths: Paths = Paths(), *, fast_dev_run: bool = False,
     precision = resolve_precision(t.precision, cuda, cuda and torch.cuda.is_bf16_supported())
     if cuda:
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls that remain
-    found = None if fast_dev_run else latest_valid(paths.checkpoints)
+    run_info = {
+        "model_config": config.to_dict(),
+        "tokenizer_sha256": data.tokenizer_sha256,
+        "shards": shard_digests(paths.tokens),
+        "world_size": None,  # and total_steps: known once the trainer is built
+        "train": t.model_dump(),
+        "mlflow_run_id": None,
+    }
+    run_info["fingerprint"] = fingerprint(run_info)
+    run_dir = paths.checkpoints / run_info["fingerprint"]  # this configuration's checkpoints (resume.py)
+    found = None if fast_dev_run else latest_valid(run_dir)
     checkpoint_io = SafeCheckpointIO({str(found[0]): found[1]} if found else None)
-    step_ckpt = StepCheckpoint(paths.checkpoints, t.checkpoint_every, t.keep_checkpoints)
+    step_ckpt = StepCheckpoint(run_dir, t.checkpoint_every, t.keep_checkpoints)
     trainer = build_trainer(t, precision, callbacks=[StepProgressBar()] + ([] if fast_dev_run else [step_ckpt]),
                             plugins=[checkpoint_io], fast_dev_run=fast_dev_run)
     world_size = trainer.world_size
@@ -202,24 +186,21 @@ def train(params: Params, paths: Paths = Paths(), *, fast_dev_run: bool = False,
     if not fast_dev_run:
         trainer.fit_loop.epoch_loop.max_steps = steps  # a token budget needs the world size, known only now
 
-    run_info = {
-        "model_config": config.to_dict(),
-        "tokenizer_sha256": data.tokenizer_sha256,
-        "data_sha256": sha256_file(paths.tokens / "meta.json"),
-        "world_size": world_size,
-        "train": t.model_dump(),
-        "mlflow_run_id": None,
-    }
+    run_info.update(world_size=world_size, total_steps=steps)
+    if trainer.is_global_zero and not fast_dev_run:
+        for line in settle_other_runs(paths.checkpoints, run_info, run_info["fingerprint"]):
+            print(f"train: {line}", file=sys.stderr)
     resumed_from = 0
     if found is not None:
         path, ckpt = found
         saved = ckpt.get("quill") or {}
         if not saved:
-            raise TrainError(f"{path} holds no quill run info; delete {paths.checkpoints}/ to start fresh")
-        problems = incompatibilities(saved, run_info, t.allow_world_size_change)
+            raise TrainError(f"{path} holds no quill run info; delete {run_dir}/ to start fresh")
+        finished = int(ckpt["global_step"]) >= saved.get("total_steps", steps)  # re-exported, not trained on
+        problems = incompatibilities(saved, run_info, t.allow_world_size_change or finished)
         if problems:
             raise TrainError(f"cannot resume from {path}: {'; '.join(problems)}. Restore the old value(s), "
-                             f"or delete {paths.checkpoints}/ to train from scratch")
+                             f"or delete {run_dir}/ to train from scratch")
         resumed_from = int(ckpt["global_step"])
         run_info["mlflow_run_id"] = saved.get("mlflow_run_id")
         print(f"train: resuming from {path} (step {resumed_from})", file=sys.stderr)
@@ -245,13 +226,13 @@ def train(params: Params, paths: Paths = Paths(), *, fast_dev_run: bool = False,
             trainer.validate(lit, datamodule=dm, verbose=False)  # val loss of the final weights
     except NonFiniteLossError as exc:
         _end_run(client, run_info, "FAILED")
-        kept = list_checkpoints(paths.checkpoints)
+        kept = list_checkpoints(run_dir)
         where = f"last good checkpoint kept: {kept[0][1]}" if kept else "no checkpoint was written yet"
         raise TrainError(f"{exc}; training stopped ({where}). Lower train.lr or raise train.warmup_steps, "
                          "then run again") from None
     except SIGTERMException:
         _end_run(client, run_info, "KILLED")
-        raise Preempted(f"SIGTERM: saved {paths.checkpoints}/ at step {trainer.global_step} and stopped; "
+        raise Preempted(f"SIGTERM: saved {run_dir}/ at step {trainer.global_step} and stopped; "
                         "run the same command again to resume") from None
 
     metrics = {
