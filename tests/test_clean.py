@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import codecs
+import errno
 import gzip
 import hashlib
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
+import time
 import unicodedata
 from pathlib import Path
 
@@ -30,6 +33,7 @@ from pipelines.clean.textclean import (
     looks_like_html,
     strip_gutenberg,
 )
+from pipelines.common.atomic import OutOfSpaceError
 from pipelines.common.params import DataParams
 from tests.helpers.paths import REPO
 
@@ -688,6 +692,76 @@ def test_an_enormous_line_is_cleaned_in_bounded_memory(tmp_path: Path) -> None:
     grew_mb, passages = map(int, result.stdout.split())
     assert passages > size // 4000
     assert grew_mb < 80, f"peak memory grew by {grew_mb} MB for a {size // 1_000_000} MB line"
+
+
+# --- bounded sizes, linear time, a full disk ------------------------------------------------------------
+
+
+def test_a_long_jsonl_line_is_split_in_linear_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # small read blocks make re-concatenating the line per block (quadratic: ~9 s here) stand out from
+    # joining its pieces once (linear: ~0.03 s)
+    monkeypatch.setattr(clean_mod, "CHUNK_BYTES", 4096)
+    text = "lorem ipsum " * ((8 << 20) // 12)
+    path = tmp_path / "big.jsonl"
+    path.write_text(json.dumps({"text": text}) + "\n" + '{"text": "short"}\n')
+    started = time.perf_counter()
+    lines = list(clean_mod._jsonl_lines(path, 64 << 20))
+    elapsed = time.perf_counter() - started
+    assert [len(line) for line in lines] == [len(text) + 12, 17, 0]
+    assert elapsed < 1.5, f"splitting an 8 MB line took {elapsed:.1f} s"
+
+
+def test_documents_over_max_file_bytes_are_quarantined(tmp_path: Path) -> None:
+    limit = 64 << 10
+    page = "<html><body>" + "<p>Words upon words, my lord.</p>\n" * 4000 + "</body></html>\n"  # ~140 KB
+    long_line = json.dumps({"text": "word " * 40_000})  # 200 KB
+    make_raw(tmp_path, {
+        "a.txt": MODERN,
+        "bomb.txt.gz": gzip.compress(b"All work and no play. " * 50_000),  # 1.1 MB unpacked, 3 KB packed
+        "page.html": page,
+        "docs.jsonl": long_line + "\n" + json.dumps({"text": MILTON}) + "\n",
+    }, skipped=[{"file": "pypi_sdist-x-1/big.txt", "source": "pypi_sdist:x==1",
+                 "reason": f"too_large: 200000 bytes unpacked > data.max_file_bytes={limit}"}])
+    metrics = run_clean(tmp_path, PARAMS.model_copy(update={"max_file_bytes": limit}))
+    got = outcomes(tmp_path)
+    for name in ("bomb.txt.gz", "page.html", "docs.jsonl#L1"):
+        assert got[name]["outcome"] == "quarantined" and got[name]["reason"].startswith("too_large: "), got[name]
+    assert got["pypi_sdist-x-1/big.txt"]["outcome"] == "quarantined"
+    assert got["a.txt"]["outcome"] == got["docs.jsonl#L2"]["outcome"] == "kept"
+    assert metrics["quarantine_reasons"] == {"skipped_by_ingest": 1, "too_large": 3}
+    assert_invariant(metrics)
+
+
+def test_out_of_space_fails_the_stage_instead_of_quarantining(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    make_raw(tmp_path, {"a.txt": MODERN, "b.txt": MILTON})
+    run_clean(tmp_path)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "data" / "clean").iterdir()}
+
+    def full_disk(doc, chunks, params, spill):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as spill.write raises it
+
+    monkeypatch.setattr(clean_mod, "_clean_doc", full_disk)
+    with pytest.raises(OutOfSpaceError, match=r"No space left on device \[ENOSPC\]"):
+        run_clean(tmp_path)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "data" / "clean").iterdir()} == before
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["clean", "raw"]
+
+
+def test_file_size_limit_fails_the_clean_cli(tmp_path: Path) -> None:
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    make_raw(tmp_path, {"a.txt": MODERN, "big.txt": "Words upon words, my lord.\n" * 80_000})  # 2 MB
+    limit = 1 << 20
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    result = subprocess.run([sys.executable, "-m", "pipelines.clean"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300, preexec_fn=small_files,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"})
+    assert result.returncode == 1, result.stderr
+    assert "clean: error: cannot write output" in result.stderr and "[EFBIG]" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "data" / "clean").exists()
 
 
 # --- the real default corpus ------------------------------------------------------------------------

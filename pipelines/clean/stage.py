@@ -29,7 +29,6 @@ import hashlib
 import itertools
 import json
 import sys
-import tempfile
 import time
 import zlib
 from collections import Counter
@@ -50,7 +49,7 @@ from pipelines.clean.textclean import (
     looks_like_html,
     looks_like_metadata,
 )
-from pipelines.common.atomic import atomic_dir, write_json
+from pipelines.common.atomic import atomic_dir, is_out_of_space, out_of_space_stops_stage, scratch_dir, write_json
 from pipelines.common.params import DataParams, Params
 from pipelines.common.runner import StageError, run_stage
 
@@ -60,6 +59,7 @@ METRICS_PATH = Path("metrics/clean.json")
 REPORT_DIR = Path("reports/clean")
 SPLITS = ("train", "val", "test")
 CHUNK_BYTES = 1 << 20  # raw bytes read at a time
+SCRATCH = ".clean-scratch-"  # the spill file's folder beside data/clean; one left by a killed run is removed
 
 
 class CleanError(StageError):
@@ -104,13 +104,23 @@ def _open(path: Path) -> BinaryIO:
     return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
 
 
-def _check_gzip(path: Path) -> None:
-    """Read the whole gzip stream once, so that a truncated or corrupt file is quarantined up front."""
+def _too_large(what: str, max_bytes: int) -> Quarantine:
+    return Quarantine(f"too_large: {what} more than data.max_file_bytes={max_bytes} bytes")
+
+
+def _check_gzip(path: Path, max_bytes: int) -> None:
+    """Read the whole gzip stream once, so that a truncated, corrupt or oversized (a decompression bomb)
+    file is quarantined up front."""
+    total = 0
     try:
         with gzip.open(path, "rb") as stream:
-            while stream.read(CHUNK_BYTES):
-                pass
+            while block := stream.read(CHUNK_BYTES):
+                total += len(block)
+                if total > max_bytes:
+                    raise _too_large("gunzips to", max_bytes)
     except (EOFError, OSError, zlib.error) as exc:
+        if is_out_of_space(exc):
+            raise
         raise Quarantine(f"bad_gzip: truncated or corrupt gzip ({exc})") from None
 
 
@@ -134,43 +144,64 @@ def _decoded(stream: BinaryIO, head: bytes, encoding: str) -> Iterator[str]:
     yield decoder.decode(b"", final=True)
 
 
-def _text_doc(path: Path, doc: Doc, strip_html: bool) -> Iterator[str]:
-    """The decoded text of one text/HTML file, in chunks; sets doc.encoding and doc.html."""
+def _text_doc(path: Path, doc: Doc, strip_html: bool, max_bytes: int) -> Iterator[str]:
+    """The decoded text of one text/HTML file, in chunks; sets doc.encoding and doc.html. Plain text streams;
+    an HTML page is parsed whole, so one over max_bytes characters is quarantined."""
     with _open(path) as stream:
         head, doc.encoding = _sniff(stream)
         chunks = _decoded(stream, head, doc.encoding)
         first = next(chunks)
         if strip_html and (_kind(path.name) == "html" or looks_like_html(first)):
             doc.html = True
-            yield html_to_text(first + "".join(chunks))  # lxml needs the whole document
+            page, size = [first], len(first)
+            for chunk in chunks:
+                size += len(chunk)
+                if size > max_bytes:
+                    raise _too_large("HTML page of", max_bytes)
+                page.append(chunk)
+            yield html_to_text("".join(page))  # lxml needs the whole document
         else:
             yield first
             yield from chunks
 
 
-def _jsonl_lines(path: Path) -> Iterator[str]:
+def _jsonl_lines(path: Path, max_chars: int) -> Iterator[str | None]:
+    """Each line of a .jsonl file, in linear time however long it is (a line's pieces are joined once, not
+    re-concatenated per block); None for a line over max_chars characters, which is never held whole."""
     with _open(path) as stream:
         head, encoding = _sniff(stream)
-        rest = ""
+        parts: list[str] = []  # the pieces of the line read so far (emptied once it is too long)
+        size = 0
         for text in _decoded(stream, head, encoding):
-            lines = (rest + text).split("\n")
-            rest = lines.pop()
-            yield from lines
-        yield rest
+            *complete, tail = text.split("\n")
+            for piece in complete:
+                size += len(piece)
+                yield None if size > max_chars else "".join(parts) + piece
+                parts, size = [], 0
+            size += len(tail)
+            if size > max_chars:
+                parts = []  # too long: counted to its end, never held
+            else:
+                parts.append(tail)
+        yield None if size > max_chars else "".join(parts)
 
 
-def _documents(path: Path, name: str, text_field: str, strip_html: bool) -> Iterator[tuple[Doc, Iterable[str]]]:
+def _documents(path: Path, name: str, text_field: str, strip_html: bool,
+               max_bytes: int) -> Iterator[tuple[Doc, Iterable[str]]]:
     """(doc, text chunks) for each document of one raw file. Raises Quarantine for a whole-file problem;
     a chunk iterator raises Quarantine for a problem with its document only."""
     if not path.is_file():
         raise Quarantine(f"missing_file: {path} is listed in the manifest but missing")
     if path.name.lower().endswith(".gz"):
-        _check_gzip(path)
+        _check_gzip(path, max_bytes)
     if _kind(path.name) != "jsonl":
         doc = Doc(name)
-        yield doc, _text_doc(path, doc, strip_html)
+        yield doc, _text_doc(path, doc, strip_html, max_bytes)
         return
-    for number, line in enumerate(_jsonl_lines(path), start=1):
+    for number, line in enumerate(_jsonl_lines(path, max_bytes), start=1):
+        if line is None:
+            yield Doc(f"{name}#L{number}"), _raise(_too_large(f"line {number} holds", max_bytes))
+            continue
         if not line.strip():
             continue  # blank lines separate nothing and are not documents
         doc = Doc(f"{name}#L{number}")
@@ -319,7 +350,8 @@ def read_documents(raw_dir: Path, params: DataParams, spill: BinaryIO) -> list[D
         name = entry["file"]
         first = len(docs)
         try:
-            for doc, chunks in _documents(raw_dir / name, name, entry.get("text_field", "text"), params.strip_html):
+            for doc, chunks in _documents(raw_dir / name, name, entry.get("text_field", "text"), params.strip_html,
+                                          params.max_file_bytes):
                 docs.append(doc)
                 start = spill.tell()
                 try:
@@ -329,12 +361,16 @@ def read_documents(raw_dir: Path, params: DataParams, spill: BinaryIO) -> list[D
                     spill.seek(start)
                     spill.truncate()
                 except (OSError, EOFError, zlib.error, UnicodeError) as exc:
+                    if is_out_of_space(exc):
+                        raise  # writing the spill file failed: the stage stops, the document is not to blame
                     _quarantine(doc, f"read_error: {type(exc).__name__}: {exc}")
                     spill.seek(start)
                     spill.truncate()
         except Quarantine as exc:
             docs.append(_quarantine(Doc(name if len(docs) == first else f"{name}#rest"), str(exc)))
         except (OSError, EOFError, zlib.error, UnicodeError) as exc:
+            if is_out_of_space(exc):
+                raise
             docs.append(_quarantine(Doc(name if len(docs) == first else f"{name}#rest"),
                                     f"read_error: {type(exc).__name__}: {exc}"))
     for entry in sorted(manifest.get("skipped", []), key=lambda e: e["file"]):
@@ -480,8 +516,8 @@ def clean_corpus(raw_dir: Path, out_dir: Path, metrics_path: Path, report_dir: P
     writing the report) if no usable document remains; `out_dir` and `metrics_path` are then untouched."""
     started = time.perf_counter()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".clean-scratch-", dir=out_dir.parent) as scratch:
-        with open(Path(scratch) / "spill.txt", "w+b") as spill:
+    with out_of_space_stops_stage(), scratch_dir(out_dir.parent, SCRATCH) as scratch:
+        with open(scratch / "spill.txt", "w+b") as spill:
             docs = read_documents(raw_dir, params, spill)
             deduplicate(docs, params, spill)
             raw_bytes = sum(_raw_size(raw_dir / name) for name in {d.file.partition("#")[0] for d in docs})

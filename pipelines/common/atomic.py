@@ -55,8 +55,10 @@ def out_of_space_stops_stage() -> Iterator[None]:
         if not is_out_of_space(exc):
             raise
         where = f" ({exc.filename})" if exc.filename else ""
-        raise OutOfSpaceError(f"cannot write output{where}: {exc.strerror or exc} [{errno.errorcode[exc.errno]}]; "
-                              "free disk space or raise the file-size limit, then run again") from exc
+        raise OutOfSpaceError(
+            f"cannot write output{where}: {exc.strerror or exc} [{errno.errorcode[exc.errno]}]; "
+            "free disk space or raise the file-size limit, then run again"
+        ) from exc
 
 
 def _pid_alive(pid: int) -> bool:
@@ -79,7 +81,7 @@ def remove_stale(parent: Path, prefix: str, suffix: str = "") -> list[Path]:
         name = entry.name
         if not (name.startswith(prefix) and name.endswith(suffix)):
             continue
-        match = _SCRATCH_NAME.fullmatch(name[len(prefix):len(name) - len(suffix)])
+        match = _SCRATCH_NAME.fullmatch(name[len(prefix) : len(name) - len(suffix)])
         if match is None:
             continue  # another output's temporary (".train.jsonl.<pid>..." beside ".train.<pid>...")
         if match["pid"] and (int(match["pid"]) == os.getpid() or _pid_alive(int(match["pid"]))):

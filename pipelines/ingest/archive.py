@@ -47,8 +47,10 @@ class _Budget:
         if self.members > MAX_MEMBERS:
             raise IngestError(f"{self.archive.name}: more than {MAX_MEMBERS} members; refusing a hostile archive")
         if self.bytes > MAX_TOTAL_BYTES:
-            raise IngestError(f"{self.archive.name}: members add up to more than {MAX_TOTAL_BYTES} bytes unpacked "
-                              f"(at {name}); refusing a decompression bomb")
+            raise IngestError(
+                f"{self.archive.name}: members add up to more than {MAX_TOTAL_BYTES} bytes unpacked "
+                f"(at {name}); refusing a decompression bomb"
+            )
 
 
 def extract(archive: Path, into: Path, wanted: Matcher, max_file_bytes: int) -> tuple[list[str], list[dict]]:
@@ -62,8 +64,16 @@ def extract(archive: Path, into: Path, wanted: Matcher, max_file_bytes: int) -> 
         raise
     except tarfile.FilterError as exc:
         raise IngestError(f"{archive.name} holds an unsafe member: {exc}") from None
-    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, OSError, ValueError,
-            UnicodeError) as exc:
+    except (
+        tarfile.TarError,
+        zipfile.BadZipFile,
+        zlib.error,
+        lzma.LZMAError,
+        EOFError,
+        OSError,
+        ValueError,
+        UnicodeError,
+    ) as exc:
         if is_out_of_space(exc):
             raise
         raise IngestError(f"{archive.name} is corrupt or not a valid archive: {type(exc).__name__}: {exc}") from None

