@@ -18,6 +18,8 @@ its text, so adding a document never moves another one's passages.
 
 Documents stream through in bounded memory: cleaned text is spilled to a scratch file and read back
 for shingling and cutting, so a 100 MB file without a newline never sits in memory several times.
+What must be held whole is bounded by `data.max_file_bytes`: a gunzipped file, an HTML page or a JSONL
+line over it is quarantined (`too_large`). A full disk (ENOSPC, EFBIG) stops the stage, never a document.
 Every output is written to a temporary path and renamed into place.
 """
 
