@@ -127,6 +127,9 @@ def save_pretrained(model: GPT, out_dir, tokenizer_dir=None, generation_config: 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the model folder is read by servers and other users
     try:
         bos = eos = sha = None
         if tokenizer_dir is not None:

@@ -2,6 +2,8 @@
 generations; our loader reads them back (and folders written by transformers); tokenizers are pinned."""
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -76,6 +78,9 @@ def test_round_trip(tmp_path, tokenizer_dir):
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
     ]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask  # not mkdtemp's 0700: servers read it
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["model_type"] == "llama"
     assert cfg["torch_dtype"] == "float32" and cfg["eos_token_id"] == 0 and cfg["bos_token_id"] == 0
