@@ -1,20 +1,27 @@
 """register: the pyfunc model round-trips through the registry; champion/challenger rules against a real
-tracking store (SQLite, and a real `mlflow server` over HTTP); concurrent registrations."""
+tracking store (SQLite, and a real `mlflow server` over HTTP); the registration lock (owner token, heartbeat,
+expiry on one clock); concurrent registrations, some SIGKILLed while holding the lock; a rerun after a SIGKILL
+at each point inside `register` finishes the same version."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from pipelines.common.params import RegistryParams
+from tests.helpers.paths import REPO, VENV_BIN, free_port
 from tests.helpers.projects import make_project
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -52,17 +59,29 @@ def write_eval(bpb: float, run_id: str, data_sha: str | None = None, model_sha: 
     from pipelines.common.hashing import content_hash
 
     Path("metrics").mkdir(exist_ok=True)
-    Path("metrics/eval.json").write_text(json.dumps({
-        "test_bpb": bpb, "test_loss": bpb * 2, "test_ppl": 100.0,
-        "quill_cloze": {"0shot": {"acc": 0.25}, "5shot": {"acc": 0.5}},
-        "reference": {"uniform_bpb": 9.0, "ngram_bpb": 3.0, "ngram_order": 3},
-    }))
+    Path("metrics/eval.json").write_text(
+        json.dumps(
+            {
+                "test_bpb": bpb,
+                "test_loss": bpb * 2,
+                "test_ppl": 100.0,
+                "quill_cloze": {"0shot": {"acc": 0.25}, "5shot": {"acc": 0.5}},
+                "reference": {"uniform_bpb": 9.0, "ngram_bpb": 3.0, "ngram_order": 3},
+            }
+        )
+    )
     Path("reports/eval").mkdir(parents=True, exist_ok=True)
-    Path("reports/eval/evaluated.json").write_text(json.dumps({
-        "model_sha256": model_sha or content_hash("artifacts/model/model.safetensors"), "test_window_stride": 32,
-        "test_data_sha256": data_sha or content_hash("data/clean/test.jsonl"), "mlflow_run_id": run_id,
-        "tokenizer_sha256": "abc",
-    }))
+    Path("reports/eval/evaluated.json").write_text(
+        json.dumps(
+            {
+                "model_sha256": model_sha or content_hash("artifacts/model/model.safetensors"),
+                "test_window_stride": 32,
+                "test_data_sha256": data_sha or content_hash("data/clean/test.jsonl"),
+                "mlflow_run_id": run_id,
+                "tokenizer_sha256": "abc",
+            }
+        )
+    )
 
 
 def registered() -> dict:
@@ -136,8 +155,15 @@ def test_changed_test_split_reevaluates_the_champion(proj):
 
     engine = Engine.from_pretrained("artifacts/model")
     texts = read_texts(Path("data/clean/test.jsonl"))
-    true_bpb = held_out(engine.model, [engine.encode(t) for t in texts], engine.eos_token_id,
-                        sum(len(t.encode()) for t in texts), 32, 8, desc=None)["test_bpb"]
+    true_bpb = held_out(
+        engine.model,
+        [engine.encode(t) for t in texts],
+        engine.eos_token_id,
+        sum(len(t.encode()) for t in texts),
+        32,
+        8,
+        desc=None,
+    )["test_bpb"]
     write_eval(true_bpb - 0.5, run_id)  # on the current split, better than the champion really is there
     r = register(params)
     assert r["promoted"] and "re-evaluated on the current test split" in r["why"]
@@ -160,7 +186,12 @@ def test_pyfunc_model_round_trips_and_generates(proj):
     want = engine.generate(["The king", "And"], SamplingParams(max_tokens=6, temperature=0.0))
     assert out["text"].tolist() == [c.text for c in want]
     assert out["completion_tokens"].tolist() == [len(c.token_ids) for c in want]
-    assert {p.name for p in loaded.metadata.get_params_schema().params} >= {"max_tokens", "temperature", "top_p", "seed"}
+    assert {p.name for p in loaded.metadata.get_params_schema().params} >= {
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "seed",
+    }
     folder = Path(mlflow.artifacts.download_artifacts(uri)) / HF_MODEL_PATH  # what a server fetches
     assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
     seeded = [loaded.predict(["The"], params={"max_tokens": 8, "seed": 3})["text"][0] for _ in range(2)]
@@ -190,20 +221,166 @@ def _main(module) -> tuple[int, str]:
     return code, err.getvalue()
 
 
+# --- crashes: a rerun after SIGKILL anywhere in `register` finishes the registration -----------------------------
+
+LOCK_S = 2.0  # registry.lock_timeout_s in these tests: a killed holder's lock is taken over after 2 s of silence
+
+# `python -m pipelines.register`, SIGKILLed when it reaches the named point (pipelines.register.stage.reached)
+KILL_AT = """
+import os, signal, sys
+from pipelines.register import stage
+def reached(point):
+    if point == sys.argv[1]:
+        os.kill(os.getpid(), signal.SIGKILL)
+stage.reached = reached
+sys.exit(stage.main())
+"""
+
+
+def register_child(cwd: Path, kill_at: str | None = None) -> subprocess.Popen:
+    """`python -m pipelines.register` in `cwd` (killed at `kill_at`), against this test's MLFLOW_TRACKING_URI."""
+    args = ["-c", KILL_AT, kill_at] if kill_at else ["-m", "pipelines.register"]
+    return subprocess.Popen(
+        [sys.executable, *args],
+        cwd=cwd,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+
+def registry_params_yaml(min_improvement: float) -> str:
+    return PARAMS_YAML + f"  min_improvement: {min_improvement}\n  lock_timeout_s: {LOCK_S}\n"
+
+
+def test_crash_points_are_reached_in_order(proj, monkeypatch):
+    from pipelines.register import stage
+
+    seen = []
+    monkeypatch.setattr(stage, "reached", seen.append)
+    write_eval(3.0, new_run())
+    stage.register(RegistryParams(model_name=NAME))
+    assert tuple(seen) == stage.CRASH_POINTS  # the crash test below covers every point there is
+
+
+def test_registering_the_same_evaluated_model_again_finds_its_version(proj):
+    """Same model bytes, training run and evaluation: the rerun returns the version it registered."""
+    from pipelines.common.tracking import mlflow_client
+    from pipelines.register.stage import register
+
+    params = RegistryParams(model_name=NAME)
+    write_eval(3.0, new_run())
+    first = register(params)
+    assert register(params) == first and first["version"] == "1"
+    versions = mlflow_client().search_model_versions(f"name='{NAME}'")
+    assert [str(v.version) for v in versions] == ["1"] and versions[0].tags["registration_key"].startswith("sha256:")
+
+
+@pytest.mark.parametrize(
+    "point, bpb",
+    [
+        ("logged", 2.5),
+        ("registered", 2.5),
+        ("decided", 2.5),
+        ("champion-set", 2.5),
+        ("aliases-set", 2.99),
+        ("tagged", 2.5),
+        ("carded", 2.5),
+    ],
+)
+def test_rerun_after_sigkill_finishes_the_same_version(proj, point, bpb):
+    """v1 is champion; v2's registration is SIGKILLed at `point`; the rerun finishes v2, no duplicate."""
+    from pipelines.common.hashing import content_hash
+    from pipelines.common.tracking import mlflow_client
+    from pipelines.register.stage import register
+
+    client = mlflow_client()
+    params = RegistryParams(model_name=NAME, min_improvement=0.05, lock_timeout_s=LOCK_S)
+    (proj / "params.yaml").write_text(registry_params_yaml(0.05))
+    run_id = new_run()
+    write_eval(3.0, run_id)
+    register(params)
+    write_eval(bpb, run_id)  # promoted at 2.5, not at 2.99
+
+    child = register_child(proj, kill_at=point)
+    out = child.communicate(timeout=300)
+    assert child.returncode == -signal.SIGKILL, out
+    first = register(params)  # the rerun (it waits out the killed holder's lock where it held one)
+    assert register(params) == first  # and a third run finds everything done
+
+    promoted = bpb == 2.5
+    assert sorted(str(v.version) for v in client.search_model_versions(f"name='{NAME}'")) == ["1", "2"]
+    assert first["version"] == "2" and first["promoted"] == promoted and registered() == first
+    v2 = client.get_model_version(NAME, "2")
+    assert v2.tags["promoted"] == str(promoted).lower() and v2.tags["promotion_reason"] == first["why"]
+    assert v2.tags["model_sha256"] == content_hash("artifacts/model/model.safetensors")
+    assert v2.description.startswith(f"# {NAME} v2") and ("Promoted to champion" in v2.description) == promoted
+    assert v2.aliases == (["champion"] if promoted else ["challenger"]) and first["aliases"] == v2.aliases
+    assert champion_version(client) == ("2" if promoted else "1")
+    assert [m.name for m in client.search_registered_models()] == [NAME]  # the killed holder's lock is gone
+
+
+# --- the registration lock ------------------------------------------------------------------------------------
+
+
+def test_lock_is_renewed_owned_and_expires_on_one_clock(proj, monkeypatch):
+    """A live holder is never taken over, even by a waiter whose wall clock runs an hour ahead; once it stops
+    renewing it is, and the old holder can neither write (ensure) nor release the new holder's lock."""
+    from pipelines.common.tracking import mlflow_client
+    from pipelines.register import stage
+
+    client = mlflow_client()
+    lock_name = f"{NAME}.registration-lock"
+    a = stage.RegistrationLock(client, NAME, timeout_s=LOCK_S).__enter__()
+    skewed = SimpleNamespace(time=lambda: time.time() + 3600, monotonic=time.monotonic, sleep=time.sleep)
+    monkeypatch.setattr(stage, "time", skewed)  # the waiter's wall clock is an hour ahead of the store's
+    b = stage.RegistrationLock(client, NAME, timeout_s=LOCK_S)
+    acquired = threading.Event()
+    waiter = threading.Thread(target=lambda: (b.__enter__(), acquired.set()), daemon=True)
+    waiter.start()
+    assert not acquired.wait(2.5 * LOCK_S)  # A renews: B keeps waiting well past lock_timeout_s
+    a.ensure()
+
+    a._stop.set()  # A stalls (frozen, or killed): its heartbeat stops
+    a._beat.join()
+    assert acquired.wait(10 * LOCK_S)  # B takes over after LOCK_S of silence
+    with pytest.raises(stage.LockLost):
+        a.ensure()  # A must not write what it decided
+    a.__exit__(None, None, None)  # A's release leaves B's lock alone
+    b.ensure()
+    assert client.get_registered_model(lock_name).tags["owner"] == b.token != a.token
+    b.__exit__(None, None, None)
+    assert [m.name for m in client.search_registered_models()] == []
+
+
 # --- a real tracking server over HTTP --------------------------------------------------------------
 
 
 @pytest.fixture
 def mlflow_server(tmp_path) -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-         "--serve-artifacts", "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT)
+        [
+            str(VENV_BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path}/server.db",
+            "--serve-artifacts",
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -212,7 +389,9 @@ def mlflow_server(tmp_path) -> str:
                     break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mlflow server did not start:\n{(tmp_path / 'server.log').read_text()}") from None
+                    raise RuntimeError(
+                        f"mlflow server did not start:\n{(tmp_path / 'server.log').read_text()}"
+                    ) from None
                 time.sleep(0.5)
         yield uri
     finally:
@@ -221,36 +400,50 @@ def mlflow_server(tmp_path) -> str:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
         log.close()
 
 
-def test_http_server_concurrent_registrations_give_one_champion(proj, mlflow_server, monkeypatch):
+def test_http_server_concurrent_registrations_some_killed_holding_the_lock(proj, mlflow_server, monkeypatch, capsys):
+    """Four checkouts register at once over HTTP; two are SIGKILLed while they hold the lock and are rerun.
+    Every version is there once, and the champion is the best model (each beats the next by > min_improvement,
+    so any order of decisions ends with it)."""
     import mlflow
 
     from pipelines.common.tracking import mlflow_client
+    from pipelines.register.stage import register
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    write_eval(3.0, new_run())
+    run_id = new_run()
+    bpbs, kill_at = [3.0, 2.9, 2.8, 2.7], [None, "registered", None, "decided"]
     copies = []
-    for i in range(2):  # two checkouts registering the same name at the same time
+    for i, bpb in enumerate(bpbs):
+        write_eval(bpb, run_id)
         other = proj.parent / f"copy{i}"
         for sub in ("artifacts", "metrics", "reports"):
             shutil.copytree(proj / sub, other / sub)
-        (other / "params.yaml").write_text(PARAMS_YAML)
+        (other / "params.yaml").write_text(registry_params_yaml(0.05))
         copies.append(other)
-    env = {"MLFLOW_TRACKING_URI": mlflow_server}
-    procs = [subprocess.Popen([sys.executable, "-m", "pipelines.register"], cwd=c, text=True,
-                              env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parents[1]), **env},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for c in copies]
+    procs = [register_child(c, kill_at=k) for c, k in zip(copies, kill_at)]
     outs = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs
+    assert [p.returncode for p in procs] == [-signal.SIGKILL if k else 0 for k in kill_at], outs
+    for c, k in zip(copies, kill_at):
+        if k:  # rerun the killed ones
+            monkeypatch.chdir(c)
+            register(RegistryParams(model_name=NAME, min_improvement=0.05, lock_timeout_s=LOCK_S))
+
+    logs = "".join(err for _, err in outs) + capsys.readouterr().err
+    assert logs.count("taking over") >= 2  # each killed holder's lock was taken over (none released it)
     results = [json.loads((c / "artifacts/registered.json").read_text()) for c in copies]
-    assert sorted(r["version"] for r in results) == ["1", "2"]
-    assert sum(r["promoted"] for r in results) == 1  # same metrics: the second does not beat the first
-    winner = next(r for r in results if r["promoted"])
     client = mlflow_client(mlflow_server)
-    assert str(client.get_model_version_by_alias(NAME, "champion").version) == winner["version"]
-    assert all(m.name == NAME for m in client.search_registered_models())  # the lock is gone
+    versions = client.search_model_versions(f"name='{NAME}'")
+    assert sorted(int(v.version) for v in versions) == [1, 2, 3, 4]  # none lost, none twice
+    assert sorted(int(r["version"]) for r in results) == [1, 2, 3, 4]
+    best = results[bpbs.index(min(bpbs))]["version"]
+    full = [client.get_model_version(NAME, str(v.version)) for v in versions]
+    assert [str(v.version) for v in full if "champion" in v.aliases] == [best] == [champion_version(client)]
+    assert all(v.tags.get("promoted") in ("true", "false") and v.description.startswith(f"# {NAME} v") for v in full)
+    assert [m.name for m in client.search_registered_models()] == [NAME]  # no lock left behind
 
     mlflow.set_tracking_uri(mlflow_server)
     out = mlflow.pyfunc.load_model(f"models:/{NAME}@champion").predict(["The"], params={"max_tokens": 4})

@@ -9,7 +9,8 @@ Out: artifacts/registered.json        {model_name, version, model_uri, aliases, 
                                        test_bpb, champion_version, champion_test_bpb, tracking_uri}
      MLflow: a pyfunc model logged to the evaluation's run (the HF folder under artifacts/hf_model, see
      pipelines/register/pyfunc_model.py), a new version of registry.model_name with tags (git commit, DVC hashes
-     of data and tokenizer, training run id, parameter count, headline metrics, the decision) and the
+     of data and tokenizer, training run id, model_sha256, registration_key, parameter count, headline metrics,
+     the decision) and the
      model card as its description; aliases `challenger` / `champion`.
 Run: python -m pipelines.register     (or `dvc repro register`)
 
@@ -18,19 +19,26 @@ at least registry.min_improvement on the same test split. If the champion was ev
 test split (another data hash), the champion is re-evaluated on the current split first. Otherwise it
 keeps `challenger`. registry.force_promote promotes regardless, and says so.
 
-Concurrent registrations of one name get distinct versions from MLflow; the read-decide-set of the
-champion alias runs under a lock that works against any tracking store: a registered model named
-`<model_name>.registration-lock`, whose creation fails while it exists (it is deleted afterwards, and
-taken over when older than registry.lock_timeout_s).
+Concurrent registrations of one name get distinct versions; registering a version, the champion decision and
+both aliases run under a lock that works against any tracking store (RegistrationLock: a registered model
+`<model_name>.registration-lock` created atomically with an owner token, renewed by a heartbeat, taken over
+once it stops renewing for registry.lock_timeout_s, released only by its owner). A rerun after a crash
+anywhere in here finds the version it registered (tag `registration_key`: model hash, training run,
+evaluation) and finishes it instead of registering a duplicate.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
+import socket
 import sys
 import tempfile
+import threading
 import time
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,52 +99,142 @@ def read_evaluation(paths: Paths) -> dict:
     if missing:
         raise RegisterError(f"{paths.metrics} lacks {missing}: rerun the evaluate stage (dvc repro evaluate)")
     if metrics["model_sha256"] != content_hash(paths.model / "model.safetensors"):
-        raise RegisterError(f"{paths.metrics} describes another model than {paths.model}: "
-                            "rerun the evaluate stage (dvc repro evaluate)")
+        raise RegisterError(
+            f"{paths.metrics} describes another model than {paths.model}: rerun the evaluate stage (dvc repro evaluate)"
+        )
     return metrics
 
 
 # --- the lock --------------------------------------------------------------------------------------
 
 
+class LockLost(RegisterError):
+    """This holder's registration lock was taken over (it looked abandoned): what it decided must not be written."""
+
+
+def _error_code(exc: MlflowException) -> str:
+    return str(getattr(exc, "error_code", ""))
+
+
 class RegistrationLock:
-    """Mutual exclusion per model name through the registry itself (creating a name is atomic)."""
+    """Mutual exclusion per model name through the registry itself: a registered model `<name>.registration-lock`.
+
+    - acquire: create that registered model. Creating a name is atomic (one creator wins), and its tags are
+      written in the same transaction, so the lock is born with this holder's random `owner` token.
+    - renew: while held, a thread rewrites the lock's description (a heartbeat counter) every timeout_s / 4,
+      after checking that the owner is still this token (it stops, and marks the lock lost, when it is not).
+    - expire: a waiter watches the lock's (owner, description, last update); if nothing changed for timeout_s
+      on the waiter's own monotonic clock, the holder is gone: the waiter re-reads the lock, deletes it only if
+      it is still that same unrenewed lock, and competes to create it again. No two clocks are ever compared.
+      A holder that renews is waited for however long it holds the lock (a long re-evaluation).
+    - own: `ensure()` raises LockLost unless the owner tag is still this token; call it before every write the
+      lock protects. Release deletes the lock only if it is still this token's.
+
+    Remaining window (the registry has no compare-and-set): "re-read then delete" (takeover) and "ensure() then
+    write" are each two calls. A holder that stops renewing for timeout_s, or two waiters taking over the same
+    abandoned lock at the same instant, can leave two processes believing they hold it; the loser finds out at
+    its next ensure(), so at most the one write it had already checked for can land. Keep timeout_s well above
+    the longest pause a holder can suffer (GC, swapping, a stalled tracking server).
+    """
 
     def __init__(self, client, name: str, timeout_s: float):
         self.client, self.name, self.timeout_s = client, f"{name}.registration-lock", timeout_s
+        self.token = uuid.uuid4().hex
+        self.holder = f"{socket.gethostname()} pid {os.getpid()}"
+        self._stop, self._lost = threading.Event(), threading.Event()
+        self._beat: threading.Thread | None = None
 
-    def __enter__(self):
-        deadline = time.monotonic() + self.timeout_s
+    def _describe(self, beat: int) -> str:
+        return (
+            f"quill registration lock held by {self.holder} (heartbeat {beat}); taken over by the next "
+            f"registration once it stops renewing for registry.lock_timeout_s"
+        )
+
+    def _observe(self) -> tuple | None:
+        """What a waiter compares over time: (owner, description, last update); None when there is no lock."""
+        try:
+            held = self.client.get_registered_model(self.name)
+        except MlflowException as exc:
+            if "RESOURCE_DOES_NOT_EXIST" in _error_code(exc) or "not found" in str(exc).lower():
+                return None
+            raise
+        return held.tags.get("owner"), held.description, held.last_updated_timestamp
+
+    def _create(self) -> bool:
+        try:
+            self.client.create_registered_model(
+                self.name, tags={"owner": self.token, "holder": self.holder}, description=self._describe(0)
+            )
+            return True
+        except MlflowException as exc:
+            if "ALREADY_EXISTS" in _error_code(exc) or "already exists" in str(exc):
+                return False
+            raise
+
+    def __enter__(self) -> RegistrationLock:
+        seen, seen_since, told = None, time.monotonic(), False
+        poll_s = min(1.0, self.timeout_s / 8)
         while True:
-            try:
-                self.client.create_registered_model(self.name, description="held while a quill registration "
-                                                    "decides the champion; safe to delete if none is running")
+            if self._create():
+                self._beat = threading.Thread(target=self._renew, name="registration-lock-heartbeat", daemon=True)
+                self._beat.start()
                 return self
-            except MlflowException as exc:
-                if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code) and "already exists" not in str(exc):
-                    raise
-            try:
-                held = self.client.get_registered_model(self.name)
-                age_s = time.time() - held.creation_timestamp / 1000
-            except MlflowException:
-                continue  # released meanwhile
-            if age_s > self.timeout_s:
-                log(f"taking over a stale lock {self.name} ({age_s:.0f} s old)")
-                self._release()
+            now, current = time.monotonic(), self._observe()
+            if current is None:
+                continue  # released meanwhile: try to create it again
+            if current != seen:
+                seen, seen_since = current, now  # a renewal (or a new holder): its silence starts now
+            elif now - seen_since >= self.timeout_s:
+                self._take_over(seen, now - seen_since)
+                seen = None
                 continue
-            if time.monotonic() > deadline:
-                raise RegisterError(f"another registration of this model holds {self.name} (for {age_s:.0f} s); "
-                                    "wait for it, or delete that registered model if none is running")
-            time.sleep(0.2)
+            if not told:
+                log(f"waiting for {self.name} ({(current[1] or '').split(';')[0]})")
+                told = True
+            time.sleep(poll_s)
 
-    def _release(self) -> None:
+    def _take_over(self, silent: tuple, silent_s: float) -> None:
+        if self._observe() != silent:
+            return  # renewed or replaced meanwhile
+        log(f"taking over {self.name}: not renewed for {silent_s:.0f} s (its holder is gone)")
         try:
             self.client.delete_registered_model(self.name)
         except MlflowException:
-            pass
+            pass  # deleted meanwhile by another waiter
+
+    def _renew(self) -> None:
+        beat = 0
+        while not self._stop.wait(self.timeout_s / 4):
+            try:
+                current = self._observe()
+                if current is None or current[0] != self.token:
+                    self._lost.set()
+                    return
+                beat += 1
+                self.client.update_registered_model(self.name, description=self._describe(beat))
+            except Exception:  # noqa: BLE001 - a failed renewal is retried at the next beat; waiters see the silence
+                continue
+
+    def ensure(self) -> None:
+        """Raise LockLost unless this holder still owns the lock (call it right before each protected write)."""
+        current = None if self._lost.is_set() else self._observe()
+        if current is None or current[0] != self.token:
+            self._lost.set()
+            raise LockLost(
+                f"the registration lock {self.name} was taken over while this registration held it "
+                f"({self.holder} did not renew it for registry.lock_timeout_s {self.timeout_s:g} s)"
+            )
 
     def __exit__(self, *exc) -> None:
-        self._release()
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join(timeout=30)
+        try:
+            current = self._observe()
+            if current is not None and current[0] == self.token:
+                self.client.delete_registered_model(self.name)
+        except MlflowException:
+            pass  # a lock left behind is taken over after lock_timeout_s
 
 
 # --- the decision ----------------------------------------------------------------------------------
@@ -156,7 +254,9 @@ def reevaluate_bpb(model_uri: str, test_file: Path, stride: int | None) -> float
     texts = read_texts(test_file)
     docs = [engine.encode(t) for t in texts]
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    return held_out(engine.model, docs, engine.eos_token_id, n_bytes, stride, 16, desc="champion on new split")["test_bpb"]
+    return held_out(engine.model, docs, engine.eos_token_id, n_bytes, stride, 16, desc="champion on new split")[
+        "test_bpb"
+    ]
 
 
 def decide(client, name: str, version: str, metrics: dict, params: RegistryParams, paths: Paths) -> dict:
@@ -167,21 +267,30 @@ def decide(client, name: str, version: str, metrics: dict, params: RegistryParam
     if champion is not None:
         decision["champion_version"] = str(champion.version)
         decision["champion_test_bpb"] = float(champion.tags["test_bpb"]) if "test_bpb" in champion.tags else None
+        if str(champion.version) == str(version):  # moved here before this run's decision was recorded
+            return {**decision, "promoted": True, "why": f"already champion (v{version})"}
     if params.force_promote:
-        return {**decision, "promoted": True, "forced": True,
-                "why": "forced by registry.force_promote" + (f" (replacing v{champion.version})" if champion else "")}
+        return {
+            **decision,
+            "promoted": True,
+            "forced": True,
+            "why": "forced by registry.force_promote" + (f" (replacing v{champion.version})" if champion else ""),
+        }
     if champion is None:
         return {**decision, "promoted": True, "why": "first model: no champion existed"}
     if champion.tags.get("test_data_sha256") != metrics["test_data_sha256"] or decision["champion_test_bpb"] is None:
         log(f"champion v{champion.version} was evaluated on another test split: re-evaluating it on this one")
-        decision["champion_test_bpb"] = reevaluate_bpb(f"models:/{name}/{champion.version}",
-                                                       paths.clean / "test.jsonl", metrics.get("test_window_stride"))
+        decision["champion_test_bpb"] = reevaluate_bpb(
+            f"models:/{name}/{champion.version}", paths.clean / "test.jsonl", metrics.get("test_window_stride")
+        )
         where = "re-evaluated on the current test split (the data changed)"
     else:
         where = "on the same test split"
     gain = decision["champion_test_bpb"] - bpb
-    verdict = (f"test_bpb {bpb:.4f} vs champion v{champion.version} {decision['champion_test_bpb']:.4f} {where}: "
-               f"improvement {gain:+.4f}")
+    verdict = (
+        f"test_bpb {bpb:.4f} vs champion v{champion.version} {decision['champion_test_bpb']:.4f} {where}: "
+        f"improvement {gain:+.4f}"
+    )
     if gain >= params.min_improvement:
         return {**decision, "promoted": True, "why": f"{verdict} >= registry.min_improvement {params.min_improvement}"}
     return {**decision, "why": f"{verdict} < registry.min_improvement {params.min_improvement}"}
@@ -233,13 +342,100 @@ def log_pyfunc(model_dir: Path, run_id: str, n_examples: list[str]):
         shutil.copytree(model_dir, staged)
         with mlflow.start_run(run_id=run_id):
             return mlflow.pyfunc.log_model(
-                name="quill_pyfunc", python_model=pyfunc_model.__file__, artifacts={pyfunc_model.HF_ARTIFACT: str(staged)},
-                signature=signature, pip_requirements=[], metadata={"hf_model_path": pyfunc_model.HF_MODEL_PATH},
+                name="quill_pyfunc",
+                python_model=pyfunc_model.__file__,
+                artifacts={pyfunc_model.HF_ARTIFACT: str(staged)},
+                signature=signature,
+                pip_requirements=[],
+                metadata={"hf_model_path": pyfunc_model.HF_MODEL_PATH},
             )
 
 
+# --- registering once, finishing after a crash ------------------------------------------------------
+
+
+def reached(point: str) -> None:
+    """A named point inside `register` (one of CRASH_POINTS); does nothing. The crash tests in
+    tests/test_register.py replace it in a child process with a SIGKILL, then rerun `register`."""
+
+
+CRASH_POINTS = ("logged", "registered", "decided", "champion-set", "aliases-set", "tagged", "carded")
+
+
+def registration_key(metrics: dict, training_run: str) -> str:
+    """What makes two runs the same registration: the same model bytes (model_sha256), training run and
+    evaluation (metrics/eval.json + evaluated.json). A rerun after a crash finds its version by this tag."""
+    blob = json.dumps({"training_run_id": training_run, "evaluation": metrics}, sort_keys=True, default=str)
+    return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
+
+
+def find_version(client, name: str, key: str):
+    """The version registered earlier with this registration key (the oldest, should there be two), or None."""
+    try:
+        found = client.search_model_versions(f"name = '{name}' and tags.registration_key = '{key}'")
+    except MlflowException as exc:
+        if "RESOURCE_DOES_NOT_EXIST" in _error_code(exc):
+            return None
+        raise
+    if not found:
+        return None
+    return client.get_model_version(name, str(min(int(v.version) for v in found)))  # with its aliases
+
+
+def create_version(client, lock: RegistrationLock, name: str, model_uri: str, tags: dict[str, str]):
+    lock.ensure()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        version = mlflow.register_model(model_uri, name, tags=tags).version
+    log(f"registered {name} v{version}")
+    return client.get_model_version(name, str(version))
+
+
+def alias_version(client, name: str, alias: str) -> int | None:
+    try:
+        return int(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def settle(client, lock: RegistrationLock, version, metrics: dict, params: RegistryParams, paths: Paths) -> dict:
+    """Decide (or take up the decision an interrupted run recorded) and point the aliases; under the lock.
+
+    The decision is recorded as the version's `decision` tag before any alias moves. A rerun keeps it only if
+    it had already made this version champion; otherwise it decides again against the champion as it is now.
+    `challenger` is the newest version not promoted: it moves only forward, and promotion removes an older one.
+    """
+    name, v = params.model_name, str(version.version)
+    pending = json.loads(version.tags["decision"]) if "decision" in version.tags else None
+    if pending and pending["promoted"] and alias_version(client, name, CHAMPION) == int(v):
+        decision = pending
+    else:
+        decision = decide(client, name, v, metrics, params, paths)
+        lock.ensure()
+        client.set_model_version_tag(name, v, "decision", json.dumps(decision))
+        reached("decided")
+    challenger = alias_version(client, name, CHALLENGER)
+    if decision["promoted"]:
+        lock.ensure()
+        client.set_registered_model_alias(name, CHAMPION, v)
+        reached("champion-set")
+        if challenger is not None and challenger <= int(v):
+            lock.ensure()
+            client.delete_registered_model_alias(name, CHALLENGER)
+    elif challenger is None or challenger < int(v):
+        lock.ensure()
+        client.set_registered_model_alias(name, CHALLENGER, v)
+    reached("aliases-set")
+    return decision
+
+
 def register(params: RegistryParams, paths: Paths = Paths()) -> dict:
-    """Log, register, decide, write artifacts/registered.json; return its content."""
+    """Log, register, decide, write artifacts/registered.json; return its content.
+
+    Idempotent: a rerun (after a crash anywhere in here) finds the version this registration created, by its
+    `registration_key` tag, and finishes what is missing (decision, aliases, tags, model card, registered.json).
+    The `promoted` tag is written last of the decision's tags: its presence means the decision is complete.
+    """
     metrics = read_evaluation(paths)
     uri = check_tracking()
     mlflow.set_tracking_uri(uri)
@@ -250,42 +446,75 @@ def register(params: RegistryParams, paths: Paths = Paths()) -> dict:
     except MlflowException:
         run_id = None
     if run_id is None:
-        raise RegisterError(f"the evaluation's MLflow run {metrics.get('mlflow_run_id')} is not in {uri}: "
-                            "rerun the evaluate stage against this tracking store (dvc repro evaluate -f)")
+        raise RegisterError(
+            f"the evaluation's MLflow run {metrics.get('mlflow_run_id')} is not in {uri}: "
+            "rerun the evaluate stage against this tracking store (dvc repro evaluate -f)"
+        )
+    name = params.model_name
     config = json.loads((paths.model / "config.json").read_text()).get("quill_config", {})
     n_params = load_pretrained(paths.model).num_params()
 
     tags = version_tags(metrics, run_id, n_params, paths)
+    tags["model_sha256"] = metrics["model_sha256"]
+    tags["registration_key"] = registration_key(metrics, tags["training_run_id"])
     train_metrics = training_metrics(client, tags["training_run_id"])  # read before anything is registered
 
-    log(f"logging the pyfunc model to run {run_id}")
-    info = log_pyfunc(paths.model, run_id, ["To be, or not to be"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        version = mlflow.register_model(info.model_uri, params.model_name, tags=tags).version
-    log(f"registered {params.model_name} v{version}")
-    client.set_registered_model_alias(params.model_name, CHALLENGER, version)
+    version, model_uri = find_version(client, name, tags["registration_key"]), None
+    if version is None:
+        log(f"logging the pyfunc model to run {run_id}")
+        model_uri = log_pyfunc(paths.model, run_id, ["To be, or not to be"]).model_uri
+        reached("logged")
+    else:
+        log(f"{name} v{version.version} is this model's registration from an earlier run: finishing it")
 
-    with RegistrationLock(client, params.model_name, params.lock_timeout_s):
-        decision = decide(client, params.model_name, version, metrics, params, paths)
-        if decision["promoted"]:
-            client.set_registered_model_alias(params.model_name, CHAMPION, version)
-            client.delete_registered_model_alias(params.model_name, CHALLENGER)
-    client.set_model_version_tag(params.model_name, version, "promoted", str(decision["promoted"]).lower())
-    client.set_model_version_tag(params.model_name, version, "promotion_reason", decision["why"])
-    client.set_model_version_tag(params.model_name, version, "forced", str(decision["forced"]).lower())
+    if version is not None and "promoted" in version.tags and "decision" in version.tags:
+        decision = json.loads(version.tags["decision"])
+    else:
+        for _attempt in range(3):
+            try:
+                with RegistrationLock(client, name, params.lock_timeout_s) as lock:
+                    version = find_version(client, name, tags["registration_key"])
+                    if version is None:  # not yet registered (or deleted since): register under the lock
+                        model_uri = model_uri or log_pyfunc(paths.model, run_id, ["To be, or not to be"]).model_uri
+                        version = create_version(client, lock, name, model_uri, tags)
+                        reached("registered")
+                    decision = settle(client, lock, version, metrics, params, paths)
+                break
+            except LockLost as exc:
+                log(f"{exc}: deciding again")
+        else:
+            raise RegisterError(
+                f"lost the registration lock of {name} three times in a row: another registration "
+                "keeps taking it over; raise registry.lock_timeout_s"
+            )
+    v = str(version.version)
+    client.set_model_version_tag(name, v, "promotion_reason", decision["why"])
+    client.set_model_version_tag(name, v, "forced", str(decision["forced"]).lower())
+    client.set_model_version_tag(name, v, "promoted", str(decision["promoted"]).lower())  # last: decision complete
+    reached("tagged")
 
     samples = json.loads(paths.samples.read_text()) if paths.samples.is_file() else []
-    lineage = {k: v for k, v in tags.items() if k in ("git_commit", "training_run_id", "tokenizer_sha256",
-                                                        "test_data_sha256") or k.startswith("dvc_hash.")}
-    card = render_card(params.model_name, version, config, n_params, metrics, train_metrics, lineage, samples, decision)
-    client.update_model_version(params.model_name, version, description=card)
-    client.log_text(run_id, card, f"model_card_v{version}.md")
+    lineage = {
+        k: v
+        for k, v in tags.items()
+        if k in ("git_commit", "training_run_id", "tokenizer_sha256", "test_data_sha256", "model_sha256")
+        or k.startswith("dvc_hash.")
+    }
+    card = render_card(name, v, config, n_params, metrics, train_metrics, lineage, samples, decision)
+    client.update_model_version(name, v, description=card)
+    client.log_text(run_id, card, f"model_card_v{v}.md")
+    reached("carded")
 
-    aliases = client.get_model_version(params.model_name, version).aliases
+    aliases = client.get_model_version(name, v).aliases
     result = {
-        "model_name": params.model_name, "version": str(version), "model_uri": f"models:/{params.model_name}/{version}",
-        "aliases": sorted(aliases), "run_id": run_id, "tracking_uri": uri, "test_bpb": metrics["test_bpb"], **decision,
+        "model_name": name,
+        "version": v,
+        "model_uri": f"models:/{name}/{v}",
+        "aliases": sorted(aliases),
+        "run_id": run_id,
+        "tracking_uri": uri,
+        "test_bpb": metrics["test_bpb"],
+        **decision,
     }
     write_json(paths.out, result)
     return result
@@ -294,8 +523,10 @@ def register(params: RegistryParams, paths: Paths = Paths()) -> dict:
 def summarize(params: Params) -> str:
     """Register artifacts/model and decide on the champion; the line printed on success."""
     result = register(params.registry)
-    return (f"{result['model_name']} v{result['version']} {result['aliases']}: "
-            f"{'promoted' if result['promoted'] else 'not promoted'} ({result['why']})")
+    return (
+        f"{result['model_name']} v{result['version']} {result['aliases']}: "
+        f"{'promoted' if result['promoted'] else 'not promoted'} ({result['why']})"
+    )
 
 
 def main() -> int:
