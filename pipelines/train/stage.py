@@ -149,79 +149,51 @@ def start_run(client, run_id: str | None, params: Params, run_info: dict, extra:
 # --- the stage ----------------------------------------------------------------------------------
 
 
-def train(params: Params, paths: Paths = Paths(), *, fast_dev_run: bool = False,
-          tracking_uri: str | None = None) -> dict:
-    """Train (or resume, or re-export a finished run) and write every output; return metrics/train.json's dict."""
-    t = params.train
-    data = TokenData.open(paths.tokens)
+def plan_run(params: Params, paths: Paths, data: TokenData):
+    """The model config and what identifies this run (run_info: config, tokenizer, shards, train.*, fingerprint)."""
     if not (paths.tokenizer / "tokenizer.json").is_file():
         raise DataError(f"{paths.tokenizer / 'tokenizer.json'} not found: run dvc repro tokenize first")
     try:
         config = params.model.config(data.vocab_size)
     except ValueError as exc:
         raise TrainError(f"model: {exc}") from None
-
-    cuda = uses_cuda(t.accelerator)
-    precision = resolve_precision(t.precision, cuda, cuda and torch.cuda.is_bf16_supported())
-    if cuda:
-        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls that remain
     run_info = {
         "model_config": config.to_dict(),
         "tokenizer_sha256": data.tokenizer_sha256,
         "shards": shard_digests(paths.tokens),
         "world_size": None,  # and total_steps: known once the trainer is built
-        "train": t.model_dump(),
+        "train": params.train.model_dump(),
         "mlflow_run_id": None,
     }
     run_info["fingerprint"] = fingerprint(run_info)
-    run_dir = paths.checkpoints / run_info["fingerprint"]  # this configuration's checkpoints (resume.py)
-    found = None if fast_dev_run else latest_valid(run_dir)
-    checkpoint_io = SafeCheckpointIO({str(found[0]): found[1]} if found else None)
-    step_ckpt = StepCheckpoint(run_dir, t.checkpoint_every, t.keep_checkpoints)
-    trainer = build_trainer(t, precision, callbacks=[StepProgressBar()] + ([] if fast_dev_run else [step_ckpt]),
-                            plugins=[checkpoint_io], fast_dev_run=fast_dev_run)
-    world_size = trainer.world_size
-    tokens_per_step = t.batch_size * t.grad_accum * config.block_size * world_size
-    steps = total_steps(t, tokens_per_step)
-    if not fast_dev_run:
-        trainer.fit_loop.epoch_loop.max_steps = steps  # a token budget needs the world size, known only now
+    return config, run_info
 
-    run_info.update(world_size=world_size, total_steps=steps)
-    if trainer.is_global_zero and not fast_dev_run:
-        for line in settle_other_runs(paths.checkpoints, run_info, run_info["fingerprint"]):
-            print(f"train: {line}", file=sys.stderr)
-    resumed_from = 0
-    if found is not None:
-        path, ckpt = found
-        saved = ckpt.get("quill") or {}
-        if not saved:
-            raise TrainError(f"{path} holds no quill run info; delete {run_dir}/ to start fresh")
-        finished = int(ckpt["global_step"]) >= saved.get("total_steps", steps)  # re-exported, not trained on
-        problems = incompatibilities(saved, run_info, t.allow_world_size_change or finished)
-        if problems:
-            raise TrainError(f"cannot resume from {path}: {'; '.join(problems)}. Restore the old value(s), "
-                             f"or delete {run_dir}/ to train from scratch")
-        resumed_from = int(ckpt["global_step"])
-        run_info["mlflow_run_id"] = saved.get("mlflow_run_id")
-        print(f"train: resuming from {path} (step {resumed_from})", file=sys.stderr)
 
-    pl.seed_everything(t.seed, workers=False, verbose=False)  # the initial weights
-    lit = LitGPT(config, t, steps, data.bytes_per_text_token("val"))
-    flops_per_token = lit.model.flops_per_token(config.block_size)
-    client = None
-    if trainer.is_global_zero and not fast_dev_run:
-        client = tracking.mlflow_client(tracking_uri)
-        extra = {"world_size": world_size, "precision_resolved": precision, "tokens_per_step": tokens_per_step,
-                 "total_steps": steps, "params": lit.model.num_params(), "vocab_size": data.vocab_size}
-        run_info["mlflow_run_id"] = start_run(client, run_info["mlflow_run_id"], params, run_info, extra, paths)
-    lit.run_info = run_info
-    log = TrainLog(tokens_per_step, flops_per_token, t.log_every, data.bytes_per_text_token("val"), precision,
-                   client, run_info["mlflow_run_id"])
-    trainer.callbacks.insert(0, log)  # before StepCheckpoint, so a checkpoint holds the step it ends
-    dm = TokenDataModule(data, config.block_size, t.batch_size, t.grad_accum, t.seed, t.val_batches)
+def resume_step(found, run_info: dict, t: TrainParams, steps: int, run_dir: Path) -> int:
+    """The step an existing checkpoint of this configuration resumes from (0 without one), after checking it
+    fits; takes over its MLflow run id."""
+    if found is None:
+        return 0
+    path, ckpt = found
+    saved = ckpt.get("quill") or {}
+    if not saved:
+        raise TrainError(f"{path} holds no quill run info; delete {run_dir}/ to start fresh")
+    finished = int(ckpt["global_step"]) >= saved.get("total_steps", steps)  # re-exported, not trained on
+    problems = incompatibilities(saved, run_info, t.allow_world_size_change or finished)
+    if problems:
+        raise TrainError(f"cannot resume from {path}: {'; '.join(problems)}. Restore the old value(s), "
+                         f"or delete {run_dir}/ to train from scratch")
+    run_info["mlflow_run_id"] = saved.get("mlflow_run_id")
+    print(f"train: resuming from {path} (step {int(ckpt['global_step'])})", file=sys.stderr)
+    return int(ckpt["global_step"])
 
+
+def fit(trainer, lit: LitGPT, dm: TokenDataModule, ckpt_path, log: TrainLog, client, run_info: dict,
+        run_dir: Path) -> None:
+    """trainer.fit, then a validation of the final weights; a NaN loss or SIGTERM ends the MLflow run and says
+    what to do."""
     try:
-        trainer.fit(lit, datamodule=dm, ckpt_path=str(found[0]) if found else None)
+        trainer.fit(lit, datamodule=dm, ckpt_path=ckpt_path)
         if not log.val_rows or log.val_rows[-1]["step"] != trainer.global_step:
             trainer.validate(lit, datamodule=dm, verbose=False)  # val loss of the final weights
     except NonFiniteLossError as exc:
@@ -234,6 +206,49 @@ def train(params: Params, paths: Paths = Paths(), *, fast_dev_run: bool = False,
         _end_run(client, run_info, "KILLED")
         raise Preempted(f"SIGTERM: saved {run_dir}/ at step {trainer.global_step} and stopped; "
                         "run the same command again to resume") from None
+
+
+def train(params: Params, paths: Paths = Paths(), *, fast_dev_run: bool = False,
+          tracking_uri: str | None = None) -> dict:
+    """Train (or resume, or re-export a finished run) and write every output; return metrics/train.json's dict."""
+    t = params.train
+    data = TokenData.open(paths.tokens)
+    config, run_info = plan_run(params, paths, data)
+    cuda = uses_cuda(t.accelerator)
+    precision = resolve_precision(t.precision, cuda, cuda and torch.cuda.is_bf16_supported())
+    if cuda:
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls that remain
+    run_dir = paths.checkpoints / run_info["fingerprint"]  # this configuration's checkpoints (resume.py)
+    found = None if fast_dev_run else latest_valid(run_dir)
+    checkpoint_io = SafeCheckpointIO({str(found[0]): found[1]} if found else None)
+    step_ckpt = StepCheckpoint(run_dir, t.checkpoint_every, t.keep_checkpoints)
+    trainer = build_trainer(t, precision, callbacks=[StepProgressBar()] + ([] if fast_dev_run else [step_ckpt]),
+                            plugins=[checkpoint_io], fast_dev_run=fast_dev_run)
+    world_size = trainer.world_size
+    tokens_per_step = t.batch_size * t.grad_accum * config.block_size * world_size
+    steps = total_steps(t, tokens_per_step)
+    if not fast_dev_run:
+        trainer.fit_loop.epoch_loop.max_steps = steps  # a token budget needs the world size, known only now
+    run_info.update(world_size=world_size, total_steps=steps)
+    if trainer.is_global_zero and not fast_dev_run:
+        for line in settle_other_runs(paths.checkpoints, run_info, run_info["fingerprint"]):
+            print(f"train: {line}", file=sys.stderr)
+    resumed_from = resume_step(found, run_info, t, steps, run_dir)
+
+    pl.seed_everything(t.seed, workers=False, verbose=False)  # the initial weights
+    lit = LitGPT(config, t, steps, data.bytes_per_text_token("val"))
+    client = None
+    if trainer.is_global_zero and not fast_dev_run:
+        client = tracking.mlflow_client(tracking_uri)
+        extra = {"world_size": world_size, "precision_resolved": precision, "tokens_per_step": tokens_per_step,
+                 "total_steps": steps, "params": lit.model.num_params(), "vocab_size": data.vocab_size}
+        run_info["mlflow_run_id"] = start_run(client, run_info["mlflow_run_id"], params, run_info, extra, paths)
+    lit.run_info = run_info
+    log = TrainLog(tokens_per_step, lit.model.flops_per_token(config.block_size), t.log_every,
+                   data.bytes_per_text_token("val"), precision, client, run_info["mlflow_run_id"])
+    trainer.callbacks.insert(0, log)  # before StepCheckpoint, so a checkpoint holds the step it ends
+    dm = TokenDataModule(data, config.block_size, t.batch_size, t.grad_accum, t.seed, t.val_batches)
+    fit(trainer, lit, dm, str(found[0]) if found else None, log, client, run_info, run_dir)
 
     metrics = {
         "steps": trainer.global_step,
