@@ -429,6 +429,46 @@ def settle(client, lock: RegistrationLock, version, metrics: dict, params: Regis
     return decision
 
 
+def register_and_decide(client, run_id: str, model_uri: str | None, tags: dict[str, str], metrics: dict,
+                        params: RegistryParams, paths: Paths):
+    """Under the registration lock: find or create this registration's version, then decide the champion.
+    A lost lock (another registration took it over) means deciding again, at most three times."""
+    name = params.model_name
+    for _attempt in range(3):
+        try:
+            with RegistrationLock(client, name, params.lock_timeout_s) as lock:
+                version = find_version(client, name, tags["registration_key"])
+                if version is None:  # not yet registered (or deleted since): register under the lock
+                    model_uri = model_uri or log_pyfunc(paths.model, run_id, ["To be, or not to be"]).model_uri
+                    version = create_version(client, lock, name, model_uri, tags)
+                    reached("registered")
+                return version, settle(client, lock, version, metrics, params, paths)
+        except LockLost as exc:
+            log(f"{exc}: deciding again")
+    raise RegisterError(
+        f"lost the registration lock of {name} three times in a row: another registration "
+        "keeps taking it over; raise registry.lock_timeout_s"
+    )
+
+
+def write_card(client, name: str, version: str, run_id: str, tags: dict[str, str], metrics: dict,
+               train_metrics: dict, decision: dict, paths: Paths) -> None:
+    """The model card as the version's description and as a file of the run."""
+    config = json.loads((paths.model / "config.json").read_text()).get("quill_config", {})
+    samples = json.loads(paths.samples.read_text()) if paths.samples.is_file() else []
+    lineage = {
+        k: v
+        for k, v in tags.items()
+        if k in ("git_commit", "training_run_id", "tokenizer_sha256", "test_data_sha256", "model_sha256")
+        or k.startswith("dvc_hash.")
+    }
+    card = render_card(name, version, config, int(tags["parameters"]), metrics, train_metrics, lineage, samples,
+                       decision)
+    client.update_model_version(name, version, description=card)
+    client.log_text(run_id, card, f"model_card_v{version}.md")
+    reached("carded")
+
+
 def register(params: RegistryParams, paths: Paths = Paths()) -> dict:
     """Log, register, decide, write artifacts/registered.json; return its content.
 
@@ -451,7 +491,6 @@ def register(params: RegistryParams, paths: Paths = Paths()) -> dict:
             "rerun the evaluate stage against this tracking store (dvc repro evaluate -f)"
         )
     name = params.model_name
-    config = json.loads((paths.model / "config.json").read_text()).get("quill_config", {})
     n_params = load_pretrained(paths.model).num_params()
 
     tags = version_tags(metrics, run_id, n_params, paths)
@@ -470,40 +509,13 @@ def register(params: RegistryParams, paths: Paths = Paths()) -> dict:
     if version is not None and "promoted" in version.tags and "decision" in version.tags:
         decision = json.loads(version.tags["decision"])
     else:
-        for _attempt in range(3):
-            try:
-                with RegistrationLock(client, name, params.lock_timeout_s) as lock:
-                    version = find_version(client, name, tags["registration_key"])
-                    if version is None:  # not yet registered (or deleted since): register under the lock
-                        model_uri = model_uri or log_pyfunc(paths.model, run_id, ["To be, or not to be"]).model_uri
-                        version = create_version(client, lock, name, model_uri, tags)
-                        reached("registered")
-                    decision = settle(client, lock, version, metrics, params, paths)
-                break
-            except LockLost as exc:
-                log(f"{exc}: deciding again")
-        else:
-            raise RegisterError(
-                f"lost the registration lock of {name} three times in a row: another registration "
-                "keeps taking it over; raise registry.lock_timeout_s"
-            )
+        version, decision = register_and_decide(client, run_id, model_uri, tags, metrics, params, paths)
     v = str(version.version)
     client.set_model_version_tag(name, v, "promotion_reason", decision["why"])
     client.set_model_version_tag(name, v, "forced", str(decision["forced"]).lower())
     client.set_model_version_tag(name, v, "promoted", str(decision["promoted"]).lower())  # last: decision complete
     reached("tagged")
-
-    samples = json.loads(paths.samples.read_text()) if paths.samples.is_file() else []
-    lineage = {
-        k: v
-        for k, v in tags.items()
-        if k in ("git_commit", "training_run_id", "tokenizer_sha256", "test_data_sha256", "model_sha256")
-        or k.startswith("dvc_hash.")
-    }
-    card = render_card(name, v, config, n_params, metrics, train_metrics, lineage, samples, decision)
-    client.update_model_version(name, v, description=card)
-    client.log_text(run_id, card, f"model_card_v{v}.md")
-    reached("carded")
+    write_card(client, name, v, run_id, tags, metrics, train_metrics, decision, paths)
 
     aliases = client.get_model_version(name, v).aliases
     result = {
