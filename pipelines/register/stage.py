@@ -356,7 +356,7 @@ def log_pyfunc(model_dir: Path, run_id: str, n_examples: list[str]):
 
 def reached(point: str) -> None:
     """A named point inside `register` (one of CRASH_POINTS); does nothing. The crash tests in
-    tests/test_register.py replace it in a child process with a SIGKILL, then rerun `register`."""
+    tests/integration/test_register.py replace it in a child process with a SIGKILL, then rerun `register`."""
 
 
 CRASH_POINTS = ("logged", "registered", "decided", "champion-set", "aliases-set", "tagged", "carded")

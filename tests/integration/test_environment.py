@@ -15,9 +15,26 @@ import pytest
 
 from tests.helpers.paths import REPO, VENV_BIN, free_port
 
-ENGINES = ["torch", "pytorch_lightning", "mlflow", "prefect", "dvc", "ray", "ray.serve", "tokenizers", "datasketch",
-           "lm_eval", "transformers", "safetensors", "openai", "fastapi", "charset_normalizer", "sacrebleu",
-           "rouge_score", "matplotlib"]
+ENGINES = [
+    "torch",
+    "pytorch_lightning",
+    "mlflow",
+    "prefect",
+    "dvc",
+    "ray",
+    "ray.serve",
+    "tokenizers",
+    "datasketch",
+    "lm_eval",
+    "transformers",
+    "safetensors",
+    "openai",
+    "fastapi",
+    "charset_normalizer",
+    "sacrebleu",
+    "rouge_score",
+    "matplotlib",
+]
 
 
 def locked_versions() -> dict[str, str]:
@@ -37,8 +54,11 @@ def test_engines_import_together():
 def test_installed_versions_match_the_lock():
     pins = locked_versions()
     assert pins["torch"].startswith("2.13.0") and pins["fastapi"] == "0.153.0" and pins["prefect"] == "3.8.8"
-    wrong = {name: (version, md.version(name)) for name, version in pins.items()
-             if name not in {"torch"} and md.version(name) != version}
+    wrong = {
+        name: (version, md.version(name))
+        for name, version in pins.items()
+        if name not in {"torch"} and md.version(name) != version
+    }
     assert not wrong, f"installed versions differ from requirements.lock (run `make setup`): {wrong}"
     assert md.version("torch").split("+")[0] == pins["torch"].split("+")[0]
 
@@ -46,10 +66,19 @@ def test_installed_versions_match_the_lock():
 @pytest.mark.integration
 def test_prefect_server_starts_and_answers(tmp_path: Path):
     port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path}/prefect.db"}
-    server = subprocess.Popen([str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path}/prefect.db",
+    }
+    server = subprocess.Popen(
+        [str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.time() + 120
         while time.time() < deadline:

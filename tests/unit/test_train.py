@@ -1,7 +1,7 @@
 """train: the pure pieces (schedule, data order, checkpoint format, knob resolution) and whole runs on a tiny model.
 
 Whole runs use the `tiny` preset on shards built here from a tiny corpus; each test gets its own
-MLflow SQLite store. The subprocess tests (SIGKILL, SIGTERM) are in tests/test_train_resume.py.
+MLflow SQLite store. The subprocess tests (SIGKILL, SIGTERM) are in tests/integration/test_train_resume.py.
 """
 
 from __future__ import annotations
