@@ -1,28 +1,31 @@
 """Deployments of quill's flows, served from this process: they appear in the Prefect UI with a Run button.
 
-    python -m flows.deploy [--cron "0 3 * * *"]
+    python -m flows.deploy [--cron "0 3 * * *"] [--set serve.host=0.0.0.0 ...]
 
 Run it from the repository root with PREFECT_API_URL pointing at the server (`make run` starts one on
 127.0.0.1:4200). It blocks and runs each flow run the UI (or the API, or a schedule) asks for, in a
 subprocess in this folder. `--cron` schedules train_and_deploy (e.g. a nightly retrain that, through DVC,
 only redoes what changed). train_and_deploy's deployment has a concurrency limit of 1: a second run waits
-for the first (flows/lock.py refuses overlapping runs started any other way).
+for the first (flows/lock.py refuses overlapping runs started any other way). `--set` gives the Run form's
+overrides their defaults (docker-compose.yml serves on 0.0.0.0 inside its network this way).
 """
 
 from __future__ import annotations
 
 import argparse
 
+import yaml
 from prefect import serve
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
 from flows.models import evaluate_model, promote_model, serve_model
+from flows.overrides import Overrides, check
 from flows.train_and_deploy import train_and_deploy
 
 NAME = "quill"  # each deployment is <flow name>/quill
 
 
-def deployments(cron: str | None = None) -> list:
+def deployments(cron: str | None = None, defaults: dict | None = None) -> list:
     one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
     return [
         train_and_deploy.to_deployment(
@@ -30,6 +33,7 @@ def deployments(cron: str | None = None) -> list:
             cron=cron,
             concurrency_limit=one_at_a_time,
             tags=["quill"],
+            parameters={"overrides": Overrides.from_dotted(defaults or {}).model_dump(exclude_none=True)},
             description="data -> train -> evaluate -> register through DVC, then deploy the champion",
         ),
         evaluate_model.to_deployment(NAME, tags=["quill"], description="evaluate a registered version"),
@@ -41,8 +45,21 @@ def deployments(cron: str | None = None) -> list:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cron", help="a schedule for train_and_deploy, e.g. '0 3 * * *' (nightly at 03:00)")
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a default override of train_and_deploy's Run form, e.g. serve.host=0.0.0.0",
+    )
     args = parser.parse_args(argv)
-    serve(*deployments(args.cron))
+    defaults = {}
+    for item in args.sets:
+        key, _, value = item.partition("=")
+        defaults[key.strip()] = yaml.safe_load(value)
+    check(defaults)  # a bad default fails here, with the key's name
+    serve(*deployments(args.cron, defaults))
 
 
 if __name__ == "__main__":
