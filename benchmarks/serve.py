@@ -1,0 +1,204 @@
+"""Serving: continuous batching vs one request at a time and vs static batching, HTTP overhead, a load run.
+
+    python -m benchmarks.serve [--quick]
+
+One run, one machine: a random-weight model of the `cpu` preset (4 layers, 256 wide, 256-token context) behind
+three apps on one local Ray Serve: `cb` (continuous batching, 16 slots), `off` (one sequence at a time) and
+`static` (a batch runs to completion, like `@serve.batch`). Prints one JSON line; `ours`/`baseline` are
+generated tokens/s of 16 streaming clients against `cb` / `off`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import ray
+import torch
+import yaml
+from ray import serve
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from model import GPT, Engine, GPTConfig, SamplingParams, save_pretrained
+from pipelines.serve import AppArgs, app
+
+REPO = Path(__file__).resolve().parents[1]
+TEXT = ["To be, or not to be, that is the question.", "All the world's a stage, and all the men and women players."]
+PROMPT = "To be, or not to be"
+
+
+def make_model(root: Path) -> Path:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok.train_from_iterator(
+        TEXT * 3,
+        trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=specials,
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    (root / "tok").mkdir(parents=True)
+    tok.save(str(root / "tok" / "tokenizer.json"))
+    torch.manual_seed(0)
+    cfg = GPTConfig.from_preset("cpu", vocab_size=tok.get_vocab_size())
+    return save_pretrained(GPT(cfg).eval(), root / "model", tokenizer_dir=root / "tok")
+
+
+def params_file(root: Path, name: str, **serve) -> str:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["serve"].update(serve)
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return str(path)
+
+
+async def stream_tokens(c: httpx.AsyncClient, prefix: str, max_tokens: int) -> tuple[int, float]:
+    """(tokens, seconds) of one streaming completion."""
+    t0, n = time.perf_counter(), 0
+    body = {"prompt": PROMPT, "max_tokens": max_tokens, "stream": True, "ignore_eos": True, "temperature": 0.8}
+    async with c.stream("POST", f"{prefix}/v1/completions", json=body) as r:
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                n += 1
+    return n, time.perf_counter() - t0
+
+
+async def throughput(c, prefix: str, clients: int, max_tokens: int) -> float:
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(stream_tokens(c, prefix, max_tokens) for _ in range(clients)))
+    return sum(n for n, _ in results) / (time.perf_counter() - t0)
+
+
+async def short_latency_mixed(c, prefix: str, pairs: int, long_tokens: int) -> float:
+    """p50 latency of 8-token requests sent while as many long ones run."""
+
+    async def short(delay):
+        await asyncio.sleep(delay)
+        return (await stream_tokens(c, prefix, 8))[1]
+
+    longs = [stream_tokens(c, prefix, long_tokens) for _ in range(pairs)]
+    results = await asyncio.gather(*longs, *(short(0.05 + 0.02 * i) for i in range(pairs)))
+    return statistics.median(results[pairs:])
+
+
+async def load(c, clients: int, total: int) -> int:
+    errors, left = 0, total
+
+    async def worker():
+        nonlocal errors, left
+        while left > 0:
+            left -= 1
+            r = await c.post("/cb/v1/completions", json={"prompt": PROMPT, "max_tokens": 4})
+            errors += r.status_code != 200
+
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    return errors
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="smaller runs (a smoke test of the benchmark)")
+    quick = ap.parse_args().quick
+    long_tokens, load_total = (64, 200) if quick else (200, 2000)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        folder = make_model(root)
+        ray.init(
+            num_cpus=6,
+            include_dashboard=False,
+            logging_level="ERROR",
+            log_to_driver=False,
+            runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}},
+        )
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": 8765})
+            for name, kw, static in (
+                ("cb", {"max_batch_size": 16}, False),
+                ("off", {"max_batch_size": 1}, False),
+                ("static", {"max_batch_size": 16}, True),
+            ):
+                args = AppArgs(model=str(folder), params_file=params_file(root, name, **kw), static_batching=static)
+                serve.run(app(args), name=name, route_prefix=f"/{name}")
+            result = asyncio.run(measure(folder, long_tokens, load_total))
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    print(json.dumps(result))
+
+
+async def measure(folder: Path, long_tokens: int, load_total: int) -> dict:
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    async with httpx.AsyncClient(base_url="http://127.0.0.1:8765", timeout=600, limits=limits) as c:
+        for prefix in ("/cb", "/off", "/static"):  # warm-up: first requests pay for lazy initialisation
+            await throughput(c, prefix, 2, 8)
+        ours = await throughput(c, "/cb", 16, 64)
+        baseline = await throughput(c, "/off", 16, 64)
+
+        idle = statistics.median([(await stream_tokens(c, "/cb", 8))[1] for _ in range(10)])
+        mixed_cb = await short_latency_mixed(c, "/cb", 8, long_tokens)
+        mixed_static = await short_latency_mixed(c, "/static", 8, long_tokens)
+
+        engine = Engine.from_pretrained(folder)  # the same model, called directly in this process
+        sp = SamplingParams(max_tokens=1, temperature=0)
+        direct, http = [], []
+        for _ in range(200):
+            t0 = time.perf_counter()
+            engine.generate([PROMPT], sp)
+            direct.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            r = await c.post("/cb/v1/completions", json={"prompt": PROMPT, "max_tokens": 1, "temperature": 0})
+            http.append(time.perf_counter() - t0)
+            r.raise_for_status()
+
+        await load(c, 32, 200)  # warm-up for the memory baseline
+        rss_warm = (await c.get("/cb/stats")).json()["rss_bytes"]
+        t0 = time.perf_counter()
+        errors = await load(c, 32, load_total)
+        load_s = time.perf_counter() - t0
+        rss_after = (await c.get("/cb/stats")).json()["rss_bytes"]
+    ms = 1000
+    return {
+        "benchmark": "serve",
+        "ours": round(ours, 1),
+        "baseline": round(baseline, 1),
+        "unit": "generated tokens/s, 16 streaming clients (continuous batching vs one at a time)",
+        "ratio": round(ours / baseline, 2),
+        "short_p50_idle_ms": round(idle * ms, 1),
+        "short_p50_mixed_continuous_ms": round(mixed_cb * ms, 1),
+        "short_p50_mixed_static_ms": round(mixed_static * ms, 1),
+        "mixed_continuous_vs_idle": round(mixed_cb / idle, 2),
+        "mixed_static_vs_idle": round(mixed_static / idle, 2),
+        "long_max_tokens": long_tokens,
+        "one_token_http_p50_ms": round(statistics.median(http) * ms, 2),
+        "one_token_http_p99_ms": round(percentile(http, 0.99) * ms, 2),
+        "one_token_direct_p50_ms": round(statistics.median(direct) * ms, 2),
+        "one_token_direct_p99_ms": round(percentile(direct, 0.99) * ms, 2),
+        "http_overhead_p50_ms": round((statistics.median(http) - statistics.median(direct)) * ms, 2),
+        "load_requests": load_total,
+        "load_clients": 32,
+        "load_errors": errors,
+        "load_s": round(load_s, 1),
+        "rss_warm_mb": round(rss_warm / 2**20, 1),
+        "rss_after_mb": round(rss_after / 2**20, 1),
+        "rss_drift": round(rss_after / rss_warm - 1, 3),
+        "machine": f"{torch.get_num_threads()} torch threads, CPU",
+    }
+
+
+if __name__ == "__main__":
+    main()

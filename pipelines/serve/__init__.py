@@ -1,0 +1,75 @@
+"""Serving: the registry's champion (or any registered version or local folder) behind an OpenAI-compatible
+HTTP API on Ray Serve, with continuous batching.
+
+In: `serve.*` and `registry.model_name` from params.yaml, a model (`models:/<name>@champion` by default).
+Out: a Ray Serve application `quill` on serve.host:serve.port (GET /v1/models, POST /v1/completions,
+/v1/chat/completions, /tokenize, /detokenize, GET /health, /docs).
+
+    python -m pipelines.serve [--model URI|PATH]     # deploy (a rolling update if it is running), then return
+    python -m pipelines.serve status | shutdown | config
+    serve run pipelines.serve:app model=artifacts/model
+"""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import BaseModel, ConfigDict
+from ray.serve import Application
+from ray.serve.config import BackpressureConfig
+
+from pipelines.common.params import PARAMS_FILE, ServeParams, load_params
+from pipelines.common.tracking import tracking_uri
+from pipelines.serve.server import QuillServer
+from pipelines.serve.source import resolve
+
+APP_NAME = "quill"
+RETRY_AFTER_S = 1  # what a client told to back off (429) waits before retrying
+
+
+class AppArgs(BaseModel):
+    """What `serve run pipelines.serve:app key=value` (or a Serve config's `args:`) may set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None  # registry URI or local folder; None = serve.model, else models:/<registry>@champion
+    params_file: str = str(PARAMS_FILE)  # read for serve.* and registry.model_name
+    tracking_uri: str | None = None  # None = MLFLOW_TRACKING_URI or the project's SQLite store
+    static_batching: bool = False  # a batch runs to completion (the benchmark's @serve.batch-like baseline)
+
+
+def app(args: AppArgs) -> Application:
+    """The typed Ray Serve app builder: pins the model's registry version and sizes the deployment."""
+    args = AppArgs.model_validate(args) if isinstance(args, dict) else args
+    params = load_params(args.params_file)
+    model = args.model or params.serve.model or f"models:/{params.registry.model_name}@champion"
+    uri = args.tracking_uri or tracking_uri()
+    source = resolve(model, uri)
+    return QuillServer.options(**deployment_options(params.serve)).bind(
+        source.__dict__, uri, params.serve.model_dump(), args.static_batching
+    )
+
+
+def deployment_options(p: ServeParams) -> dict:
+    """Replicas, autoscaling bounds, request bounds and resources from serve.*."""
+    options: dict = {
+        "max_ongoing_requests": p.max_ongoing_requests,
+        "max_queued_requests": p.max_queued_requests,
+        "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=RETRY_AFTER_S),
+        "graceful_shutdown_timeout_s": 120,  # a rolling update lets requests in flight finish
+        "ray_actor_options": {"num_cpus": p.num_cpus_per_replica, "num_gpus": p.num_gpus_per_replica},
+    }
+    if p.min_replicas is not None and p.max_replicas is not None:
+        options["autoscaling_config"] = {
+            "min_replicas": p.min_replicas,
+            "max_replicas": p.max_replicas,
+            "target_ongoing_requests": p.max_batch_size,
+        }
+    else:
+        options["num_replicas"] = p.num_replicas
+    if os.environ.get("QUILL_API_KEY"):  # the replicas check it; they may run on other nodes
+        options["ray_actor_options"]["runtime_env"] = {"env_vars": {"QUILL_API_KEY": os.environ["QUILL_API_KEY"]}}
+    return options
+
+
+__all__ = ["app", "AppArgs", "APP_NAME", "deployment_options"]

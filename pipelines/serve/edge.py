@@ -1,0 +1,122 @@
+"""What every request passes before a route sees it: the API key, the body size and UTF-8, and errors turned
+into OpenAI's shape (so no client input yields a 5xx).
+
+A pure ASGI middleware (not BaseHTTPMiddleware): it checks the headers before the body is read, and counts the
+body as it streams in, so a chunked upload cannot pass the size limit either.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from pipelines.serve.schemas import APIError
+
+OPEN_PATHS = ("/health",)  # answered without an API key (load balancers and Ray's health checks)
+
+
+def error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+class EdgeGuard:
+    """ASGI middleware: 401 without the right bearer key (when one is set), 413 past max_body_bytes,
+    400 for a body that is not UTF-8. `settings` ({"api_key", "max_body_bytes"}) is read per request: the
+    replica fills it in after the app is built."""
+
+    def __init__(self, app, settings: dict):
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        api_key, limit = self.settings["api_key"], self.settings["max_body_bytes"]
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        path = scope["path"][len(scope.get("root_path", "")) :]  # relative to the app's route prefix
+        if api_key and path not in OPEN_PATHS:
+            given = headers.get("authorization", "")
+            expected = f"Bearer {api_key}"
+            if not hmac.compare_digest(given.encode(), expected.encode()):  # constant time
+                err = APIError(
+                    401,
+                    "missing or wrong API key (Authorization: Bearer <key>)",
+                    None,
+                    "authentication_error",
+                    "invalid_api_key",
+                )
+                return await error_response(err)(scope, receive, send)
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            return await error_response(_too_large(limit))(scope, receive, send)
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        # read the whole body here (bounded), check it, then replay it to the app
+        body = b""
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > limit:
+                return await error_response(_too_large(limit))(scope, receive, send)
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            err = APIError(400, f"request body is not valid UTF-8 (byte {exc.start})", None)
+            return await error_response(err)(scope, receive, send)
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if sent:
+                return await receive()  # after the body: disconnect notifications pass through
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"request body exceeds {limit} bytes", None, code="request_too_large")
+
+
+def install_error_handlers(api: FastAPI) -> None:
+    """Validation, HTTP and unexpected errors, all in OpenAI's shape."""
+
+    @api.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return error_response(exc)
+
+    @api.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        if first.get("type") == "json_invalid":
+            return error_response(APIError(400, f"request body is not valid JSON: {first.get('msg', '')}", None))
+        param = loc[0] if loc else None
+        where = ".".join(loc) or "body"
+        msg = f"{where}: {first.get('msg', 'invalid value')}"
+        if "input" in first and first.get("type") != "missing":
+            msg += f" (got {_short(first['input'])})"
+        return error_response(APIError(400, msg, param))
+
+    @api.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(APIError(exc.status_code, str(exc.detail), None, kind))
+
+    @api.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception):  # a bug of ours: still answered in OpenAI's shape
+        return error_response(APIError(500, f"internal error: {type(exc).__name__}", None, "server_error"))
+
+
+def _short(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."

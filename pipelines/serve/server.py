@@ -1,0 +1,452 @@
+"""The Ray Serve deployment: quill's engine behind an OpenAI-compatible FastAPI ingress.
+
+One replica holds one `model.Engine` and one continuous-batching `model.Scheduler`. A background task on the
+replica's event loop drives the scheduler (each step in a worker thread, so the loop keeps answering HTTP)
+and hands every new token to the asyncio queue of the request it belongs to. Handlers only translate between
+OpenAI's JSON and the engine; a request whose client goes away is cancelled in the scheduler, which frees its
+KV-cache slot at the next step.
+"""
+
+import asyncio
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+import psutil
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
+from ray import serve
+from tokenizers import Tokenizer
+
+from model import Engine, SamplingParams, Scheduler
+from model.scheduler import RowUpdate
+from model.sequence import Completion, TokenLogprob
+from pipelines.common.params import ServeParams
+from pipelines.serve import metrics
+from pipelines.serve.edge import EdgeGuard, install_error_handlers
+from pipelines.serve.schemas import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    SamplingFields,
+    TokenizeRequest,
+    check_caps,
+)
+from pipelines.serve.source import ModelSource, fetch
+
+log = logging.getLogger("ray.serve")
+
+api = FastAPI(title="quill", description="OpenAI-compatible completions from a quill model", version="1")
+install_error_handlers(api)
+# settings the middleware reads; each replica (one process) fills them in from its config
+EDGE = {"api_key": None, "max_body_bytes": ServeParams().max_body_bytes}
+api.add_middleware(EdgeGuard, settings=EDGE)
+api.add_middleware(metrics.CountRequests)  # outermost: counts what the guard refuses too
+
+
+# Helpers come before the deployment class: Ray Serve pickles the class when it is decorated, by value,
+# so names defined below it would be missing in the replica.
+
+
+def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
+    """Server-sent events in OpenAI's format, ending with [DONE]; a failure after the first event is sent as
+    an error event (the status line is already out), never as a silent cut."""
+
+    async def body():
+        try:
+            async for event in events:
+                yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+        except APIError as exc:
+            yield f"data: {json.dumps(exc.body())}\n\n"
+        except Exception as exc:  # the engine failed mid-stream
+            metrics.ERRORS.inc(tags={"kind": "stream"})
+            err = APIError(500, f"generation failed: {type(exc).__name__}", None, "server_error")
+            yield f"data: {json.dumps(err.body())}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _usage(prompts: list[list[int]], done: list[Completion]) -> dict:
+    prompt_tokens = sum(len(p) for p in prompts)
+    completion_tokens = sum(len(c.token_ids) for c in done)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _legacy_records(recs: list[TokenLogprob], offset: int) -> dict:
+    """OpenAI's completions logprobs: parallel lists of tokens, their logprobs, top alternatives, text offsets."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for r in recs:
+        out["tokens"].append(r.token)
+        out["token_logprobs"].append(r.logprob)
+        out["top_logprobs"].append({t: lp for _, t, lp in r.top} if r.logprob is not None else None)
+        out["text_offset"].append(offset)
+        offset += len(r.token)
+    return out
+
+
+def _legacy_logprobs(c: Completion, echo: bool) -> dict:
+    recs = (c.prompt_logprobs or [] if echo else []) + (c.logprobs or [])
+    return _legacy_records(recs, 0)
+
+
+def _chat_logprobs(recs: list[TokenLogprob] | None) -> dict:
+    def entry(token: str, lp: float) -> dict:
+        return {"token": token, "logprob": lp, "bytes": list(token.encode("utf-8"))}
+
+    return {
+        "content": [
+            {**entry(r.token, r.logprob), "top_logprobs": [entry(t, lp) for _, t, lp in r.top]} for r in recs or []
+        ]
+    }
+
+
+def _param_of(message: str) -> str | None:
+    """The parameter a model-layer ValueError names first ("max_tokens must be ...", "prompt (12 tokens) ...")."""
+    word = message.split(" ", 1)[0]
+    return word if word.isidentifier() else None
+
+
+@serve.deployment(name="QuillServer")
+@serve.ingress(api)
+class QuillServer:
+    """One replica: loads the model (safetensors, tokenizer hash checked) and serves it."""
+
+    def __init__(self, source: dict, tracking_uri: str, limits: dict, static_batching: bool = False):
+        self.source = ModelSource(**source)
+        self.limits = ServeParams(**limits)
+        EDGE.update(api_key=os.environ.get("QUILL_API_KEY") or None, max_body_bytes=self.limits.max_body_bytes)
+        folder = fetch(self.source, tracking_uri)
+        device = "cuda" if self.limits.num_gpus_per_replica > 0 else None  # Ray sets CUDA_VISIBLE_DEVICES
+        self.engine = Engine.from_pretrained(folder, self.source.tokenizer_sha256, device, self.limits.compile)
+        self.scheduler = Scheduler(self.engine, self.limits.max_batch_size, static=static_batching)
+        vocab = self.engine.tokenizer.get_vocab(with_added_tokens=True)
+        self.im_start, self.im_end = vocab.get("<|im_start|>"), vocab.get("<|im_end|>")
+        # chat content is encoded literally: a user typing "<|im_end|>" must not close their own turn
+        self.literal = Tokenizer.from_str(self.engine.tokenizer.to_str())
+        self.literal.encode_special_tokens = True
+        self.created = int(time.time())
+        self._queues: dict[int, asyncio.Queue] = {}
+        self._timing: dict[int, metrics.Timing] = {}
+        self.cancelled = 0  # sequences dropped because their client went away
+        self._wake: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        log.info("quill: serving %s (version %s) from %s", self.source.name, self.source.version, folder)
+
+    # -- the scheduler loop ----------------------------------------------------------------------
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._wake = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            if not self.scheduler.has_work():
+                self._wake.clear()
+                metrics.RUNNING.set(0)
+                metrics.QUEUE_LENGTH.set(0)
+                await self._wake.wait()
+                continue
+            try:
+                updates = await asyncio.to_thread(self.scheduler.step)
+            except Exception as exc:  # a bug or OOM in a step: fail the requests in flight, keep serving
+                log.exception("quill: scheduler step failed")
+                metrics.ERRORS.inc(tags={"kind": "engine"})
+                for q in set(self._queues.values()):
+                    q.put_nowait(exc)
+                self._queues.clear()
+                self.scheduler = Scheduler(self.engine, self.limits.max_batch_size, static=self.scheduler.static)
+                continue
+            metrics.RUNNING.set(self.scheduler.num_running)
+            metrics.QUEUE_LENGTH.set(self.scheduler.num_waiting)
+            for u in updates:
+                q = self._queues.get(u.rid)
+                if q is not None:
+                    q.put_nowait(u)
+                try:
+                    self._observe(u)
+                except Exception:  # metrics must never stop the loop
+                    log.exception("quill: recording metrics failed")
+
+    def _observe(self, u: RowUpdate) -> None:
+        timing = self._timing.get(u.rid)
+        if timing is None:
+            return
+        if u.chunk.token_id is not None:
+            timing.token()
+        if u.completion is not None:
+            timing.done(len(u.completion.token_ids))
+            del self._timing[u.rid]
+
+    def _submit(self, prompts: list[list[int]], params: SamplingParams, n: int) -> tuple[asyncio.Queue, dict[int, int]]:
+        """Queue n sequences per prompt; returns the request's queue and choice index by scheduler id."""
+        self._ensure_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        rids: dict[int, int] = {}
+        try:
+            for i, p in enumerate(prompts):
+                for j in range(n):
+                    seed = None if params.seed is None else params.seed + j  # n samples, n different seeds
+                    rid = self.scheduler.add(p, replace(params, seed=seed))
+                    self._queues[rid], self._timing[rid] = q, metrics.Timing()
+                    rids[rid] = i * n + j
+        except ValueError as exc:
+            self._forget(rids)
+            raise APIError(400, str(exc), _param_of(str(exc))) from None
+        self._wake.set()
+        return q, rids
+
+    def _forget(self, rids) -> None:
+        for rid in rids:
+            self.scheduler.cancel(rid)
+            self._queues.pop(rid, None)
+            self._timing.pop(rid, None)
+
+    async def _updates(self, q: asyncio.Queue, rids: dict[int, int]) -> AsyncIterator[tuple[int, RowUpdate]]:
+        """(choice index, update) until every sequence finished; cancels the rest if the caller goes away."""
+        remaining = set(rids)
+        try:
+            while remaining:
+                u = await q.get()
+                if isinstance(u, Exception):
+                    raise u
+                if u.completion is not None:
+                    remaining.discard(u.rid)
+                    self._queues.pop(u.rid, None)
+                yield rids[u.rid], u
+        finally:
+            if remaining:
+                self.cancelled += len(remaining)
+                metrics.CANCELLED.inc(len(remaining))
+                self._forget(remaining)
+
+    # -- routes ----------------------------------------------------------------------------------
+    @api.get("/health")
+    async def health(self) -> dict:
+        if self._loop_task is not None and self._loop_task.done():
+            raise APIError(503, "scheduler loop stopped", None, "server_error")
+        return {"status": "ok", "model": self.source.name, "version": self.source.version}
+
+    @api.get("/v1/models")
+    async def models(self) -> dict:
+        card = {
+            "id": self.source.name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "quill",
+            "version": self.source.version,
+            "uri": self.source.uri,
+            "max_model_len": self.engine.config.block_size,
+        }
+        return {"object": "list", "data": [card]}
+
+    @api.get("/stats")
+    async def stats(self) -> dict:
+        """The scheduler's occupancy (tests and operators; the same numbers are Prometheus gauges)."""
+        return {
+            "running": self.scheduler.num_running,
+            "waiting": self.scheduler.num_waiting,
+            "max_batch_size": self.scheduler.max_batch_size,
+            "cancelled": self.cancelled,
+            "rss_bytes": psutil.Process().memory_info().rss,  # the benchmark checks for leaks
+        }
+
+    @api.post("/tokenize")
+    async def tokenize(self, req: TokenizeRequest) -> dict:
+        self._check_model(req.model)
+        ids = self.engine.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens).ids
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.engine.config.block_size}
+
+    @api.post("/detokenize")
+    async def detokenize(self, req: DetokenizeRequest) -> dict:
+        self._check_model(req.model)
+        self._check_ids(req.tokens, "tokens")
+        return {"prompt": self.engine.decode(req.tokens)}
+
+    @api.post("/v1/completions")
+    async def completions(self, req: CompletionRequest):
+        self._check_model(req.model)
+        check_caps(req, self.limits)
+        prompts = self._prompts(req.prompt)
+        want_logprobs = req.logprobs is not None
+        params = self._params(req, prompts, logprobs=req.logprobs, echo=req.echo and want_logprobs)
+        q, rids = self._submit(prompts, params, req.n)
+        meta = self._meta("cmpl", "text_completion")
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _sse(self._stream_completion(q, rids, prompts, req, meta, include_usage))
+        done = await self._collect(q, rids)
+        choices = []
+        for i, c in enumerate(done):
+            prompt_text = self.engine.decode(prompts[i // req.n]) if req.echo else ""
+            lp = _legacy_logprobs(c, req.echo) if want_logprobs else None
+            choices.append({"index": i, "text": prompt_text + c.text, "logprobs": lp, "finish_reason": c.finish_reason})
+        return {**meta, "choices": choices, "usage": _usage(prompts, done)}
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, req: ChatRequest):
+        self._check_model(req.model)
+        check_caps(req, self.limits)
+        if self.im_start is None or self.im_end is None:
+            raise APIError(400, "this model's tokenizer has no ChatML markers; use /v1/completions", "messages")
+        prompt = self._chat_prompt(req)
+        if req.max_completion_tokens is not None:
+            req.max_tokens = req.max_completion_tokens
+        n_top = (req.top_logprobs or 0) if req.logprobs else None
+        params = self._params(req, [prompt], logprobs=n_top, echo=False)
+        params = replace(params, stop_token_ids=[*params.stop_token_ids, self.im_end])
+        q, rids = self._submit([prompt], params, req.n)
+        meta = self._meta("chatcmpl", "chat.completion")
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _sse(self._stream_chat(q, rids, prompt, req, meta, include_usage))
+        done = await self._collect(q, rids)
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": _chat_logprobs(c.logprobs) if req.logprobs else None,
+                "finish_reason": c.finish_reason,
+            }
+            for i, c in enumerate(done)
+        ]
+        return {**meta, "choices": choices, "usage": _usage([prompt], done)}
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model not in (self.source.name, self.source.uri):
+            raise APIError(
+                404,
+                f"model {model!r} does not exist; this server serves {self.source.name!r}",
+                "model",
+                code="model_not_found",
+            )
+
+    def _check_ids(self, ids: list[int], param: str) -> None:
+        V = self.engine.config.vocab_size
+        if any(t >= V for t in ids):
+            raise APIError(400, f"{param} has token ids outside [0, vocab_size={V})", param)
+
+    def _prompts(self, prompt) -> list[list[int]]:
+        """A string, strings, token ids or lists of token ids -> token ids per prompt."""
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        elif prompt and isinstance(prompt[0], int):
+            prompt = [prompt]
+        if not prompt:
+            raise APIError(400, "prompt must not be empty", "prompt")
+        out = []
+        for p in prompt:
+            ids = self.engine.encode(p) if isinstance(p, str) else list(p)
+            if not ids:
+                raise APIError(400, "prompt must not be empty", "prompt")
+            self._check_ids(ids, "prompt")
+            out.append(ids)
+        return out
+
+    def _chat_prompt(self, req: ChatRequest) -> list[int]:
+        """ChatML: <|im_start|>role\\ncontent<|im_end|>\\n per message, then <|im_start|>assistant\\n."""
+        nl = self.literal.encode("\n").ids
+        ids: list[int] = []
+        for m in req.messages:
+            ids += [self.im_start, *self.literal.encode(f"{m.role}\n{m.content}").ids, self.im_end, *nl]
+        return ids + [self.im_start, *self.literal.encode("assistant\n").ids]
+
+    def _params(self, req: SamplingFields, prompts: list[list[int]], logprobs: int | None, echo: bool):
+        room = self.engine.config.block_size - max(len(p) for p in prompts)
+        max_tokens = req.max_tokens if req.max_tokens is not None else max(0, min(self.limits.default_max_tokens, room))
+        if max_tokens > room:
+            raise APIError(
+                400,
+                f"prompt ({self.engine.config.block_size - room} tokens) + max_tokens ({max_tokens}) "
+                f"exceeds the model's context ({self.engine.config.block_size} tokens)",
+                "max_tokens",
+            )
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens,
+                temperature=req.temperature,
+                top_p=req.top_p,
+                top_k=req.top_k,
+                min_p=req.min_p,
+                repetition_penalty=req.repetition_penalty,
+                presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty,
+                stop=req.stop,
+                stop_token_ids=req.stop_token_ids,
+                ignore_eos=req.ignore_eos,
+                seed=req.seed,
+                logprobs=logprobs,
+                echo=echo,
+                logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
+            )
+        except ValueError as exc:
+            raise APIError(400, str(exc), _param_of(str(exc))) from None
+
+    def _meta(self, prefix: str, obj: str) -> dict:
+        return {
+            "id": f"{prefix}-{uuid.uuid4().hex}",
+            "object": obj,
+            "created": int(time.time()),
+            "model": self.source.name,
+            "system_fingerprint": f"{self.source.name}-v{self.source.version}",
+        }
+
+    async def _collect(self, q, rids) -> list[Completion]:
+        done: list[Completion | None] = [None] * len(rids)
+        async for i, u in self._updates(q, rids):
+            if u.completion is not None:
+                done[i] = u.completion
+        return done
+
+    async def _stream_completion(self, q, rids, prompts, req: CompletionRequest, meta, include_usage):
+        meta = {**meta, "object": "text_completion"}
+        done: list[Completion] = []
+        if req.echo:
+            for i in range(len(rids)):
+                text = self.engine.decode(prompts[i // req.n])
+                yield {**meta, "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": None}]}
+        async for i, u in self._updates(q, rids):
+            if u.completion is not None:
+                done.append(u.completion)
+            if not u.chunk.text and u.chunk.finish_reason is None:
+                continue  # bytes of a character, or a possible stop string, still pending
+            lp = None
+            if req.logprobs is not None and u.chunk.logprob is not None:
+                lp = _legacy_records([u.chunk.logprob], 0)
+            choice = {"index": i, "text": u.chunk.text, "logprobs": lp, "finish_reason": u.chunk.finish_reason}
+            yield {**meta, "choices": [choice]}
+        if include_usage:
+            yield {**meta, "choices": [], "usage": _usage(prompts, done)}
+
+    async def _stream_chat(self, q, rids, prompt, req: ChatRequest, meta, include_usage):
+        meta = {**meta, "object": "chat.completion.chunk"}
+        done: list[Completion] = []
+        yield {
+            **meta,
+            "choices": [
+                {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            ],
+        }
+        async for i, u in self._updates(q, rids):
+            if u.completion is not None:
+                done.append(u.completion)
+            if not u.chunk.text and u.chunk.finish_reason is None:
+                continue
+            lp = _chat_logprobs([u.chunk.logprob]) if req.logprobs and u.chunk.logprob else None
+            delta = {"content": u.chunk.text} if u.chunk.text else {}
+            yield {
+                **meta,
+                "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": u.chunk.finish_reason}],
+            }
+        if include_usage:
+            yield {**meta, "choices": [], "usage": _usage([prompt], done)}

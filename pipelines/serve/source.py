@@ -1,0 +1,61 @@
+"""Which model to serve: a registry URI pinned to its version, or a local Hugging Face folder.
+
+    >>> src = resolve("models:/quill-gpt@champion", tracking_uri())   # alias -> models:/quill-gpt/3
+    >>> src.uri, src.name, src.version
+    >>> folder, sha = fetch(src, tracking_uri())                        # on the replica: the HF folder
+
+Aliases are pinned at deploy time, so deploying `@champion` again after a promotion changes the deployment's
+arguments and Ray Serve rolls the replicas over to the new version (the same URI twice would change nothing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+
+from pipelines.common.contracts import HF_MODEL_PATH
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    uri: str  # models:/<name>/<version>, or an absolute local folder
+    name: str  # served model name (/v1/models, the `model` field)
+    version: str  # registry version, or "local"
+    tokenizer_sha256: str | None = None  # expected hash of tokenizer.json (registry tag), checked on load
+
+
+def resolve(model: str, tracking_uri: str) -> ModelSource:
+    """Pin a registry URI (models:/name@alias, models:/name/version, models:/name) or check a local folder."""
+    if not model.startswith("models:/"):
+        folder = Path(model).resolve()
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"{model}: not a model folder (no config.json) and not a models:/ URI")
+        return ModelSource(str(folder), folder.name, "local")
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    ref = model.removeprefix("models:/")
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            mv = client.get_model_version_by_alias(name, alias)
+        elif "/" in ref:
+            name, version = ref.split("/", 1)
+            mv = client.get_model_version(name, version)
+        else:
+            name = ref
+            mv = max(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
+    except Exception as exc:  # MlflowException or an empty registry: one line for the CLI
+        raise ValueError(f"{model}: not found in the registry at {tracking_uri} ({exc})") from None
+    sha = mv.tags.get("tokenizer_sha256")
+    return ModelSource(f"models:/{mv.name}/{mv.version}", mv.name, str(mv.version), sha if sha != "None" else None)
+
+
+def fetch(src: ModelSource, tracking_uri: str) -> Path:
+    """The Hugging Face folder of a source (downloaded from the registry if need be)."""
+    if not src.uri.startswith("models:/"):
+        return Path(src.uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    return Path(mlflow.artifacts.download_artifacts(src.uri)) / HF_MODEL_PATH

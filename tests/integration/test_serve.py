@@ -1,0 +1,352 @@
+"""The serving application over real HTTP: Ray Serve on loopback with a tiny model registered in a temporary
+MLflow store (served as models:/tiny@champion), the official openai client, the validation matrix, auth,
+back-pressure, disconnects, continuous batching and a rolling update under load."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import mlflow
+import openai
+import pytest
+import ray
+import torch
+import yaml
+from mlflow import MlflowClient
+from ray import serve
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from model import GPT, Engine, GPTConfig, SamplingParams, save_pretrained
+from pipelines.common.contracts import HF_ARTIFACT
+from pipelines.register import pyfunc_model
+from pipelines.serve import AppArgs, app
+from tests.helpers.paths import REPO, free_port
+
+pytestmark = pytest.mark.integration
+
+TEXT = [
+    "To be, or not to be, that is the question.",
+    "All the world's a stage, and all the men and women players.",
+    "Émoji 🙂 and 中文 text; naïve café.",
+]
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+NAME = "tiny"
+
+
+def tiny_model_folder(root: Path, seed: int) -> Path:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=SPECIALS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(TEXT * 3, trainer)
+    (root / "tok").mkdir(parents=True)
+    tok.save(str(root / "tok" / "tokenizer.json"))
+    torch.manual_seed(seed)
+    cfg = GPTConfig.from_preset("tiny", vocab_size=tok.get_vocab_size(), block_size=1024, n_embd=32)
+    return save_pretrained(GPT(cfg).eval(), root / "model", tokenizer_dir=root / "tok")
+
+
+def register(folder: Path, tracking: str) -> str:
+    """Log the folder as quill's pyfunc model, register a version of NAME, make it champion; its version."""
+    mlflow.set_tracking_uri(tracking)
+    mlflow.set_registry_uri(tracking)
+    root = Path(tracking.removeprefix("sqlite:///")).parent
+    if mlflow.get_experiment_by_name(NAME) is None:  # artifacts in the test's folder, not the repository
+        mlflow.create_experiment(NAME, artifact_location=(root / "mlartifacts").as_uri())
+    mlflow.set_experiment(NAME)
+    staged = root / "staged" / folder.parent.name / HF_ARTIFACT  # the logged folder keeps its name
+    shutil.copytree(folder, staged)
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(
+            name="quill_pyfunc",
+            python_model=pyfunc_model.__file__,
+            artifacts={HF_ARTIFACT: str(staged)},
+            pip_requirements=[],
+            registered_model_name=NAME,
+        )
+    client = MlflowClient(tracking, tracking)
+    version = str(info.registered_model_version)
+    sha = json.loads((folder / "config.json").read_text()).get("tokenizer_sha256")
+    if sha:
+        client.set_model_version_tag(NAME, version, "tokenizer_sha256", sha)
+    client.set_registered_model_alias(NAME, "champion", version)
+    return version
+
+
+def write_params(path: Path, **serve_overrides) -> Path:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["serve"].update(serve_overrides)
+    params["registry"]["model_name"] = NAME
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """Ray Serve with three apps: `quill` at / (models:/tiny@champion), `auth` at /auth (QUILL_API_KEY set),
+    `tight` at /tight (one sequence at a time, one queued: back-pressure)."""
+    root = tmp_path_factory.mktemp("serve")
+    tracking = f"sqlite:///{root / 'mlflow.db'}"
+    v1 = tiny_model_folder(root / "v1", seed=0)
+    v2 = tiny_model_folder(root / "v2", seed=1)
+    register(v1, tracking)
+    port = free_port()
+    ray.init(num_cpus=8, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        params = write_params(root / "params.yaml", max_batch_size=8, default_max_tokens=16, max_tokens_cap=1000)
+        serve.run(app(AppArgs(params_file=str(params), tracking_uri=tracking)), name="quill", route_prefix="/")
+        os.environ["QUILL_API_KEY"] = "sekret"
+        try:
+            serve.run(app(AppArgs(model=str(v1), params_file=str(params))), name="auth", route_prefix="/auth")
+        finally:
+            del os.environ["QUILL_API_KEY"]
+        tight = write_params(root / "tight.yaml", max_batch_size=1, max_ongoing_requests=1, max_queued_requests=1)
+        serve.run(app(AppArgs(model=str(v1), params_file=str(tight))), name="tight", route_prefix="/tight")
+        yield {"url": f"http://127.0.0.1:{port}", "tracking": tracking, "params": params, "v1": v1, "v2": v2}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server["url"], timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server["url"] + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def engine(server):
+    return Engine.from_pretrained(server["v1"])
+
+
+def healthy(http) -> bool:
+    return http.get("/health").status_code == 200 and http.get("/v1/models").status_code == 200
+
+
+# -- the openai client -----------------------------------------------------------------------------
+
+
+def test_models_names_the_registry_version(client):
+    [m] = client.models.list().data
+    assert m.id == NAME and m.model_extra["version"] == "1" and m.model_extra["uri"] == "models:/tiny/1"
+
+
+def test_greedy_completion_equals_the_offline_engine(client, engine):
+    r = client.completions.create(
+        model=NAME, prompt="To be, or", max_tokens=20, temperature=0, extra_body={"ignore_eos": True}
+    )
+    [ref] = engine.generate(["To be, or"], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+    assert r.choices[0].text == ref.text
+    assert r.usage.completion_tokens == 20 and r.usage.prompt_tokens == len(engine.encode("To be, or"))
+
+
+def test_n_seed_and_logprobs(client):
+    kw = dict(model=NAME, prompt=["To be", "All the"], max_tokens=8, temperature=1.0, seed=42, n=2, logprobs=2)
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert len(a.choices) == 4 and [c.text for c in a.choices] == [c.text for c in b.choices]
+    lp = a.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) and all(len(t) <= 2 for t in lp.top_logprobs)
+
+
+def test_echo_with_zero_max_tokens_returns_prompt_logprobs(client, engine):
+    ids = engine.encode("To be, or not to be")
+    r = client.completions.create(model=NAME, prompt=ids, max_tokens=0, echo=True, logprobs=1)
+    lp = r.choices[0].logprobs.token_logprobs
+    assert lp[0] is None and len(lp) == len(ids)
+    [(ll, _)] = engine.loglikelihood([(ids[:3], ids[3:])])
+    assert sum(lp[3:]) == pytest.approx(ll, abs=1e-3)
+
+
+def test_chat_and_streaming(client):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi <|im_end|> there 🙂"}]
+    r = client.chat.completions.create(
+        model=NAME, messages=msgs, max_tokens=12, temperature=0, logprobs=True, top_logprobs=2
+    )
+    assert r.choices[0].message.role == "assistant" and r.usage.completion_tokens <= 12
+    assert len(r.choices[0].logprobs.content) == r.usage.completion_tokens
+    chunks = list(
+        client.chat.completions.create(
+            model=NAME, messages=msgs, max_tokens=12, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == r.choices[0].message.content and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+
+def test_stream_never_splits_a_character_and_ends_with_done(http):
+    body = {"prompt": "Émoji 🙂 and 中文", "max_tokens": 30, "temperature": 0, "stream": True, "ignore_eos": True}
+    with http.stream("POST", "/v1/completions", json=body) as r:
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert lines[-1] == "data: [DONE]"
+    pieces = [json.loads(ln[6:])["choices"][0]["text"] for ln in lines[:-1]]
+    assert not any(p.endswith("\ufffd") for p in pieces[:-1])  # a random model may emit stray bytes mid-text
+    full = http.post("/v1/completions", json={**body, "stream": False}).json()["choices"][0]["text"]
+    assert "".join(pieces) == full
+
+
+def test_tokenize_round_trip(http):
+    for text in ["", "To be", "Émoji 🙂 and 中文 text; naïve café.", "<|im_start|>user"]:
+        ids = http.post("/tokenize", json={"prompt": text}).json()["tokens"]
+        back = http.post("/detokenize", json={"tokens": ids}).json()["prompt"]
+        assert back == text.replace("<|im_start|>", "")  # special tokens are skipped when decoding
+
+
+def test_openapi_document_lists_the_routes(http):
+    paths = http.get("/openapi.json").json()["paths"]
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/health"} <= set(paths)
+
+
+# -- validation ------------------------------------------------------------------------------------
+
+P = {"prompt": "To be", "max_tokens": 4}
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+BAD = [
+    ("/v1/completions", b'{"prompt": "To be", ', 400, None),
+    ("/v1/completions", '{"prompt": "caf\xe9"}'.encode("latin-1"), 400, None),
+    ("/v1/completions", {**P, "max_tokens": "many"}, 400, "max_tokens"),
+    ("/v1/completions", {**P, "bogus": 1}, 400, "bogus"),
+    ("/v1/completions", {**P, "model": "gpt-4"}, 404, "model"),
+    ("/v1/completions", {**P, "prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {**P, "prompt": []}, 400, "prompt"),
+    ("/v1/completions", {**P, "prompt": "To be " * 400, "max_tokens": 900}, 400, "max_tokens"),
+    ("/v1/completions", {**P, "max_tokens": -1}, 400, "max_tokens"),
+    ("/v1/completions", {**P, "max_tokens": 1001}, 400, "max_tokens"),
+    ("/v1/completions", {**P, "temperature": -0.1}, 400, "temperature"),
+    ("/v1/completions", {**P, "temperature": 2.5}, 400, "temperature"),
+    ("/v1/completions", {**P, "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {**P, "top_p": 1.5}, 400, "top_p"),
+    ("/v1/completions", {**P, "n": 9}, 400, "n"),
+    ("/v1/completions", {**P, "logprobs": 21}, 400, "logprobs"),
+    ("/v1/completions", {**P, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("/v1/completions", {**P, "stop": ["x" * 65]}, 400, "stop"),
+    ("/v1/completions", {**P, "n": 2, "stream": True}, 400, "n"),
+    ("/v1/completions", {**P, "prompt": [1, 2, 99999]}, 400, "prompt"),
+    ("/v1/completions", {**P, "logit_bias": {"99999": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "x" * 1_100_000}, 413, None),
+    ("/v1/chat/completions", {**CHAT, "messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages"),
+    ("/v1/chat/completions", {**CHAT, "top_logprobs": 50, "logprobs": True}, 400, "top_logprobs"),
+    ("/detokenize", {"tokens": [5, 99999]}, 400, "tokens"),
+]
+
+
+@pytest.mark.parametrize(("route", "body", "status", "param"), BAD, ids=[f"{i}" for i in range(len(BAD))])
+def test_bad_requests_get_an_openai_error_and_the_server_stays_healthy(http, route, body, status, param):
+    if isinstance(body, bytes):
+        r = http.post(route, content=body, headers={"content-type": "application/json"})
+    else:
+        r = http.post(route, json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["param"] == param
+    assert healthy(http)
+
+
+def test_request_without_max_tokens_gets_the_default(client):
+    r = client.completions.create(model=NAME, prompt="To be", extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 16  # serve.default_max_tokens in this module's params
+
+
+# -- auth, back-pressure, disconnects --------------------------------------------------------------
+
+
+def test_auth_required_when_a_key_is_set(http):
+    assert http.get("/auth/health").status_code == 200
+    r = http.get("/auth/v1/models")
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert http.get("/auth/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    ok = http.post("/auth/v1/completions", json=P, headers={"Authorization": "Bearer sekret"})
+    assert ok.status_code == 200
+    assert http.get("/v1/models").status_code == 200  # the app without a key stays open
+
+
+def test_past_the_queue_bound_the_server_answers_429_with_retry_after(server):
+    async def main():
+        async with httpx.AsyncClient(base_url=server["url"], timeout=60) as c:
+            body = {"prompt": "To be", "max_tokens": 100, "ignore_eos": True}
+            return await asyncio.gather(*(c.post("/tight/v1/completions", json=body) for _ in range(8)))
+
+    responses = asyncio.run(main())
+    codes = [r.status_code for r in responses]
+    rejected = [r for r in responses if r.status_code == 429]
+    assert 200 in codes and rejected and set(codes) <= {200, 429}, codes
+    assert rejected[0].headers["retry-after"] == "1"
+
+
+def stats(http) -> dict:
+    return http.get("/stats").json()
+
+
+def test_client_disconnect_mid_stream_frees_its_slot(http, server):
+    before = stats(http)["cancelled"]
+    body = {"prompt": "To be", "max_tokens": 1000, "stream": True, "ignore_eos": True}
+    with httpx.Client(base_url=server["url"], timeout=60) as c, c.stream("POST", "/v1/completions", json=body) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break  # leave after the first token: the client closes the connection
+    deadline = time.time() + 10
+    while (stats(http)["running"] or stats(http)["cancelled"] == before) and time.time() < deadline:
+        time.sleep(0.05)
+    assert stats(http)["running"] == 0 and stats(http)["cancelled"] == before + 1
+
+
+def test_short_request_finishes_while_a_long_one_runs(server):
+    async def main():
+        async with httpx.AsyncClient(base_url=server["url"], timeout=60) as c:
+            finished = []
+
+            async def call(name, max_tokens, delay):
+                await asyncio.sleep(delay)
+                await c.post("/v1/completions", json={"prompt": "To be", "max_tokens": max_tokens, "ignore_eos": True})
+                finished.append(name)
+
+            await asyncio.gather(call("long", 1000, 0), call("short", 4, 0.3))
+            return finished
+
+    assert asyncio.run(main()) == ["short", "long"]
+
+
+# -- rollout ---------------------------------------------------------------------------------------
+
+
+def test_rolling_update_under_load_fails_no_request(server, http):
+    register(server["v2"], server["tracking"])  # a promotion: champion is now version 2
+    results, stop = [], threading.Event()
+
+    def load():
+        with httpx.Client(base_url=server["url"], timeout=120) as c:
+            while not stop.is_set():
+                r = c.post("/v1/completions", json={"prompt": "To be", "max_tokens": 12})
+                results.append(r.status_code)
+
+    workers = [threading.Thread(target=load) for _ in range(4)]
+    for w in workers:
+        w.start()
+    time.sleep(1)
+    args = AppArgs(params_file=str(server["params"]), tracking_uri=server["tracking"])
+    serve.run(app(args), name="quill", route_prefix="/")  # the same URI (@champion), now pinned to version 2
+    time.sleep(1)
+    stop.set()
+    for w in workers:
+        w.join()
+    assert results and set(results) == {200}, sorted(set(results))
+    assert http.get("/v1/models").json()["data"][0]["version"] == "2"
