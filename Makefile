@@ -50,6 +50,10 @@ stop:
 status:
 	@test -x $(PY) && $(PY) -m flows.stack status || echo "no .venv: nothing started"
 
+# Serve the registry's champion (or MODEL=models:/quill-gpt/3 | artifacts/model) on Ray Serve; returns once it answers.
+serve: setup
+	$(PY) -m pipelines.serve $(if $(MODEL),--model $(MODEL))
+
 bench: setup
 	@for b in benchmarks/[a-z]*.py; do name=$$(basename $$b .py); echo "== $$name"; $(PY) -m benchmarks.$$name || exit 1; done
 
