@@ -88,7 +88,7 @@ def status() -> int:
     if APP_NAME not in apps:
         print("serve: Ray is up but quill is not deployed")
         return 1
-    state = apps[APP_NAME].status
+    state = str(getattr(apps[APP_NAME].status, "value", apps[APP_NAME].status))
     try:
         card = _models(params.serve)
     except (httpx.HTTPError, KeyError) as exc:
