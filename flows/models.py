@@ -49,7 +49,9 @@ def evaluate_version(model: str) -> dict[str, Any]:
     logger = get_run_logger()
     with tempfile.TemporaryDirectory(prefix="quill-evaluate-") as tmp:
         scratch = Path(tmp)
-        local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}", dst_path=str(scratch)))
+        local = Path(
+            mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}", dst_path=str(scratch / "dl"))
+        )
         (scratch / "artifacts").mkdir()
         shutil.move(local / HF_MODEL_PATH, scratch / "artifacts" / "model")
         (scratch / "artifacts" / "model" / RUN_FILE).unlink(missing_ok=True)  # log to a new run, not the training one
