@@ -13,8 +13,9 @@ One request is one row (n > 1 is n requests). `add` and `cancel` may be called f
 KV-cache layout: one KVCache of max_batch_size rows. Running rows are packed into cache rows [0, N) and
 right-aligned: row r's tokens fill columns [pos - len_r, pos). A decode step feeds every row's last token at
 the shared column `pos` (where GPT.forward writes), and per-row position_ids plus an attention mask over the
-columns give each row its own positions. A new request is prefilled on its own batch (left padding, which
-is right-aligned too) in the engine's scratch cache and copied into a free row. The window moves left when
+columns give each row its own positions. New requests are prefilled together on their own batch (left
+padding, which is right-aligned too) in the engine's scratch cache and copied into free rows; a step prefills
+at most max_prefill_tokens (padded) so a burst of long prompts cannot stall the running rows for long. The window moves left when
 `pos` reaches block_size (there is always room: a running row holds at most block_size - 1 tokens) and
 right when a new prompt is longer than `pos`.
 """
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections import deque
+from collections import defaultdict, deque
 from dataclasses import dataclass
 
 import torch
@@ -47,7 +48,7 @@ class RowUpdate:
 class _Request:
     rid: int
     row: Row
-    gen: torch.Generator | None  # None for greedy rows
+    gen: torch.Generator | None  # seeded rows only; unseeded rows share the scheduler's generator
     seen: torch.Tensor | None = None  # (1, V) penalty state, as model.sampling.penalty_state makes it
     counts: torch.Tensor | None = None
     history: list[list[int]] | None = None
@@ -62,10 +63,16 @@ class Scheduler:
     the baseline the serving benchmark compares against.
     """
 
-    def __init__(self, engine: Engine, max_batch_size: int, static: bool = False):
+    def __init__(
+        self, engine: Engine, max_batch_size: int, static: bool = False, max_prefill_tokens: int | None = None
+    ):
         check_param(max_batch_size >= 1, "max_batch_size", "an integer >= 1", max_batch_size)
         self.engine, self.max_batch_size, self.static = engine, max_batch_size, static
+        # padded prompt tokens prefilled in one step (at least one request is always admitted)
+        self.max_prefill_tokens = max_prefill_tokens or engine.config.block_size
         self.device = engine.device
+        self._gen = torch.Generator(device=self.device)  # unseeded rows: one batched draw per step
+        self._gen.seed()
         dtype = next(engine.model.parameters()).dtype
         self.cache = KVCache(engine.config, max_batch_size, device=self.device, dtype=dtype)
         self.pos = 0  # columns in use: every running row ends at pos - 1
@@ -88,12 +95,9 @@ class Scheduler:
         rid = next(self._ids)
         row = Row(rid, ids, params, self.engine.stop_ids(params), self.engine.decode, incremental=True)
         gen = None
-        if not params.greedy:
+        if not params.greedy and params.seed is not None:  # its own generator: same seed, same tokens
             gen = torch.Generator(device=self.device)
-            if params.seed is not None:
-                gen.manual_seed(params.seed)
-            else:
-                gen.seed()
+            gen.manual_seed(params.seed)
         seen, counts, history = penalty_state(params, [(ids, ())], self.engine.config.vocab_size, self.device)
         with self._lock:
             self._waiting.append(_Request(rid, row, gen, seen, counts, history))
@@ -160,11 +164,16 @@ class Scheduler:
             return []
         with self._lock:
             free = self.max_batch_size - len(self.running)
-            new = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+            new, L = [], 0
+            while self._waiting and len(new) < free:
+                n = max(L, len(self._waiting[0].row.prompt_ids))
+                if new and n * (len(new) + 1) > self.max_prefill_tokens:
+                    break  # the rest waits for the next step
+                new.append(self._waiting.popleft())
+                L = n
         if not new:
             return []
         prompts = [r.row.prompt_ids for r in new]
-        L = max(len(p) for p in prompts)
         echo = any(r.row.params.echo for r in new)
         logits, idx, _, _, scratch = self.engine.prefill(prompts, L, want_all_logits=echo)
         if echo:
@@ -201,17 +210,37 @@ class Scheduler:
         return updates
 
     def _sample(self, reqs: list[_Request], last: torch.Tensor) -> list[RowUpdate]:
-        """One token per request from its row of last (N, V), each with its own parameters and generator."""
-        nxt = last.max(dim=-1).indices  # greedy rows without penalties keep this (one batched op)
+        """One token per request from its row of last (N, V), each with its own parameters.
+
+        Batched where rows allow it: penalties are applied row by row (only rows that have them), the
+        distribution once per group of rows sharing temperature and filters, and all unseeded rows draw in one
+        multinomial; a seeded row draws from its own generator (what `Engine.generate` does with that seed).
+        """
+        x = last
+        for i, r in enumerate(reqs):
+            if r.seen is not None or r.counts is not None or r.history is not None or r.row.params.logit_bias:
+                x = last.clone() if x is last else x
+                x[i : i + 1] = apply_penalties(last[i : i + 1], r.row.params, r.seen, r.counts, r.history)
+        nxt = x.max(dim=-1).indices  # greedy rows keep this
+        groups: dict[tuple, list[int]] = defaultdict(list)
         for i, r in enumerate(reqs):
             p = r.row.params
-            if r.gen is None and r.seen is None and r.counts is None and r.history is None and not p.logit_bias:
-                continue
-            x = apply_penalties(last[i : i + 1], p, r.seen, r.counts, r.history)
-            if r.gen is None:
-                nxt[i] = x.max(dim=-1).indices[0]
-            else:
-                nxt[i] = torch.multinomial(sampling_probs(x, p), 1, generator=r.gen)[0, 0]
+            if not p.greedy:
+                groups[(p.temperature, p.top_k, p.top_p, p.min_p)].append(i)
+        probs = torch.empty(0, x.size(-1), dtype=x.dtype, device=x.device)
+        order: list[int] = []  # row of reqs for each row of probs
+        for rows in groups.values():
+            sel = torch.tensor(rows, device=self.device)
+            probs = torch.cat([probs, sampling_probs(x.index_select(0, sel), reqs[rows[0]].row.params)])
+            order += rows
+        shared = [j for j, i in enumerate(order) if reqs[i].gen is None]
+        if shared:
+            sel = torch.tensor(shared, device=self.device)
+            drawn = torch.multinomial(probs.index_select(0, sel), 1, generator=self._gen)[:, 0]
+            nxt[torch.tensor([order[j] for j in shared], device=self.device)] = drawn
+        for j, i in enumerate(order):
+            if reqs[i].gen is not None:
+                nxt[i] = torch.multinomial(probs[j : j + 1], 1, generator=reqs[i].gen)[0, 0]
         want = [i for i, r in enumerate(reqs) if r.row.params.logprobs is not None]
         recs: dict[int, TokenLogprob] = {}
         if want:

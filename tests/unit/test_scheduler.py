@@ -186,3 +186,34 @@ def test_requests_that_cannot_run_are_refused_when_added(engine):
     with pytest.raises(ValueError, match="outside"):
         sched.add([1, 10_000], SamplingParams(max_tokens=2))
     assert not sched.has_work()
+
+
+def test_seeded_rows_sharing_a_batched_distribution_match_the_engine_alone(engine):
+    # same temperature and filters: one softmax for the group, then each seeded row draws from its own generator
+    sched = Scheduler(engine, max_batch_size=6)
+    shared = dict(max_tokens=15, temperature=0.9, top_k=20, top_p=0.9, ignore_eos=True)
+    prompts = ["To be, or", "All the world's", "Émoji", "question"]
+    seeded = [sched.add(p, SamplingParams(seed=s, **shared)) for s, p in enumerate(prompts)]
+    unseeded = [sched.add("To be", SamplingParams(**shared)) for _ in range(2)]  # one batched draw for these
+    done, _ = run_all(sched)
+    for s, (rid, p) in enumerate(zip(seeded, prompts)):
+        [alone] = engine.generate([p], SamplingParams(seed=s, **shared))
+        assert done[rid].token_ids == alone.token_ids
+    assert all(len(done[rid].token_ids) == 15 for rid in unseeded)
+
+
+def test_prefill_is_capped_per_step_and_rows_still_match(engine):
+    long_prompt = "All the world's a stage, and all the men and women merely players."
+    n = len(engine.encode(long_prompt))
+    sched = Scheduler(engine, max_batch_size=4, max_prefill_tokens=n)  # one long prompt per step
+    running = sched.add("To be", SamplingParams(max_tokens=10, **GREEDY))
+    sched.step()
+    rids = [sched.add(long_prompt, SamplingParams(max_tokens=5, **GREEDY)) for _ in range(3)]
+    admitted = []
+    for _ in range(3):
+        sched.step()
+        admitted.append(sched.num_running)
+    assert admitted == [2, 3, 4]  # the running row decoded at every step while the prompts came in one by one
+    done, _ = run_all(sched)
+    [alone] = engine.generate([long_prompt], SamplingParams(max_tokens=5, **GREEDY))
+    assert all(done[rid].token_ids == alone.token_ids for rid in rids) and len(done[running].token_ids) == 10
