@@ -96,14 +96,14 @@ def write_params(path: Path, **serve_overrides) -> Path:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """Ray Serve with three apps: `quill` at / (models:/tiny@champion), `auth` at /auth (QUILL_API_KEY set),
-    `tight` at /tight (one sequence at a time, one queued: back-pressure)."""
+    `tight` at /tight (one sequence at a time, at most two held, one queued in Ray: back-pressure)."""
     root = tmp_path_factory.mktemp("serve")
     tracking = f"sqlite:///{root / 'mlflow.db'}"
     v1 = tiny_model_folder(root / "v1", seed=0)
     v2 = tiny_model_folder(root / "v2", seed=1)
     register(v1, tracking)
     port = free_port()
-    ray.init(num_cpus=8, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    ray.init(address="local", num_cpus=8, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         params = write_params(root / "params.yaml", max_batch_size=8, default_max_tokens=16, max_tokens_cap=1000)
@@ -113,7 +113,7 @@ def server(tmp_path_factory):
             serve.run(app(AppArgs(model=str(v1), params_file=str(params))), name="auth", route_prefix="/auth")
         finally:
             del os.environ["QUILL_API_KEY"]
-        tight = write_params(root / "tight.yaml", max_batch_size=1, max_ongoing_requests=1, max_queued_requests=1)
+        tight = write_params(root / "tight.yaml", max_batch_size=1, max_ongoing_requests=2, max_queued_requests=1)
         serve.run(app(AppArgs(model=str(v1), params_file=str(tight))), name="tight", route_prefix="/tight")
         yield {"url": f"http://127.0.0.1:{port}", "tracking": tracking, "params": params, "v1": v1, "v2": v2}
     finally:
@@ -200,6 +200,19 @@ def test_stream_never_splits_a_character_and_ends_with_done(http):
     assert not any(p.endswith("\ufffd") for p in pieces[:-1])  # a random model may emit stray bytes mid-text
     full = http.post("/v1/completions", json={**body, "stream": False}).json()["choices"][0]["text"]
     assert "".join(pieces) == full
+
+
+def test_streamed_events_carry_every_token_and_its_logprob(http):
+    # an event may hold several tokens (the stream sends what queued up since the last one): none is lost
+    body = {"prompt": "Émoji 🙂 and", "max_tokens": 40, "temperature": 0, "ignore_eos": True, "logprobs": 2}
+    with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        events = [json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: {")]
+    full = http.post("/v1/completions", json=body).json()["choices"][0]
+    streamed = [e["choices"][0] for e in events]
+    assert "".join(c["text"] for c in streamed) == full["text"]
+    for key in ("tokens", "token_logprobs", "text_offset"):
+        assert [x for c in streamed for x in c["logprobs"][key]] == full["logprobs"][key]
+    assert streamed[-1]["finish_reason"] == "length"
 
 
 def test_tokenize_round_trip(http):
@@ -289,7 +302,30 @@ def test_past_the_queue_bound_the_server_answers_429_with_retry_after(server):
     codes = [r.status_code for r in responses]
     rejected = [r for r in responses if r.status_code == 429]
     assert 200 in codes and rejected and set(codes) <= {200, 429}, codes
-    assert rejected[0].headers["retry-after"] == "1"
+    assert all(r.headers["retry-after"] == "1" for r in rejected)
+
+
+def test_the_replica_refuses_past_its_bound_in_openai_shape(server):
+    """`tight` holds at most serve.max_ongoing_requests = 2 sequences: an n=2 request fills it (one running,
+    one waiting), and the next request is refused by quill itself: 429, Retry-After, OpenAI's error shape."""
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server["url"] + "/tight", timeout=60) as c:
+            body = {"prompt": "To be", "max_tokens": 900, "ignore_eos": True}
+            filling = asyncio.create_task(c.post("/v1/completions", json={**body, "n": 2}))
+            for _ in range(200):
+                s = (await c.get("/stats")).json()
+                if s["running"] + s["waiting"] == 2:
+                    break
+                await asyncio.sleep(0.02)
+            refused = await c.post("/v1/completions", json=body)
+            return refused, await filling
+
+    refused, filled = asyncio.run(main())
+    assert filled.status_code == 200 and len(filled.json()["choices"]) == 2
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "1", refused.text
+    err = refused.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["type"] == "rate_limit_error" and err["message"]
 
 
 def stats(http) -> dict:
