@@ -324,6 +324,17 @@ class QuillServer:
         ids = self.engine.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens).ids
         return {"tokens": ids, "count": len(ids), "max_model_len": self.engine.config.block_size}
 
+    @api.get("/tokenizer_info")
+    async def tokenizer_info(self) -> dict:
+        """vLLM's route: with it and /tokenize, lm-eval's `local-completions` tokenizes through the server."""
+        eos = self.engine.tokenizer.id_to_token(self.engine.eos_token_id)
+        return {
+            "eos_token": eos,
+            "bos_token": None,
+            "pad_token": eos,
+            "model_max_length": self.engine.config.block_size,
+        }
+
     @api.post("/detokenize")
     async def detokenize(self, req: DetokenizeRequest) -> dict:
         self._check_model(req.model)
