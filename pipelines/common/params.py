@@ -270,7 +270,7 @@ class ServeParams(Section):
     num_gpus_per_replica: float = Field(default=0, ge=0)  # ray_actor_options; > 0 on GPU machines
     num_cpus_per_replica: float = Field(default=1, gt=0)
     max_ongoing_requests: int = Field(default=64, ge=1)  # per replica, running + waiting in the scheduler
-    max_queued_requests: int = Field(default=128, ge=0)  # Ray Serve's queue bound; past it: 503 + Retry-After
+    max_queued_requests: int = Field(default=128, ge=0)  # Ray Serve's queue bound; past it: 429 + Retry-After
     max_batch_size: int = Field(default=16, ge=1)  # KV-cache slots per replica (sequences decoded together)
     default_max_tokens: int = Field(default=128, ge=1)  # when a request names none
     max_tokens_cap: int = Field(default=1024, ge=1)  # the most a request may ask for
