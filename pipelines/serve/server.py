@@ -327,7 +327,8 @@ class QuillServer:
     @api.get("/tokenizer_info")
     async def tokenizer_info(self) -> dict:
         """vLLM's route: with it and /tokenize, lm-eval's `local-completions` tokenizes through the server."""
-        eos = self.engine.tokenizer.id_to_token(self.engine.eos_token_id)
+        eos_id = self.engine.eos_token_id
+        eos = None if eos_id is None else self.engine.tokenizer.id_to_token(eos_id)
         return {
             "eos_token": eos,
             "bos_token": None,
