@@ -4,8 +4,13 @@
 
 One run, one machine: a random-weight model of the `cpu` preset (4 layers, 256 wide, 256-token context) behind
 three apps on one local Ray Serve: `cb` (continuous batching, 16 slots), `off` (one sequence at a time) and
-`static` (a batch runs to completion, like `@serve.batch`). Prints one JSON line; `ours`/`baseline` are
-generated tokens/s of 16 streaming clients against `cb` / `off`.
+`static` (a batch runs to completion, like `@serve.batch`). Each replica has Ray's default of one CPU (so one
+torch thread). Prints one JSON line; `ours`/`baseline` are generated tokens/s of 16 streaming clients against
+`cb` / `off`, counted by the clients (the streams' usage) and by the replica (/stats).
+
+The HTTP overhead compares a 1-token completion over HTTP with the same engine call (same model, prompt and
+torch threads as a replica) measured first, in this process before Ray starts, so nothing else competes for
+the CPU while it is timed.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import socket
 import statistics
 import tempfile
 import time
@@ -29,6 +36,7 @@ from model import GPT, Engine, GPTConfig, SamplingParams, save_pretrained
 from pipelines.serve import AppArgs, app
 
 REPO = Path(__file__).resolve().parents[1]
+REPLICA_CPUS = 1  # serve.num_cpus_per_replica of every app (Ray gives its torch that many threads)
 TEXT = ["To be, or not to be, that is the question.", "All the world's a stage, and all the men and women players."]
 PROMPT = "To be, or not to be"
 
@@ -63,20 +71,31 @@ def params_file(root: Path, name: str, **serve) -> str:
 
 
 async def stream_tokens(c: httpx.AsyncClient, prefix: str, max_tokens: int) -> tuple[int, float]:
-    """(tokens, seconds) of one streaming completion."""
+    """(tokens, seconds) of one streaming completion; tokens from its usage (an event may hold several)."""
     t0, n = time.perf_counter(), 0
-    body = {"prompt": PROMPT, "max_tokens": max_tokens, "stream": True, "ignore_eos": True, "temperature": 0.8}
+    body = {
+        "prompt": PROMPT,
+        "max_tokens": max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+        "temperature": 0.8,
+    }
     async with c.stream("POST", f"{prefix}/v1/completions", json=body) as r:
         async for line in r.aiter_lines():
-            if line.startswith("data: {"):
-                n += 1
+            if line.startswith('data: {"') and '"usage"' in line:
+                n = json.loads(line[6:])["usage"]["completion_tokens"]
     return n, time.perf_counter() - t0
 
 
-async def throughput(c, prefix: str, clients: int, max_tokens: int) -> float:
+async def throughput(c, prefix: str, clients: int, max_tokens: int) -> tuple[float, float]:
+    """Generated tokens/s of concurrent streaming clients: (as the clients count, as the replica counts)."""
+    before = (await c.get(f"{prefix}/stats")).json()["generated_tokens"]
     t0 = time.perf_counter()
     results = await asyncio.gather(*(stream_tokens(c, prefix, max_tokens) for _ in range(clients)))
-    return sum(n for n, _ in results) / (time.perf_counter() - t0)
+    dt = time.perf_counter() - t0
+    after = (await c.get(f"{prefix}/stats")).json()["generated_tokens"]
+    return sum(n for n, _ in results) / dt, (after - before) / dt
 
 
 async def short_latency_mixed(c, prefix: str, pairs: int, long_tokens: int) -> float:
@@ -110,6 +129,27 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
+def direct_one_token(folder: Path, threads: int, n: int = 200) -> list[float]:
+    """Seconds per 1-token completion called on the engine directly, with a replica's torch threads."""
+    torch.set_num_threads(threads)
+    engine = Engine.from_pretrained(folder)
+    sp = SamplingParams(max_tokens=1, temperature=0)
+    for _ in range(20):
+        engine.generate([PROMPT], sp)
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        engine.generate([PROMPT], sp)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="smaller runs (a smoke test of the benchmark)")
@@ -118,48 +158,48 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         folder = make_model(root)
+        direct = direct_one_token(folder, threads=REPLICA_CPUS)  # before Ray: a quiet process
+        port = free_port()
         ray.init(
+            address="local",  # never someone else's Ray on this machine
             num_cpus=6,
             include_dashboard=False,
             logging_level="ERROR",
             log_to_driver=False,
-            runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}},
+            runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
         )
         try:
-            serve.start(http_options={"host": "127.0.0.1", "port": 8765})
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
             for name, kw, static in (
                 ("cb", {"max_batch_size": 16}, False),
                 ("off", {"max_batch_size": 1}, False),
                 ("static", {"max_batch_size": 16}, True),
             ):
+                kw["num_cpus_per_replica"] = REPLICA_CPUS
                 args = AppArgs(model=str(folder), params_file=params_file(root, name, **kw), static_batching=static)
                 serve.run(app(args), name=name, route_prefix=f"/{name}")
-            result = asyncio.run(measure(folder, long_tokens, load_total))
+            result = asyncio.run(measure(f"http://127.0.0.1:{port}", long_tokens, load_total, direct))
         finally:
             serve.shutdown()
             ray.shutdown()
     print(json.dumps(result))
 
 
-async def measure(folder: Path, long_tokens: int, load_total: int) -> dict:
+async def measure(url: str, long_tokens: int, load_total: int, direct: list[float]) -> dict:
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    async with httpx.AsyncClient(base_url="http://127.0.0.1:8765", timeout=600, limits=limits) as c:
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as c:
         for prefix in ("/cb", "/off", "/static"):  # warm-up: first requests pay for lazy initialisation
             await throughput(c, prefix, 2, 8)
-        ours = await throughput(c, "/cb", 16, 64)
-        baseline = await throughput(c, "/off", 16, 64)
+        threads = (await c.get("/cb/stats")).json()["torch_threads"]
+        ours, ours_server = await throughput(c, "/cb", 16, 64)
+        baseline, baseline_server = await throughput(c, "/off", 16, 64)
 
         idle = statistics.median([(await stream_tokens(c, "/cb", 8))[1] for _ in range(10)])
         mixed_cb = await short_latency_mixed(c, "/cb", 8, long_tokens)
         mixed_static = await short_latency_mixed(c, "/static", 8, long_tokens)
 
-        engine = Engine.from_pretrained(folder)  # the same model, called directly in this process
-        sp = SamplingParams(max_tokens=1, temperature=0)
-        direct, http = [], []
-        for _ in range(200):
-            t0 = time.perf_counter()
-            engine.generate([PROMPT], sp)
-            direct.append(time.perf_counter() - t0)
+        http = []
+        for _ in range(len(direct)):
             t0 = time.perf_counter()
             r = await c.post("/cb/v1/completions", json={"prompt": PROMPT, "max_tokens": 1, "temperature": 0})
             http.append(time.perf_counter() - t0)
@@ -178,6 +218,8 @@ async def measure(folder: Path, long_tokens: int, load_total: int) -> dict:
         "baseline": round(baseline, 1),
         "unit": "generated tokens/s, 16 streaming clients (continuous batching vs one at a time)",
         "ratio": round(ours / baseline, 2),
+        "server_tokens_per_s": round(ours_server, 1),
+        "server_tokens_per_s_baseline": round(baseline_server, 1),
         "short_p50_idle_ms": round(idle * ms, 1),
         "short_p50_mixed_continuous_ms": round(mixed_cb * ms, 1),
         "short_p50_mixed_static_ms": round(mixed_static * ms, 1),
@@ -189,6 +231,7 @@ async def measure(folder: Path, long_tokens: int, load_total: int) -> dict:
         "one_token_direct_p50_ms": round(statistics.median(direct) * ms, 2),
         "one_token_direct_p99_ms": round(percentile(direct, 0.99) * ms, 2),
         "http_overhead_p50_ms": round((statistics.median(http) - statistics.median(direct)) * ms, 2),
+        "http_overhead_p99_ms": round((percentile(http, 0.99) - percentile(direct, 0.99)) * ms, 2),
         "load_requests": load_total,
         "load_clients": 32,
         "load_errors": errors,
@@ -196,7 +239,7 @@ async def measure(folder: Path, long_tokens: int, load_total: int) -> dict:
         "rss_warm_mb": round(rss_warm / 2**20, 1),
         "rss_after_mb": round(rss_after / 2**20, 1),
         "rss_drift": round(rss_after / rss_warm - 1, 3),
-        "machine": f"{torch.get_num_threads()} torch threads, CPU",
+        "machine": f"{os.cpu_count()} CPUs, {threads} torch thread(s) per replica, torch {torch.__version__}",
     }
 
 
