@@ -16,6 +16,9 @@ from tests.helpers.paths import REPO
 
 STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 PACKAGES = ("model", "pipelines")
+# pipelines/common/params.py reads model/config.py's presets to reject a bad `model` section in every stage, before
+# any work; the data stages' outputs never depend on it, so a preset change must not rerun them.
+PARAMS_VALIDATION_ONLY = {"model/config.py"}
 
 LOADED = """
 import importlib, json, sys
@@ -46,7 +49,7 @@ def test_stage_deps_cover_every_module_it_loads(stage):
     files = loaded_files(f"pipelines.{stage}.stage") + loaded_files(f"pipelines.{stage}")
     files = [f for f in files if f.split("/")[0] in PACKAGES and f != "pipelines/__init__.py"]  # see below
     assert f"pipelines/{stage}/stage.py" in files
-    missing = sorted({f for f in files if not covered(f, code_deps)})
+    missing = sorted({f for f in files if not covered(f, code_deps) and f not in PARAMS_VALIDATION_ONLY})
     assert not missing, f"{stage} loads {missing}, which its dvc.yaml deps {code_deps} do not cover"
     other_stages = sorted({f.split("/")[1] for f in files if f.startswith("pipelines/") and f.split("/")[1] in STAGES}
                           - {stage})
