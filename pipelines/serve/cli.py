@@ -5,8 +5,10 @@
     python -m pipelines.serve shutdown              # delete the app; stop Ray too if this command started it
     python -m pipelines.serve config [--model ...]  # a Serve config file for `serve deploy` / a KubeRay RayService
 
-Without RAY_ADDRESS a detached local Ray (`ray start --head`, dashboard on loopback) is started on first use
-and recorded in STATE, so `shutdown` stops exactly what it started.
+Without RAY_ADDRESS a detached local Ray (`ray start --head` on loopback, on its default ports where they are
+free) is started on first use and recorded in STATE; later commands join that one (never some other Ray found on
+the machine), and `shutdown` stops exactly its processes (never `ray stop`, which stops every Ray of the user).
+Set RAY_ADDRESS (an address, or `auto` for the latest `ray start` here) to use a cluster of your own.
 """
 
 from __future__ import annotations
@@ -14,15 +16,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import httpx
+import psutil
 import ray
 import yaml
 from ray import serve
+from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
 
 from pipelines.common.params import ParamsError, ServeParams, load_params
 from pipelines.common.tracking import tracking_uri
@@ -34,38 +40,127 @@ RAY = Path(sys.executable).parent / "ray"
 
 
 def connect() -> bool:
-    """Join RAY_ADDRESS or a local instance; False if there is none."""
+    """Join RAY_ADDRESS, else the local Ray this command started; False if there is none."""
+    local = _local_ray()
+    address = os.environ.get("RAY_ADDRESS") or local.get("address")
+    if not address:
+        return False
+    if not os.environ.get("RAY_ADDRESS") and local["auth_mode"] == "token":
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)  # sent for an explicit address only so
     try:
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", logging_level="ERROR", log_to_driver=False)
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
         return True
     except ConnectionError:
         return False
 
 
-def start_local_ray() -> None:
-    """A detached head node that outlives this command; the replicas import quill from this checkout."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    cmd = [str(RAY), "start", "--head", "--dashboard-host", "127.0.0.1", "--disable-usage-stats"]
-    subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
-    STATE.write_text(json.dumps({"started_by": "pipelines.serve", "cwd": str(Path.cwd())}))
+def _local_ray() -> dict:
+    """STATE of the local Ray this command started, {} when there is none (a stale record is removed)."""
+    if not STATE.exists():
+        return {}
+    state = json.loads(STATE.read_text())
+    host, port = state["address"].rsplit(":", 1)
+    with socket.socket() as s:
+        s.settimeout(2)
+        if s.connect_ex((host, int(port))) == 0:
+            return state
+    STATE.unlink()  # its GCS is gone (killed, or the machine restarted)
+    return {}
+
+
+def _port(preferred: int) -> int:
+    """`preferred` when nothing listens on it, else a free port: another Ray here keeps the default ports."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+        except OSError:
+            s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_local_ray() -> dict:
+    """A detached head node on loopback that outlives this command, in its own process group (see stop_local_ray);
+    the replicas import quill from this checkout."""
+    # Ray turns token auth on for `ray start` when a token exists (~/.ray/auth_token, which any local ray.init
+    # writes); later commands must then send it, so the mode is pinned here and recorded.
+    auth_mode = "token" if maybe_enable_token_auth_if_token_available(warn_if_disabled=False) else "disabled"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "RAY_AUTH_MODE": auth_mode,
+    }
+    gcs, dashboard, metrics = _port(6379), _port(8265), _port(8080)
+    cmd = [
+        str(RAY), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--metrics-export-port", str(metrics),
+        "--ray-client-server-port", str(_port(10001)), "--dashboard-agent-listen-port", str(_port(52365)),
+        "--disable-usage-stats",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    out, _ = proc.communicate()
+    if proc.returncode != 0:
+        stop_local_ray(proc.pid)
+        raise RuntimeError(f"ray start failed: {out.strip().splitlines()[-1] if out.strip() else proc.returncode}")
+    state = {
+        "started_by": "pipelines.serve",
+        "cwd": str(Path.cwd()),
+        "address": f"127.0.0.1:{gcs}",
+        "pgid": proc.pid,
+        "auth_mode": auth_mode,  # `ray start` led the group its daemons (GCS, raylet, dashboard) run in
+        "dashboard": f"http://127.0.0.1:{dashboard}",
+        "metrics": f"http://127.0.0.1:{metrics}/metrics",
+    }
+    STATE.write_text(json.dumps(state))
+    return state
+
+
+def stop_local_ray(pgid: int, timeout: float = 5) -> None:
+    """Stop the Ray processes of one `ray start`: its process group and their descendants (workers and actors
+    lead groups of their own), by pid: SIGTERM, then SIGKILL what is left after `timeout` seconds (Ray's daemons
+    linger for a while on SIGTERM; the app is gone by then)."""
+    procs: dict[int, psutil.Process] = {}
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if os.getpgid(p.pid) == pgid and "ray" in " ".join(p.info["cmdline"] or []):
+                procs[p.pid] = p
+                procs.update((c.pid, c) for c in p.children(recursive=True))
+        except (psutil.Error, ProcessLookupError):
+            pass
+    for p in procs.values():
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=timeout)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
 
 
 def deploy(model: str | None) -> int:
     params = load_params()
+    application = app(AppArgs(model=model, tracking_uri=tracking_uri()))  # a bad model fails before Ray starts
     if not connect():
         if os.environ.get("RAY_ADDRESS"):
             print(f"serve: error: no Ray cluster at RAY_ADDRESS={os.environ['RAY_ADDRESS']}", file=sys.stderr)
             return 1
         print("serve: starting a local Ray instance (ray start --head)", flush=True)
-        start_local_ray()
-        connect()
+        local = start_local_ray()
+        print(f"serve: Ray dashboard {local['dashboard']}, Prometheus metrics {local['metrics']}", flush=True)
+        if not connect():
+            raise RuntimeError(f"cannot join the local Ray just started at {local['address']}")
     p = params.serve
     serve.start(http_options={"host": p.host, "port": p.port})
     running = APP_NAME in serve.status().applications
     print(
         f"serve: {'rolling update of' if running else 'deploying'} {model or p.model or 'the champion'} ...", flush=True
     )
-    serve.run(app(AppArgs(model=model, tracking_uri=tracking_uri())), name=APP_NAME, route_prefix="/")
+    serve.run(application, name=APP_NAME, route_prefix="/")
     card = _models(p)
     url = f"http://{p.host}:{p.port}"
     print(f"serve: {card['id']} (version {card['version']}, {card['uri']}) at {url}/v1")
@@ -107,8 +202,9 @@ def shutdown() -> int:
         if not serve.status().applications:
             serve.shutdown()
         ray.shutdown()
-    if STATE.exists():  # only a Ray this command started is stopped
-        subprocess.run([str(RAY), "stop"], check=False, capture_output=True)
+    local = _local_ray()
+    if local:  # only a Ray this command started is stopped
+        stop_local_ray(local["pgid"])
         STATE.unlink()
         print("serve: local Ray stopped")
     return 0
@@ -149,9 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         if a.command == "config":
             return config(a.model)
         return status() if a.command == "status" else shutdown()
-    except (ParamsError, ValueError) as exc:
+    except ParamsError as exc:  # names every bad key, one per line
         print(f"serve: error: {exc}", file=sys.stderr)
         return 1
-    except RuntimeError as exc:  # Serve's deployment failures (the replica's error is in the message)
-        print(f"serve: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+    except (ValueError, RuntimeError) as exc:  # RuntimeError: Serve's deployment failures
+        print(f"serve: error: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}", file=sys.stderr)
         return 1

@@ -7,90 +7,21 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import threading
 import time
-from pathlib import Path
 
 import httpx
-import mlflow
 import openai
 import pytest
 import ray
-import torch
-import yaml
-from mlflow import MlflowClient
 from ray import serve
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from model import GPT, Engine, GPTConfig, SamplingParams, save_pretrained
-from pipelines.common.contracts import HF_ARTIFACT
-from pipelines.register import pyfunc_model
+from model import Engine, SamplingParams
 from pipelines.serve import AppArgs, app
 from tests.helpers.paths import REPO, free_port
+from tests.helpers.serving import NAME, register, tiny_model_folder, write_params
 
 pytestmark = pytest.mark.integration
-
-TEXT = [
-    "To be, or not to be, that is the question.",
-    "All the world's a stage, and all the men and women players.",
-    "Émoji 🙂 and 中文 text; naïve café.",
-]
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-NAME = "tiny"
-
-
-def tiny_model_folder(root: Path, seed: int) -> Path:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=SPECIALS,
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(TEXT * 3, trainer)
-    (root / "tok").mkdir(parents=True)
-    tok.save(str(root / "tok" / "tokenizer.json"))
-    torch.manual_seed(seed)
-    cfg = GPTConfig.from_preset("tiny", vocab_size=tok.get_vocab_size(), block_size=1024, n_embd=32)
-    return save_pretrained(GPT(cfg).eval(), root / "model", tokenizer_dir=root / "tok")
-
-
-def register(folder: Path, tracking: str) -> str:
-    """Log the folder as quill's pyfunc model, register a version of NAME, make it champion; its version."""
-    mlflow.set_tracking_uri(tracking)
-    mlflow.set_registry_uri(tracking)
-    root = Path(tracking.removeprefix("sqlite:///")).parent
-    if mlflow.get_experiment_by_name(NAME) is None:  # artifacts in the test's folder, not the repository
-        mlflow.create_experiment(NAME, artifact_location=(root / "mlartifacts").as_uri())
-    mlflow.set_experiment(NAME)
-    staged = root / "staged" / folder.parent.name / HF_ARTIFACT  # the logged folder keeps its name
-    shutil.copytree(folder, staged)
-    with mlflow.start_run():
-        info = mlflow.pyfunc.log_model(
-            name="quill_pyfunc",
-            python_model=pyfunc_model.__file__,
-            artifacts={HF_ARTIFACT: str(staged)},
-            pip_requirements=[],
-            registered_model_name=NAME,
-        )
-    client = MlflowClient(tracking, tracking)
-    version = str(info.registered_model_version)
-    sha = json.loads((folder / "config.json").read_text()).get("tokenizer_sha256")
-    if sha:
-        client.set_model_version_tag(NAME, version, "tokenizer_sha256", sha)
-    client.set_registered_model_alias(NAME, "champion", version)
-    return version
-
-
-def write_params(path: Path, **serve_overrides) -> Path:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["serve"].update(serve_overrides)
-    params["registry"]["model_name"] = NAME
-    path.write_text(yaml.safe_dump(params))
-    return path
 
 
 @pytest.fixture(scope="module")
