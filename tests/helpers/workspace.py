@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import random
+import secrets
 import shutil
 import subprocess
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -158,3 +160,43 @@ def prefect_server(home: Path) -> Iterator[dict[str, str]]:
     finally:
         stop(proc)
         log.close()
+
+
+@contextmanager
+def ray_head() -> Iterator[dict[str, str]]:
+    """A private `ray start --head --block` (token auth, its own temp dir and port); yields the env that joins it.
+
+    Tests join it through RAY_ADDRESS so the serve CLI never joins, or shuts down, another Ray on the machine.
+    """
+    port = free_port()
+    temp = tempfile.mkdtemp(prefix="rq", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    env = {"RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    head_env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **env}
+    head_env.pop("RAY_ADDRESS")
+    proc = subprocess.Popen(
+        [
+            str(VENV_BIN / "ray"),
+            "start",
+            "--head",
+            f"--port={port}",
+            f"--temp-dir={temp}",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+            "--block",
+        ],
+        env=head_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 120
+        status = [str(VENV_BIN / "ray"), "status", f"--address={env['RAY_ADDRESS']}"]
+        while subprocess.run(status, env=head_env, capture_output=True, timeout=60).returncode != 0:
+            if proc.poll() is not None or time.time() > deadline:
+                raise AssertionError("ray start --head did not come up")
+            time.sleep(2)
+        yield env
+    finally:
+        stop(proc, timeout=60)
+        shutil.rmtree(temp, ignore_errors=True)

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from mlflow import MlflowClient
 
-from tests.helpers.workspace import prefect_server, quill_env, stop, tiny_workspace
+from tests.helpers.workspace import prefect_server, quill_env, ray_head, stop, tiny_workspace
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -31,8 +32,8 @@ MODEL = "quill-test"
 def stack(tmp_path_factory):
     """(workspace, env, API client) with the four deployments served from the workspace."""
     root = tiny_workspace(tmp_path_factory.mktemp("flows") / "ws")
-    with prefect_server(root.parent / "prefect") as prefect:
-        env = quill_env(root, **prefect)
+    with prefect_server(root.parent / "prefect") as prefect, ray_head() as ray:
+        env = quill_env(root, **prefect, **ray)
         log = open(root.parent / "deploy.log", "w")
         served = subprocess.Popen(
             [sys.executable, "-m", "flows.deploy"],
@@ -58,6 +59,13 @@ def stack(tmp_path_factory):
             api.close()
             stop(served)
             log.close()
+            subprocess.run(
+                [sys.executable, "-m", "pipelines.serve", "shutdown"],
+                cwd=root,
+                env=env,
+                timeout=120,
+                capture_output=True,
+            )
 
 
 def deployment_id(api: httpx.Client, flow: str) -> str:
@@ -253,3 +261,20 @@ def test_promote_model_and_evaluate_model_from_their_deployments(stack):
     evaluated = run("evaluate_model", {"model": "champion"})
     artifacts = api.post("/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [evaluated["id"]]}}}).json()
     assert "quill-test v1 on the current data" in artifacts[0]["data"] and "test_bpb" in artifacts[0]["data"]
+
+
+def test_the_run_button_deploys_the_champion_and_the_endpoint_answers(stack):
+    root, _, api = stack
+    response = run_button(api, {})  # the form's defaults: deploy the champion
+    run = wait(api, response.json()["id"], set(), timeout=600)
+    assert run["state"]["type"] == "COMPLETED", logs(api, run["id"])
+    champion = str(mlflow(root).get_model_version_by_alias(MODEL, "champion").version)
+    port = yaml.safe_load((root / "params.yaml").read_text())["serve"]["port"]
+    url = f"http://127.0.0.1:{port}"
+    listing = httpx.get(f"{url}/v1/models", timeout=30).json()
+    assert str(listing["data"][0]["version"]) == champion, listing
+    completion = httpx.post(f"{url}/v1/completions", json={"prompt": "The king", "max_tokens": 4}, timeout=60)
+    assert completion.status_code == 200 and completion.json()["choices"][0]["text"] is not None
+    artifacts = api.post("/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}}}).json()
+    summary = next(a["data"] for a in artifacts if a["key"] == "train-and-deploy-summary")
+    assert f"**Endpoint:** {MODEL} (version {champion}) at {url}" in summary
