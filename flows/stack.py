@@ -89,7 +89,7 @@ def alive(entry: dict) -> bool:
     return entry["cmd"][-1] in cmdline(entry["pid"])
 
 
-def start(name: str, cmd: list[str], env: dict[str, str], url: str) -> dict:
+def start(name: str, cmd: list[str], env: dict[str, str], url: str) -> tuple[dict, subprocess.Popen]:
     """Start `cmd` in its own session (so `stop` can end its whole process group), logging to .quill/logs/."""
     PIDS.mkdir(parents=True, exist_ok=True)
     LOGS.mkdir(parents=True, exist_ok=True)
@@ -99,7 +99,7 @@ def start(name: str, cmd: list[str], env: dict[str, str], url: str) -> dict:
         )
     entry = {"pid": proc.pid, "cmd": cmd, "url": url, "log": str(LOGS / f"{name}.log")}
     (PIDS / f"{name}.json").write_text(json.dumps(entry))
-    return entry
+    return entry, proc
 
 
 def terminate(entry: dict, timeout: float = 30) -> None:
@@ -152,7 +152,7 @@ def ensure_prefect() -> str:
         "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
     }
     prefect = str(Path(sys.executable).with_name("prefect"))
-    entry = start(
+    entry, proc = start(
         "prefect-server",
         [prefect, "server", "start", "--host", host, "--port", str(port)],
         env,
@@ -160,7 +160,7 @@ def ensure_prefect() -> str:
     )
     deadline = time.time() + 180
     while not answers(f"{api}/health"):
-        if not alive(entry) or time.time() > deadline:
+        if proc.poll() is not None or time.time() > deadline:  # (its /proc cmdline lags until it has exec'd)
             raise StackError(f"the Prefect server did not start; see {entry['log']}")
         time.sleep(1)
     print(f"started the Prefect server (pid {entry['pid']}) at {entry['url']}")
@@ -172,7 +172,7 @@ def ensure_deployments(api: str) -> None:
     entry = recorded().get("flows-deploy")
     if entry and alive(entry):
         return
-    entry = start(
+    entry, _ = start(
         "flows-deploy",
         [sys.executable, "-m", "flows.deploy"],
         {**os.environ, "PREFECT_API_URL": api},

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from tests.helpers.paths import REPO, free_port
 from tests.helpers.workspace import quill_env, tiny_workspace
@@ -27,16 +30,18 @@ def make(root: Path, env: dict, *targets: str, timeout: float = 600) -> subproce
     )
 
 
-def processes_in(root: Path) -> list[str]:
-    """Command lines of the processes whose working directory is inside `root`."""
+def processes_in(*places: str) -> list[str]:
+    """Command lines of the processes working in, or naming, one of `places` (the workspace, the temp dir)."""
     found = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
-                if str(Path(os.readlink(proc / "cwd"))).startswith(str(root)):
-                    found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+                cwd = os.readlink(proc / "cwd")
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
             except OSError:
                 continue
+            if any(cwd.startswith(p) or p in cmd for p in places):
+                found.append(cmd)
     return found
 
 
@@ -45,15 +50,21 @@ def workspace(tmp_path_factory):
     root = tiny_workspace(tmp_path_factory.mktemp("make-run") / "ws")
     (root / ".venv").symlink_to(REPO / ".venv")
     port = free_port()
+    # a private temp dir: the serve CLI's record of the local Ray it starts (and Ray's own files) live there, apart
+    # from any other Ray on the machine; short, for Ray's socket paths
+    tmp = tempfile.mkdtemp(prefix="rq", dir="/tmp")
     env = quill_env(
         root,
         PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
         PREFECT_HOME=str(root.parent / "client"),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        TMPDIR=tmp,
     )
+    env.pop("RAY_ADDRESS", None)
     yield root, env
     if (root / ".quill" / "pids").is_dir() and any((root / ".quill" / "pids").iterdir()):
         make(root, env, "stop", timeout=120)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_a_taken_port_is_named_with_its_setting(workspace):
@@ -76,8 +87,12 @@ def test_make_run_twice_then_stop(workspace):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     out = first.stdout + first.stderr
     assert "Prefect UI" in out and "MLflow UI" in out and "Running stage 'train'" in out
+    port = yaml.safe_load((root / "params.yaml").read_text())["serve"]["port"]
+    assert f"curl http://127.0.0.1:{port}/v1/completions" in out and "openai.OpenAI" in out
+    answer = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "The", "max_tokens": 4}, timeout=60)
+    assert answer.status_code == 200, answer.text
     pids = {p.stem: json.loads(p.read_text()) for p in (root / ".quill" / "pids").glob("*.json")}
-    assert {"prefect-server", "flows-deploy"} <= set(pids)
+    assert {"prefect-server", "flows-deploy", "serving"} <= set(pids)
     api = env["PREFECT_API_URL"]
     runs = httpx.post(f"{api}/flow_runs/filter", json={}).json()
     assert [r["state"]["type"] for r in runs] == ["COMPLETED"]  # the run is in the server's UI
@@ -97,10 +112,10 @@ def test_make_run_twice_then_stop(workspace):
 
     stop = make(root, env, "stop", timeout=180)
     assert stop.returncode == 0 and "stopped prefect-server" in stop.stdout, stop.stdout + stop.stderr
-    for entry in pids.values():
+    for entry in (e for e in pids.values() if "pid" in e):
         assert (
             not Path(f"/proc/{entry['pid']}").exists() or "zombie" in Path(f"/proc/{entry['pid']}/status").read_text()
         )
     time.sleep(1)
-    assert processes_in(root) == [], processes_in(root)
+    assert processes_in(str(root), env["TMPDIR"]) == [], processes_in(str(root), env["TMPDIR"])
     assert "nothing" in make(root, env, "status", timeout=60).stdout
