@@ -46,7 +46,8 @@ def connect() -> bool:
     if not address:
         return False
     if not os.environ.get("RAY_ADDRESS") and local["auth_mode"] == "token":
-        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)  # sent for an explicit address only so
+        # Ray sends its token to an explicit address only when told to (for "auto" it decides itself)
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
     try:
         ray.init(address=address, logging_level="ERROR", log_to_driver=False)
         return True
@@ -58,13 +59,16 @@ def _local_ray() -> dict:
     """STATE of the local Ray this command started, {} when there is none (a stale record is removed)."""
     if not STATE.exists():
         return {}
-    state = json.loads(STATE.read_text())
-    host, port = state["address"].rsplit(":", 1)
-    with socket.socket() as s:
-        s.settimeout(2)
-        if s.connect_ex((host, int(port))) == 0:
-            return state
-    STATE.unlink()  # its GCS is gone (killed, or the machine restarted)
+    try:
+        state = json.loads(STATE.read_text())
+        host, port = state["address"].rsplit(":", 1)
+        with socket.socket() as s:
+            s.settimeout(2)
+            if s.connect_ex((host, int(port))) == 0 and {"pgid", "auth_mode"} <= set(state):
+                return state
+    except (ValueError, KeyError, AttributeError):  # unreadable, or an older command's record
+        pass
+    STATE.unlink(missing_ok=True)  # its GCS is gone (killed, or the machine restarted)
     return {}
 
 
