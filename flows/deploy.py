@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 
-import yaml
 from prefect import serve
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
 from flows.models import evaluate_model, promote_model, serve_model
 from flows.overrides import Overrides, check
 from flows.train_and_deploy import train_and_deploy
+from pipelines.common.params import read_yaml
 
 NAME = "quill"  # each deployment is <flow name>/quill
 
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     defaults = {}
     for item in args.sets:
         key, _, value = item.partition("=")
-        defaults[key.strip()] = yaml.safe_load(value)
+        defaults[key.strip()] = read_yaml(value)
     check(defaults)  # a bad default fails here, with the key's name
     serve(*deployments(args.cron, defaults))
 

@@ -23,7 +23,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from ruamel.yaml import YAML
 
@@ -37,6 +36,7 @@ from pipelines.common.params import (
     TokenizerParams,
     TrainParams,
     parse_params,
+    read_yaml,
 )
 
 STATE_DIR = Path(".quill")
@@ -139,7 +139,7 @@ def _set(tree: dict, dotted: str, value: Any) -> None:
 
 def check(overrides: dict[str, Any], path: Path = PARAMS_FILE) -> Params:
     """params.yaml with `overrides` on top, validated; ParamsError naming each bad key otherwise."""
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    raw = read_yaml(path.read_text(encoding="utf-8")) or {}
     for key, value in overrides.items():
         if not key or any(not part for part in key.split(".")):
             raise ParamsError(f"override '{key}' is not a dotted params.yaml key such as 'train.max_steps'")

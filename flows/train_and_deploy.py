@@ -33,7 +33,7 @@ from flows.overrides import Overrides, check, overridden, recover
 from flows.report import mlflow_ui, registered, summary_markdown
 from flows.repro import StageFailed, repro, stale
 from flows.serving import endpoint, serve_cli, served_version, smoke_test
-from pipelines.common.params import ParamsError, ServeParams
+from pipelines.common.params import ParamsError, ServeParams, read_yaml
 from pipelines.common.tracking import RUN_FILE, mlflow_client, tracking_uri
 
 NO_OVERRIDES = Overrides()
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         key, sep, value = item.partition("=")
         if not sep:
             parser.error(f"--set {item}: expected KEY=VALUE, e.g. train.max_steps=200")
-        values[key.strip()] = yaml.safe_load(value)
+        values[key.strip()] = read_yaml(value)
     try:
         overrides = Overrides.from_dotted(values)
         check(overrides.dotted())
