@@ -21,21 +21,14 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.runtime import flow_run
 from pydantic import Field
 
 from flows.overrides import check
+from flows.registry import move_champion, resolve
 from flows.serving import endpoint, serve_cli
 from flows.train_and_deploy import deploy_champion, smoke
-from pipelines.common.tracking import RUN_FILE, mlflow_client, tracking_uri
+from pipelines.common.tracking import RUN_FILE, tracking_uri
 from pipelines.register.pyfunc_model import HF_MODEL_PATH
-from pipelines.register.stage import CHAMPION, RegistrationLock
-
-
-def resolve(name: str, model: str) -> Any:
-    """The ModelVersion that `model` (a version number or an alias) names in registered model `name`."""
-    client = mlflow_client()
-    return client.get_model_version(name, model) if model.isdigit() else client.get_model_version_by_alias(name, model)
 
 
 @task(retries=1, retry_delay_seconds=10)
@@ -93,33 +86,12 @@ def evaluate_model(
     return result
 
 
-@task(retries=1, retry_delay_seconds=5)
-def move_champion(version: str) -> str:
-    """Point `champion` at `version` (under the register stage's lock); the version it pointed at before."""
-    params = check({}).registry
-    client = mlflow_client()
-    with RegistrationLock(client, params.model_name, params.lock_timeout_s):
-        try:
-            before = str(client.get_model_version_by_alias(params.model_name, CHAMPION).version)
-        except Exception:  # noqa: BLE001 - MLflow's own exception for a missing alias
-            before = "none"
-        target = resolve(params.model_name, version)
-        client.set_registered_model_alias(params.model_name, CHAMPION, target.version)
-        client.set_model_version_tag(
-            params.model_name,
-            target.version,
-            "quill.promoted_by",
-            f"promote_model flow run {flow_run.name} ({flow_run.id}), replacing v{before}",
-        )
-    return before
-
-
 @flow(name="promote_model", log_prints=True)
 def promote_model(
     version: str = Field(description="the version number (or an alias) to make champion"), redeploy: bool = True
 ) -> dict[str, Any]:
     """Move `champion` to a registered version, then redeploy it and smoke-test the endpoint."""
-    before = move_champion(version)
+    before = move_champion(version, "promote_model")
     served = None
     if redeploy:
         params = check({})

@@ -30,6 +30,7 @@ from pydantic import Field
 
 from flows.lock import workspace_lock
 from flows.overrides import Overrides, check, overridden, recover
+from flows.registry import move_champion
 from flows.report import mlflow_ui, registered, summary_markdown
 from flows.repro import StageFailed, repro, stale
 from flows.serving import endpoint, serve_cli, served_version, smoke_test
@@ -41,10 +42,10 @@ TRAIN_RUN = Path("artifacts/model") / RUN_FILE  # the train stage's MLflow run i
 
 
 class Approval(RunInput):
-    """A reviewer's answer to the pause after evaluation."""
+    """A reviewer's answer to the pause after registration (the new version waits as challenger)."""
 
-    approve: bool = Field(description="register this model and let the registry rule promote it")
-    force: bool = Field(default=False, description="promote it even if the rule (registry.min_improvement) says no")
+    approve: bool = Field(description="promote this version if the registry rule (registry.min_improvement) says so")
+    force: bool = Field(default=False, description="promote it even if the rule says no")
     comment: str = Field(default="", description="why (kept in the run's summary)")
 
 
@@ -86,10 +87,10 @@ def needs_registration(overrides: dict[str, Any]) -> bool:
 
 
 @task(retries=0)
-def comparison() -> str:
-    """The evaluation just made beside the champion's registered numbers, as Markdown for the reviewer."""
+def comparison(reg: dict) -> str:
+    """The version just registered beside the champion's registered numbers, as Markdown for the reviewer."""
     evaluated = json.loads(Path("metrics/eval.json").read_text())
-    name = check({}).registry.model_name
+    name = reg["model_name"]
     client = mlflow_client()
     try:
         champion = client.get_model_version_by_alias(name, "champion")
@@ -100,9 +101,11 @@ def comparison() -> str:
         theirs = champion.tags.get(key, "?") if champion else "none yet"
         rows.append(f"| {key} | {evaluated[key]:.4f} | {theirs} |")
     who = f"{name} v{champion.version}" if champion else "no champion yet"
+    verdict = "promote" if reg.get("would_promote") else "keep the champion"
     return (
-        f"Champion: {who}. Approve to register this model (the registry rule then decides), force to promote.\n\n"
-        + "\n".join(rows)
+        f"{name} v{reg['version']} is registered as challenger. Champion: {who}. The registry rule says: {verdict} "
+        f"({reg['why'].split('; the rule says promote: ')[-1]}). Approve to follow the rule, force to promote anyway; "
+        "reject, or no answer in time, leaves it challenger.\n\n" + "\n".join(rows)
     )
 
 
@@ -144,6 +147,24 @@ def smoke(url: str) -> str:
     return f"{result.model} (version {result.version}) at {url} completed 'The king' with {result.completion!r}"
 
 
+def review(reg: dict, timeout_s: int) -> str:
+    """Pause for a reviewer's Approval; promote the new version if they approve and the rule agrees, or force it.
+    What happened, in a line (rejected or unanswered: the version stays challenger)."""
+    try:
+        answer = pause_flow_run(
+            wait_for_input=Approval.with_initial_data(description=comparison(reg)), timeout=timeout_s
+        )
+    except FlowPauseTimeout:
+        return f"no answer within {timeout_s} s: v{reg['version']} stays challenger"
+    note = f" ({answer.comment})" if answer.comment else ""
+    if not answer.approve:
+        return f"rejected{note}: v{reg['version']} stays challenger"
+    if not (answer.force or reg.get("would_promote")):
+        return f"approved{note}, but the rule keeps the champion: v{reg['version']} stays challenger (force to promote)"
+    move_champion(reg["version"], "approved" + (" (forced)" if answer.force else "") + " in train_and_deploy")
+    return f"approved{' (forced)' if answer.force else ''}{note}: v{reg['version']} promoted to champion"
+
+
 @flow(name="train_and_deploy", log_prints=True)
 def train_and_deploy(
     overrides: Overrides = NO_OVERRIDES,
@@ -168,23 +189,15 @@ def train_and_deploy(
                 ran[stage] = run_stage(stage, dotted)
         if ran.get("train"):
             record_in_mlflow(json.loads(TRAIN_RUN.read_text())["mlflow_run_id"], dotted)
-        approval, register_overrides = None, dotted
+        approval = None
         if require_approval and needs_registration(dotted):
-            description = comparison()
-            try:
-                answer = pause_flow_run(
-                    wait_for_input=Approval.with_initial_data(description=description), timeout=approval_timeout_s
-                )
-                approval = ("approved" + (" (forced)" if answer.force else "")) if answer.approve else "rejected"
-                approval += f": {answer.comment}" if answer.comment else ""
-                if answer.force:
-                    register_overrides = {**dotted, "registry.force_promote": True}
-            except FlowPauseTimeout:
-                approval = f"no answer within {approval_timeout_s} s"
+            # registered as challenger with the rule's verdict recorded; only a reviewer moves champion
+            ran["register"] = run_stage("register", {**dotted, "registry.promotion": "manual"})
+            approval = review(registered(), approval_timeout_s)
             logger.info(f"approval: {approval}")
-        if approval is None or approval.startswith("approved"):
-            ran["register"] = run_stage("register", register_overrides)
-        reg = registered() if "register" in ran else None
+        else:
+            ran["register"] = run_stage("register", dotted)
+        reg = registered()
         served = None
         if deploy and (approval is None or approval.startswith("approved")):
             url = deploy_champion(dotted, params.serve, params.registry.model_name)
@@ -197,7 +210,7 @@ def train_and_deploy(
                 reg,
                 experiment,
                 tracking_uri(),
-                None if approval is None else f"{approval} (not registered)" if "register" not in ran else approval,
+                approval,
                 served,
             ),
             key="train-and-deploy-summary",

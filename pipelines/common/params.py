@@ -250,6 +250,9 @@ class RegistryParams(Section):
     model_name: str = Field(default="quill-gpt", min_length=1)  # registered model name in MLflow
     min_improvement: float = Field(default=0.01, ge=0)  # test_bpb must drop by at least this (bits/byte) to promote
     force_promote: bool = False  # make this version champion whatever its metrics (recorded as forced)
+    # auto: the rule moves `champion`; manual: the version stays `challenger` with the rule's verdict recorded
+    # (`would_promote`), and a reviewer promotes it (the train_and_deploy flow's approval, or promote_model)
+    promotion: Literal["auto", "manual"] = "auto"
     # a registration lock whose holder stopped renewing it (heartbeat every lock_timeout_s / 4) for this long is
     # taken over; a holder that renews is waited for however long it works
     lock_timeout_s: float = Field(default=300, gt=0)

@@ -260,7 +260,19 @@ def reevaluate_bpb(model_uri: str, test_file: Path, stride: int | None) -> float
 
 
 def decide(client, name: str, version: str, metrics: dict, params: RegistryParams, paths: Paths) -> dict:
-    """Promote or not, with the reason; called under the registration lock."""
+    """Promote or not, with the reason; called under the registration lock. With registry.promotion manual the
+    rule's verdict is recorded as `would_promote` and the version waits as challenger for a reviewer."""
+    decision = rule(client, name, version, metrics, params, paths)
+    if params.promotion == "manual" and decision["promoted"] and not decision["why"].startswith("already champion"):
+        return {**decision, "promoted": False, "forced": False, "would_promote": True,
+                "why": f"awaiting a reviewer (registry.promotion manual); the rule says promote: {decision['why']}"}
+    if params.promotion == "manual":
+        return {**decision, "would_promote": decision["promoted"]}
+    return decision
+
+
+def rule(client, name: str, version: str, metrics: dict, params: RegistryParams, paths: Paths) -> dict:
+    """The champion rule: first model, forced, or better than the champion by registry.min_improvement."""
     bpb = metrics["test_bpb"]
     champion = champion_of(client, name)
     decision = {"promoted": False, "forced": False, "champion_version": None, "champion_test_bpb": None}

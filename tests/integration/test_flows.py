@@ -219,7 +219,12 @@ def test_approval_pause_is_resumed_through_the_api_and_holds_the_workspace(stack
     response = run_button(api, {"overrides": {"train": {"max_steps": 10}}, "require_approval": True, "deploy": False})
     run = wait(api, response.json()["id"], {"PAUSED"})
     assert run["state"]["type"] == "PAUSED", logs(api, run["id"])
-    assert not (root / "artifacts/registered.json").read_text().count('"version": "3"')
+    paused = json.loads((root / "artifacts/registered.json").read_text())  # registered, waiting as challenger
+    assert paused["version"] == str(versions_before + 1) and not paused["promoted"]
+    assert (
+        paused["aliases"] == ["challenger"]
+        and "champion" not in mlflow(root).get_model_version(MODEL, paused["version"]).aliases
+    )
 
     # a second run meanwhile is refused with a message (the paused run holds the workspace)
     second = subprocess.run(
@@ -241,8 +246,32 @@ def test_approval_pause_is_resumed_through_the_api_and_holds_the_workspace(stack
     assert run["state"]["type"] == "COMPLETED", logs(api, run["id"])
     assert len(mlflow(root).search_model_versions(f"name='{MODEL}'")) == versions_before + 1
     registered = json.loads((root / "artifacts/registered.json").read_text())
-    assert registered["promoted"] and registered["forced"]
-    assert str(mlflow(root).get_model_version_by_alias(MODEL, "champion").version) == registered["version"]
+    assert not registered["promoted"] and registered["would_promote"] == ("awaiting a reviewer" in registered["why"])
+    champion = mlflow(root).get_model_version_by_alias(MODEL, "champion")
+    assert str(champion.version) == registered["version"]  # the reviewer forced it
+    assert "approved (forced) in train_and_deploy flow run" in champion.tags["quill.promoted_by"]
+    assert "challenger" not in champion.aliases
+
+
+def test_an_unanswered_approval_leaves_the_version_challenger(stack):
+    root, _, api = stack
+    champion_before = mlflow(root).get_model_version_by_alias(MODEL, "champion").version
+    response = run_button(
+        api,
+        {
+            "overrides": {"train": {"max_steps": 11}},
+            "require_approval": True,
+            "approval_timeout_s": 10,
+            "deploy": False,
+        },
+    )
+    run = wait(api, response.json()["id"], set())
+    assert run["state"]["type"] == "COMPLETED", logs(api, run["id"])
+    registered = json.loads((root / "artifacts/registered.json").read_text())
+    assert not registered["promoted"] and registered["would_promote"] == ("awaiting a reviewer" in registered["why"])
+    assert mlflow(root).get_model_version_by_alias(MODEL, "champion").version == champion_before
+    assert str(mlflow(root).get_model_version_by_alias(MODEL, "challenger").version) == registered["version"]
+    assert "stays challenger" in logs(api, run["id"])
 
 
 def test_promote_model_and_evaluate_model_from_their_deployments(stack):

@@ -129,6 +129,30 @@ def test_promotion_rules_first_worse_better_forced(proj):
     assert len({v.version for v in client.search_model_versions(f"name='{NAME}'")}) == 4
 
 
+def test_manual_promotion_records_the_verdict_and_keeps_the_champion(proj):
+    from pipelines.common.tracking import mlflow_client
+    from pipelines.register.stage import register
+
+    client = mlflow_client()
+    manual = RegistryParams(model_name=NAME, min_improvement=0.05, promotion="manual")
+    run_id = new_run()
+    write_eval(3.0, run_id)
+    r = register(manual)  # even the first model waits for a reviewer
+    assert r["version"] == "1" and not r["promoted"] and r["would_promote"] and r["aliases"] == ["challenger"]
+    assert "awaiting a reviewer" in r["why"] and "first model" in r["why"]
+    assert client.get_model_version(NAME, "1").tags["promoted"] == "false"
+
+    write_eval(2.5, run_id)
+    register(RegistryParams(model_name=NAME, min_improvement=0.05))  # auto: v2 becomes champion
+    write_eval(2.0, run_id)  # better by 0.5: the rule says promote, the registry waits
+    r = register(manual)
+    assert r["version"] == "3" and not r["promoted"] and r["would_promote"] and champion_version(client) == "2"
+    assert r["aliases"] == ["challenger"] and "improvement +0.5000" in r["why"]
+    write_eval(2.6, run_id)  # worse than the champion: the verdict says so
+    r = register(manual)
+    assert not r["promoted"] and not r["would_promote"] and "awaiting" not in r["why"] and champion_version(client) == "2"
+
+
 def test_a_training_run_missing_from_the_store_is_named_not_fatal(proj, capsys):
     """The model was trained against another store: registration goes on, the card leaves out its metrics."""
     from pipelines.common.tracking import mlflow_client
