@@ -20,11 +20,11 @@ from ray.serve.config import BackpressureConfig
 
 from pipelines.common.params import PARAMS_FILE, ServeParams, load_params
 from pipelines.common.tracking import tracking_uri
-from pipelines.serve.server import QuillServer
+from pipelines.serve.server import RETRY_AFTER_S, QuillServer
 from pipelines.serve.source import resolve
 
 APP_NAME = "quill"
-RETRY_AFTER_S = 1  # what a client told to back off (429) waits before retrying
+RAY_HEADROOM = 16  # concurrent HTTP requests Ray lets into a replica beyond quill's own bound, to be refused there
 
 
 class AppArgs(BaseModel):
@@ -53,7 +53,9 @@ def app(args: AppArgs) -> Application:
 def deployment_options(p: ServeParams) -> dict:
     """Replicas, autoscaling bounds, request bounds and resources from serve.*."""
     options: dict = {
-        "max_ongoing_requests": p.max_ongoing_requests,
+        # Ray's bound sits above quill's (which counts sequences, n included), so a burst is refused by quill's own
+        # 429 in OpenAI's error shape; Ray's plain-text 429 only answers past this headroom and its queue
+        "max_ongoing_requests": p.max_ongoing_requests + RAY_HEADROOM,
         "max_queued_requests": p.max_queued_requests,
         "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=RETRY_AFTER_S),
         "graceful_shutdown_timeout_s": 120,  # a rolling update lets requests in flight finish
