@@ -53,7 +53,9 @@ def build_engine(preset: str | None = None):
         config = GPTConfig.from_preset(preset, vocab_size=vocab)
         name = f"random {preset} preset"
     model = GPT(config).eval()
-    folder = save_pretrained(model, Path(tempfile.mkdtemp(prefix="bench-eval-")) / "model", tokenizer_dir=Path(tokenizer).parent)
+    folder = save_pretrained(
+        model, Path(tempfile.mkdtemp(prefix="bench-eval-")) / "model", tokenizer_dir=Path(tokenizer).parent
+    )
     return Engine(model, tokenizer), name, folder
 
 
@@ -106,7 +108,11 @@ def record_requests(engine, params, max_items: int) -> dict[str, list]:
 
     lm = Recorder(engine=engine, batch_size=params.batch_size)
     tasks = [t for t in params.tasks if t != "quill_perplexity"]  # rolling perplexity is not loglikelihood
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    with (
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(io.StringIO()),
+        contextlib.redirect_stderr(io.StringIO()),
+    ):
         warnings.simplefilter("ignore")
         for task in tasks:
             for k in params.num_fewshot:
@@ -130,7 +136,9 @@ def main() -> int:
     engine, source, folder = build_engine(args.preset)
     recorded = record_requests(engine, params, args.max_items or params.max_items)
     requests = [r for rs in recorded.values() for r in rs]
-    names = ["ours (batched)", "ours (one by one)"] + ([] if args.no_hf else ["HFLM batch 1", f"HFLM batch {params.batch_size}"])
+    names = ["ours (batched)", "ours (one by one)"] + (
+        [] if args.no_hf else ["HFLM batch 1", f"HFLM batch {params.batch_size}"]
+    )
     lms = [QuillLM(engine=engine, batch_size=params.batch_size), QuillLM(engine=engine, batch_size=1)]
     lms += [] if args.no_hf else [hflm(folder, 1), hflm(folder, params.batch_size)]
     with warnings.catch_warnings():
@@ -151,17 +159,36 @@ def main() -> int:
             print(f"evaluate benchmark: {name} and ours (batched) log-likelihoods differ by {worst}", file=sys.stderr)
             return 1
     tokens = sum(len(c) + len(x) for _, c, x in requests) / len(requests)
-    print(f"model: {source}; {len(requests)} requests ({', '.join(f'{k} {len(v)}' for k, v in recorded.items())}), "
-          f"{tokens:.0f} tokens each on average before truncation", file=sys.stderr)
+    print(
+        f"model: {source}; {len(requests)} requests ({', '.join(f'{k} {len(v)}' for k, v in recorded.items())}), "
+        f"{tokens:.0f} tokens each on average before truncation",
+        file=sys.stderr,
+    )
     for name in names:
-        print(f"  {name}: {seconds[name]:.2f} s ({seconds[name] / seconds[names[0]]:.2f}x ours batched)", file=sys.stderr)
+        print(
+            f"  {name}: {seconds[name]:.2f} s ({seconds[name] / seconds[names[0]]:.2f}x ours batched)", file=sys.stderr
+        )
     ours_rps, base_rps = len(requests) / seconds[names[0]], len(requests) / seconds[names[1]]
-    print(json.dumps({"benchmark": "evaluate", "ours": round(ours_rps, 2), "baseline": round(base_rps, 2),
-                      "unit": "requests/s", "ratio": round(ours_rps / base_rps, 2), "batch_size": params.batch_size,
-                      **{f"ratio_vs_hflm_batch{bs}": round(seconds[n] / seconds[names[0]], 2)
-                         for bs, n in zip([1, params.batch_size], names[2:])},
-                      "num_fewshot": params.num_fewshot, "requests": len(requests), "threads": torch.get_num_threads(),
-                      "model": source}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "evaluate",
+                "ours": round(ours_rps, 2),
+                "baseline": round(base_rps, 2),
+                "unit": "requests/s",
+                "ratio": round(ours_rps / base_rps, 2),
+                "batch_size": params.batch_size,
+                **{
+                    f"ratio_vs_hflm_batch{bs}": round(seconds[n] / seconds[names[0]], 2)
+                    for bs, n in zip([1, params.batch_size], names[2:])
+                },
+                "num_fewshot": params.num_fewshot,
+                "requests": len(requests),
+                "threads": torch.get_num_threads(),
+                "model": source,
+            }
+        )
+    )
     return 0
 
 

@@ -48,7 +48,9 @@ def word_tokenizer(vocab_size: int, out_dir: Path) -> Path:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     out_dir.mkdir(parents=True, exist_ok=True)
     tok.save(str(out_dir / "tokenizer.json"))
-    (out_dir / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"}))
+    (out_dir / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"})
+    )
     return out_dir
 
 
@@ -73,17 +75,30 @@ def decode_speed(engine: Engine, hf, prompts: list[list[int]], new_tokens: int, 
 
     def theirs():
         with torch.inference_mode():
-            return hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                               do_sample=False, eos_token_id=None, pad_token_id=0, **hf_kwargs)
+            return hf.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+                **hf_kwargs,
+            )
 
     a, b = ours(), theirs()  # warm-up, and the outputs must agree
-    same = all(b[r, ids.shape[1]:].tolist() == a[r].token_ids for r in range(B))
+    same = all(b[r, ids.shape[1] :].tolist() == a[r].token_ids for r in range(B))
     t_ours, t_hf = [], []
     for _ in range(repeats):  # interleave so load changes hit both
         t_ours.append(best_time(ours, 1))
         t_hf.append(best_time(theirs, 1))
     ours_tps, hf_tps = B * new_tokens / min(t_ours), B * new_tokens / min(t_hf)
-    return {"ours": round(ours_tps, 1), "baseline": round(hf_tps, 1), "ratio": round(ours_tps / hf_tps, 2), "same_tokens": same}
+    return {
+        "ours": round(ours_tps, 1),
+        "baseline": round(hf_tps, 1),
+        "ratio": round(ours_tps / hf_tps, 2),
+        "same_tokens": same,
+    }
 
 
 def bench_config(name: str) -> GPTConfig:
@@ -123,8 +138,12 @@ def cache_vs_recompute(base: GPTConfig, context: int, new_tokens: int, repeats: 
     t_cached = best_time(cached, repeats) - best_time(prefill_only, repeats)  # decode part only
     t_full = best_time(recompute, repeats)
     per_cached, per_full = t_cached / (new_tokens - 1), t_full / new_tokens
-    return {"context": context, "ms_per_token_kv_cache": round(1e3 * per_cached, 3),
-            "ms_per_token_recompute": round(1e3 * per_full, 3), "ratio": round(per_full / per_cached, 1)}
+    return {
+        "context": context,
+        "ms_per_token_kv_cache": round(1e3 * per_cached, 3),
+        "ms_per_token_recompute": round(1e3 * per_full, 3),
+        "ratio": round(per_full / per_cached, 1),
+    }
 
 
 def memory(engine: Engine, generations: int, warmup: int, vocab: int) -> dict:
@@ -137,9 +156,13 @@ def memory(engine: Engine, generations: int, warmup: int, vocab: int) -> dict:
         if i + 1 == warmup:
             rss_after_warmup = rss_mb()
     rss_end = rss_mb()
-    return {"generations": generations, "rss_after_warmup_mb": round(rss_after_warmup, 1), "rss_end_mb": round(rss_end, 1),
-            "rss_growth_mb": round(rss_end - rss_after_warmup, 1),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    return {
+        "generations": generations,
+        "rss_after_warmup_mb": round(rss_after_warmup, 1),
+        "rss_end_mb": round(rss_end, 1),
+        "rss_growth_mb": round(rss_end - rss_after_warmup, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
 
 
 def main() -> None:
@@ -165,38 +188,73 @@ def main() -> None:
     results = {}
     for B in (1, 8):
         results[f"batch{B}"] = r = decode_speed(engine, hf, prompts[:B], new_tokens, repeats)
-        print(f"batch {B}: ours {r['ours']} tok/s, HF generate {r['baseline']} tok/s, ratio {r['ratio']}x, same tokens: {r['same_tokens']}", flush=True)
+        print(
+            f"batch {B}: ours {r['ours']} tok/s, HF generate {r['baseline']} tok/s, ratio {r['ratio']}x, same tokens: {r['same_tokens']}",
+            flush=True,
+        )
     compiled = {}
     if args.compile:
         engine_c = Engine.from_pretrained(folder, compile=True)
         hf_c = AutoModelForCausalLM.from_pretrained(folder).eval()
         hf_c.forward = torch.compile(hf_c.forward, fullgraph=True)  # with cache_implementation="static" below
         for B in (1, 8):
-            compiled[f"compiled_batch{B}"] = r = decode_speed(engine_c, hf_c, prompts[:B], new_tokens, repeats,
-                                                             cache_implementation="static")
-            print(f"batch {B}, both compiled: ours {r['ours']} tok/s, HF generate (static cache) {r['baseline']} tok/s, "
-                  f"ratio {r['ratio']}x, same tokens: {r['same_tokens']}", flush=True)
+            compiled[f"compiled_batch{B}"] = r = decode_speed(
+                engine_c, hf_c, prompts[:B], new_tokens, repeats, cache_implementation="static"
+            )
+            print(
+                f"batch {B}, both compiled: ours {r['ours']} tok/s, HF generate (static cache) {r['baseline']} tok/s, "
+                f"ratio {r['ratio']}x, same tokens: {r['same_tokens']}",
+                flush=True,
+            )
     kv = cache_vs_recompute(cfg, 512, 16 if args.quick else 32, repeats)
-    print(f"KV cache vs recompute at {kv['context']} tokens: {kv['ms_per_token_kv_cache']} vs {kv['ms_per_token_recompute']} ms/token, {kv['ratio']}x", flush=True)
+    print(
+        f"KV cache vs recompute at {kv['context']} tokens: {kv['ms_per_token_kv_cache']} vs {kv['ms_per_token_recompute']} ms/token, {kv['ratio']}x",
+        flush=True,
+    )
     mem = memory(engine, 50 if args.quick else 200, 20, cfg.vocab_size)
-    print(f"RSS over {mem['generations']} generations: {mem['rss_after_warmup_mb']} MB after warm-up, {mem['rss_end_mb']} MB at the end", flush=True)
+    print(
+        f"RSS over {mem['generations']} generations: {mem['rss_after_warmup_mb']} MB after warm-up, {mem['rss_end_mb']} MB at the end",
+        flush=True,
+    )
 
     worst = min(results, key=lambda k: results[k]["ratio"])
-    print(json.dumps({
-        "benchmark": "generate",
-        "ours": results[worst]["ours"], "baseline": results[worst]["baseline"], "unit": "tokens/s",
-        "ratio": results[worst]["ratio"], "headline": worst,
-        "ratio_batch1": results["batch1"]["ratio"], "ratio_batch8": results["batch8"]["ratio"],
-        "ours_batch1": results["batch1"]["ours"], "baseline_batch1": results["batch1"]["baseline"],
-        "ours_batch8": results["batch8"]["ours"], "baseline_batch8": results["batch8"]["baseline"],
-        **{f"ratio_{k}": r["ratio"] for k, r in compiled.items()}, **{f"ours_{k}": r["ours"] for k, r in compiled.items()},
-        "same_tokens": all(r["same_tokens"] for r in [*results.values(), *compiled.values()]),
-        "kv_cache_vs_recompute_ratio": kv["ratio"], "kv_cache_context": kv["context"],
-        "rss_after_warmup_mb": mem["rss_after_warmup_mb"], "rss_end_mb": mem["rss_end_mb"], "peak_rss_mb": mem["peak_rss_mb"],
-        "model": args.model, "params": model.num_params(), "n_embd": cfg.n_embd, "vocab_size": cfg.vocab_size, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
-        "device": "cpu", "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-        "torch": torch.__version__, "quick": args.quick,
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "generate",
+                "ours": results[worst]["ours"],
+                "baseline": results[worst]["baseline"],
+                "unit": "tokens/s",
+                "ratio": results[worst]["ratio"],
+                "headline": worst,
+                "ratio_batch1": results["batch1"]["ratio"],
+                "ratio_batch8": results["batch8"]["ratio"],
+                "ours_batch1": results["batch1"]["ours"],
+                "baseline_batch1": results["batch1"]["baseline"],
+                "ours_batch8": results["batch8"]["ours"],
+                "baseline_batch8": results["batch8"]["baseline"],
+                **{f"ratio_{k}": r["ratio"] for k, r in compiled.items()},
+                **{f"ours_{k}": r["ours"] for k, r in compiled.items()},
+                "same_tokens": all(r["same_tokens"] for r in [*results.values(), *compiled.values()]),
+                "kv_cache_vs_recompute_ratio": kv["ratio"],
+                "kv_cache_context": kv["context"],
+                "rss_after_warmup_mb": mem["rss_after_warmup_mb"],
+                "rss_end_mb": mem["rss_end_mb"],
+                "peak_rss_mb": mem["peak_rss_mb"],
+                "model": args.model,
+                "params": model.num_params(),
+                "n_embd": cfg.n_embd,
+                "vocab_size": cfg.vocab_size,
+                "prompt_tokens": prompt_len,
+                "new_tokens": new_tokens,
+                "device": "cpu",
+                "threads": torch.get_num_threads(),
+                "machine": platform.processor() or platform.machine(),
+                "torch": torch.__version__,
+                "quick": args.quick,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

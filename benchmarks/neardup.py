@@ -32,8 +32,10 @@ import numpy as np
 from pipelines.clean.stage import dedup
 from pipelines.common.params import DedupParams, load_params
 
-SYLLABLES = "ba be bi bo bu da de di do du fa fe fi fo ka ke ki ko la le li lo lu ma me mi mo na ne ni no " \
-            "ra re ri ro sa se si so ta te ti to va ve vi wa we wi ya yo za ze th sh ch an en in on ar er or".split()
+SYLLABLES = (
+    "ba be bi bo bu da de di do du fa fe fi fo ka ke ki ko la le li lo lu ma me mi mo na ne ni no "
+    "ra re ri ro sa se si so ta te ti to va ve vi wa we wi ya yo za ze th sh ch an en in on ar er or".split()
+)
 
 
 def vocabulary(rng: random.Random, size: int = 8000) -> list[str]:
@@ -149,19 +151,38 @@ def main() -> None:
         dup_of = fn(docs, p)
         seconds = time.perf_counter() - start
         precision, recall = quality(cluster_pairs(len(docs), dup_of), truth)
-        results[name] = {"seconds": round(seconds, 3), "precision": round(precision, 4), "recall": round(recall, 4),
-                         "removed": len(dup_of)}
-        print(f"{name:>8}: {seconds:7.2f} s  precision {precision:.4f}  recall {recall:.4f}  "
-              f"({len(dup_of)} of {len(docs)} documents marked duplicate)")
+        results[name] = {
+            "seconds": round(seconds, 3),
+            "precision": round(precision, 4),
+            "recall": round(recall, 4),
+            "removed": len(dup_of),
+        }
+        print(
+            f"{name:>8}: {seconds:7.2f} s  precision {precision:.4f}  recall {recall:.4f}  "
+            f"({len(dup_of)} of {len(docs)} documents marked duplicate)"
+        )
     o, b = results["ours"], results["baseline"]
-    print(json.dumps({
-        "benchmark": "neardup", "ours": o["seconds"], "baseline": b["seconds"], "unit": "s",
-        "ratio": round(b["seconds"] / o["seconds"], 2), "precision": o["precision"], "recall": o["recall"],
-        "baseline_precision": b["precision"], "baseline_recall": b["recall"], "docs": len(docs),
-        "true_pairs": len(truth), "shingle_words": p.shingle_words, "num_perm": p.num_perm,
-        "jaccard_threshold": p.jaccard_threshold, "machine": f"{platform.machine()} {platform.processor() or ''}"
-        .strip(),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "neardup",
+                "ours": o["seconds"],
+                "baseline": b["seconds"],
+                "unit": "s",
+                "ratio": round(b["seconds"] / o["seconds"], 2),
+                "precision": o["precision"],
+                "recall": o["recall"],
+                "baseline_precision": b["precision"],
+                "baseline_recall": b["recall"],
+                "docs": len(docs),
+                "true_pairs": len(truth),
+                "shingle_words": p.shingle_words,
+                "num_perm": p.num_perm,
+                "jaccard_threshold": p.jaccard_threshold,
+                "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -68,8 +68,15 @@ def compare(cfg: GPTConfig, batch: int, seq: int, repeats: int, device: torch.de
         t_ours.append(step_time(ours, idx, targets, repeats, device, amp))
         t_hf.append(step_time(hf, data, data, repeats, device, amp))
     o, h = min(t_ours) * 1e3, min(t_hf) * 1e3
-    return {"ours": round(o, 2), "baseline": round(h, 2), "ratio": round(h / o, 2), "same_loss": abs(ours_loss - hf_loss) < 1e-2 * max(1.0, abs(hf_loss)),
-            "tokens_per_s_ours": round(batch * seq / (o / 1e3)), "batch": batch, "seq": seq}
+    return {
+        "ours": round(o, 2),
+        "baseline": round(h, 2),
+        "ratio": round(h / o, 2),
+        "same_loss": abs(ours_loss - hf_loss) < 1e-2 * max(1.0, abs(hf_loss)),
+        "tokens_per_s_ours": round(batch * seq / (o / 1e3)),
+        "batch": batch,
+        "seq": seq,
+    }
 
 
 def main() -> None:
@@ -79,17 +86,45 @@ def main() -> None:
     cfg = GPTConfig.from_preset("cpu")
     batch, seq, repeats = (4, 128, 2) if args.quick else (8, 256, 4)
     cpu = compare(cfg, batch, seq, repeats, torch.device("cpu"), amp=False)
-    print(f"CPU fp32, preset cpu, batch {batch}x{seq}: ours {cpu['ours']} ms, LlamaForCausalLM {cpu['baseline']} ms, ratio {cpu['ratio']}x", flush=True)
-    result = {"benchmark": "step", "ours": cpu["ours"], "baseline": cpu["baseline"], "unit": "ms/step (fwd+bwd)", "ratio": cpu["ratio"],
-              "device": "cpu", "dtype": "float32", "preset": "cpu", "batch": batch, "seq": seq, "same_loss": cpu["same_loss"],
-              "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-              "quick": args.quick}
+    print(
+        f"CPU fp32, preset cpu, batch {batch}x{seq}: ours {cpu['ours']} ms, LlamaForCausalLM {cpu['baseline']} ms, ratio {cpu['ratio']}x",
+        flush=True,
+    )
+    result = {
+        "benchmark": "step",
+        "ours": cpu["ours"],
+        "baseline": cpu["baseline"],
+        "unit": "ms/step (fwd+bwd)",
+        "ratio": cpu["ratio"],
+        "device": "cpu",
+        "dtype": "float32",
+        "preset": "cpu",
+        "batch": batch,
+        "seq": seq,
+        "same_loss": cpu["same_loss"],
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "quick": args.quick,
+    }
     if torch.cuda.is_available():
         gcfg = GPTConfig.from_preset("124m")
         gpu = compare(gcfg, 8, 1024, 10, torch.device("cuda"), amp=True)
-        print(f"GPU bf16, preset 124m, batch 8x1024: ours {gpu['ours']} ms, LlamaForCausalLM {gpu['baseline']} ms, ratio {gpu['ratio']}x", flush=True)
-        result.update({"gpu": torch.cuda.get_device_name(), "gpu_ours": gpu["ours"], "gpu_baseline": gpu["baseline"], "gpu_ratio": gpu["ratio"],
-                       "gpu_preset": "124m", "gpu_dtype": "bfloat16", "gpu_same_loss": gpu["same_loss"]})
+        print(
+            f"GPU bf16, preset 124m, batch 8x1024: ours {gpu['ours']} ms, LlamaForCausalLM {gpu['baseline']} ms, ratio {gpu['ratio']}x",
+            flush=True,
+        )
+        result.update(
+            {
+                "gpu": torch.cuda.get_device_name(),
+                "gpu_ours": gpu["ours"],
+                "gpu_baseline": gpu["baseline"],
+                "gpu_ratio": gpu["ratio"],
+                "gpu_preset": "124m",
+                "gpu_dtype": "bfloat16",
+                "gpu_same_loss": gpu["same_loss"],
+            }
+        )
     print(json.dumps(result))
 
 

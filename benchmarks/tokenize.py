@@ -74,21 +74,39 @@ def main() -> int:
     def stage_path():
         with tempfile.TemporaryDirectory() as tmp, tqdm(disable=True) as progress:
             for split in SPLITS:
-                encode_split(tokenizer, CLEAN_DIR / f"{split}.jsonl", Path(tmp) / f"{split}.bin", batch_size,
-                             np.dtype(np.uint16), progress)
+                encode_split(
+                    tokenizer,
+                    CLEAN_DIR / f"{split}.jsonl",
+                    Path(tmp) / f"{split}.bin",
+                    batch_size,
+                    np.dtype(np.uint16),
+                    progress,
+                )
 
     stage_s, _ = best_of(args.repeats, stage_path)
-    print(f"{len(texts)} documents, {megabytes:.1f} MB, {sum(map(len, ours_ids))} tokens, "
-          f"RAYON threads: {os.environ.get('RAYON_NUM_THREADS', os.cpu_count())}")
+    print(
+        f"{len(texts)} documents, {megabytes:.1f} MB, {sum(map(len, ours_ids))} tokens, "
+        f"RAYON threads: {os.environ.get('RAYON_NUM_THREADS', os.cpu_count())}"
+    )
     print(f"ours (encode_batch_fast, batch {batch_size}): {megabytes / ours_s:.2f} MB/s")
     print(f"baseline (Tokenizer.encode loop):            {megabytes / base_s:.2f} MB/s")
     print(f"stage path (encode + round-trip check + write): {megabytes / stage_s:.2f} MB/s")
-    print(json.dumps({
-        "benchmark": "tokenize", "ours": round(megabytes / ours_s, 3), "baseline": round(megabytes / base_s, 3),
-        "unit": "MB/s", "ratio": round(base_s / ours_s, 3), "stage_mb_per_s": round(megabytes / stage_s, 3),
-        "stage_ratio": round(base_s / stage_s, 3), "documents": len(texts), "megabytes": round(megabytes, 2),
-        "cpus": os.cpu_count(),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "tokenize",
+                "ours": round(megabytes / ours_s, 3),
+                "baseline": round(megabytes / base_s, 3),
+                "unit": "MB/s",
+                "ratio": round(base_s / ours_s, 3),
+                "stage_mb_per_s": round(megabytes / stage_s, 3),
+                "stage_ratio": round(base_s / stage_s, 3),
+                "documents": len(texts),
+                "megabytes": round(megabytes, 2),
+                "cpus": os.cpu_count(),
+            }
+        )
+    )
     return 0
 
 

@@ -57,9 +57,14 @@ def write_shards(directory: Path, vocab_size: int, n_tokens: int = 2_000_000) ->
     dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
     for split, n in (("train", n_tokens), ("val", n_tokens // 10)):
         rng.integers(0, vocab_size, size=n, dtype=dtype).tofile(directory / f"{split}.bin")
-    meta = {"dtype": np.dtype(dtype).name, "vocab_size": vocab_size, "tokenizer_sha256": "synthetic",
-            "splits": {s: {"tokens": n, "docs": 1, "bytes": 3 * n} for s, n in (("train", n_tokens),
-                                                                              ("val", n_tokens // 10))}}
+    meta = {
+        "dtype": np.dtype(dtype).name,
+        "vocab_size": vocab_size,
+        "tokenizer_sha256": "synthetic",
+        "splits": {
+            s: {"tokens": n, "docs": 1, "bytes": 3 * n} for s, n in (("train", n_tokens), ("val", n_tokens // 10))
+        },
+    }
     (directory / "meta.json").write_text(json.dumps(meta))
 
 
@@ -77,9 +82,18 @@ def setup(args):
         overrides["block_size"] = args.block_size
     config = GPTConfig.from_preset(args.preset, **overrides)
     total = args.warmup + args.steps
-    t = TrainParams(max_steps=total, batch_size=args.batch_size, grad_accum=args.grad_accum, warmup_steps=2,
-                    precision=args.precision, compile=args.compile, val_every=10**9, log_every=10,
-                    checkpoint_every=10**9, devices=1)
+    t = TrainParams(
+        max_steps=total,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        warmup_steps=2,
+        precision=args.precision,
+        compile=args.compile,
+        val_every=10**9,
+        log_every=10,
+        checkpoint_every=10**9,
+        devices=1,
+    )
     cuda = uses_cuda(t.accelerator)
     precision = resolve_precision(t.precision, cuda, cuda and torch.cuda.is_bf16_supported())
     if cuda:
@@ -172,8 +186,9 @@ def run_baseline(args) -> dict:
     model = GPT(config).to(device)
     if t.compile:
         model.compile()
-    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
-                                  fused=(device.type == "cuda") or None)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), fused=(device.type == "cuda") or None
+    )
     autocast_dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "16-mixed")
     stream = iter(TrainWindows(data.tokens("train"), config.block_size, t.batch_size, t.grad_accum, t.seed, 0))
@@ -198,32 +213,56 @@ def run_baseline(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter())
-    return result(args, times, t.batch_size * t.grad_accum * config.block_size, memory.stop(), model, precision,
-                  device)
+    return result(args, times, t.batch_size * t.grad_accum * config.block_size, memory.stop(), model, precision, device)
 
 
 def result(args, times, tokens_per_step, peak_mb, model, precision, device) -> dict:
     from pipelines.train.log import peak_flops
 
-    timed = times[args.warmup - 1:] if args.warmup else times
+    timed = times[args.warmup - 1 :] if args.warmup else times
     seconds = timed[-1] - timed[0]
     tokens_per_s = (len(timed) - 1) * tokens_per_step / seconds
     peak = peak_flops(device, precision)
     flops = model.flops_per_token(model.config.block_size)
-    return {"tokens_per_s": tokens_per_s, "peak_mem_mb": peak_mb, "precision": precision,
-            "mfu": tokens_per_s * flops / peak if peak else None,
-            "device": __import__("torch").cuda.get_device_name() if device.type == "cuda" else platform.processor()
-            or platform.machine(), "params": model.num_params()}
+    return {
+        "tokens_per_s": tokens_per_s,
+        "peak_mem_mb": peak_mb,
+        "precision": precision,
+        "mfu": tokens_per_s * flops / peak if peak else None,
+        "device": __import__("torch").cuda.get_device_name()
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "params": model.num_params(),
+    }
 
 
 # --- driver -------------------------------------------------------------------------------------
 
 
 def spawn(worker: str, args: argparse.Namespace, data_dir: str, compile_: bool) -> dict:
-    argv = [sys.executable, "-m", "benchmarks.train", "--worker", worker, "--data", data_dir,
-            "--preset", args.preset, "--vocab-size", str(args.vocab_size), "--batch-size", str(args.batch_size),
-            "--grad-accum", str(args.grad_accum), "--steps", str(args.steps), "--warmup", str(args.warmup),
-            "--precision", args.precision]
+    argv = [
+        sys.executable,
+        "-m",
+        "benchmarks.train",
+        "--worker",
+        worker,
+        "--data",
+        data_dir,
+        "--preset",
+        args.preset,
+        "--vocab-size",
+        str(args.vocab_size),
+        "--batch-size",
+        str(args.batch_size),
+        "--grad-accum",
+        str(args.grad_accum),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--precision",
+        args.precision,
+    ]
     if args.block_size:
         argv += ["--block-size", str(args.block_size)]
     if compile_:
@@ -257,8 +296,10 @@ def main(argv=None) -> int:
             for worker in order:
                 r = spawn(worker, args, data_dir, args.compile)
                 runs[worker].append(r)
-                print(f"  {worker:8s} run {i + 1}: {r['tokens_per_s']:,.0f} tokens/s, peak {r['peak_mem_mb']:.0f} MB",
-                      file=sys.stderr)
+                print(
+                    f"  {worker:8s} run {i + 1}: {r['tokens_per_s']:,.0f} tokens/s, peak {r['peak_mem_mb']:.0f} MB",
+                    file=sys.stderr,
+                )
             if args.compile and args.compare_eager:
                 r = spawn("ours", args, data_dir, False)
                 runs["eager"].append(r)
@@ -275,9 +316,16 @@ def main(argv=None) -> int:
         "baseline_peak_mem_mb": round(base["peak_mem_mb"], 1),
         "mfu": ours["mfu"] and round(ours["mfu"], 4),
         "baseline_mfu": base["mfu"] and round(base["mfu"], 4),
-        "preset": args.preset, "params": ours["params"], "block_size": args.block_size or "preset",
-        "batch_size": args.batch_size, "grad_accum": args.grad_accum, "precision": ours["precision"],
-        "compile": args.compile, "steps": args.steps, "repeats": args.repeats, "device": ours["device"],
+        "preset": args.preset,
+        "params": ours["params"],
+        "block_size": args.block_size or "preset",
+        "batch_size": args.batch_size,
+        "grad_accum": args.grad_accum,
+        "precision": ours["precision"],
+        "compile": args.compile,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "device": ours["device"],
         "baseline_name": "plain PyTorch loop (same model, AdamW, schedule, clipping, data)",
     }
     if runs["eager"]:

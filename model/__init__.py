@@ -9,6 +9,17 @@ from model.sequence import Completion, StreamChunk, TokenLogprob
 from model.transformer import GPT, KVCache
 
 __all__ = [
-    "GPT", "GPTConfig", "PRESETS", "KVCache", "Engine", "SamplingParams", "Completion", "StreamChunk",
-    "TokenLogprob", "save_pretrained", "load_pretrained", "Scheduler", "RowUpdate",
+    "GPT",
+    "GPTConfig",
+    "PRESETS",
+    "KVCache",
+    "Engine",
+    "SamplingParams",
+    "Completion",
+    "StreamChunk",
+    "TokenLogprob",
+    "save_pretrained",
+    "load_pretrained",
+    "Scheduler",
+    "RowUpdate",
 ]

@@ -1,6 +1,6 @@
 """Deterministic beam search over the engine's KV cache, with Hugging Face's length penalty and early stop.
 
-    >>> engine.generate(["To be"], SamplingParams(max_tokens=8, temperature=0, num_beams=4, n=2))
+>>> engine.generate(["To be"], SamplingParams(max_tokens=8, temperature=0, num_beams=4, n=2))
 """
 
 from __future__ import annotations
@@ -24,8 +24,15 @@ def normalized(score: float, length: int, length_penalty: float) -> float:
     return score / (max(length, 1) ** length_penalty)
 
 
-def step_candidates(engine: Engine, beams: list[list[int]], top_scores: list[float], top_idx: list[int],
-                    params: SamplingParams, stop_ids: set[int], finished: list[Hypothesis]):
+def step_candidates(
+    engine: Engine,
+    beams: list[list[int]],
+    top_scores: list[float],
+    top_idx: list[int],
+    params: SamplingParams,
+    stop_ids: set[int],
+    finished: list[Hypothesis],
+):
     """Walk the 2K best (beam, token) candidates in order: a stop token or stop string ends a hypothesis (kept if
     it ranks among the top K), others extend a live beam until K are kept. Returns (beam, token, score) lists."""
     K, V = params.num_beams, engine.config.vocab_size
@@ -73,8 +80,9 @@ def beam_search(engine: Engine, index: int, prompt_ids: list[int], params: Sampl
         logp = torch.log_softmax(apply_penalties(last, params, seen, counts, history), dim=-1)
         cand = (scores[:, None] + logp).view(-1)
         top_scores, top_idx = cand.topk(min(2 * K, cand.numel()))
-        keep_beam, keep_tok, keep_score = step_candidates(engine, beams, top_scores.tolist(), top_idx.tolist(),
-                                                          params, stop_ids, finished)
+        keep_beam, keep_tok, keep_score = step_candidates(
+            engine, beams, top_scores.tolist(), top_idx.tolist(), params, stop_ids, finished
+        )
         if not keep_beam:
             break
         beams = [beams[b] + [tok] for b, tok in zip(keep_beam, keep_tok)]
@@ -88,14 +96,22 @@ def beam_search(engine: Engine, index: int, prompt_ids: list[int], params: Sampl
                 beams = []
                 break
         cache.reorder(torch.tensor(keep_beam, device=engine.device))
-        logits, _ = engine.forward(torch.tensor(keep_tok, device=engine.device)[:, None], kv_cache=cache,
-                                   logits_to_keep=1)
+        logits, _ = engine.forward(
+            torch.tensor(keep_tok, device=engine.device)[:, None], kv_cache=cache, logits_to_keep=1
+        )
         last = logits[:, -1]
     for ids, s in zip(beams, scores.tolist()):
         finished.append((normalized(s, len(ids), params.length_penalty), s, ids, engine.decode(ids), "length"))
     finished.sort(key=lambda f: -f[0])
     return [
-        Completion(index=index, text=text, token_ids=ids, finish_reason=reason, prompt_token_ids=list(prompt_ids),
-                   prompt_logprobs=prompt_lp, cumulative_logprob=s)
+        Completion(
+            index=index,
+            text=text,
+            token_ids=ids,
+            finish_reason=reason,
+            prompt_token_ids=list(prompt_ids),
+            prompt_logprobs=prompt_lp,
+            cumulative_logprob=s,
+        )
         for _, s, ids, text, reason in finished[: params.n]
     ]

@@ -1,8 +1,8 @@
 """Model configuration: one dataclass, a few named sizes.
 
-    >>> cfg = GPTConfig.from_preset("tiny", vocab_size=512)
-    >>> cfg.head_dim
-    16
+>>> cfg = GPTConfig.from_preset("tiny", vocab_size=512)
+>>> cfg.head_dim
+16
 """
 
 from __future__ import annotations

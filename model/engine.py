@@ -54,7 +54,9 @@ class Engine:
         self._token_text: dict[int, str] = {}
 
     @classmethod
-    def from_pretrained(cls, path, expected_tokenizer_sha256: str | None = None, device=None, compile: bool = False) -> Engine:
+    def from_pretrained(
+        cls, path, expected_tokenizer_sha256: str | None = None, device=None, compile: bool = False
+    ) -> Engine:
         """Model and tokenizer from a folder written by save_pretrained."""
         model = load_pretrained(path, expected_tokenizer_sha256, map_location=device or "cpu")
         cfg = json.loads((Path(path) / "config.json").read_text())
@@ -75,7 +77,9 @@ class Engine:
         return self._token_text[token_id]
 
     # -- public API -----------------------------------------------------------------------------
-    def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], params: SamplingParams | None = None) -> list[Completion]:
+    def generate(
+        self, prompts: Sequence[str] | Sequence[Sequence[int]], params: SamplingParams | None = None
+    ) -> list[Completion]:
         """Completions for every prompt (n per prompt, grouped by prompt, in order)."""
         params = params or SamplingParams()
         prompt_ids = [self._prompt_ids(p) for p in prompts]
@@ -86,7 +90,8 @@ class Engine:
             return [c for i, p in enumerate(prompt_ids) for c in beam_search(self, i, p, params)]
         rows = [
             Row(i, p, params, self.stop_ids(params), self.decode, incremental=bool(params.stop))
-            for i, p in enumerate(prompt_ids) for _ in range(params.n)
+            for i, p in enumerate(prompt_ids)
+            for _ in range(params.n)
         ]
         for _ in self._decode(rows, params):
             pass
@@ -102,15 +107,18 @@ class Engine:
         row = Row(0, ids, params, self.stop_ids(params), self.decode, incremental=True)
         for _ in self._decode([row], params):
             final = row.final_text()
-            chunk = StreamChunk(row.ids[-1], final[row.emitted :], row.finish_reason,
-                                row.logprobs[-1] if row.logprobs else None)
+            chunk = StreamChunk(
+                row.ids[-1], final[row.emitted :], row.finish_reason, row.logprobs[-1] if row.logprobs else None
+            )
             row.emitted = len(final)
             yield chunk
         if row.finish_reason is None:  # max_tokens == 0
             row.finish_reason = "length"
             yield StreamChunk(None, "", "length")
 
-    def loglikelihood(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 8) -> list[tuple[float, bool]]:
+    def loglikelihood(
+        self, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 8
+    ) -> list[tuple[float, bool]]:
         """lm-eval's contract for (context_ids, continuation_ids) pairs: see model.scoring.loglikelihood."""
         return loglikelihood(self.model, requests, batch_size, self.kv_cache)
 
@@ -157,7 +165,9 @@ class Engine:
             tops = [[(t, self.token_text(t), x) for t, x in zip(ti, vi)] for ti, vi in zip(i.tolist(), v.tolist())]
         return [TokenLogprob(t, self.token_text(t), x, top) for t, x, top in zip(chosen.tolist(), lp, tops)]
 
-    def prompt_logprobs(self, logits: torch.Tensor, idx: torch.Tensor, lens: list[int], n_top: int) -> list[list[TokenLogprob]]:
+    def prompt_logprobs(
+        self, logits: torch.Tensor, idx: torch.Tensor, lens: list[int], n_top: int
+    ) -> list[list[TokenLogprob]]:
         """Per row, a record for each prompt token (None for the first): from the prefill logits."""
         L = idx.size(1)
         logp = torch.log_softmax(logits[:, :-1], dim=-1)  # position p predicts token p + 1
@@ -191,8 +201,10 @@ class Engine:
             mask = slots >= pad  # (B, total): False on left padding
             positions = (slots - pad).clamp(min=0)
         logits, _ = self.forward(
-            idx, position_ids=None if positions is None else positions[:, :L],
-            attention_mask=None if mask is None else mask[:, :L], kv_cache=cache,
+            idx,
+            position_ids=None if positions is None else positions[:, :L],
+            attention_mask=None if mask is None else mask[:, :L],
+            kv_cache=cache,
             logits_to_keep=0 if want_all_logits else 1,
         )
         return logits, idx, positions, mask, cache
@@ -204,7 +216,9 @@ class Engine:
         total = L + params.max_tokens
         logits, idx, positions, mask, cache = self.prefill([r.prompt_ids for r in rows], total, params.echo)
         if params.echo:
-            for r, recs in zip(rows, self.prompt_logprobs(logits, idx, [len(r.prompt_ids) for r in rows], params.logprobs or 0)):
+            for r, recs in zip(
+                rows, self.prompt_logprobs(logits, idx, [len(r.prompt_ids) for r in rows], params.logprobs or 0)
+            ):
                 r.prompt_logprobs = recs
         if params.max_tokens == 0:
             return
@@ -215,7 +229,9 @@ class Engine:
             gen.manual_seed(params.seed)
         else:
             gen.seed()
-        seen, counts, history = penalty_state(params, [(r.prompt_ids, ()) for r in rows], self.config.vocab_size, self.device)
+        seen, counts, history = penalty_state(
+            params, [(r.prompt_ids, ()) for r in rows], self.config.vocab_size, self.device
+        )
 
         for t in range(params.max_tokens):
             x = apply_penalties(last, params, seen, counts, history)
@@ -240,8 +256,11 @@ class Engine:
                 break
             s = L + t  # slot of the token being fed
             logits, _ = self.forward(
-                nxt[:, None], position_ids=None if positions is None else positions[:, s : s + 1],
-                attention_mask=None if mask is None else mask[:, : s + 1], kv_cache=cache, logits_to_keep=1,
+                nxt[:, None],
+                position_ids=None if positions is None else positions[:, s : s + 1],
+                attention_mask=None if mask is None else mask[:, : s + 1],
+                kv_cache=cache,
+                logits_to_keep=1,
             )
             last = logits[:, -1]
 
@@ -256,4 +275,6 @@ def _unwrap_tokenizer(tokenizer):
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if isinstance(backend, Tokenizer):
         return backend, getattr(tokenizer, "eos_token_id", None)
-    raise TypeError(f"tokenizer must be a tokenizers.Tokenizer, a PreTrainedTokenizerFast or a path, got {type(tokenizer).__name__}")
+    raise TypeError(
+        f"tokenizer must be a tokenizers.Tokenizer, a PreTrainedTokenizerFast or a path, got {type(tokenizer).__name__}"
+    )

@@ -141,7 +141,9 @@ def save_pretrained(model: GPT, out_dir, tokenizer_dir=None, generation_config: 
                     shutil.copyfile(tokenizer_dir / fname, tmp / fname)
             if not (tmp / "tokenizer_config.json").exists():
                 # without it AutoTokenizer would guess a Llama (sentencepiece) tokenizer class
-                (tmp / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
+                (tmp / "tokenizer_config.json").write_text(
+                    json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}, indent=2)
+                )
             sha = file_sha256(tmp / "tokenizer.json")
             bos, eos = _special_token_ids(tmp)
 
@@ -225,6 +227,8 @@ def load_pretrained(path, expected_tokenizer_sha256: str | None = None, map_loca
     expected = set(model.state_dict()) - ({"lm_head.weight"} if config.tie_embeddings else set())
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the config: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+        raise ValueError(
+            f"{path}: weights do not match the config: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
+        )
     model.load_state_dict(state, strict=False, assign=False)
     return model.eval()

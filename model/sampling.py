@@ -45,28 +45,67 @@ class SamplingParams:
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         check_param(_is_int(self.max_tokens) and self.max_tokens >= 0, "max_tokens", "an integer >= 0", self.max_tokens)
-        check_param(_is_num(self.temperature) and self.temperature >= 0, "temperature", "a number >= 0", self.temperature)
+        check_param(
+            _is_num(self.temperature) and self.temperature >= 0, "temperature", "a number >= 0", self.temperature
+        )
         check_param(_is_int(self.top_k) and self.top_k >= 0, "top_k", "an integer >= 0 (0 or -1 = off)", self.top_k)
         check_param(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
         check_param(_is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", "in [0, 1]", self.min_p)
-        check_param(_is_num(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty", "> 0", self.repetition_penalty)
-        check_param(_is_num(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "presence_penalty", "in [-2, 2]", self.presence_penalty)
-        check_param(_is_num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "frequency_penalty", "in [-2, 2]", self.frequency_penalty)
+        check_param(
+            _is_num(self.repetition_penalty) and self.repetition_penalty > 0,
+            "repetition_penalty",
+            "> 0",
+            self.repetition_penalty,
+        )
+        check_param(
+            _is_num(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+            "presence_penalty",
+            "in [-2, 2]",
+            self.presence_penalty,
+        )
+        check_param(
+            _is_num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+            "frequency_penalty",
+            "in [-2, 2]",
+            self.frequency_penalty,
+        )
         check_param(all(isinstance(s, str) and s for s in self.stop), "stop", "a list of non-empty strings", self.stop)
-        check_param(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", "a list of token ids", self.stop_token_ids)
+        check_param(
+            all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+            "stop_token_ids",
+            "a list of token ids",
+            self.stop_token_ids,
+        )
         check_param(self.seed is None or _is_int(self.seed), "seed", "an integer or None", self.seed)
         check_param(_is_int(self.n) and self.n >= 1, "n", "an integer >= 1", self.n)
-        check_param(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20), "logprobs", "None or an integer in [0, 20]", self.logprobs)
+        check_param(
+            self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20),
+            "logprobs",
+            "None or an integer in [0, 20]",
+            self.logprobs,
+        )
         check_param(_is_int(self.num_beams) and self.num_beams >= 1, "num_beams", "an integer >= 1", self.num_beams)
-        check_param(_is_int(self.no_repeat_ngram_size) and self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size", "an integer >= 0", self.no_repeat_ngram_size)
+        check_param(
+            _is_int(self.no_repeat_ngram_size) and self.no_repeat_ngram_size >= 0,
+            "no_repeat_ngram_size",
+            "an integer >= 0",
+            self.no_repeat_ngram_size,
+        )
         check_param(_is_num(self.length_penalty), "length_penalty", "a number", self.length_penalty)
         self.logit_bias = dict(self.logit_bias or {})
         check_param(
             all(_is_int(t) and t >= 0 and _is_num(b) and -100 <= b <= 100 for t, b in self.logit_bias.items()),
-            "logit_bias", "a map of token ids to numbers in [-100, 100]", self.logit_bias,
+            "logit_bias",
+            "a map of token ids to numbers in [-100, 100]",
+            self.logit_bias,
         )
         if self.num_beams > 1:
-            check_param(self.temperature == 0, "temperature", "0 when num_beams > 1 (beam search is deterministic)", self.temperature)
+            check_param(
+                self.temperature == 0,
+                "temperature",
+                "0 when num_beams > 1 (beam search is deterministic)",
+                self.temperature,
+            )
             check_param(self.n <= self.num_beams, "n", f"<= num_beams ({self.num_beams}) in beam search", self.n)
             check_param(self.logprobs is None, "logprobs", "None when num_beams > 1", self.logprobs)
 

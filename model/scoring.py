@@ -10,9 +10,8 @@ sliding windows: the evaluate stage's held-out bits per byte and lm-eval's `logl
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-
 import math
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +22,10 @@ from model.transformer import GPT, KVCache
 
 @torch.inference_mode()
 def loglikelihood(
-    model: GPT, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int, kv_cache: Callable[[int], KVCache]
+    model: GPT,
+    requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+    batch_size: int,
+    kv_cache: Callable[[int], KVCache],
 ) -> list[tuple[float, bool]]:
     """For each (context_ids, continuation_ids): (sum of the continuation's logprobs given the
     context, whether greedy decoding would have produced the continuation). lm-eval's contract.
@@ -40,7 +42,9 @@ def loglikelihood(
         check_param(len(cont) > 0, "continuation_ids", "non-empty", list(cont))
         n = len(ctx) + len(cont) - 1
         if n > model.config.block_size:
-            raise ValueError(f"request {i}: context + continuation is {n + 1} tokens, more than block_size + 1 = {model.config.block_size + 1}")
+            raise ValueError(
+                f"request {i}: context + continuation is {n + 1} tokens, more than block_size + 1 = {model.config.block_size + 1}"
+            )
     singles = list(range(len(requests)))
     if batch_size > 1:
         groups: dict[tuple[int, ...], list[int]] = {}
@@ -50,7 +54,9 @@ def loglikelihood(
         chunks = [m[s : s + batch_size] for m in groups.values() if len(m) > 1 for s in range(0, len(m), batch_size)]
         for batch in _pack_shared_contexts(requests, chunks, batch_size, model.config.block_size):
             members = [i for m in batch for i in m]
-            for i, result in zip(members, _shared_context_loglikelihood(model, [[requests[i] for i in m] for m in batch], kv_cache)):
+            for i, result in zip(
+                members, _shared_context_loglikelihood(model, [[requests[i] for i in m] for m in batch], kv_cache)
+            ):
                 out[i] = result
     order = sorted(singles, key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
     for s in range(0, len(order), batch_size):
@@ -63,7 +69,10 @@ def loglikelihood(
             out[i] = result
     return out
 
-def _pack_shared_contexts(requests, chunks: list[list[int]], batch_size: int, block_size: int) -> Iterator[list[list[int]]]:
+
+def _pack_shared_contexts(
+    requests, chunks: list[list[int]], batch_size: int, block_size: int
+) -> Iterator[list[list[int]]]:
     """Batches of same-context chunks: at most batch_size continuations, and the longest context plus the
     longest continuation within the model's context (they share cache slots). Longest contexts first, so
     similar lengths share a batch."""
@@ -77,6 +86,7 @@ def _pack_shared_contexts(requests, chunks: list[list[int]], batch_size: int, bl
         rows, ctx_len, cont_len = rows + len(chunk), max(ctx_len, c), max(cont_len, t)
     if batch:
         yield batch
+
 
 def _shared_context_loglikelihood(model: GPT, groups, kv_cache: Callable[[int], KVCache]) -> list[tuple[float, bool]]:
     """loglikelihood for groups of requests that share a context, in order: the contexts run once (right-padded
@@ -98,11 +108,14 @@ def _shared_context_loglikelihood(model: GPT, groups, kv_cache: Callable[[int], 
         ctx_len = torch.tensor([len(ctxs[k]) for k in owner], device=device)[:, None]
         slots = torch.arange(L + T, device=device)[None, :]
         hidden = model.hidden_states(
-            _right_padded([c[:-1] for c in conts], device), position_ids=ctx_len + slots[:, :T], kv_cache=cache,
+            _right_padded([c[:-1] for c in conts], device),
+            position_ids=ctx_len + slots[:, :T],
+            kv_cache=cache,
             attention_mask=(slots < ctx_len) | (slots >= L),  # the context's real tokens, then the continuation
         )
         spans = [torch.cat([first[k], hidden[r, : len(conts[r]) - 1]]) for r, k in enumerate(owner)]
     return _score_continuations(model, spans, conts)
+
 
 def _right_padded(seqs: list[list[int]], device) -> torch.Tensor:
     """(B, longest) token ids on device; right padding never changes earlier positions of a causal model."""
@@ -110,6 +123,7 @@ def _right_padded(seqs: list[list[int]], device) -> torch.Tensor:
     for r, q in enumerate(seqs):
         idx[r, : len(q)] = torch.tensor(q, dtype=torch.long)
     return idx.to(device)
+
 
 def _score_continuations(model: GPT, spans: list[torch.Tensor], continuations) -> list[tuple[float, bool]]:
     """spans[r]: the hidden states (len(cont), n_embd) that predict continuations[r] -> (logprob sum, greedy?)."""
@@ -148,7 +162,11 @@ def rolling_windows(n: int, block_size: int, stride: int) -> list[tuple[int, int
 
 @torch.inference_mode()
 def rolling_loglikelihood(
-    model: GPT, docs: Sequence[Sequence[int]], prefix_id: int, stride: int | None = None, batch_size: int = 16,
+    model: GPT,
+    docs: Sequence[Sequence[int]],
+    prefix_id: int,
+    stride: int | None = None,
+    batch_size: int = 16,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[float]:
     """Sum of log p(t_i | preceding tokens) over each document, with sliding windows (natural log).

@@ -123,6 +123,11 @@ class Row:
 
     def completion(self) -> Completion:
         return Completion(
-            index=self.index, text=self.text, token_ids=list(self.ids), finish_reason=self.finish_reason or "length",
-            prompt_token_ids=list(self.prompt_ids), logprobs=self.logprobs, prompt_logprobs=self.prompt_logprobs,
+            index=self.index,
+            text=self.text,
+            token_ids=list(self.ids),
+            finish_reason=self.finish_reason or "length",
+            prompt_token_ids=list(self.prompt_ids),
+            logprobs=self.logprobs,
+            prompt_logprobs=self.prompt_logprobs,
         )

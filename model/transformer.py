@@ -134,7 +134,11 @@ class Attention(nn.Module):
             k, v = kc[:B, :, :end], vc[:B, :, :end]
         # also for single-token decoding: on torch 2.13 CPU the fused kernel beats explicit matmuls
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal,
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head,
         )  # (B, nh, T, hs)
@@ -188,11 +192,13 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         # same module tree as HF LlamaForCausalLM, so state_dict keys are the HF names
-        self.model = nn.ModuleDict(dict(
-            embed_tokens=nn.Embedding(config.vocab_size, config.n_embd),
-            layers=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
-            norm=RMSNorm(config.n_embd, config.norm_eps),
-        ))
+        self.model = nn.ModuleDict(
+            dict(
+                embed_tokens=nn.Embedding(config.vocab_size, config.n_embd),
+                layers=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+                norm=RMSNorm(config.n_embd, config.norm_eps),
+            )
+        )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -271,7 +277,10 @@ class GPT(nn.Module):
             else:
                 cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]  # (T, hs), broadcasts
         if position_ids is not None:
-            cos, sin = self.rope_cos[position_ids].unsqueeze(1), self.rope_sin[position_ids].unsqueeze(1)  # (B, 1, T, hs)
+            cos, sin = (
+                self.rope_cos[position_ids].unsqueeze(1),
+                self.rope_sin[position_ids].unsqueeze(1),
+            )  # (B, 1, T, hs)
         x = self.model.embed_tokens(idx)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         mask, is_causal = self._attn_mask(T, start, attention_mask, idx.device)

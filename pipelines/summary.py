@@ -42,29 +42,62 @@ def summary_rows(root: Path) -> list[tuple[str, str]]:
     rows = []
     if clean:
         dropped = sum(clean.get("dropped", {}).values()) + clean.get("quarantined", 0)
-        rows.append(("clean", f"{clean['docs_out']} of {clean['docs_in']} documents kept ({clean['exact_duplicates']} exact and "
-                              f"{clean['near_duplicates']} near duplicates, {dropped} dropped or quarantined)"))
+        rows.append(
+            (
+                "clean",
+                f"{clean['docs_out']} of {clean['docs_in']} documents kept ({clean['exact_duplicates']} exact and "
+                f"{clean['near_duplicates']} near duplicates, {dropped} dropped or quarantined)",
+            )
+        )
     if tok:
         tokens = tok["tokens"]
-        rows.append(("tokenize", f"vocab {tok['vocab_size']}, {tok['bytes_per_token']:.2f} bytes/token; tokens train "
-                                 f"{_millions(tokens['train'])}, val {_millions(tokens['val'])}, test {_millions(tokens['test'])}"))
+        rows.append(
+            (
+                "tokenize",
+                f"vocab {tok['vocab_size']}, {tok['bytes_per_token']:.2f} bytes/token; tokens train "
+                f"{_millions(tokens['train'])}, val {_millions(tokens['val'])}, test {_millions(tokens['test'])}",
+            )
+        )
     if train:
         resumed = f", resumed from step {train['resumed_from_step']}" if train.get("resumed_from_step") else ""
         mfu = f", MFU {train['mfu']:.0%}" if train.get("mfu") is not None else ""
-        rows.append(("train", f"{_millions(train['params'])} params, {train['steps']} steps, {_millions(train['tokens_seen'])} tokens "
-                              f"at {train['tokens_per_s']:,.0f} tok/s{mfu}{resumed}; val_bpb {train['val_bpb']:.3f}"))
+        rows.append(
+            (
+                "train",
+                f"{_millions(train['params'])} params, {train['steps']} steps, {_millions(train['tokens_seen'])} tokens "
+                f"at {train['tokens_per_s']:,.0f} tok/s{mfu}{resumed}; val_bpb {train['val_bpb']:.3f}",
+            )
+        )
     if ev:
         ref = ev.get("reference", {})
-        refs = ", ".join(f"{name} {ref[key]:.3f}" for name, key in (("byte n-gram", "ngram_bpb"), ("uniform", "uniform_bpb")) if key in ref)
-        rows.append(("evaluate", f"test_bpb {ev['test_bpb']:.3f}" + (f" (reference: {refs})" if refs else "") +
-                                 f", perplexity {ev['test_ppl']:.1f}"))
+        refs = ", ".join(
+            f"{name} {ref[key]:.3f}"
+            for name, key in (("byte n-gram", "ngram_bpb"), ("uniform", "uniform_bpb"))
+            if key in ref
+        )
+        rows.append(
+            (
+                "evaluate",
+                f"test_bpb {ev['test_bpb']:.3f}"
+                + (f" (reference: {refs})" if refs else "")
+                + f", perplexity {ev['test_ppl']:.1f}",
+            )
+        )
         for task, by_shot in ev.items():
             if isinstance(by_shot, dict) and task != "reference" and all(isinstance(v, dict) for v in by_shot.values()):
-                scores = "; ".join(f"{shot}: " + ", ".join(f"{k} {fmt_value(v)}" for k, v in vals.items()) for shot, vals in by_shot.items())
+                scores = "; ".join(
+                    f"{shot}: " + ", ".join(f"{k} {fmt_value(v)}" for k, v in vals.items())
+                    for shot, vals in by_shot.items()
+                )
                 rows.append(("", f"{task}  {scores}"))
         if "samples" in ev:
             s = ev["samples"]
-            rows.append(("", f"{s['count']} samples against their true continuation: BLEU {s['bleu']:.1f}, ROUGE-L {s['rougeL']:.3f}"))
+            rows.append(
+                (
+                    "",
+                    f"{s['count']} samples against their true continuation: BLEU {s['bleu']:.1f}, ROUGE-L {s['rougeL']:.3f}",
+                )
+            )
     if reg:
         rows.append(("register", f"{reg['model_name']} v{reg['version']} -> {', '.join(reg['aliases'])}: {reg['why']}"))
     for stage, present in (("clean", clean), ("tokenize", tok), ("train", train), ("evaluate", ev), ("register", reg)):

@@ -188,8 +188,9 @@ def _jsonl_lines(path: Path, max_chars: int) -> Iterator[str | None]:
         yield None if size > max_chars else "".join(parts)
 
 
-def _documents(path: Path, name: str, text_field: str, strip_html: bool,
-               max_bytes: int) -> Iterator[tuple[Doc, Iterable[str]]]:
+def _documents(
+    path: Path, name: str, text_field: str, strip_html: bool, max_bytes: int
+) -> Iterator[tuple[Doc, Iterable[str]]]:
     """(doc, text chunks) for each document of one raw file. Raises Quarantine for a whole-file problem;
     a chunk iterator raises Quarantine for a problem with its document only."""
     if not path.is_file():
@@ -352,8 +353,9 @@ def read_documents(raw_dir: Path, params: DataParams, spill: BinaryIO) -> list[D
         name = entry["file"]
         first = len(docs)
         try:
-            for doc, chunks in _documents(raw_dir / name, name, entry.get("text_field", "text"), params.strip_html,
-                                          params.max_file_bytes):
+            for doc, chunks in _documents(
+                raw_dir / name, name, entry.get("text_field", "text"), params.strip_html, params.max_file_bytes
+            ):
                 docs.append(doc)
                 start = spill.tell()
                 try:
@@ -373,8 +375,11 @@ def read_documents(raw_dir: Path, params: DataParams, spill: BinaryIO) -> list[D
         except (OSError, EOFError, zlib.error, UnicodeError) as exc:
             if is_out_of_space(exc):
                 raise
-            docs.append(_quarantine(Doc(name if len(docs) == first else f"{name}#rest"),
-                                    f"read_error: {type(exc).__name__}: {exc}"))
+            docs.append(
+                _quarantine(
+                    Doc(name if len(docs) == first else f"{name}#rest"), f"read_error: {type(exc).__name__}: {exc}"
+                )
+            )
     for entry in sorted(manifest.get("skipped", []), key=lambda e: e["file"]):
         docs.append(_quarantine(Doc(entry["file"]), f"skipped_by_ingest: {entry.get('reason', 'no reason given')}"))
     return docs
@@ -393,12 +398,16 @@ def deduplicate(docs: list[Doc], params: DataParams, spill: BinaryIO) -> None:
             first_with[doc.sha256] = doc
     unique = list(first_with.values())
     d = params.dedup
-    sketches = [dedup.sketch(_read_spill(spill, doc), d.shingle_words, d.num_perm)
-                for doc in tqdm(unique, desc="clean: minhash", unit="doc", disable=None, file=sys.stderr)]
+    sketches = [
+        dedup.sketch(_read_spill(spill, doc), d.shingle_words, d.num_perm)
+        for doc in tqdm(unique, desc="clean: minhash", unit="doc", disable=None, file=sys.stderr)
+    ]
     for i, (kept, similarity) in dedup.near_duplicates(sketches, d.jaccard_threshold, d.num_perm).items():
         doc = unique[i]
         doc.outcome, doc.duplicate_of = "near_duplicate", unique[kept].file
-        doc.reason = f"near duplicate: Jaccard {similarity:.3f} of word {d.shingle_words}-shingles >= {d.jaccard_threshold}"
+        doc.reason = (
+            f"near duplicate: Jaccard {similarity:.3f} of word {d.shingle_words}-shingles >= {d.jaccard_threshold}"
+        )
 
 
 def write_splits(docs: list[Doc], params: DataParams, spill: BinaryIO, out: Path) -> dict:
@@ -479,8 +488,11 @@ def _report(docs: list[Doc], metrics: dict) -> str:
         ("Quarantined", "quarantined", lambda d: d.reason),
         ("Dropped", "dropped", lambda d: d.reason),
         ("Exact duplicates", "duplicate", lambda d: f"same text as `{d.duplicate_of}`"),
-        ("Near duplicates", "near_duplicate", lambda d: f"{d.reason.removeprefix('near duplicate: ')} "
-                                                        f"with `{d.duplicate_of}` (kept)"),
+        (
+            "Near duplicates",
+            "near_duplicate",
+            lambda d: f"{d.reason.removeprefix('near duplicate: ')} with `{d.duplicate_of}` (kept)",
+        ),
     ]
     for title, outcome, why in sections:
         chosen = [d for d in docs if d.outcome == outcome]
@@ -501,19 +513,27 @@ def _files_json(docs: list[Doc]) -> list[dict]:
 def _write_reports(report_dir: Path, docs: list[Doc], metrics: dict) -> None:
     with atomic_dir(report_dir) as tmp:
         (tmp / "report.md").write_text(_report(docs, metrics), encoding="utf-8")
-        (tmp / "files.json").write_text(json.dumps(_files_json(docs), indent=1, ensure_ascii=False) + "\n",
-                                        encoding="utf-8")
+        (tmp / "files.json").write_text(
+            json.dumps(_files_json(docs), indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
 
 
 def _nothing_usable(docs: list[Doc], report_dir: Path) -> str:
     why = Counter(d.outcome for d in docs)
     parts = ", ".join(f"{n} {outcome.replace('_', ' ')}" for outcome, n in sorted(why.items()))
-    return (f"no usable document remains: all {len(docs)} documents were dropped, quarantined or duplicates "
-            f"({parts or 'no documents at all'}): see {report_dir / 'report.md'}")
+    return (
+        f"no usable document remains: all {len(docs)} documents were dropped, quarantined or duplicates "
+        f"({parts or 'no documents at all'}): see {report_dir / 'report.md'}"
+    )
 
 
-def clean_corpus(raw_dir: Path, out_dir: Path, metrics_path: Path, report_dir: Path, params: DataParams,
-                 ) -> dict:
+def clean_corpus(
+    raw_dir: Path,
+    out_dir: Path,
+    metrics_path: Path,
+    report_dir: Path,
+    params: DataParams,
+) -> dict:
     """Run the whole stage; returns the metrics written to `metrics_path`. Raises CleanError (after
     writing the report) if no usable document remains; `out_dir` and `metrics_path` are then untouched."""
     started = time.perf_counter()

@@ -137,8 +137,14 @@ def detect_encoding(head: bytes) -> str | None:
     least_chaos = min(m.chaos for m in matches)
     close = [m for m in matches if m.chaos <= least_chaos + _CHAOS_SLACK]
     # Old Mac code pages are rare today but often tie with the Windows ones: rank them last.
-    best = max(close, key=lambda m: (not m.encoding.startswith("mac_"), round(m.coherence, 2),
-                                     _PREFERRED_LEGACY in m.could_be_from_charset))
+    best = max(
+        close,
+        key=lambda m: (
+            not m.encoding.startswith("mac_"),
+            round(m.coherence, 2),
+            _PREFERRED_LEGACY in m.could_be_from_charset,
+        ),
+    )
     return _PREFERRED_LEGACY if _PREFERRED_LEGACY in best.could_be_from_charset else best.encoding
 
 

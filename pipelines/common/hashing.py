@@ -31,7 +31,7 @@ def sha256_file(path: str | Path) -> str:
 
 
 def content_hash(path: str | Path) -> str:
-    """"sha256:<hex>" over a file, or over a folder's relative paths and file contents (sorted)."""
+    """ "sha256:<hex>" over a file, or over a folder's relative paths and file contents (sorted)."""
     path = Path(path)
     h = hashlib.sha256()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())

@@ -22,8 +22,16 @@ def read_texts(path: Path) -> list[str]:
         return [json.loads(line)["text"] for line in f if line.strip()]
 
 
-def held_out(model, docs: list[list[int]], prefix_id: int, n_bytes: int, stride: int | None, batch_size: int,
-             desc: str | None = "held-out", cache: dict | None = None) -> dict:
+def held_out(
+    model,
+    docs: list[list[int]],
+    prefix_id: int,
+    n_bytes: int,
+    stride: int | None,
+    batch_size: int,
+    desc: str | None = "held-out",
+    cache: dict | None = None,
+) -> dict:
     """test_loss (nats/token), test_ppl and test_bpb over every document, with sliding windows.
 
     `cache`, if given, receives {tuple(document ids): log-likelihood} (QuillLM's rolling_cache: lm-eval's
@@ -33,5 +41,10 @@ def held_out(model, docs: list[list[int]], prefix_id: int, n_bytes: int, stride:
         cache.update((tuple(d), ll) for d, ll in zip(docs, logliks))
     n_tokens = sum(len(d) for d in docs)
     s = perplexity_summary(logliks, n_tokens, n_bytes)
-    return {"test_loss": s["loss"], "test_ppl": s["ppl"], "test_bpb": s["bpb"], "test_tokens": n_tokens,
-            "test_bytes": n_bytes}
+    return {
+        "test_loss": s["loss"],
+        "test_ppl": s["ppl"],
+        "test_bpb": s["bpb"],
+        "test_tokens": n_tokens,
+        "test_bytes": n_bytes,
+    }

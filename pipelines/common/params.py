@@ -117,8 +117,9 @@ def _model_config_module() -> ModuleType:
     every stage checks model.* at load time, and the data stages need no torch."""
     if "model.config" in sys.modules:
         return sys.modules["model.config"]
-    spec = importlib.util.spec_from_file_location("_quill_model_config",
-                                                  Path(__file__).resolve().parents[2] / "model" / "config.py")
+    spec = importlib.util.spec_from_file_location(
+        "_quill_model_config", Path(__file__).resolve().parents[2] / "model" / "config.py"
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses looks the module up while building GPTConfig
     spec.loader.exec_module(module)
@@ -145,8 +146,9 @@ class ModelParams(Section):
         presets = list(_model_config_module().PRESETS)
         if name not in presets:
             hint = difflib.get_close_matches(name, presets, n=1)
-            raise ValueError(f"unknown preset (allowed: {', '.join(presets)})"
-                             + (f"; did you mean '{hint[0]}'?" if hint else ""))
+            raise ValueError(
+                f"unknown preset (allowed: {', '.join(presets)})" + (f"; did you mean '{hint[0]}'?" if hint else "")
+            )
         return name
 
     @model_validator(mode="after")
@@ -373,8 +375,9 @@ class _Loader(yaml.SafeLoader):
     DVC's `-S train.lr=1e-3` read it. Every other scalar resolves as yaml.safe_load resolves it."""
 
 
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
-                              re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 def read_yaml(text: str):

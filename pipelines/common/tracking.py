@@ -83,10 +83,16 @@ def get_or_create_experiment(client: MlflowClient, name: str = EXPERIMENT) -> st
 def git_commit(repo: str | Path = ".") -> str | None:
     """HEAD's commit, with '-dirty' if tracked files have uncommitted changes; None outside git."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
-                             check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return f"{sha}-dirty" if dirty else sha
@@ -137,8 +143,10 @@ def check_tracking() -> str:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as resp:
                 resp.read()
         except (urllib.error.URLError, OSError) as exc:
-            raise TrackingError(f"MLflow tracking server {uri} is unreachable ({getattr(exc, 'reason', exc)}); start "
-                                "it or unset MLFLOW_TRACKING_URI to use the local store") from None
+            raise TrackingError(
+                f"MLflow tracking server {uri} is unreachable ({getattr(exc, 'reason', exc)}); start "
+                "it or unset MLFLOW_TRACKING_URI to use the local store"
+            ) from None
     return uri
 
 

@@ -1,7 +1,7 @@
 """Attention heatmaps: one panel per (layer, head), tokens on the axes.
 
-    >>> maps = model.attention_maps(idx)              # (n_layer, B, n_head, T, T)
-    >>> plot_attention(maps, ["To", " be", ",", " or"], "attention.png", layers=[0, 1])
+>>> maps = model.attention_maps(idx)              # (n_layer, B, n_head, T, T)
+>>> plot_attention(maps, ["To", " be", ",", " or"], "attention.png", layers=[0, 1])
 """
 
 from __future__ import annotations

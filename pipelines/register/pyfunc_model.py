@@ -92,7 +92,10 @@ class QuillPyfunc(PythonModel):
         prompts = prompts_of(model_input)
         completions = self.engine.generate(prompts, sampling_params(params))
         return pd.DataFrame(
-            [[prompts[c.index], c.text, c.finish_reason, len(c.prompt_token_ids), len(c.token_ids)] for c in completions],
+            [
+                [prompts[c.index], c.text, c.finish_reason, len(c.prompt_token_ids), len(c.token_ids)]
+                for c in completions
+            ],
             columns=OUTPUT_COLUMNS,
         )
 

@@ -264,8 +264,13 @@ def decide(client, name: str, version: str, metrics: dict, params: RegistryParam
     rule's verdict is recorded as `would_promote` and the version waits as challenger for a reviewer."""
     decision = rule(client, name, version, metrics, params, paths)
     if params.promotion == "manual" and decision["promoted"] and not decision["why"].startswith("already champion"):
-        return {**decision, "promoted": False, "forced": False, "would_promote": True,
-                "why": f"awaiting a reviewer (registry.promotion manual); the rule says promote: {decision['why']}"}
+        return {
+            **decision,
+            "promoted": False,
+            "forced": False,
+            "would_promote": True,
+            "why": f"awaiting a reviewer (registry.promotion manual); the rule says promote: {decision['why']}",
+        }
     if params.promotion == "manual":
         return {**decision, "would_promote": decision["promoted"]}
     return decision
@@ -441,8 +446,15 @@ def settle(client, lock: RegistrationLock, version, metrics: dict, params: Regis
     return decision
 
 
-def register_and_decide(client, run_id: str, model_uri: str | None, tags: dict[str, str], metrics: dict,
-                        params: RegistryParams, paths: Paths):
+def register_and_decide(
+    client,
+    run_id: str,
+    model_uri: str | None,
+    tags: dict[str, str],
+    metrics: dict,
+    params: RegistryParams,
+    paths: Paths,
+):
     """Under the registration lock: find or create this registration's version, then decide the champion.
     A lost lock (another registration took it over) means deciding again, at most three times."""
     name = params.model_name
@@ -463,8 +475,17 @@ def register_and_decide(client, run_id: str, model_uri: str | None, tags: dict[s
     )
 
 
-def write_card(client, name: str, version: str, run_id: str, tags: dict[str, str], metrics: dict,
-               train_metrics: dict, decision: dict, paths: Paths) -> None:
+def write_card(
+    client,
+    name: str,
+    version: str,
+    run_id: str,
+    tags: dict[str, str],
+    metrics: dict,
+    train_metrics: dict,
+    decision: dict,
+    paths: Paths,
+) -> None:
     """The model card as the version's description and as a file of the run."""
     config = json.loads((paths.model / "config.json").read_text()).get("quill_config", {})
     samples = json.loads(paths.samples.read_text()) if paths.samples.is_file() else []
@@ -474,8 +495,9 @@ def write_card(client, name: str, version: str, run_id: str, tags: dict[str, str
         if k in ("git_commit", "training_run_id", "tokenizer_sha256", "test_data_sha256", "model_sha256")
         or k.startswith("dvc_hash.")
     }
-    card = render_card(name, version, config, int(tags["parameters"]), metrics, train_metrics, lineage, samples,
-                       decision)
+    card = render_card(
+        name, version, config, int(tags["parameters"]), metrics, train_metrics, lineage, samples, decision
+    )
     client.update_model_version(name, version, description=card)
     client.log_text(run_id, card, f"model_card_v{version}.md")
     reached("carded")

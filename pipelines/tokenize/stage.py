@@ -56,8 +56,10 @@ def read_texts(path: Path) -> Iterator[str]:
             try:
                 yield json.loads(line)["text"]
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise TokenizeError(f"{path}:{line_no} is not a clean record with a 'text' field; "
-                                    "rerun the clean stage (dvc repro clean).") from None
+                raise TokenizeError(
+                    f"{path}:{line_no} is not a clean record with a 'text' field; "
+                    "rerun the clean stage (dvc repro clean)."
+                ) from None
 
 
 def train_tokenizer(texts: Iterator[str], params: TokenizerParams) -> Tokenizer:
@@ -80,8 +82,9 @@ def save_tokenizer(tokenizer: Tokenizer, out_dir: Path) -> None:
     """Save in the Hugging Face layout, so AutoTokenizer.from_pretrained(out_dir) gives the same ids."""
     from transformers import PreTrainedTokenizerFast
 
-    hf = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=EOT, eos_token=EOT, pad_token=EOT,
-                                 extra_special_tokens=list(CHAT_TOKENS))
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=EOT, eos_token=EOT, pad_token=EOT, extra_special_tokens=list(CHAT_TOKENS)
+    )
     hf.chat_template = CHAT_TEMPLATE
     hf.save_pretrained(str(out_dir))
 
@@ -110,12 +113,15 @@ def check_round_trip(tokenizer: Tokenizer, texts: list[str], ids: list[list[int]
     """decode(encode(text)) == text for every document, or a loud error: a shard must never hold altered text."""
     for i, (text, back) in enumerate(zip(texts, tokenizer.decode_batch(ids, skip_special_tokens=False))):
         if back != text:
-            raise TokenizeError(f"{where}: document {i + 1} does not survive encode/decode; "
-                                "this is a tokenizer bug, please report it with that document.")
+            raise TokenizeError(
+                f"{where}: document {i + 1} does not survive encode/decode; "
+                "this is a tokenizer bug, please report it with that document."
+            )
 
 
-def encode_split(tokenizer: Tokenizer, source: Path, target: Path, batch_size: int, dtype: np.dtype,
-                 progress: tqdm) -> dict:
+def encode_split(
+    tokenizer: Tokenizer, source: Path, target: Path, batch_size: int, dtype: np.dtype, progress: tqdm
+) -> dict:
     """Encode one split in batches to a flat token file, each document followed by EOT."""
     eot_id = tokenizer.token_to_id(EOT)
     stats = {"docs": 0, "bytes": 0, "tokens": 0}
@@ -136,16 +142,23 @@ def encode_split(tokenizer: Tokenizer, source: Path, target: Path, batch_size: i
     return stats
 
 
-def tokenize_corpus(params: TokenizerParams, clean_dir: Path = CLEAN_DIR, tokenizer_dir: Path = TOKENIZER_DIR,
-                    tokens_dir: Path = TOKENS_DIR, metrics_file: Path = METRICS_FILE) -> dict:
+def tokenize_corpus(
+    params: TokenizerParams,
+    clean_dir: Path = CLEAN_DIR,
+    tokenizer_dir: Path = TOKENIZER_DIR,
+    tokens_dir: Path = TOKENS_DIR,
+    metrics_file: Path = METRICS_FILE,
+) -> dict:
     """Train the tokenizer on train, encode every split, write outputs atomically; return the metrics."""
     sources = {split: clean_dir / f"{split}.jsonl" for split in SPLITS}
     missing = [str(p) for p in sources.values() if not p.is_file()]
     if missing:
         raise TokenizeError(f"missing {', '.join(missing)}: run the clean stage first (dvc repro clean).")
     if not any(text.strip() for text in read_texts(sources["train"])):
-        raise TokenizeError(f"{sources['train']} holds no text to train the tokenizer on; "
-                            "check reports/clean/report.md for why documents were dropped.")
+        raise TokenizeError(
+            f"{sources['train']} holds no text to train the tokenizer on; "
+            "check reports/clean/report.md for why documents were dropped."
+        )
 
     with atomic_dir(tokenizer_dir) as tok_tmp, atomic_dir(tokens_dir) as tokens_tmp:
         started = time.perf_counter()
@@ -162,8 +175,9 @@ def tokenize_corpus(params: TokenizerParams, clean_dir: Path = CLEAN_DIR, tokeni
         started = time.perf_counter()
         with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", disable=None) as progress:
             for split, source in sources.items():
-                splits[split] = encode_split(tokenizer, source, tokens_tmp / f"{split}.bin",
-                                             params.encode_batch_size, dtype, progress)
+                splits[split] = encode_split(
+                    tokenizer, source, tokens_tmp / f"{split}.bin", params.encode_batch_size, dtype, progress
+                )
         encode_seconds = time.perf_counter() - started
 
         text_bytes = sum(s["bytes"] for s in splits.values())
@@ -195,8 +209,10 @@ def tokenize_corpus(params: TokenizerParams, clean_dir: Path = CLEAN_DIR, tokeni
 def summarize(params: Params) -> str:
     """Run the stage on data/clean; the line printed on success."""
     metrics = tokenize_corpus(params.tokenizer)
-    return (f"vocab {metrics['vocab_size']}, tokens {metrics['tokens']}, "
-            f"{metrics['bytes_per_token']} bytes/token, {metrics['encode_mb_per_s']} MB/s")
+    return (
+        f"vocab {metrics['vocab_size']}, tokens {metrics['tokens']}, "
+        f"{metrics['bytes_per_token']} bytes/token, {metrics['encode_mb_per_s']} MB/s"
+    )
 
 
 def main() -> int:

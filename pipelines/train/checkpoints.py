@@ -78,8 +78,10 @@ def encode(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
             return {"__tuple__": [walk(v, f"{where}[{i}]") for i, v in enumerate(x)]}
         if isinstance(x, list):
             return [walk(v, f"{where}[{i}]") for i, v in enumerate(x)]
-        raise TypeError(f"cannot store {type(x).__name__} at {where} in a checkpoint (only tensors, numbers, "
-                        "strings, lists and dicts)")
+        raise TypeError(
+            f"cannot store {type(x).__name__} at {where} in a checkpoint (only tensors, numbers, "
+            "strings, lists and dicts)"
+        )
 
     return walk(obj, "checkpoint"), tensors
 
@@ -272,7 +274,11 @@ class StepCheckpoint(pl.Callback):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         # the signal can land between our hook and Lightning's check; save if we are at a step boundary
-        if isinstance(exception, SIGTERMException) and not self.saved_on_sigterm and self._at_boundary \
-                and trainer.world_size == 1:
+        if (
+            isinstance(exception, SIGTERMException)
+            and not self.saved_on_sigterm
+            and self._at_boundary
+            and trainer.world_size == 1
+        ):
             self.save(trainer)
             self.saved_on_sigterm = True

@@ -77,13 +77,16 @@ def bits_per_byte(loss_nats: float, bytes_per_token: float) -> float:
     return loss_nats / math.log(2) / bytes_per_token
 
 
-def window_offsets(n_tokens: int, block_size: int, batch_size: int, seed: int, step: int, micro: int,
-                   rank: int) -> np.ndarray:
+def window_offsets(
+    n_tokens: int, block_size: int, batch_size: int, seed: int, step: int, micro: int, rank: int
+) -> np.ndarray:
     """Start offsets of the `batch_size` windows of (step, micro-batch, rank): a pure function of its arguments."""
     high = n_tokens - block_size - 1  # a window holds block_size + 1 tokens (inputs and shifted targets)
     if high < 1:
-        raise DataError(f"the train split has {n_tokens} tokens, fewer than one window of {block_size + 1}; "
-                        "use a smaller model.block_size or more data")
+        raise DataError(
+            f"the train split has {n_tokens} tokens, fewer than one window of {block_size + 1}; "
+            "use a smaller model.block_size or more data"
+        )
     rng = np.random.default_rng([seed, rank, step, micro])
     return rng.integers(0, high + 1, size=batch_size)
 
@@ -98,16 +101,26 @@ def val_offsets(n_tokens: int, block_size: int, count: int) -> np.ndarray:
     """`count` evenly spaced window offsets over the whole split (fixed: the same at every evaluation)."""
     high = n_tokens - block_size - 1
     if high < 0:
-        raise DataError(f"the val split has {n_tokens} tokens, fewer than one window of {block_size + 1}; "
-                        "use a smaller model.block_size or a larger data.split.val")
+        raise DataError(
+            f"the val split has {n_tokens} tokens, fewer than one window of {block_size + 1}; "
+            "use a smaller model.block_size or a larger data.split.val"
+        )
     return np.linspace(0, high, num=count).astype(np.int64)
 
 
 class TrainWindows(IterableDataset):
     """Endless micro-batches (B, T+1) of one rank, starting at micro-batch `start`."""
 
-    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, grad_accum: int, seed: int,
-                 rank: int, start: int = 0):
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        block_size: int,
+        batch_size: int,
+        grad_accum: int,
+        seed: int,
+        rank: int,
+        start: int = 0,
+    ):
         self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
         self.grad_accum, self.seed, self.rank, self.start = grad_accum, seed, rank, start
 
@@ -126,8 +139,7 @@ class TrainWindows(IterableDataset):
 class TokenDataModule(pl.LightningDataModule):
     """Train windows keyed by the global step (so resuming needs no data state) and fixed val windows."""
 
-    def __init__(self, data: TokenData, block_size: int, batch_size: int, grad_accum: int, seed: int,
-                 val_batches: int):
+    def __init__(self, data: TokenData, block_size: int, batch_size: int, grad_accum: int, seed: int, val_batches: int):
         super().__init__()
         self.data, self.block_size, self.batch_size = data, block_size, batch_size
         self.grad_accum, self.seed, self.val_batches = grad_accum, seed, val_batches
@@ -137,8 +149,9 @@ class TokenDataModule(pl.LightningDataModule):
         trainer = self.trainer
         start = trainer.global_step * self.grad_accum if trainer is not None else 0
         rank = trainer.global_rank if trainer is not None else 0
-        dataset = TrainWindows(self.data.tokens("train"), self.block_size, self.batch_size, self.grad_accum,
-                               self.seed, rank, start)
+        dataset = TrainWindows(
+            self.data.tokens("train"), self.block_size, self.batch_size, self.grad_accum, self.seed, rank, start
+        )
         return DataLoader(dataset, batch_size=None, num_workers=0, pin_memory=torch.cuda.is_available())
 
     def val_batches_for_rank(self, rank: int, world_size: int) -> list[torch.Tensor]:
@@ -150,5 +163,6 @@ class TokenDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        return DataLoader(self.val_batches_for_rank(rank, world), batch_size=None, num_workers=0,
-                          pin_memory=torch.cuda.is_available())
+        return DataLoader(
+            self.val_batches_for_rank(rank, world), batch_size=None, num_workers=0, pin_memory=torch.cuda.is_available()
+        )

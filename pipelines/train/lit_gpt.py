@@ -77,8 +77,12 @@ class LitGPT(pl.LightningModule):
     def configure_optimizers(self):
         t = self.train_params
         fused = self.device.type == "cuda"
-        return torch.optim.AdamW(param_groups(self.model, t.weight_decay), lr=lr_at(0, t.lr, t.min_lr,
-                                 t.warmup_steps, self.total_steps), betas=(t.beta1, t.beta2), fused=fused or None)
+        return torch.optim.AdamW(
+            param_groups(self.model, t.weight_decay),
+            lr=lr_at(0, t.lr, t.min_lr, t.warmup_steps, self.total_steps),
+            betas=(t.beta1, t.beta2),
+            fused=fused or None,
+        )
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if batch_idx % self.trainer.accumulate_grad_batches == 0:  # first micro-batch of a step

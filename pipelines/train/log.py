@@ -39,8 +39,16 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
 
 
 class TrainLog(pl.Callback):
-    def __init__(self, tokens_per_step: int, flops_per_token: float, log_every: int, bytes_per_token: float,
-                 precision: str, mlflow_client=None, run_id: str | None = None):
+    def __init__(
+        self,
+        tokens_per_step: int,
+        flops_per_token: float,
+        log_every: int,
+        bytes_per_token: float,
+        precision: str,
+        mlflow_client=None,
+        run_id: str | None = None,
+    ):
         self.tokens_per_step, self.flops_per_token, self.log_every = tokens_per_step, flops_per_token, log_every
         self.bytes_per_token, self.precision = bytes_per_token, precision
         self.client, self.run_id = mlflow_client, run_id
@@ -62,8 +70,13 @@ class TrainLog(pl.Callback):
     # --- persistence (Lightning stores this in checkpoint["callbacks"]) --------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"train_rows": self.train_rows, "val_rows": self.val_rows, "tokens_seen": self.tokens_seen,
-                "timed_tokens": self.timed_tokens, "train_seconds": self.train_seconds}
+        return {
+            "train_rows": self.train_rows,
+            "val_rows": self.val_rows,
+            "tokens_seen": self.tokens_seen,
+            "timed_tokens": self.timed_tokens,
+            "train_seconds": self.train_seconds,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.train_rows, self.val_rows = list(state["train_rows"]), list(state["val_rows"])
@@ -93,8 +106,12 @@ class TrainLog(pl.Callback):
             return
         self._last += time.perf_counter() - self._val_started  # validation time is not training time
         loss = float(trainer.callback_metrics["val_loss"])
-        row = {"step": trainer.global_step, "tokens": self.tokens_seen, "val_loss": loss,
-               "val_bpb": bits_per_byte(loss, self.bytes_per_token)}
+        row = {
+            "step": trainer.global_step,
+            "tokens": self.tokens_seen,
+            "val_loss": loss,
+            "val_bpb": bits_per_byte(loss, self.bytes_per_token),
+        }
         self.val_rows = [r for r in self.val_rows if r["step"] != row["step"]] + [row]
         self._send(row, ("val_loss", "val_bpb"), trainer)
 

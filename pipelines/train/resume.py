@@ -32,8 +32,20 @@ from pipelines.train.checkpoints import CheckpointError, list_checkpoints, read_
 
 # train.* keys that may change between an interrupted run and its resumption without changing its weights
 # (beyond float rounding on other hardware); any other key is part of the configuration's fingerprint
-RESUMABLE_CHANGES = {"precision", "accelerator", "devices", "num_nodes", "strategy", "compile", "val_every",
-                     "val_batches", "log_every", "checkpoint_every", "keep_checkpoints", "allow_world_size_change"}
+RESUMABLE_CHANGES = {
+    "precision",
+    "accelerator",
+    "devices",
+    "num_nodes",
+    "strategy",
+    "compile",
+    "val_every",
+    "val_batches",
+    "log_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "allow_world_size_change",
+}
 SHARDS = ("meta.json", "train.bin", "val.bin")  # what training reads of data/tokens
 
 
@@ -61,21 +73,27 @@ def incompatibilities(saved: dict, current: dict, allow_world_size_change: bool)
         if old != new:
             problems.append(f"model.{key} changed from {old} to {new}")
     if saved["tokenizer_sha256"] != current["tokenizer_sha256"]:
-        problems.append(f"the tokenizer changed (sha256 {saved['tokenizer_sha256'][:12]}... -> "
-                        f"{current['tokenizer_sha256'][:12]}...)")
+        problems.append(
+            f"the tokenizer changed (sha256 {saved['tokenizer_sha256'][:12]}... -> "
+            f"{current['tokenizer_sha256'][:12]}...)"
+        )
     elif saved.get("shards") != current["shards"]:
         old_shards = saved.get("shards") or {}
         changed = [name for name in SHARDS if old_shards.get(name) != current["shards"].get(name)]
         problems.append(f"the token shards changed ({', '.join(changed)} in data/tokens)")
     if saved["world_size"] != current["world_size"] and not allow_world_size_change:
-        problems.append(f"the world size changed from {saved['world_size']} to {current['world_size']} devices "
-                        "(set train.allow_world_size_change: true to resume anyway, with a different data order)")
+        problems.append(
+            f"the world size changed from {saved['world_size']} to {current['world_size']} devices "
+            "(set train.allow_world_size_change: true to resume anyway, with a different data order)"
+        )
     for key in sorted(set(saved["train"]) | set(current["train"])):
         if key not in RESUMABLE_CHANGES and saved["train"].get(key) != current["train"].get(key):
             problems.append(f"train.{key} changed from {saved['train'].get(key)} to {current['train'].get(key)}")
     if saved.get("total_steps") not in (None, current.get("total_steps")) and current.get("total_steps"):
-        problems.append(f"the schedule's length changed from {saved['total_steps']} to {current['total_steps']} "
-                        "steps (train.max_tokens on another world size)")
+        problems.append(
+            f"the schedule's length changed from {saved['total_steps']} to {current['total_steps']} "
+            "steps (train.max_tokens on another world size)"
+        )
     return problems
 
 
@@ -116,16 +134,22 @@ def settle_other_runs(root: Path, current: dict, current_fingerprint: str) -> li
             continue
         if run.finished:
             shutil.rmtree(run.directory, ignore_errors=True)
-            lines.append(f"removed {run.directory}/: a finished run of another configuration (its model was "
-                         "exported), never resumed")
+            lines.append(
+                f"removed {run.directory}/: a finished run of another configuration (its model was "
+                "exported), never resumed"
+            )
             continue
         differs = "; ".join(incompatibilities(run.info, current, True)[:4]) if run.info.get("model_config") else ""
         of = f" of {run.total_steps}" if run.total_steps else ""
-        lines.append(f"kept {run.directory}/: an interrupted run (step {run.step}{of}) of another configuration"
-                     f"{f' ({differs})' if differs else ''}; it resumes when its params are restored, "
-                     "or delete the folder")
+        lines.append(
+            f"kept {run.directory}/: an interrupted run (step {run.step}{of}) of another configuration"
+            f"{f' ({differs})' if differs else ''}; it resumes when its params are restored, "
+            "or delete the folder"
+        )
     legacy = list_checkpoints(root)
     if legacy:
-        lines.append(f"ignored {len(legacy)} checkpoint(s) directly in {root}/ (the layout before per-configuration "
-                     "folders); kept, delete them when no longer needed")
+        lines.append(
+            f"ignored {len(legacy)} checkpoint(s) directly in {root}/ (the layout before per-configuration "
+            "folders); kept, delete them when no longer needed"
+        )
     return lines

@@ -103,15 +103,33 @@ def total_steps(train: TrainParams, tokens_per_step: int) -> int:
     return min(train.max_steps, -(-train.max_tokens // tokens_per_step))
 
 
-def build_trainer(t: TrainParams, precision: str, callbacks: list, plugins: list | None = None,
-                  fast_dev_run: bool = False, **overrides) -> pl.Trainer:
+def build_trainer(
+    t: TrainParams,
+    precision: str,
+    callbacks: list,
+    plugins: list | None = None,
+    fast_dev_run: bool = False,
+    **overrides,
+) -> pl.Trainer:
     """The Lightning Trainer for `t` (the stage and benchmarks/train.py build it here, the same way)."""
     kwargs = dict(
-        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=resolve_strategy(t.strategy),
-        precision=precision, max_steps=t.max_steps, accumulate_grad_batches=t.grad_accum,
-        val_check_interval=t.val_every * t.grad_accum, check_val_every_n_epoch=None, num_sanity_val_steps=0,
-        logger=False, enable_checkpointing=False, enable_model_summary=False, use_distributed_sampler=False,
-        fast_dev_run=fast_dev_run, plugins=plugins, callbacks=callbacks,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=resolve_strategy(t.strategy),
+        precision=precision,
+        max_steps=t.max_steps,
+        accumulate_grad_batches=t.grad_accum,
+        val_check_interval=t.val_every * t.grad_accum,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        fast_dev_run=fast_dev_run,
+        plugins=plugins,
+        callbacks=callbacks,
     )
     return pl.Trainer(**{**kwargs, **overrides})
 
@@ -127,11 +145,16 @@ def start_run(client, run_id: str | None, params: Params, run_info: dict, extra:
             client.update_run(run_id, status="RUNNING")
             return run_id
         except MlflowException:
-            warnings.warn(f"MLflow run {run_id} from the checkpoint is not in {client.tracking_uri}; "
-                          "logging to a new run", stacklevel=2)
+            warnings.warn(
+                f"MLflow run {run_id} from the checkpoint is not in {client.tracking_uri}; logging to a new run",
+                stacklevel=2,
+            )
     experiment_id = tracking.get_or_create_experiment(client)
-    run = client.create_run(experiment_id, run_name=f"train-{params.model.preset}",
-                            tags={"quill.stage": "train", "mlflow.source.name": "pipelines.train"})
+    run = client.create_run(
+        experiment_id,
+        run_name=f"train-{params.model.preset}",
+        tags={"quill.stage": "train", "mlflow.source.name": "pipelines.train"},
+    )
     logged = {f"train.{k}": v for k, v in params.train.model_dump().items()}
     logged.update({f"model.{k}": v for k, v in run_info["model_config"].items()})
     logged["model.preset"] = params.model.preset
@@ -142,7 +165,7 @@ def start_run(client, run_id: str | None, params: Params, run_info: dict, extra:
         logged[f"dvc.{Path(path).name}"] = digest  # dvc.tokens, dvc.tokenizer
     items = [Param(k, str(v)) for k, v in logged.items()]
     for i in range(0, len(items), 100):  # the store takes at most 100 params per batch
-        client.log_batch(run.info.run_id, params=items[i:i + 100], synchronous=True)
+        client.log_batch(run.info.run_id, params=items[i : i + 100], synchronous=True)
     return run.info.run_id
 
 
@@ -181,15 +204,18 @@ def resume_step(found, run_info: dict, t: TrainParams, steps: int, run_dir: Path
     finished = int(ckpt["global_step"]) >= saved.get("total_steps", steps)  # re-exported, not trained on
     problems = incompatibilities(saved, run_info, t.allow_world_size_change or finished)
     if problems:
-        raise TrainError(f"cannot resume from {path}: {'; '.join(problems)}. Restore the old value(s), "
-                         f"or delete {run_dir}/ to train from scratch")
+        raise TrainError(
+            f"cannot resume from {path}: {'; '.join(problems)}. Restore the old value(s), "
+            f"or delete {run_dir}/ to train from scratch"
+        )
     run_info["mlflow_run_id"] = saved.get("mlflow_run_id")
     print(f"train: resuming from {path} (step {int(ckpt['global_step'])})", file=sys.stderr)
     return int(ckpt["global_step"])
 
 
-def fit(trainer, lit: LitGPT, dm: TokenDataModule, ckpt_path, log: TrainLog, client, run_info: dict,
-        run_dir: Path) -> None:
+def fit(
+    trainer, lit: LitGPT, dm: TokenDataModule, ckpt_path, log: TrainLog, client, run_info: dict, run_dir: Path
+) -> None:
     """trainer.fit, then a validation of the final weights; a NaN loss or SIGTERM ends the MLflow run and says
     what to do."""
     try:
@@ -200,16 +226,19 @@ def fit(trainer, lit: LitGPT, dm: TokenDataModule, ckpt_path, log: TrainLog, cli
         _end_run(client, run_info, "FAILED")
         kept = list_checkpoints(run_dir)
         where = f"last good checkpoint kept: {kept[0][1]}" if kept else "no checkpoint was written yet"
-        raise TrainError(f"{exc}; training stopped ({where}). Lower train.lr or raise train.warmup_steps, "
-                         "then run again") from None
+        raise TrainError(
+            f"{exc}; training stopped ({where}). Lower train.lr or raise train.warmup_steps, then run again"
+        ) from None
     except SIGTERMException:
         _end_run(client, run_info, "KILLED")
-        raise Preempted(f"SIGTERM: saved {run_dir}/ at step {trainer.global_step} and stopped; "
-                        "run the same command again to resume") from None
+        raise Preempted(
+            f"SIGTERM: saved {run_dir}/ at step {trainer.global_step} and stopped; run the same command again to resume"
+        ) from None
 
 
-def train(params: Params, paths: Paths = Paths(), *, fast_dev_run: bool = False,
-          tracking_uri: str | None = None) -> dict:
+def train(
+    params: Params, paths: Paths = Paths(), *, fast_dev_run: bool = False, tracking_uri: str | None = None
+) -> dict:
     """Train (or resume, or re-export a finished run) and write every output; return metrics/train.json's dict."""
     t = params.train
     data = TokenData.open(paths.tokens)
@@ -222,8 +251,13 @@ def train(params: Params, paths: Paths = Paths(), *, fast_dev_run: bool = False,
     found = None if fast_dev_run else latest_valid(run_dir)
     checkpoint_io = SafeCheckpointIO({str(found[0]): found[1]} if found else None)
     step_ckpt = StepCheckpoint(run_dir, t.checkpoint_every, t.keep_checkpoints)
-    trainer = build_trainer(t, precision, callbacks=[StepProgressBar()] + ([] if fast_dev_run else [step_ckpt]),
-                            plugins=[checkpoint_io], fast_dev_run=fast_dev_run)
+    trainer = build_trainer(
+        t,
+        precision,
+        callbacks=[StepProgressBar()] + ([] if fast_dev_run else [step_ckpt]),
+        plugins=[checkpoint_io],
+        fast_dev_run=fast_dev_run,
+    )
     world_size = trainer.world_size
     tokens_per_step = t.batch_size * t.grad_accum * config.block_size * world_size
     steps = total_steps(t, tokens_per_step)
@@ -240,12 +274,25 @@ def train(params: Params, paths: Paths = Paths(), *, fast_dev_run: bool = False,
     client = None
     if trainer.is_global_zero and not fast_dev_run:
         client = tracking.mlflow_client(tracking_uri)
-        extra = {"world_size": world_size, "precision_resolved": precision, "tokens_per_step": tokens_per_step,
-                 "total_steps": steps, "params": lit.model.num_params(), "vocab_size": data.vocab_size}
+        extra = {
+            "world_size": world_size,
+            "precision_resolved": precision,
+            "tokens_per_step": tokens_per_step,
+            "total_steps": steps,
+            "params": lit.model.num_params(),
+            "vocab_size": data.vocab_size,
+        }
         run_info["mlflow_run_id"] = start_run(client, run_info["mlflow_run_id"], params, run_info, extra, paths)
     lit.run_info = run_info
-    log = TrainLog(tokens_per_step, lit.model.flops_per_token(config.block_size), t.log_every,
-                   data.bytes_per_text_token("val"), precision, client, run_info["mlflow_run_id"])
+    log = TrainLog(
+        tokens_per_step,
+        lit.model.flops_per_token(config.block_size),
+        t.log_every,
+        data.bytes_per_text_token("val"),
+        precision,
+        client,
+        run_info["mlflow_run_id"],
+    )
     trainer.callbacks.insert(0, log)  # before StepCheckpoint, so a checkpoint holds the step it ends
     dm = TokenDataModule(data, config.block_size, t.batch_size, t.grad_accum, t.seed, t.val_batches)
     fit(trainer, lit, dm, str(found[0]) if found else None, log, client, run_info, run_dir)
@@ -271,15 +318,24 @@ def export(lit: LitGPT, log: TrainLog, metrics: dict, run_info: dict, paths: Pat
     """Write the model folder, metrics and plots, and attach them to the MLflow run (rank 0 only)."""
     save_pretrained(lit.model, paths.model_out, tokenizer_dir=paths.tokenizer)
     run_id = run_info["mlflow_run_id"]
-    write_json(paths.model_out / RUN_FILE, {
-        "mlflow_run_id": run_id, "mlflow_tracking_uri": tracking_uri or tracking.tracking_uri(),
-        "experiment": tracking.EXPERIMENT, "steps": metrics["steps"], "tokenizer_sha256": run_info["tokenizer_sha256"],
-    })
+    write_json(
+        paths.model_out / RUN_FILE,
+        {
+            "mlflow_run_id": run_id,
+            "mlflow_tracking_uri": tracking_uri or tracking.tracking_uri(),
+            "experiment": tracking.EXPERIMENT,
+            "steps": metrics["steps"],
+            "tokenizer_sha256": run_info["tokenizer_sha256"],
+        },
+    )
     write_json(paths.metrics, metrics)
     png = log.write_plots(paths.plots)
     if client is not None:
-        final = [Metric(f"final_{k}", float(v), 0, metrics["steps"]) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and v is not None]
+        final = [
+            Metric(f"final_{k}", float(v), 0, metrics["steps"])
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and v is not None
+        ]
         client.log_batch(run_id, metrics=final, synchronous=True)
         client.log_artifact(run_id, str(png), artifact_path="plots")
         for csv_file in sorted(paths.plots.glob("*.csv")):

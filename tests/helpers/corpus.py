@@ -58,13 +58,23 @@ def make_verse(rng: random.Random) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_clean(clean_dir: Path, n_train: int = 60, n_val: int = 4, n_test: int = 4, seed: int = 0,
-                extra: Sequence[str] = (), verse: bool = False) -> dict[str, list[str]]:
+def write_clean(
+    clean_dir: Path,
+    n_train: int = 60,
+    n_val: int = 4,
+    n_test: int = 4,
+    seed: int = 0,
+    extra: Sequence[str] = (),
+    verse: bool = False,
+) -> dict[str, list[str]]:
     """data/clean/{train,val,test}.jsonl as the clean stage writes them; `extra` documents join the train split."""
     rng = random.Random(seed)
     doc = (lambda: make_verse(rng)) if verse else (lambda: make_document(rng))
-    splits = {"train": [doc() for _ in range(n_train)] + list(extra), "val": [doc() for _ in range(n_val)],
-              "test": [doc() for _ in range(n_test)]}
+    splits = {
+        "train": [doc() for _ in range(n_train)] + list(extra),
+        "val": [doc() for _ in range(n_val)],
+        "test": [doc() for _ in range(n_test)],
+    }
     clean_dir.mkdir(parents=True, exist_ok=True)
     for split, texts in splits.items():
         with open(clean_dir / f"{split}.jsonl", "w", encoding="utf-8") as f:

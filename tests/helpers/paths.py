@@ -12,13 +12,19 @@ REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 
 
-def run_module(module: str, cwd: Path, *args: str, check: bool = False, env: dict | None = None,
-               timeout: float = 600) -> subprocess.CompletedProcess:
+def run_module(
+    module: str, cwd: Path, *args: str, check: bool = False, env: dict | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """Run `python -m <module>` from `cwd` the way a user or DVC does (with the repo importable)."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
-                **(env or {})}
-    result = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env, capture_output=True,
-                            text=True, timeout=timeout)
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
+        **(env or {}),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"{module} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result

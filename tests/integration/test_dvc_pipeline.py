@@ -26,8 +26,9 @@ DATA_METRICS = ("metrics/clean.json", "metrics/tokenize.json")
 def dvc(cwd: Path, *args: str, stdout_only: bool = False) -> str:
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
     env.pop("PYTHONPATH", None)  # the copy's own modules must run, as for a user
-    result = subprocess.run([str(VENV_BIN / "dvc"), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        [str(VENV_BIN / "dvc"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout if stdout_only else result.stdout + result.stderr
 
@@ -70,18 +71,31 @@ def repo(tmp_path_factory) -> Path:
 def test_repro_builds_the_data_stages_and_metrics(repo: Path):
     output = dvc(repo, "repro", "tokenize")
     assert stages_run(output) == set(DATA_STAGES)
-    for path in ("data/raw/manifest.json", "data/clean/train.jsonl", "data/clean/val.jsonl", "data/clean/test.jsonl",
-                 "data/tokenizer/tokenizer.json", "data/tokens/train.bin", "data/tokens/meta.json"):
+    for path in (
+        "data/raw/manifest.json",
+        "data/clean/train.jsonl",
+        "data/clean/val.jsonl",
+        "data/clean/test.jsonl",
+        "data/tokenizer/tokenizer.json",
+        "data/tokens/train.bin",
+        "data/tokens/meta.json",
+    ):
         assert (repo / path).is_file(), path
     metrics = json.loads(dvc(repo, "metrics", "show", "--json", *DATA_METRICS, stdout_only=True))
     files = metrics[""]["data"]
     assert {"docs_in", "docs_out", "exact_duplicates", "near_duplicates", "quarantined"} <= set(
-        files["metrics/clean.json"]["data"])
+        files["metrics/clean.json"]["data"]
+    )
     tok = files["metrics/tokenize.json"]["data"]
     clean = json.loads((repo / "metrics" / "clean.json").read_text())
     assert clean["docs_in"] == 30 + 1 + 5  # 30 .txt, notes.md, 5 jsonl lines
-    assert clean["docs_in"] == (clean["docs_out"] + clean["exact_duplicates"] + clean["near_duplicates"]
-                                + sum(clean["dropped"].values()) + clean["quarantined"])
+    assert clean["docs_in"] == (
+        clean["docs_out"]
+        + clean["exact_duplicates"]
+        + clean["near_duplicates"]
+        + sum(clean["dropped"].values())
+        + clean["quarantined"]
+    )
     assert tok["tokens"]["train"] > 0 and tok["vocab_size"] <= 400 and len(tok["tokenizer_sha256"]) == 64
     # what `make run` prints at the end, from the files the stages just wrote
     rows = dict(summary_rows(repo))
@@ -116,8 +130,9 @@ def test_changing_the_vocab_reruns_only_tokenize(repo: Path):
 
 def test_metrics_diff_against_the_last_commit(repo: Path):
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"], cwd=repo,
-                   check=True)
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"], cwd=repo, check=True
+    )
     set_param(repo, "tokenizer.vocab_size", 300)
     dvc(repo, "repro", "tokenize")
     diff = json.loads(dvc(repo, "metrics", "diff", "--json", "--targets", *DATA_METRICS, stdout_only=True))

@@ -150,7 +150,9 @@ def test_manual_promotion_records_the_verdict_and_keeps_the_champion(proj):
     assert r["aliases"] == ["challenger"] and "improvement +0.5000" in r["why"]
     write_eval(2.6, run_id)  # worse than the champion: the verdict says so
     r = register(manual)
-    assert not r["promoted"] and not r["would_promote"] and "awaiting" not in r["why"] and champion_version(client) == "2"
+    assert (
+        not r["promoted"] and not r["would_promote"] and "awaiting" not in r["why"] and champion_version(client) == "2"
+    )
 
 
 def test_a_training_run_missing_from_the_store_is_named_not_fatal(proj, capsys):

@@ -25,17 +25,20 @@ def bare_env(root: Path) -> dict[str, str]:
     """A user's shell: no venv anywhere on PATH (a system `python` may well be there), nothing activated."""
     venvs = {str(VENV_BIN), str(REPO / ".venv" / "bin"), str(root / ".venv" / "bin")}
     path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p and p.rstrip("/") not in venvs)
-    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME",
-                                                            "PREFECT_API_URL")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "PREFECT_API_URL")
+    }
     return {**env, "PATH": path, "DVC_NO_ANALYTICS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db"}
 
 
 def sh(root: Path, command: str, timeout: float = 600) -> str:
     """Run one README line in `root` through the shell, as typed."""
-    result = subprocess.run(command, shell=True, cwd=root, env=bare_env(root), capture_output=True, text=True,
-                            timeout=timeout)
-    assert result.returncode == 0, f"`{command}` failed ({result.returncode}):\n{result.stdout[-3000:]}\n" \
-                                   f"{result.stderr[-3000:]}"
+    result = subprocess.run(
+        command, shell=True, cwd=root, env=bare_env(root), capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, (
+        f"`{command}` failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
     return result.stdout + result.stderr
 
 

@@ -42,10 +42,20 @@ def workdir(root: Path, shards: Path) -> Path:
 
 
 def start(cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
-    return subprocess.Popen([sys.executable, "-m", "pipelines.train"], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipelines.train"],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(cwd: Path) -> dict:
@@ -117,8 +127,11 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_weights_in_the_same_mlflow_r
     for m in history:
         by_step.setdefault(m.step, set()).add(round(m.value, 6))
     assert all(len(values) == 1 for values in by_step.values())
-    assert [int(line.split(",")[0]) for line in (cwd / "plots" / "train" / "val.csv").read_text().split()[1:]] \
-        == [16, 32, 48]
+    assert [int(line.split(",")[0]) for line in (cwd / "plots" / "train" / "val.csv").read_text().split()[1:]] == [
+        16,
+        32,
+        48,
+    ]
 
 
 def test_sigterm_saves_at_the_next_step_boundary_and_exits_143(tmp_path, shards, reference):
@@ -147,8 +160,15 @@ def test_ddp_on_two_cpu_processes_with_bf16_trains_and_refuses_a_world_size_chan
     """The multi-device paths CI has no GPU for: DDP (gloo, 2 CPU processes) and bf16-mixed autocast."""
     cwd = workdir(tmp_path / "ddp", shards)
     params = yaml.safe_load((cwd / "params.yaml").read_text())
-    params["train"].update(max_steps=8, checkpoint_every=4, val_every=4, accelerator="cpu", devices=2, strategy="ddp",
-                           precision="bf16-mixed")
+    params["train"].update(
+        max_steps=8,
+        checkpoint_every=4,
+        val_every=4,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        precision="bf16-mixed",
+    )
     (cwd / "params.yaml").write_text(yaml.safe_dump(params))
     metrics = finish(cwd)
     assert metrics["steps"] == 8 and metrics["tokens_seen"] == 8 * 2 * TRAIN["grad_accum"] * TRAIN["batch_size"] * 64

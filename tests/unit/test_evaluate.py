@@ -116,14 +116,22 @@ def direct_loglik(model, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
     return logp.gather(1, target[:, None]).sum().item(), bool((logp.argmax(-1) == target).all())
 
 
-PAIRS = [("The king", " is dead"), ("", "hello world"), ("And so", " to bed."), ("x" * 400, " long context"),
-         ("Ünïcödé café", " — naïve 🎉"), ("a b c d e f g", " h")]
+PAIRS = [
+    ("The king", " is dead"),
+    ("", "hello world"),
+    ("And so", " to bed."),
+    ("x" * 400, " long context"),
+    ("Ünïcödé café", " — naïve 🎉"),
+    ("a b c d e f g", " h"),
+]
 
 
 @pytest.mark.parametrize("batch_size", [1, 4])
 def test_adapter_loglikelihood_equals_direct_computation(engine, batch_size):
     lm = QuillLM(engine=engine, batch_size=batch_size)
-    with pytest.warns(UserWarning, match=r"^1 of 6 loglikelihood requests \(\d+ tokens on average\) exceed the model's context"):
+    with pytest.warns(
+        UserWarning, match=r"^1 of 6 loglikelihood requests \(\d+ tokens on average\) exceed the model's context"
+    ):
         got = lm.loglikelihood(instances("loglikelihood", PAIRS), disable_tqdm=True)
     assert (lm.truncated_requests, lm.loglikelihood_requests) == (1, 6)  # what the evaluate stage logs
     bs = engine.config.block_size
@@ -143,9 +151,13 @@ def test_adapter_rolling_equals_held_out_and_generate_stops(engine, project):
     got = lm.loglikelihood_rolling(instances("loglikelihood_rolling", [(t,) for t in texts[:3]]), disable_tqdm=True)
     want = rolling_loglikelihood(engine.model, [engine.encode(t) for t in texts[:3]], 0, 16, 8)
     assert got == pytest.approx(want, rel=1e-5)
-    outs = lm.generate_until(instances("generate_until", [("The", {"until": ["e"], "max_gen_toks": 20}),
-                                                          ("A", {"until": ["\n"], "max_gen_toks": 5})]),
-                             disable_tqdm=True)
+    outs = lm.generate_until(
+        instances(
+            "generate_until",
+            [("The", {"until": ["e"], "max_gen_toks": 20}), ("A", {"until": ["\n"], "max_gen_toks": 5})],
+        ),
+        disable_tqdm=True,
+    )
     assert len(outs) == 2 and "e" not in outs[0]
 
 
@@ -166,14 +178,16 @@ def test_task_pack_is_deterministic_and_well_formed(project, tmp_path):
         other = (tmp_path / "b" / f.name).read_text()
         assert f.read_text().replace(str(tmp_path / "a"), "X") == other.replace(str(tmp_path / "b"), "X")
     assert c == a  # the same number of items per task, drawn differently:
-    assert any((tmp_path / "a" / f.name).read_text().replace(str(tmp_path / "a"), "X")
-               != (tmp_path / "c" / f.name).read_text().replace(str(tmp_path / "c"), "X")
-               for f in (tmp_path / "a").iterdir())
+    assert any(
+        (tmp_path / "a" / f.name).read_text().replace(str(tmp_path / "a"), "X")
+        != (tmp_path / "c" / f.name).read_text().replace(str(tmp_path / "c"), "X")
+        for f in (tmp_path / "a").iterdir()
+    )
     assert (tmp_path / "a/quill_cloze.test.jsonl").read_text() != (tmp_path / "c/quill_cloze.test.jsonl").read_text()
     for line in open(tmp_path / "a/quill_cloze.test.jsonl"):
         item = json.loads(line)
         assert item["target"].startswith(" ") and item["target"].strip().isalpha() or "'" in item["target"]
-        assert item["context"] == item["context"].rstrip() 
+        assert item["context"] == item["context"].rstrip()
     for line in open(tmp_path / "a/quill_nextline.test.jsonl"):
         item = json.loads(line)
         assert len(set(item["choices"])) == 4
@@ -191,8 +205,14 @@ def test_rolling_task_agrees_with_held_out_metric(engine, project, tmp_path):
     test = read_split(project, "test")
     build_task_pack(test, read_split(project, "val"), tmp_path / "pack", max_items=5, seed=1)
     lm = QuillLM(engine=engine, batch_size=8, stride=24)
-    res = lm_eval.simple_evaluate(model=lm, tasks=["quill_perplexity"], num_fewshot=0, log_samples=False,
-                                  task_manager=TaskManager(include_path=str(tmp_path / "pack")), bootstrap_iters=0)
+    res = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=["quill_perplexity"],
+        num_fewshot=0,
+        log_samples=False,
+        task_manager=TaskManager(include_path=str(tmp_path / "pack")),
+        bootstrap_iters=0,
+    )
     task = res["results"]["quill_perplexity"]
     meta = json.loads((project / "data/tokens/meta.json").read_text())
     ref = held_out(engine.model, held_out_docs(project), 0, meta["splits"]["test"]["bytes"], 24, 8, desc=None)
@@ -215,8 +235,16 @@ def test_byte_ngram_is_normalised_and_beats_uniform(project):
 
 # --- the stage, end to end, and its bad inputs -----------------------------------------------------
 
-SMALL = EvalParams(num_fewshot=[0, 1], max_items=6, batch_size=8, stride=32, sample_prompts=["The king"],
-                   samples_from_test=1, sample_max_tokens=8, ngram_order=3)
+SMALL = EvalParams(
+    num_fewshot=[0, 1],
+    max_items=6,
+    batch_size=8,
+    stride=32,
+    sample_prompts=["The king"],
+    samples_from_test=1,
+    sample_max_tokens=8,
+    ngram_order=3,
+)
 
 
 @pytest.fixture
@@ -247,8 +275,14 @@ def test_evaluate_stage_writes_metrics_reports_and_mlflow(in_project):
     assert on_disk["quill_perplexity"]["0shot"]["bits_per_byte"] == pytest.approx(on_disk["test_bpb"], rel=1e-5)
     assert on_disk["reference"]["ngram_bpb"] > 0 and on_disk["reference"]["uniform_bpb"] > on_disk["test_bpb"] * 0.5
     assert on_disk["samples"]["count"] == 2
-    for f in ("reports/eval/report.md", "reports/eval/samples.json", "reports/eval/lm_eval/0shot.json",
-              "reports/eval/lm_eval/1shot.json", "plots/eval/attention.png", "plots/eval/bpb.csv"):
+    for f in (
+        "reports/eval/report.md",
+        "reports/eval/samples.json",
+        "reports/eval/lm_eval/0shot.json",
+        "reports/eval/lm_eval/1shot.json",
+        "plots/eval/attention.png",
+        "plots/eval/bpb.csv",
+    ):
         assert Path(f).is_file(), f
     evaluated = json.loads(Path("reports/eval/evaluated.json").read_text())
     assert "model_sha256" not in on_disk and evaluated["test_window_stride"] == 32
@@ -303,7 +337,9 @@ def test_incompatible_model_folder_fails_fast(in_project):
 def test_unknown_task_fails_fast(in_project):
     from pipelines.evaluate import stage as evaluate
 
-    Path("params.yaml").write_text("data:\n  sources: [{type: local, path: x}]\neval:\n  tasks: [quill_cloze, no_such_task]\n")
+    Path("params.yaml").write_text(
+        "data:\n  sources: [{type: local, path: x}]\neval:\n  tasks: [quill_cloze, no_such_task]\n"
+    )
     code, err = run_main(evaluate)
     assert code == 1 and "unknown lm-eval task(s) in eval.tasks: no_such_task" in err
 
@@ -329,10 +365,30 @@ def test_lm_eval_command_line_runs_a_quill_model(project, tmp_path):
     code = "import sys, pipelines.evaluate.lm_eval_adapter, lm_eval.__main__ as m; sys.argv[0] = 'lm_eval'; m.cli_evaluate()"
     out = tmp_path / "cli-out"
     result = subprocess.run(
-        [sys.executable, "-c", code, "--model", "quill", "--model_args", f"pretrained={project / 'artifacts/model'}",
-         "--tasks", "quill_cloze", "--include_path", str(tmp_path / "tasks"), "--limit", "3",
-         "--batch_size", "4", "--output_path", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-c",
+            code,
+            "--model",
+            "quill",
+            "--model_args",
+            f"pretrained={project / 'artifacts/model'}",
+            "--tasks",
+            "quill_cloze",
+            "--include_path",
+            str(tmp_path / "tasks"),
+            "--limit",
+            "3",
+            "--batch_size",
+            "4",
+            "--output_path",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     [results] = list(out.rglob("results_*.json"))
     assert "quill_cloze" in json.loads(results.read_text())["results"]

@@ -27,7 +27,12 @@ def make_tokenizer(vocab_size: int = 320) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(SENTENCES * 3, trainer)
     return tok
 
@@ -69,7 +74,7 @@ def test_eos_detected(engine, tokenizer):
 def test_greedy_matches_full_recompute(engine, model):
     prompt = engine.encode("To be, or not")
     [c] = engine.generate([prompt], SamplingParams(max_tokens=20, **GREEDY))
-    assert c.token_ids == reference_greedy(model, prompt, 20)[len(prompt):]
+    assert c.token_ids == reference_greedy(model, prompt, 20)[len(prompt) :]
     assert c.finish_reason == "length" and c.prompt_token_ids == prompt
     assert c.text == engine.decode(c.token_ids)
 
@@ -139,7 +144,9 @@ def test_seeded_sampling_is_reproducible(engine):
 
 def test_top_k_1_equals_greedy(engine):
     greedy = engine.generate(["To be", "Whether"], SamplingParams(max_tokens=10, **GREEDY))
-    top1 = engine.generate(["To be", "Whether"], SamplingParams(max_tokens=10, temperature=1.5, top_k=1, seed=3, ignore_eos=True))
+    top1 = engine.generate(
+        ["To be", "Whether"], SamplingParams(max_tokens=10, temperature=1.5, top_k=1, seed=3, ignore_eos=True)
+    )
     assert [c.token_ids for c in top1] == [c.token_ids for c in greedy]
 
 
@@ -221,7 +228,9 @@ def test_penalties_reduce_repetition_end_to_end(engine):
 def test_no_repeat_ngram_size(engine, size):
     prompt = engine.encode("To be, or not to be")
     for beams in (1, 3):
-        [c] = engine.generate([prompt], SamplingParams(max_tokens=25, no_repeat_ngram_size=size, num_beams=beams, **GREEDY))
+        [c] = engine.generate(
+            [prompt], SamplingParams(max_tokens=25, no_repeat_ngram_size=size, num_beams=beams, **GREEDY)
+        )
         seq = prompt + c.token_ids
         grams = [tuple(seq[i : i + size]) for i in range(len(seq) - size + 1)]
         generated = grams[len(prompt) - size + 1 :]
@@ -249,7 +258,11 @@ def test_stop_string_split_across_tokens(engine):
     [free] = engine.generate(["Whether"], SamplingParams(max_tokens=30, **GREEDY))
     pieces = [engine.decode([t]) for t in free.token_ids]
     # a stop string made of the end of one token and the start of the next
-    i = next(i for i in range(3, len(pieces) - 1) if pieces[i] and pieces[i + 1] and "\ufffd" not in pieces[i] + pieces[i + 1])
+    i = next(
+        i
+        for i in range(3, len(pieces) - 1)
+        if pieces[i] and pieces[i + 1] and "\ufffd" not in pieces[i] + pieces[i + 1]
+    )
     stop = pieces[i][-1] + pieces[i + 1][0]
     [c] = engine.generate(["Whether"], SamplingParams(max_tokens=30, stop=stop, **GREEDY))
     assert c.text == free.text[: free.text.find(stop)] and c.finish_reason == "stop"
@@ -286,7 +299,7 @@ def test_echo_prompt_logprobs_match(engine, model):
 
 def test_loglikelihood(engine, model):
     ctx = engine.encode("To be, or")
-    greedy = reference_greedy(model, ctx, 4)[len(ctx):]
+    greedy = reference_greedy(model, ctx, 4)[len(ctx) :]
     other = [(greedy[0] + 1) % model.config.vocab_size] + greedy[1:]
     # the first three share a context (scored from one cached context, continuations of 4, 4 and 1 tokens)
     requests = [(ctx, greedy), (ctx, other), (ctx, greedy[:1]), (engine.encode("Whether"), engine.encode(" the mind"))]
@@ -313,7 +326,12 @@ def test_loglikelihood_batches_several_shared_contexts(engine, model):
         ctx = [rng.randrange(1, V) for _ in range(n_ctx)]
         requests += [(ctx, [rng.randrange(1, V) for _ in range(rng.randrange(1, 6))]) for _ in range(n_choices)]
     long_ctx, short_ctx = [rng.randrange(1, V) for _ in range(bs - 2)], [rng.randrange(1, V) for _ in range(3)]
-    requests += [(long_ctx, [1, 2]), (long_ctx, [3]), (short_ctx, [rng.randrange(1, V) for _ in range(bs - 4)]), (short_ctx, [5, 6])]
+    requests += [
+        (long_ctx, [1, 2]),
+        (long_ctx, [3]),
+        (short_ctx, [rng.randrange(1, V) for _ in range(bs - 4)]),
+        (short_ctx, [5, 6]),
+    ]
     batched = engine.loglikelihood(requests, batch_size=16)
     alone = engine.loglikelihood(requests, batch_size=1)
     assert [ll for ll, _ in batched] == pytest.approx([ll for ll, _ in alone], abs=1e-4)
@@ -336,7 +354,9 @@ def test_beam_search_with_one_beam_is_greedy(engine):
     # num_beams=2 vs greedy differ in general, but a beam search's best beam is never worse
     [g] = engine.generate(["All the"], SamplingParams(max_tokens=6, **GREEDY))
     [b] = engine.generate(["All the"], SamplingParams(max_tokens=6, num_beams=2, **GREEDY))
-    [(lg, _), (lb, _)] = engine.loglikelihood([(engine.encode("All the"), g.token_ids), (engine.encode("All the"), b.token_ids)])
+    [(lg, _), (lb, _)] = engine.loglikelihood(
+        [(engine.encode("All the"), g.token_ids), (engine.encode("All the"), b.token_ids)]
+    )
     assert lb >= lg - 1e-4
 
 
@@ -365,7 +385,9 @@ def test_stream_with_stop_string_holds_back_a_possible_match(engine):
     assert chunks[-1].finish_reason == "stop"
 
 
-@pytest.mark.parametrize("text", ["", "plain ascii", "🙂🎭👩‍👩‍👧", "中文 text, 日本語", "naïve café", "\n\t mixed 🙂 中"])
+@pytest.mark.parametrize(
+    "text", ["", "plain ascii", "🙂🎭👩‍👩‍👧", "中文 text, 日本語", "naïve café", "\n\t mixed 🙂 中"]
+)
 def test_detokenizer_never_splits_characters(tokenizer, text):
     ids = tokenizer.encode(text).ids
     detok = Detokenizer(lambda x: tokenizer.decode(x, skip_special_tokens=True))
@@ -435,7 +457,16 @@ def test_kv_cache_is_allocated_once(engine):
     ptrs = [t.data_ptr() for t in cache.k + cache.v]
     size = cache.nbytes()
     assert cache.batch_size >= 4
-    assert size == 2 * engine.config.n_layer * cache.batch_size * engine.config.n_kv_head * engine.config.block_size * engine.config.head_dim * 4
+    assert (
+        size
+        == 2
+        * engine.config.n_layer
+        * cache.batch_size
+        * engine.config.n_kv_head
+        * engine.config.block_size
+        * engine.config.head_dim
+        * 4
+    )
     for i in range(50):
         batch = ["To be", "🙂"][: 1 + i % 2]
         engine.generate(batch, SamplingParams(max_tokens=8, temperature=1.0, seed=i))
@@ -460,5 +491,7 @@ def test_hf_tokenizer_and_path_are_accepted(model, tokenizer, tmp_path):
 
 def test_entropy_is_finite_for_padded_batches(engine):
     # long and short prompts together: pad rows must never produce NaNs
-    out = engine.generate(["x", "To be, or not to be, that is the question."], SamplingParams(max_tokens=4, logprobs=1, **GREEDY))
+    out = engine.generate(
+        ["x", "To be, or not to be, that is the question."], SamplingParams(max_tokens=4, logprobs=1, **GREEDY)
+    )
     assert all(math.isfinite(r.logprob) for c in out for r in c.logprobs)

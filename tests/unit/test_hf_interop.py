@@ -22,17 +22,23 @@ def tokenizer_dir(tmp_path_factory):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     tok.train_from_iterator(["To be, or not to be, that is the question.", "Émoji 🙂 and 中文 text."] * 5, trainer)
     d = tmp_path_factory.mktemp("tokenizer")
     tok.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOT, "bos_token": EOT}))
+    (d / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOT, "bos_token": EOT})
+    )
     return d
 
 
 def make_model(tie=True, n_kv_head=4, seed=0) -> GPT:
     torch.manual_seed(seed)
-    cfg = GPTConfig.from_preset("tiny", vocab_size=300, block_size=64, n_embd=32, n_kv_head=n_kv_head, tie_embeddings=tie, rope_theta=500.0)
+    cfg = GPTConfig.from_preset(
+        "tiny", vocab_size=300, block_size=64, n_embd=32, n_kv_head=n_kv_head, tie_embeddings=tie, rope_theta=500.0
+    )
     m = GPT(cfg).eval()
     with torch.no_grad():  # non-trivial norm weights, so a mixed-up norm would show
         for name, p in m.named_parameters():
@@ -67,16 +73,22 @@ def test_transformers_loads_our_folder_with_identical_outputs(tmp_path, tokenize
     hf_tok.pad_token = EOT
     enc = hf_tok(prompts, return_tensors="pt", padding=True)
     with torch.no_grad():
-        gen = hf.generate(**enc, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0, min_new_tokens=12)
+        gen = hf.generate(
+            **enc, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0, min_new_tokens=12
+        )
     for r, c in enumerate(ours):
-        assert gen[r, enc["input_ids"].shape[1]:].tolist() == c.token_ids
+        assert gen[r, enc["input_ids"].shape[1] :].tolist() == c.token_ids
 
 
 def test_round_trip(tmp_path, tokenizer_dir):
     m = make_model(tie=False, n_kv_head=2)
     out = save_pretrained(m, tmp_path / "m", tokenizer_dir=tokenizer_dir, generation_config={"temperature": 0.8})
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
     ]
     umask = os.umask(0)
     os.umask(umask)
@@ -143,8 +155,15 @@ def test_only_safetensors_are_loaded(tmp_path):
 
 def test_we_load_a_folder_written_by_transformers(tmp_path):
     cfg = transformers.LlamaConfig(
-        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(cfg).eval()

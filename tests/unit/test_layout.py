@@ -31,8 +31,14 @@ print(json.dumps(sorted({m.__file__ for m in list(sys.modules.values())
 
 def loaded_files(module: str) -> list[str]:
     """The repository files (relative) that importing `module` loads, in a fresh interpreter."""
-    out = subprocess.run([sys.executable, "-c", LOADED, module, str(REPO) + "/"], cwd=REPO, capture_output=True,
-                         text=True, timeout=300, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", LOADED, module, str(REPO) + "/"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
     return [str(Path(f).relative_to(REPO)) for f in json.loads(out.splitlines()[-1])]
 
 
@@ -51,8 +57,9 @@ def test_stage_deps_cover_every_module_it_loads(stage):
     assert f"pipelines/{stage}/stage.py" in files
     missing = sorted({f for f in files if not covered(f, code_deps) and f not in PARAMS_VALIDATION_ONLY})
     assert not missing, f"{stage} loads {missing}, which its dvc.yaml deps {code_deps} do not cover"
-    other_stages = sorted({f.split("/")[1] for f in files if f.startswith("pipelines/") and f.split("/")[1] in STAGES}
-                          - {stage})
+    other_stages = sorted(
+        {f.split("/")[1] for f in files if f.startswith("pipelines/") and f.split("/")[1] in STAGES} - {stage}
+    )
     assert not other_stages, f"{stage} imports other stages: {other_stages} (share code through pipelines/common)"
 
 
@@ -67,7 +74,11 @@ def test_model_is_pure_pytorch():
     assert not [f for f in files if not f.startswith("model/")], files
     frameworks = subprocess.run(
         [sys.executable, "-c", "import sys, model; print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"],
-        cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     banned = {"pytorch_lightning", "lightning", "mlflow", "ray", "prefect", "fastapi", "matplotlib", "pipelines"}
     assert not banned & set(frameworks), banned & set(frameworks)
 
@@ -112,7 +123,7 @@ def test_no_import_cycles():
         path.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1 and not (node.startswith(nxt + ".")):  # a package importing its own child is fine
-                return [*path[path.index(nxt):], nxt]
+                return [*path[path.index(nxt) :], nxt]
             if nxt not in state and (cycle := dfs(nxt)):
                 return cycle
         path.pop()

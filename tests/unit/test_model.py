@@ -173,7 +173,6 @@ def test_dropout_only_in_training():
     assert not torch.equal(m(idx)[0], m(idx)[0])
 
 
-
 def test_inference_follows_weight_changes():
     """The fused q/k/v and gate/up weights used at inference are rebuilt after any change to the weights."""
     torch.manual_seed(8)
@@ -199,6 +198,7 @@ def test_inference_follows_weight_changes():
     mlp.up_proj.weight = torch.nn.Parameter(torch.randn_like(mlp.up_proj.weight))
     assert agree()
 
+
 def test_tied_embeddings_share_storage():
     tied, untied = GPT(tiny()), GPT(tiny(tie_embeddings=False))
     assert tied.lm_head.weight is tied.model.embed_tokens.weight
@@ -213,16 +213,22 @@ def test_num_params_and_flops():
     assert m.num_params() == cfg.vocab_size * cfg.n_embd + cfg.n_layer * per_layer + cfg.n_embd
     assert m.num_params(non_embedding=True) == m.num_params() - cfg.vocab_size * cfg.n_embd
     n_matmul = cfg.n_layer * (per_layer - 2 * cfg.n_embd) + cfg.vocab_size * cfg.n_embd
-    assert m.flops_per_token(16) == pytest.approx(6 * (n_matmul + cfg.n_layer * 2 * cfg.n_embd + cfg.n_embd) + 12 * cfg.n_layer * cfg.n_embd * 16)
+    assert m.flops_per_token(16) == pytest.approx(
+        6 * (n_matmul + cfg.n_layer * 2 * cfg.n_embd + cfg.n_embd) + 12 * cfg.n_layer * cfg.n_embd * 16
+    )
     assert m.flops_per_token() > m.flops_per_token(16)  # default: block_size
 
 
 def test_hf_parameter_names():
     names = set(GPT(tiny(tie_embeddings=False)).state_dict())
     assert {
-        "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
-        "model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight",
-        "model.layers.0.input_layernorm.weight", "model.layers.0.post_attention_layernorm.weight",
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.1.mlp.down_proj.weight",
+        "model.layers.0.input_layernorm.weight",
+        "model.layers.0.post_attention_layernorm.weight",
     } <= names
     assert not any("bias" in n or "rope" in n for n in names)
 
@@ -246,7 +252,9 @@ def test_attention_maps_reproduce_the_attention_output(model):
     cos, sin = model.rope_cos[:9], model.rope_sin[:9]
     _, _, v = block.self_attn.qkv(x, cos, sin)
     y = (maps[0] @ v).transpose(1, 2).reshape(1, 9, -1)
-    torch.testing.assert_close(block.self_attn.o_proj(y), block.self_attn(x, cos, sin, None, True), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        block.self_attn.o_proj(y), block.self_attn(x, cos, sin, None, True), atol=1e-5, rtol=1e-4
+    )
 
 
 def test_plot_attention_writes_png(model, tmp_path):

@@ -25,7 +25,11 @@ def test_repo_params_load_with_the_default_corpus():
 @pytest.mark.parametrize(
     "path, key, expected",
     [
-        (("data", "dedup"), "jacard_threshold", "unknown key 'data.dedup.jacard_threshold' (did you mean 'jaccard_threshold'?)"),
+        (
+            ("data", "dedup"),
+            "jacard_threshold",
+            "unknown key 'data.dedup.jacard_threshold' (did you mean 'jaccard_threshold'?)",
+        ),
         (("tokenizer",), "vocab", "unknown key 'tokenizer.vocab' (did you mean 'vocab_size'?)"),
         ((), "trian", "unknown key 'trian'"),
         (("data", "sources", 0), "pakage", "unknown key 'data.sources.0.pakage' (did you mean 'package'?)"),
@@ -117,7 +121,11 @@ def test_a_source_version_written_as_a_number_is_refused():
         ("registry.min_improvement", float("-inf"), "'registry.min_improvement': Input should be a finite number"),
         ("tokenizer.vocab_size", 10**9, "'tokenizer.vocab_size': Input should be less than or equal to 262144"),
         ("model.block_size", 10**7, "'model.block_size': Input should be less than or equal to 131072 (got 10000000)"),
-        ("model.preset", "cpuu", "'model.preset': unknown preset (allowed: tiny, cpu, 124m, 350m); did you mean 'cpu'?"),
+        (
+            "model.preset",
+            "cpuu",
+            "'model.preset': unknown preset (allowed: tiny, cpu, 124m, 350m); did you mean 'cpu'?",
+        ),
         ("model.n_head", 3, "'model': preset=cpu, n_head=3, n_embd=128: n_embd (128) must be divisible by n_head (3)"),
         ("train.devices", 0, "'train.devices': Input should be greater than 0 or 'auto' (got 0)"),
     ],
@@ -137,24 +145,33 @@ def test_out_of_range_values_name_the_key_the_value_and_the_range(path, value, e
 def test_yaml_exponent_floats_without_a_dot_are_floats(tmp_path):
     """PyYAML (YAML 1.1) reads `1e-3` as the string '1e-3'; strict params would then refuse a valid lr."""
     assert yaml.safe_load("lr: 1e-3") == {"lr": "1e-3"}  # why the loader has its own resolver
-    text = (REPO / "params.yaml").read_text().replace("lr: 0.004 ", "lr: 4e-3 ").replace("min_lr: 0.0004", "min_lr: 4E-4")
+    text = (
+        (REPO / "params.yaml").read_text().replace("lr: 0.004 ", "lr: 4e-3 ").replace("min_lr: 0.0004", "min_lr: 4E-4")
+    )
     assert "lr: 4e-3" in text and "min_lr: 4E-4" in text
     (tmp_path / "params.yaml").write_text(text)
     params = load_params(tmp_path / "params.yaml")
     assert params.train.lr == 0.004 and params.train.min_lr == 0.0004
-    assert read_yaml("a: 1e-3\nb: -2.5E+2\nc: '1e-3'\nd: 12\ne: v1e3") == {"a": 0.001, "b": -250.0, "c": "1e-3",
-                                                                          "d": 12, "e": "v1e3"}
+    assert read_yaml("a: 1e-3\nb: -2.5E+2\nc: '1e-3'\nd: 12\ne: v1e3") == {
+        "a": 0.001,
+        "b": -250.0,
+        "c": "1e-3",
+        "d": 12,
+        "e": "v1e3",
+    }
 
 
 def test_yaml_booleans_and_integers_stay_what_yaml_says(tmp_path):
-    text = (REPO / "params.yaml").read_text().replace("compile: false ", "compile: \"no\" ", 1)
+    text = (REPO / "params.yaml").read_text().replace("compile: false ", 'compile: "no" ', 1)
     (tmp_path / "params.yaml").write_text(text)
     with pytest.raises(ParamsError, match=r"'train.compile': Input should be a valid boolean \(got 'no'\)"):
         load_params(tmp_path / "params.yaml")
 
 
 def test_the_data_stages_check_the_model_section_without_importing_torch():
-    code = ("import sys; from pipelines.common.params import load_params; p = load_params('params.yaml'); "
-            "assert p.model.preset == 'cpu'; assert 'torch' not in sys.modules, 'torch imported'")
+    code = (
+        "import sys; from pipelines.common.params import load_params; p = load_params('params.yaml'); "
+        "assert p.model.preset == 'cpu'; assert 'torch' not in sys.modules, 'torch imported'"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

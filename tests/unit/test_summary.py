@@ -7,13 +7,32 @@ import pytest
 
 from pipelines.summary import main, summary_rows
 
-TRAIN = {"mfu": None, "params": 1328256, "resumed_from_step": 400, "steps": 1200, "tokens_per_s": 9004.9,
-         "tokens_seen": 4915200, "train_loss": 3.93, "val_bpb": 1.929, "val_loss": 4.02}
-EVAL = {"num_fewshot": "0,5", "test_bpb": 1.9197, "test_ppl": 55.99, "test_loss": 4.03,
-        "quill_nextline": {"0shot": {"acc": 0.2948, "acc_norm": 0.3757}, "5shot": {"acc": 0.2775, "acc_norm": 0.3237}},
-        "reference": {"ngram_bpb": 2.2043, "ngram_order": 5, "uniform_bpb": 3.967},
-        "samples": {"bleu": 1.18, "count": 7, "rougeL": 0.107}}
-REGISTERED = {"aliases": ["champion"], "model_name": "quill-gpt", "version": "4", "why": "first version: no champion yet"}
+TRAIN = {
+    "mfu": None,
+    "params": 1328256,
+    "resumed_from_step": 400,
+    "steps": 1200,
+    "tokens_per_s": 9004.9,
+    "tokens_seen": 4915200,
+    "train_loss": 3.93,
+    "val_bpb": 1.929,
+    "val_loss": 4.02,
+}
+EVAL = {
+    "num_fewshot": "0,5",
+    "test_bpb": 1.9197,
+    "test_ppl": 55.99,
+    "test_loss": 4.03,
+    "quill_nextline": {"0shot": {"acc": 0.2948, "acc_norm": 0.3757}, "5shot": {"acc": 0.2775, "acc_norm": 0.3237}},
+    "reference": {"ngram_bpb": 2.2043, "ngram_order": 5, "uniform_bpb": 3.967},
+    "samples": {"bleu": 1.18, "count": 7, "rougeL": 0.107},
+}
+REGISTERED = {
+    "aliases": ["champion"],
+    "model_name": "quill-gpt",
+    "version": "4",
+    "why": "first version: no champion yet",
+}
 
 
 def write(root: Path, rel: str, data: dict) -> None:

@@ -39,8 +39,13 @@ PLAIN = [t for t in TRICKY if "<|" not in t]
 def built(tmp_path_factory) -> tuple[Path, dict, dict]:
     root = tmp_path_factory.mktemp("tok")
     texts = write_clean(root / "clean", extra=TRICKY)
-    metrics = tokenize_corpus(TokenizerParams(vocab_size=512, min_frequency=2), root / "clean",
-                              root / "tokenizer", root / "tokens", root / "metrics.json")
+    metrics = tokenize_corpus(
+        TokenizerParams(vocab_size=512, min_frequency=2),
+        root / "clean",
+        root / "tokenizer",
+        root / "tokens",
+        root / "metrics.json",
+    )
     return root, texts, metrics
 
 
@@ -60,8 +65,11 @@ def test_shards_hold_every_document_followed_by_eot(built, tokenizer):
         ids = np.memmap(root / "tokens" / f"{split}.bin", dtype=np.uint16, mode="r")
         expected = [t for d in docs for t in (*stage_view.encode(d, add_special_tokens=False).ids, 0)]
         assert ids.tolist() == expected
-        assert meta["splits"][split] == {"docs": len(docs), "tokens": len(expected),
-                                         "bytes": sum(len(d.encode()) for d in docs)}
+        assert meta["splits"][split] == {
+            "docs": len(docs),
+            "tokens": len(expected),
+            "bytes": sum(len(d.encode()) for d in docs),
+        }
         assert metrics["tokens"][split] == len(expected)
     assert metrics["vocab_size"] == meta["vocab_size"] == tokenizer.get_vocab_size() <= 512
     assert metrics["tokenizer_sha256"] == meta["tokenizer_sha256"]
@@ -100,8 +108,13 @@ def test_transformers_autotokenizer_gives_the_same_ids(built, tokenizer):
 
 def test_training_is_deterministic(built, tmp_path):
     write_clean(tmp_path / "clean", extra=TRICKY)
-    again = tokenize_corpus(TokenizerParams(vocab_size=512, min_frequency=2), tmp_path / "clean",
-                            tmp_path / "tokenizer", tmp_path / "tokens", tmp_path / "metrics.json")
+    again = tokenize_corpus(
+        TokenizerParams(vocab_size=512, min_frequency=2),
+        tmp_path / "clean",
+        tmp_path / "tokenizer",
+        tmp_path / "tokens",
+        tmp_path / "metrics.json",
+    )
     assert again["tokenizer_sha256"] == built[2]["tokenizer_sha256"]
     assert (tmp_path / "tokens" / "train.bin").read_bytes() == (built[0] / "tokens" / "train.bin").read_bytes()
 

@@ -40,8 +40,13 @@ def shards(tmp_path_factory) -> Path:
 
 
 def make_params(**train):
-    return parse_params({"data": {"sources": [{"type": "local", "path": "corpus"}]}, "model": {"preset": "tiny"},
-                         "train": {**TINY_TRAIN, **train}})
+    return parse_params(
+        {
+            "data": {"sources": [{"type": "local", "path": "corpus"}]},
+            "model": {"preset": "tiny"},
+            "train": {**TINY_TRAIN, **train},
+        }
+    )
 
 
 @pytest.fixture
@@ -49,10 +54,15 @@ def work(tmp_path: Path, shards: Path) -> tuple[Paths, str]:
     """Paths for one run (inputs are copies, outputs in tmp_path) and a fresh MLflow store."""
     shutil.copytree(shards / "tokens", tmp_path / "data" / "tokens")
     shutil.copytree(shards / "tokenizer", tmp_path / "data" / "tokenizer")
-    paths = Paths(tokens=tmp_path / "data" / "tokens", tokenizer=tmp_path / "data" / "tokenizer",
-                  checkpoints=tmp_path / "checkpoints", model_out=tmp_path / "artifacts" / "model",
-                  metrics=tmp_path / "metrics" / "train.json", plots=tmp_path / "plots" / "train",
-                  lock_file=tmp_path / "dvc.lock")
+    paths = Paths(
+        tokens=tmp_path / "data" / "tokens",
+        tokenizer=tmp_path / "data" / "tokenizer",
+        checkpoints=tmp_path / "checkpoints",
+        model_out=tmp_path / "artifacts" / "model",
+        metrics=tmp_path / "metrics" / "train.json",
+        plots=tmp_path / "plots" / "train",
+        lock_file=tmp_path / "dvc.lock",
+    )
     return paths, f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
@@ -133,14 +143,17 @@ def test_weight_decay_skips_norms_and_embeddings():
         assert len(decay["params"]) + len(rest["params"]) == len(list(model.parameters()))
 
 
-@pytest.mark.parametrize("precision, cuda, bf16, expected", [
-    ("auto", False, False, "32-true"),
-    ("auto", True, True, "bf16-mixed"),
-    ("auto", True, False, "32-true"),
-    ("32", True, True, "32-true"),
-    ("bf16-mixed", False, False, "bf16-mixed"),
-    ("16-mixed", True, False, "16-mixed"),
-])
+@pytest.mark.parametrize(
+    "precision, cuda, bf16, expected",
+    [
+        ("auto", False, False, "32-true"),
+        ("auto", True, True, "bf16-mixed"),
+        ("auto", True, False, "32-true"),
+        ("32", True, True, "32-true"),
+        ("bf16-mixed", False, False, "bf16-mixed"),
+        ("16-mixed", True, False, "16-mixed"),
+    ],
+)
 def test_precision_resolution(precision, cuda, bf16, expected):
     assert resolve_precision(precision, cuda, bf16) == expected
 
@@ -163,11 +176,18 @@ def test_strategy_resolution():
 
 def test_checkpoint_round_trip_keeps_types_and_shared_tensors(tmp_path):
     w = torch.randn(4, 3)
-    obj = {"state_dict": {"a": w, "b": w, "bf16": torch.ones(2, dtype=torch.bfloat16)},
-           "optimizer_states": [{"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(2)}},
-                                 "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.95), "params": [0, 1]}]}],
-           "loops": {"x": {"n": 3, "flag": True, "none": None, "nan": float("nan")}},
-           "rng": np.arange(5, dtype=np.uint32), "empty": torch.empty(0)}
+    obj = {
+        "state_dict": {"a": w, "b": w, "bf16": torch.ones(2, dtype=torch.bfloat16)},
+        "optimizer_states": [
+            {
+                "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(2)}},
+                "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.95), "params": [0, 1]}],
+            }
+        ],
+        "loops": {"x": {"n": 3, "flag": True, "none": None, "nan": float("nan")}},
+        "rng": np.arange(5, dtype=np.uint32),
+        "empty": torch.empty(0),
+    }
     path = tmp_path / "step-00000001.ckpt"
     ckpt.save(obj, path)
     back = ckpt.load(path)
@@ -207,8 +227,14 @@ SHARDS = {name: {"bytes": 100, "sha256": name * 8} for name in ("meta.json", "tr
 
 
 def test_incompatibilities_name_what_changed():
-    base = {"model_config": {"n_layer": 2, "n_embd": 64}, "tokenizer_sha256": "a" * 64, "shards": SHARDS,
-            "world_size": 1, "train": TrainParams().model_dump(), "total_steps": 1000}
+    base = {
+        "model_config": {"n_layer": 2, "n_embd": 64},
+        "tokenizer_sha256": "a" * 64,
+        "shards": SHARDS,
+        "world_size": 1,
+        "train": TrainParams().model_dump(),
+        "total_steps": 1000,
+    }
     assert incompatibilities(base, base, False) == []
     changed = {**base, "model_config": {"n_layer": 3, "n_embd": 64}}
     assert incompatibilities(base, changed, False) == ["model.n_layer changed from 2 to 3"]
@@ -227,16 +253,28 @@ def test_incompatibilities_name_what_changed():
 
 
 def test_the_fingerprint_covers_what_shapes_the_weights_and_nothing_else():
-    base = {"model_config": {"n_layer": 2}, "tokenizer_sha256": "a", "shards": SHARDS,
-            "train": TrainParams().model_dump(), "world_size": 1, "mlflow_run_id": "r1"}
-    same = [{**base, "world_size": 2, "mlflow_run_id": "r2"},
-            {**base, "train": {**base["train"], "compile": True, "val_every": 5, "devices": 2, "precision": "32"}}]
+    base = {
+        "model_config": {"n_layer": 2},
+        "tokenizer_sha256": "a",
+        "shards": SHARDS,
+        "train": TrainParams().model_dump(),
+        "world_size": 1,
+        "mlflow_run_id": "r1",
+    }
+    same = [
+        {**base, "world_size": 2, "mlflow_run_id": "r2"},
+        {**base, "train": {**base["train"], "compile": True, "val_every": 5, "devices": 2, "precision": "32"}},
+    ]
     assert {fingerprint(r) for r in same} == {fingerprint(base)}
-    other = [{**base, "model_config": {"n_layer": 3}}, {**base, "tokenizer_sha256": "b"},
-             {**base, "shards": {**SHARDS, "val.bin": {"bytes": 100, "sha256": "y"}}},
-             {**base, "shards": {**SHARDS, "train.bin": {"bytes": 101, "sha256": "train.bin" * 8}}},
-             {**base, "train": {**base["train"], "max_steps": 7}}, {**base, "train": {**base["train"], "seed": 1}},
-             {**base, "train": {**base["train"], "max_tokens": 10**6}}]
+    other = [
+        {**base, "model_config": {"n_layer": 3}},
+        {**base, "tokenizer_sha256": "b"},
+        {**base, "shards": {**SHARDS, "val.bin": {"bytes": 100, "sha256": "y"}}},
+        {**base, "shards": {**SHARDS, "train.bin": {"bytes": 101, "sha256": "train.bin" * 8}}},
+        {**base, "train": {**base["train"], "max_steps": 7}},
+        {**base, "train": {**base["train"], "seed": 1}},
+        {**base, "train": {**base["train"], "max_tokens": 10**6}},
+    ]
     assert len({fingerprint(r) for r in other} | {fingerprint(base)}) == len(other) + 1
 
 
@@ -258,8 +296,17 @@ def test_training_lowers_the_loss_and_fills_the_mlflow_run(work):
 
     # metrics/train.json: the documented keys, and learning happened
     saved = json.loads(paths.metrics.read_text())
-    assert set(saved) == {"steps", "tokens_seen", "train_loss", "val_loss", "val_bpb", "tokens_per_s", "mfu",
-                          "params", "resumed_from_step"}
+    assert set(saved) == {
+        "steps",
+        "tokens_seen",
+        "train_loss",
+        "val_loss",
+        "val_bpb",
+        "tokens_per_s",
+        "mfu",
+        "params",
+        "resumed_from_step",
+    }
     assert saved == pytest.approx(metrics)
     assert saved["steps"] == 40 and saved["tokens_seen"] == 40 * 4 * 64 and saved["resumed_from_step"] == 0
     assert saved["mfu"] is None and saved["tokens_per_s"] > 0
@@ -354,8 +401,13 @@ def mlflow_runs(uri: str) -> list:
 
 
 def with_model(**model):
-    return parse_params({"data": {"sources": [{"type": "local", "path": "c"}]}, "model": {"preset": "tiny", **model},
-                         "train": {**TINY_TRAIN, "max_steps": 4}})
+    return parse_params(
+        {
+            "data": {"sources": [{"type": "local", "path": "c"}]},
+            "model": {"preset": "tiny", **model},
+            "train": {**TINY_TRAIN, "max_steps": 4},
+        }
+    )
 
 
 def test_a_finished_run_never_blocks_another_configuration(work, capsys):
@@ -447,13 +499,16 @@ def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(work,
         return original(self, batch, batch_idx)
 
     monkeypatch.setattr(LitGPT, "training_step", poisoned)
-    with pytest.raises(TrainError, match=r"loss is not finite \(nan\) at step 6.*last good checkpoint kept: .*step-00000004\.ckpt"):
+    with pytest.raises(
+        TrainError, match=r"loss is not finite \(nan\) at step 6.*last good checkpoint kept: .*step-00000004\.ckpt"
+    ):
         train(make_params(), paths, tracking_uri=uri)
     assert [s for s, _ in ckpt.list_checkpoints(run_dir(paths))] == [4]
     assert not paths.model_out.exists()
     assert not [bar for bar in tqdm._instances if bar.desc.startswith("train")]  # closed, not reprinted at exit
-    run = MlflowClient(tracking_uri=uri).search_runs([MlflowClient(tracking_uri=uri).get_experiment_by_name(
-        "quill").experiment_id])[0]
+    run = MlflowClient(tracking_uri=uri).search_runs(
+        [MlflowClient(tracking_uri=uri).get_experiment_by_name("quill").experiment_id]
+    )[0]
     assert run.info.status == "FAILED"
 
 
@@ -480,7 +535,6 @@ def test_compiled_training_runs_and_matches_eager_closely(work):
 
 def test_dvc_stage_lists_exactly_the_train_keys():
     import yaml
-
 
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]
     keys = {p.removeprefix("train.") for p in stage["params"] if isinstance(p, str) and p.startswith("train.")}
