@@ -82,10 +82,10 @@ class Engine:
     ) -> list[Completion]:
         """Completions for every prompt (n per prompt, grouped by prompt, in order)."""
         params = params or SamplingParams()
-        prompt_ids = [self._prompt_ids(p) for p in prompts]
+        prompt_ids = [self.prompt_ids_of(p) for p in prompts]
         if not prompt_ids:
             return []
-        self._check_fits(prompt_ids, params)
+        self.check_fits(prompt_ids, params)
         if params.num_beams > 1:
             return [c for i, p in enumerate(prompt_ids) for c in beam_search(self, i, p, params)]
         rows = [
@@ -102,8 +102,8 @@ class Engine:
         params = params or SamplingParams()
         check_param(params.n == 1, "n", "1 when streaming", params.n)
         check_param(params.num_beams == 1, "num_beams", "1 when streaming", params.num_beams)
-        ids = self._prompt_ids(prompt)
-        self._check_fits([ids], params)
+        ids = self.prompt_ids_of(prompt)
+        self.check_fits([ids], params)
         row = Row(0, ids, params, self.stop_ids(params), self.decode, incremental=True)
         for _ in self._decode([row], params):
             final = row.final_text()
@@ -131,8 +131,9 @@ class Engine:
         self._kv.reset()
         return self._kv
 
-    # -- internals ------------------------------------------------------------------------------
-    def _prompt_ids(self, prompt) -> list[int]:
+    # -- building blocks (beam search and the continuous-batching scheduler use them too) -------------
+    def prompt_ids_of(self, prompt) -> list[int]:
+        """A prompt (text or token ids) as checked token ids; an empty one starts from end-of-text."""
         ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not ids:
             if self.eos_token_id is None:
@@ -142,7 +143,8 @@ class Engine:
             raise ValueError(f"prompt has token ids outside [0, vocab_size={self.config.vocab_size})")
         return ids
 
-    def _check_fits(self, prompt_ids: list[list[int]], params: SamplingParams) -> None:
+    def check_fits(self, prompt_ids: list[list[int]], params: SamplingParams) -> None:
+        """ValueError when the longest prompt plus max_tokens exceeds the model's context."""
         longest = max(len(p) for p in prompt_ids)
         if longest + params.max_tokens > self.config.block_size:
             raise ValueError(
@@ -151,12 +153,13 @@ class Engine:
             )
 
     def stop_ids(self, params: SamplingParams) -> set[int]:
+        """Token ids that end a row: stop_token_ids, and end-of-text unless ignore_eos."""
         ids = set(params.stop_token_ids)
         if self.eos_token_id is not None and not params.ignore_eos:
             ids.add(self.eos_token_id)
         return ids
 
-    def _logprob_records(self, logp: torch.Tensor, chosen: torch.Tensor, n_top: int) -> list[TokenLogprob]:
+    def logprob_records(self, logp: torch.Tensor, chosen: torch.Tensor, n_top: int) -> list[TokenLogprob]:
         """logp (N, V) log-probs, chosen (N,) ids -> one record per row."""
         lp = logp.gather(1, chosen[:, None]).squeeze(1).tolist()
         tops = [[]] * len(lp)
@@ -176,7 +179,7 @@ class Engine:
             first = L - n
             recs = [TokenLogprob(int(idx[r, first]), self.token_text(int(idx[r, first])), None)]
             if n > 1:
-                recs += self._logprob_records(logp[r, first : L - 1], idx[r, first + 1 :], n_top)
+                recs += self.logprob_records(logp[r, first : L - 1], idx[r, first + 1 :], n_top)
             out.append(recs)
         return out
 
@@ -241,7 +244,7 @@ class Engine:
                 nxt = torch.multinomial(sampling_probs(x, params), 1, generator=gen).squeeze(1)
             recs = None
             if params.logprobs is not None:
-                recs = self._logprob_records(torch.log_softmax(last, dim=-1), nxt, params.logprobs)
+                recs = self.logprob_records(torch.log_softmax(last, dim=-1), nxt, params.logprobs)
             if seen is not None:
                 seen.scatter_(1, nxt[:, None], True)
             if counts is not None:

@@ -88,10 +88,10 @@ class Scheduler:
         cannot run (token ids outside the vocabulary, prompt + max_tokens beyond the context, beam search)."""
         check_param(params.n == 1, "n", "1 per scheduler request (submit n requests)", params.n)
         check_param(params.num_beams == 1, "num_beams", "1 with continuous batching", params.num_beams)
-        ids = self.engine._prompt_ids(prompt)
+        ids = self.engine.prompt_ids_of(prompt)
         V = self.engine.config.vocab_size
         check_param(all(t < V for t in params.logit_bias), "logit_bias", f"keyed by token ids < {V}", params.logit_bias)
-        self.engine._check_fits([ids], params)
+        self.engine.check_fits([ids], params)
         rid = next(self._ids)
         row = Row(rid, ids, params, self.engine.stop_ids(params), self.engine.decode, incremental=True)
         gen = None
@@ -246,7 +246,7 @@ class Scheduler:
         if want:
             w = torch.tensor(want, device=self.device)
             n_top = max(reqs[i].row.params.logprobs for i in want)
-            got = self.engine._logprob_records(torch.log_softmax(last.index_select(0, w), dim=-1), nxt[w], n_top)
+            got = self.engine.logprob_records(torch.log_softmax(last.index_select(0, w), dim=-1), nxt[w], n_top)
             recs = {i: _keep_top(rec, reqs[i].row.params.logprobs) for i, rec in zip(want, got)}
         updates = []
         for i, (r, tok) in enumerate(zip(reqs, nxt.tolist())):
