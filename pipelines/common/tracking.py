@@ -52,7 +52,7 @@ def default_tracking_uri(cwd: Path | None = None) -> str:
 
 
 def mlflow_client(uri: str | None = None) -> MlflowClient:
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # lazily: mlflow takes seconds to import (see above)
 
     return MlflowClient(tracking_uri=uri or tracking_uri())
 
@@ -72,7 +72,7 @@ def get_or_create_experiment(client: MlflowClient, name: str = EXPERIMENT) -> st
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment.experiment_id)
         return experiment.experiment_id
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # lazily, as mlflow_client()
 
     try:
         return client.create_experiment(name, artifact_location=artifact_root(client.tracking_uri))

@@ -26,7 +26,7 @@ def plot_attention(
     maps: (n_layer, B, n_head, T, T) from GPT.attention_maps, or (n_layer, n_head, T, T).
     tokens: the T token strings, shown on both axes (thinned out when T is large).
     """
-    import matplotlib
+    import matplotlib  # lazily: the backend must be chosen before pyplot is imported
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

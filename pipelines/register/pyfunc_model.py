@@ -45,6 +45,8 @@ OUTPUT_COLUMNS = ["prompt", "text", "finish_reason", "prompt_tokens", "completio
 
 def sampling_params(params: dict | None):
     """The request's params (unknown names are refused) as model.SamplingParams."""
+    # this file is stored with each registered model and imported by MLflow at load: torch (via model) and
+    # pandas are imported when a model is used, not when MLflow merely reads the file
     from model import SamplingParams
 
     params = dict(params or {})
@@ -62,7 +64,7 @@ def sampling_params(params: dict | None):
 
 
 def prompts_of(model_input) -> list[str]:
-    import pandas as pd
+    import pandas as pd  # lazily, as in sampling_params()
 
     if isinstance(model_input, str):
         return [model_input]
@@ -82,12 +84,12 @@ def prompts_of(model_input) -> list[str]:
 
 class QuillPyfunc(PythonModel):
     def load_context(self, context):
-        from model import Engine
+        from model import Engine  # lazily, as in sampling_params()
 
         self.engine = Engine.from_pretrained(context.artifacts[HF_ARTIFACT])
 
     def predict(self, context, model_input, params: dict | None = None):
-        import pandas as pd
+        import pandas as pd  # lazily, as in sampling_params()
 
         prompts = prompts_of(model_input)
         completions = self.engine.generate(prompts, sampling_params(params))

@@ -80,7 +80,7 @@ def train_tokenizer(texts: Iterator[str], params: TokenizerParams) -> Tokenizer:
 
 def save_tokenizer(tokenizer: Tokenizer, out_dir: Path) -> None:
     """Save in the Hugging Face layout, so AutoTokenizer.from_pretrained(out_dir) gives the same ids."""
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # lazily: transformers takes seconds to import
 
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token=EOT, eos_token=EOT, pad_token=EOT, extra_special_tokens=list(CHAT_TOKENS)

@@ -166,7 +166,7 @@ class TrainLog(pl.Callback):
     def _send(self, row: dict, keys: tuple[str, ...], trainer) -> None:
         if self.client is None or not trainer.is_global_zero:
             return
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # lazily: mlflow takes seconds to import; only rank 0 logs
 
         stamp = int(time.time() * 1000)
         metrics = [Metric(k, float(row[k]), stamp, row["step"]) for k in keys if row.get(k) is not None]
@@ -184,7 +184,7 @@ class TrainLog(pl.Callback):
         return self.plot_loss(out_dir / "loss.png")
 
     def plot_loss(self, path: Path) -> Path:
-        import matplotlib
+        import matplotlib  # lazily: the backend must be chosen before pyplot is imported
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
