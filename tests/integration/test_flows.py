@@ -271,7 +271,9 @@ def test_an_unanswered_approval_leaves_the_version_challenger(stack):
     assert not registered["promoted"] and registered["would_promote"] == ("awaiting a reviewer" in registered["why"])
     assert mlflow(root).get_model_version_by_alias(MODEL, "champion").version == champion_before
     assert str(mlflow(root).get_model_version_by_alias(MODEL, "challenger").version) == registered["version"]
-    assert "stays challenger" in logs(api, run["id"])
+    artifacts = api.post("/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}}}).json()
+    summary = next(a["data"] for a in artifacts if a["key"] == "train-and-deploy-summary")
+    assert f"**Approval:** no answer within 10 s: v{registered['version']} stays challenger" in summary
 
 
 def test_promote_model_and_evaluate_model_from_their_deployments(stack):
