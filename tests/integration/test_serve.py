@@ -243,17 +243,20 @@ def test_the_replica_refuses_past_its_bound_in_openai_shape(server):
     async def main():
         async with httpx.AsyncClient(base_url=server["url"] + "/tight", timeout=60) as c:
             body = {"prompt": "To be", "max_tokens": 900, "ignore_eos": True}
-            for _ in range(1500):  # the replica is idle first (an earlier test's rows retire at a step boundary)
-                s = (await c.get("/stats")).json()
-                if s["running"] + s["waiting"] == 0:
-                    break
+            deadline = time.monotonic() + 60  # the replica is idle first (earlier rows retire at a step boundary)
+            while (s := (await c.get("/stats")).json())["running"] + s["waiting"] and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
+            assert s["running"] + s["waiting"] == 0, s
             filling = asyncio.create_task(c.post("/v1/completions", json={**body, "n": 2}))
-            for _ in range(1500):  # up to 30 s on a loaded machine
+            deadline = time.monotonic() + 60  # generous: a loaded machine is slow to route the request
+            while time.monotonic() < deadline and not filling.done():
                 s = (await c.get("/stats")).json()
                 if s["running"] + s["waiting"] == 2:
                     break
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(0.01)
+            if filling.done():
+                r = filling.result()
+                raise AssertionError(f"the n=2 request ended before it was seen held: {r.status_code} {r.text[:300]}")
             assert s["running"] + s["waiting"] == 2, s  # the n=2 request holds the replica's whole bound
             refused = await c.post("/v1/completions", json=body)
             return refused, await filling
