@@ -81,7 +81,7 @@ def record_requests(engine, params, max_items: int) -> dict[str, list]:
     import contextlib
     import io
 
-    from pipelines.common.heldout import read_texts
+    from pipelines.common.clean_split import read_texts
     from pipelines.evaluate.lm_eval_adapter import QuillLM
     from pipelines.evaluate.stage import run_lm_eval
     from pipelines.evaluate.task_pack import build_task_pack

@@ -21,6 +21,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from pipelines.common.clean_split import read_texts
 from pipelines.common.params import load_params
 from pipelines.tokenize.stage import (
     CLEAN_DIR,
@@ -29,7 +30,6 @@ from pipelines.tokenize.stage import (
     batches,
     encode_documents,
     encode_split,
-    read_texts,
 )
 
 

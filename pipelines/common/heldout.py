@@ -9,17 +9,8 @@ test split changed, so both numbers are comparable.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from model.scoring import perplexity_summary, rolling_loglikelihood
 from pipelines.common.progress import progress_bar
-
-
-def read_texts(path: Path) -> list[str]:
-    """The documents of one clean split (data/clean/<split>.jsonl), in order."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line)["text"] for line in f if line.strip()]
 
 
 def held_out(

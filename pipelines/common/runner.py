@@ -17,7 +17,7 @@ from pipelines.common.errors import StageError
 from pipelines.common.params import Params, ParamsError, load_params
 from pipelines.common.tracking import tracking_uri
 
-__all__ = ["StageError", "run_stage"]
+__all__ = ["StageError", "run_stage", "stage_log"]
 
 
 def run_stage(name: str, work: Callable[[Params], str]) -> int:
@@ -34,3 +34,12 @@ def run_stage(name: str, work: Callable[[Params], str]) -> int:
         return 1
     print(f"{name}: {summary}", flush=True)
     return 0
+
+
+def stage_log(name: str) -> Callable[[str], None]:
+    """A progress line printer for one stage: `<stage>: <msg>` on stderr (stdout keeps the summary)."""
+
+    def log(msg: str) -> None:
+        print(f"{name}: {msg}", file=sys.stderr, flush=True)
+
+    return log

@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -49,12 +48,13 @@ from rouge_score import rouge_scorer
 from model import Engine, SamplingParams, hf
 from pipelines.common import tracking
 from pipelines.common.atomic import atomic_file, write_json, write_text
+from pipelines.common.clean_split import read_texts
 from pipelines.common.hashing import content_hash, sha256_file
-from pipelines.common.heldout import held_out, read_texts
+from pipelines.common.heldout import held_out
 from pipelines.common.model_folder import check_model_dir
 from pipelines.common.params import EvalParams, Params
 from pipelines.common.report import fmt_value, table_cell
-from pipelines.common.runner import StageError, run_stage
+from pipelines.common.runner import StageError, run_stage, stage_log
 from pipelines.common.tracking import check_tracking, flat_metrics, training_run_id
 from pipelines.evaluate.attention_plot import plot_attention
 from pipelines.evaluate.lm_eval_adapter import QuillLM, split_documents
@@ -78,8 +78,7 @@ class EvalError(StageError):
     """The inputs cannot be evaluated; the message says what is wrong and what to do."""
 
 
-def log(msg: str) -> None:
-    print(f"evaluate: {msg}", file=sys.stderr, flush=True)
+log = stage_log("evaluate")
 
 
 # --- checks before any long work -------------------------------------------------------------------

@@ -34,7 +34,6 @@ import json
 import os
 import shutil
 import socket
-import sys
 import tempfile
 import threading
 import time
@@ -51,12 +50,13 @@ from mlflow.models import infer_signature
 from model import Engine, load_pretrained
 from pipelines.common import tracking
 from pipelines.common.atomic import write_json
+from pipelines.common.clean_split import read_texts
 from pipelines.common.contracts import HF_MODEL_PATH
 from pipelines.common.hashing import content_hash
-from pipelines.common.heldout import held_out, read_texts
+from pipelines.common.heldout import held_out
 from pipelines.common.model_folder import check_model_dir
 from pipelines.common.params import Params, RegistryParams
-from pipelines.common.runner import StageError, run_stage
+from pipelines.common.runner import StageError, run_stage, stage_log
 from pipelines.common.tracking import check_tracking, flat_metrics, git_commit, input_hashes, training_run_id
 from pipelines.register import pyfunc_model
 from pipelines.register.model_card import render_card
@@ -80,8 +80,7 @@ class RegisterError(StageError):
     """Registration cannot proceed; the message says why and what to do."""
 
 
-def log(msg: str) -> None:
-    print(f"register: {msg}", file=sys.stderr, flush=True)
+log = stage_log("register")
 
 
 # --- checks ----------------------------------------------------------------------------------------

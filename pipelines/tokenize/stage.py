@@ -16,7 +16,6 @@ Run: python -m pipelines.tokenize            (or `dvc repro tokenize`)
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
 from pipelines.common.atomic import atomic_dir, write_json
+from pipelines.common.clean_split import iter_texts
 from pipelines.common.hashing import sha256_file
 from pipelines.common.params import Params, TokenizerParams
 from pipelines.common.runner import StageError, run_stage
@@ -47,19 +47,6 @@ CHAT_TEMPLATE = (
 
 class TokenizeError(StageError):
     """The inputs cannot be tokenized; the message says why and what to do."""
-
-
-def read_texts(path: Path) -> Iterator[str]:
-    """The "text" field of each JSON line of a clean split."""
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            try:
-                yield json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise TokenizeError(
-                    f"{path}:{line_no} is not a clean record with a 'text' field; "
-                    "rerun the clean stage (dvc repro clean)."
-                ) from None
 
 
 def train_tokenizer(texts: Iterator[str], params: TokenizerParams) -> Tokenizer:
@@ -126,7 +113,7 @@ def encode_split(
     eot_id = tokenizer.token_to_id(EOT)
     stats = {"docs": 0, "bytes": 0, "tokens": 0}
     with open(target, "wb") as out:
-        for texts in batches(read_texts(source), batch_size):
+        for texts in batches(iter_texts(source), batch_size):
             ids = encode_documents(tokenizer, texts)
             check_round_trip(tokenizer, texts, ids, f"{source} batch at document {stats['docs'] + 1}")
             flat: list[int] = []
@@ -154,7 +141,7 @@ def tokenize_corpus(
     missing = [str(p) for p in sources.values() if not p.is_file()]
     if missing:
         raise TokenizeError(f"missing {', '.join(missing)}: run the clean stage first (dvc repro clean).")
-    if not any(text.strip() for text in read_texts(sources["train"])):
+    if not any(text.strip() for text in iter_texts(sources["train"])):
         raise TokenizeError(
             f"{sources['train']} holds no text to train the tokenizer on; "
             "check reports/clean/report.md for why documents were dropped."
@@ -162,7 +149,7 @@ def tokenize_corpus(
 
     with atomic_dir(tokenizer_dir) as tok_tmp, atomic_dir(tokens_dir) as tokens_tmp:
         started = time.perf_counter()
-        tokenizer = train_tokenizer(read_texts(sources["train"]), params)
+        tokenizer = train_tokenizer(iter_texts(sources["train"]), params)
         train_seconds = time.perf_counter() - started
         tokenizer.encode_special_tokens = True  # "<|endoftext|>" typed in a document is text, not a separator
         save_tokenizer(tokenizer, tok_tmp)

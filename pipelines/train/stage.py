@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +41,7 @@ from model.transformer import Block
 from pipelines.common import tracking
 from pipelines.common.atomic import write_json
 from pipelines.common.params import Params, TrainParams
-from pipelines.common.runner import StageError, run_stage
+from pipelines.common.runner import StageError, run_stage, stage_log
 from pipelines.common.tracking import RUN_FILE
 from pipelines.train.checkpoints import SafeCheckpointIO, StepCheckpoint, latest_valid, list_checkpoints
 from pipelines.train.data import DataError, TokenData, TokenDataModule
@@ -66,6 +65,9 @@ class Paths:
 
 class TrainError(StageError):
     """Training cannot start or continue; the message says why and what to do."""
+
+
+say = stage_log("train")  # progress lines on stderr (`log` is the run's TrainLog)
 
 
 class Preempted(StageError):
@@ -209,7 +211,7 @@ def resume_step(found, run_info: dict, t: TrainParams, steps: int, run_dir: Path
             f"or delete {run_dir}/ to train from scratch"
         )
     run_info["mlflow_run_id"] = saved.get("mlflow_run_id")
-    print(f"train: resuming from {path} (step {int(ckpt['global_step'])})", file=sys.stderr)
+    say(f"resuming from {path} (step {int(ckpt['global_step'])})")
     return int(ckpt["global_step"])
 
 
@@ -266,7 +268,7 @@ def train(
     run_info.update(world_size=world_size, total_steps=steps)
     if trainer.is_global_zero and not fast_dev_run:
         for line in settle_other_runs(paths.checkpoints, run_info, run_info["fingerprint"]):
-            print(f"train: {line}", file=sys.stderr)
+            say(line)
     resumed_from = resume_step(found, run_info, t, steps, run_dir)
 
     pl.seed_everything(t.seed, workers=False, verbose=False)  # the initial weights

@@ -171,7 +171,8 @@ def test_a_training_run_missing_from_the_store_is_named_not_fatal(proj, capsys):
 
 def test_changed_test_split_reevaluates_the_champion(proj):
     from model import Engine
-    from pipelines.common.heldout import held_out, read_texts
+    from pipelines.common.clean_split import read_texts
+    from pipelines.common.heldout import held_out
     from pipelines.register.stage import register
 
     params = RegistryParams(model_name=NAME, min_improvement=0.01)

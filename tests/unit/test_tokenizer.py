@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
+from pipelines.common.clean_split import CleanSplitError
 from pipelines.common.params import TokenizerParams
 from pipelines.tokenize.stage import EOT, SPECIAL_TOKENS, TokenizeError, token_dtype, tokenize_corpus
 from tests.helpers.corpus import write_clean
@@ -133,7 +134,7 @@ def test_missing_inputs_and_bad_records_fail_clearly_and_keep_old_outputs(built,
     before = (tmp_path / "tokens" / "train.bin").read_bytes()
     with open(tmp_path / "clean" / "test.jsonl", "a") as f:
         f.write("{not json\n")
-    with pytest.raises(TokenizeError, match=r"test.jsonl:5 is not a clean record"):
+    with pytest.raises(CleanSplitError, match=r"test.jsonl:5 is not a clean record"):
         tokenize_corpus(params, tmp_path / "clean", tmp_path / "tok", tmp_path / "tokens", tmp_path / "m.json")
     assert (tmp_path / "tokens" / "train.bin").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clean", "m.json", "tok", "tokens"]
