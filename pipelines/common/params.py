@@ -77,7 +77,7 @@ class DedupParams(Section):
 class SplitParams(Section):
     passage_chars: int = Field(default=2000, ge=0)  # 0 keeps whole documents
     val: float = Field(default=0.05, gt=0.0, lt=1.0)  # > 0: the train stage validates on this split
-    test: float = Field(default=0.05, ge=0.0, lt=1.0)
+    test: float = Field(default=0.05, gt=0.0, lt=1.0)  # > 0: evaluate and register measure on this split
 
     @model_validator(mode="after")
     def _fractions_leave_train(self) -> SplitParams:

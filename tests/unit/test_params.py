@@ -116,6 +116,7 @@ def test_a_source_version_written_as_a_number_is_refused():
         ("eval.seed", 2**32, "'eval.seed': Input should be less than or equal to 4294967295 (got 4294967296)"),
         ("data.split.val", 0, "'data.split.val': Input should be greater than 0 (got 0)"),
         ("data.split.val", 0.0, "'data.split.val': Input should be greater than 0 (got 0.0)"),
+        ("data.split.test", 0, "'data.split.test': Input should be greater than 0 (got 0)"),
         ("train.lr", float("inf"), "'train.lr': Input should be a finite number (got inf)"),
         ("train.grad_clip", float("nan"), "'train.grad_clip': Input should be a finite number (got nan)"),
         ("registry.min_improvement", float("-inf"), "'registry.min_improvement': Input should be a finite number"),
