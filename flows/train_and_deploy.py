@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,8 @@ from typing import Any
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
-from prefect.exceptions import FlowPauseTimeout
-from prefect.flow_runs import pause_flow_run
+from prefect.exceptions import FlowPauseTimeout, NotPausedError
+from prefect.flow_runs import pause_flow_run, resume_flow_run
 from prefect.input import RunInput
 from prefect.runtime import flow_run
 from pydantic import Field
@@ -38,6 +39,7 @@ from pipelines.common.params import ParamsError, ServeParams, read_yaml
 from pipelines.common.tracking import RUN_FILE, mlflow_client, tracking_uri
 
 NO_OVERRIDES = Overrides()
+PAUSE_GRACE_S = 120  # Prefect's pause timeout past the approval deadline (see wait_for_approval)
 TRAIN_RUN = Path("artifacts/model") / RUN_FILE  # the train stage's MLflow run id (pipelines/common/tracking.py)
 
 
@@ -147,14 +149,42 @@ def smoke(url: str) -> str:
     return f"{result.model} (version {result.version}) at {url} completed 'The king' with {result.completion!r}"
 
 
+def wait_for_approval(reg: dict, timeout_s: int) -> tuple[Approval, bool]:
+    """The reviewer's Approval, and whether nobody answered within timeout_s.
+
+    At the deadline this process resumes its own run with a refusal. Letting Prefect's pause timeout expire
+    instead would make the server fail the run's next state change (an expired pause cannot be resumed), so an
+    unanswered review would end the run Failed although nothing failed. Whichever resume reaches the server
+    first wins; the other is answered "not paused"."""
+    run_id = flow_run.get_id()
+    unanswered = Approval(approve=False, comment=f"no answer within {timeout_s} s")
+
+    def expire() -> None:
+        try:
+            resume_flow_run(run_id, run_input=unanswered.model_dump())
+        except (NotPausedError, FlowPauseTimeout, RuntimeError):
+            pass  # a reviewer answered first
+
+    timer = threading.Timer(timeout_s, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        # Prefect's own timeout is only the backstop should this process's resume never reach the server
+        answer = pause_flow_run(
+            wait_for_input=Approval.with_initial_data(description=comparison(reg)), timeout=timeout_s + PAUSE_GRACE_S
+        )
+    except FlowPauseTimeout:
+        return unanswered, True
+    finally:
+        timer.cancel()
+    return answer, answer.model_dump() == unanswered.model_dump()  # fields only: a loaded input carries metadata
+
+
 def review(reg: dict, timeout_s: int) -> str:
     """Pause for a reviewer's Approval; promote the new version if they approve and the rule agrees, or force it.
     What happened, in a line (rejected or unanswered: the version stays challenger)."""
-    try:
-        answer = pause_flow_run(
-            wait_for_input=Approval.with_initial_data(description=comparison(reg)), timeout=timeout_s
-        )
-    except FlowPauseTimeout:
+    answer, unanswered = wait_for_approval(reg, timeout_s)
+    if unanswered:
         return f"no answer within {timeout_s} s: v{reg['version']} stays challenger"
     note = f" ({answer.comment})" if answer.comment else ""
     if not answer.approve:

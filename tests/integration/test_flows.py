@@ -2,9 +2,10 @@
 `python -m flows.deploy` from a tiny workspace, runs created through the REST API exactly as the UI's Run,
 Retry and Resume buttons do, real DVC stages and a real MLflow store.
 
-The tests run in order on one workspace (about four minutes): a run from the Run button; bad parameters
-refused; an injected failure in evaluate, then a retry that does not redo the data or training work; an
-approval pause resumed through the API while a second run is refused by the workspace lock.
+The tests run in order on one workspace (about ten minutes): a run from the Run button; bad parameters
+refused; an injected failure in evaluate, then a retry that does not redo the data or training work;
+a train stage killed mid-run, retried by its task and resumed from its checkpoint; an approval pause resumed
+through the API while a second run is refused by the workspace lock; an approval nobody answers.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -110,8 +112,27 @@ def task_runs(api: httpx.Client, run_id: str) -> dict[str, list[dict]]:
 
 
 def logs(api: httpx.Client, run_id: str) -> str:
-    entries = api.post("/logs/filter", json={"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200}).json()
-    return "\n".join(e["message"] for e in entries)
+    """Every log line of the run, in order (the API answers at most 200 per page)."""
+    entries: list[dict] = []
+    while True:
+        page = api.post(
+            "/logs/filter",
+            json={
+                "logs": {"flow_run_id": {"any_": [run_id]}},
+                "sort": "TIMESTAMP_ASC",
+                "limit": 200,
+                "offset": len(entries),
+            },
+        ).json()
+        entries += page
+        if len(page) < 200:
+            return "\n".join(e["message"] for e in entries)
+
+
+def summary_of(api: httpx.Client, run_id: str) -> str:
+    """The run's Markdown summary artifact."""
+    artifacts = api.post("/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]}}}).json()
+    return next(a["data"] for a in artifacts if a["key"] == "train-and-deploy-summary")
 
 
 def mlflow(root: Path) -> MlflowClient:
@@ -213,6 +234,52 @@ def test_a_failed_evaluate_is_retried_without_redoing_data_or_training(stack):
     assert "Running stage 'evaluate'" in text and json.loads((root / "artifacts/registered.json").read_text())
 
 
+def train_process(root: Path) -> psutil.Process | None:
+    """The workspace's running `python -m pipelines.train`, if any."""
+    for proc in psutil.process_iter(["cmdline", "cwd"]):
+        if proc.info["cwd"] == str(root) and "pipelines.train" in (proc.info["cmdline"] or []):
+            return proc
+    return None
+
+
+def test_a_killed_train_is_retried_by_the_task_and_resumes_its_checkpoint(stack):
+    """A SIGKILL of the train stage mid-run (an OOM kill, a lost node): the train task's retry runs it again and
+    it resumes from the checkpoint the killed attempt wrote, in the same MLflow run. A second Run click meanwhile
+    queues behind it (the deployment's concurrency limit) and then finds nothing to redo."""
+    root, _, api = stack
+    experiment = mlflow(root).get_experiment_by_name("quill").experiment_id
+    train_runs = len(mlflow(root).search_runs([experiment]))
+    overrides = {"train": {"max_steps": 400, "checkpoint_every": 4}}
+    earlier = set((root / "checkpoints").glob("*/step-*.ckpt"))  # finished runs of other configurations
+    response = run_button(api, {"overrides": overrides, "deploy": False})
+    run_id = response.json()["id"]
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        proc = train_process(root)
+        if proc and set((root / "checkpoints").glob("*/step-*.ckpt")) - earlier:
+            break
+        assert api.get(f"/flow_runs/{run_id}").json()["state"]["type"] not in TERMINAL, logs(api, run_id)
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"no checkpoint of the train stage within 300 s:\n{logs(api, run_id)}")
+    # a second click while this run trains (only now: the runner may start queued runs in either order)
+    queued = run_button(api, {"overrides": overrides, "deploy": False}).json()["id"]
+    proc.kill()
+    run = wait(api, run_id, set(), timeout=600)
+    assert run["state"]["type"] == "COMPLETED", logs(api, run_id)
+    text = logs(api, run_id)
+    trained = task_runs(api, run_id)["train"]
+    assert sum(t["run_count"] for t in trained) == 2, (trained, text)  # the killed attempt and its retry
+    assert "train: resuming from checkpoints/" in text, text
+    assert len(mlflow(root).search_runs([experiment])) == train_runs + 1  # both attempts log to one MLflow run
+
+    # the second click waited for the deployment's one slot (the workspace lock would have failed an overlap)
+    second = wait(api, queued, set(), timeout=600)
+    assert second["state"]["type"] == "COMPLETED", logs(api, queued)
+    assert second["start_time"] >= run["end_time"], (second["start_time"], run["end_time"])
+    assert "Stage 'train' didn't change, skipping" in logs(api, queued)
+
+
 def test_approval_pause_is_resumed_through_the_api_and_holds_the_workspace(stack):
     root, env, api = stack
     versions_before = len(mlflow(root).search_model_versions(f"name='{MODEL}'"))
@@ -254,8 +321,8 @@ def test_approval_pause_is_resumed_through_the_api_and_holds_the_workspace(stack
 
 
 def test_an_unanswered_approval_leaves_the_version_challenger(stack):
-    """The new version is registered as challenger before the pause; with no answer it stays so. (How the run
-    itself ends after Prefect expires the pause, Completed or Failed, is not asserted: see the README.)"""
+    """The new version is registered as challenger before the pause; with no answer it stays so, and the run
+    completes (nothing failed: the flow resumes itself at the deadline with a refusal)."""
     root, _, api = stack
     champion_before = mlflow(root).get_model_version_by_alias(MODEL, "champion").version
     versions_before = len(mlflow(root).search_model_versions(f"name='{MODEL}'"))
@@ -269,7 +336,8 @@ def test_an_unanswered_approval_leaves_the_version_challenger(stack):
         },
     )
     run = wait(api, response.json()["id"], set())
-    assert run["state"]["type"] in ("COMPLETED", "FAILED"), logs(api, run["id"])
+    assert run["state"]["type"] == "COMPLETED", logs(api, run["id"])
+    assert "no answer within 10 s: v" in summary_of(api, run["id"])
     registered = json.loads((root / "artifacts/registered.json").read_text())
     assert registered["version"] == str(versions_before + 1) and not registered["promoted"]
     assert registered["would_promote"] == ("awaiting a reviewer" in registered["why"])
