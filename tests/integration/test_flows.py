@@ -375,6 +375,5 @@ def test_the_run_button_deploys_the_champion_and_the_endpoint_answers(stack):
     assert str(listing["data"][0]["version"]) == champion, listing
     completion = httpx.post(f"{url}/v1/completions", json={"prompt": "The king", "max_tokens": 4}, timeout=60)
     assert completion.status_code == 200 and completion.json()["choices"][0]["text"] is not None
-    artifacts = api.post("/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}}}).json()
-    summary = next(a["data"] for a in artifacts if a["key"] == "train-and-deploy-summary")
+    summary = summary_of(api, run["id"])
     assert f"**Endpoint:** {MODEL} (version {champion}) at {url}" in summary
