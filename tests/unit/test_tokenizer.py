@@ -36,18 +36,18 @@ TRICKY = [
 PLAIN = [t for t in TRICKY if "<|" not in t]
 
 
+def build(root: Path) -> tuple[dict, dict]:
+    """The clean splits with TRICKY, tokenized under root: (texts by split, the stage's metrics)."""
+    texts = write_clean(root / "clean", extra=TRICKY)
+    params = TokenizerParams(vocab_size=512, min_frequency=2)
+    metrics = tokenize_corpus(params, root / "clean", root / "tokenizer", root / "tokens", root / "metrics.json")
+    return texts, metrics
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> tuple[Path, dict, dict]:
     root = tmp_path_factory.mktemp("tok")
-    texts = write_clean(root / "clean", extra=TRICKY)
-    metrics = tokenize_corpus(
-        TokenizerParams(vocab_size=512, min_frequency=2),
-        root / "clean",
-        root / "tokenizer",
-        root / "tokens",
-        root / "metrics.json",
-    )
-    return root, texts, metrics
+    return root, *build(root)
 
 
 @pytest.fixture(scope="module")
@@ -108,14 +108,7 @@ def test_transformers_autotokenizer_gives_the_same_ids(built, tokenizer):
 
 
 def test_training_is_deterministic(built, tmp_path):
-    write_clean(tmp_path / "clean", extra=TRICKY)
-    again = tokenize_corpus(
-        TokenizerParams(vocab_size=512, min_frequency=2),
-        tmp_path / "clean",
-        tmp_path / "tokenizer",
-        tmp_path / "tokens",
-        tmp_path / "metrics.json",
-    )
+    _, again = build(tmp_path)
     assert again["tokenizer_sha256"] == built[2]["tokenizer_sha256"]
     assert (tmp_path / "tokens" / "train.bin").read_bytes() == (built[0] / "tokens" / "train.bin").read_bytes()
 
