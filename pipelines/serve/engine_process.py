@@ -1,0 +1,165 @@
+"""The model and its continuous-batching scheduler in a child process of the replica.
+
+A replica's event loop (HTTP, Ray's own streaming to the proxy, JSON) and the decode loop are both Python, and
+one process runs Python on one core at a time (the GIL): under streaming load the decode steps of a replica
+stretched to twice their length waiting for it. Here the decode loop has a process, and so a core, of its own,
+as vLLM's engine core does; the replica and this process talk over a pipe.
+
+    proc = EngineProcess(folder, sha256, device, compile, max_batch_size, static, on_message)
+    proc.add(token, [(prompt_ids, params), ...])   # answered by on_message(("added", token, rids))
+    proc.cancel([rid, ...])                         #   or ("refused", token, message)
+    # every step: on_message(("step", updates, running, waiting)); a failed step: ("failed", text);
+    # the process gone: ("stopped", text)
+
+on_message runs on a reader thread, in the order the child sent. The child ends on `close()`, or when the pipe
+closes because the replica is gone, so it never outlives the replica.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import threading
+import traceback
+from collections.abc import Callable
+
+from model.sampling import SamplingParams
+
+
+class EngineFailure(RuntimeError):
+    """A decode step failed in the engine process (the requests in flight fail with it, serving goes on)."""
+
+
+class EngineProcess:
+    def __init__(
+        self,
+        folder: str,
+        tokenizer_sha256: str | None,
+        device: str | None,
+        compile: bool,
+        max_batch_size: int,
+        static: bool,
+        on_message: Callable[[tuple], None],
+    ):
+        ctx = mp.get_context("spawn")  # never fork a process that runs threads (Ray's, torch's)
+        self._conn, child = ctx.Pipe()
+        self.process = ctx.Process(
+            target=_main,
+            args=(child, folder, tokenizer_sha256, device, compile, max_batch_size, static),
+            name="quill-engine",
+            daemon=True,
+        )
+        self.process.start()
+        child.close()
+        kind, *info = self._recv_or_raise(folder)
+        if kind == "error":
+            self.process.join(5)
+            raise RuntimeError(f"could not load the model from {folder}: {info[0]}")
+        self.pid, self.torch_threads, self.model_info = info
+        self._send_lock = threading.Lock()
+        self._closing = False
+        self._on_message = on_message
+        self._reader = threading.Thread(target=self._read, name="quill-engine-reader", daemon=True)
+        self._reader.start()
+
+    def _recv_or_raise(self, folder: str):
+        try:
+            return self._conn.recv()
+        except EOFError:
+            self.process.join(5)
+            code = self.process.exitcode
+            raise RuntimeError(
+                f"the engine process exited (code {code}) while loading the model from {folder}"
+            ) from None
+
+    def add(self, token: int, sequences: list[tuple[list[int], SamplingParams]]) -> None:
+        self._send(("add", token, sequences))
+
+    def cancel(self, rids) -> None:
+        self._send(("cancel", list(rids)))
+
+    def alive(self) -> bool:
+        return self.process.is_alive() and self._reader.is_alive()
+
+    def close(self) -> None:
+        """Stop the child (it finishes its step and leaves); killed if it has not within 5 s."""
+        self._closing = True
+        try:
+            self._send(("stop",))
+        except OSError:
+            pass  # already gone
+        self.process.join(5)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self._conn.close()
+
+    def _send(self, msg) -> None:
+        with self._send_lock:
+            self._conn.send(msg)
+
+    def _read(self) -> None:
+        while True:
+            try:
+                msg = self._conn.recv()
+            except (EOFError, OSError):
+                if not self._closing:
+                    self.process.join(1)
+                    code = self.process.exitcode
+                    self._on_message(("stopped", f"the engine process stopped (exit code {code})"))
+                return
+            self._on_message(msg)
+
+
+def _main(conn, folder, tokenizer_sha256, device, compile, max_batch_size, static) -> None:
+    """The child: load the model, then take commands between steps and step while there is work."""
+    import torch
+
+    from model import Engine, Scheduler
+
+    try:
+        engine = Engine.from_pretrained(folder, tokenizer_sha256, device, compile)
+        scheduler = Scheduler(engine, max_batch_size, static=static)
+    except Exception as exc:  # a tokenizer hash mismatch, a damaged or missing file: the replica reports it
+        traceback.print_exc()
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    info = (engine.config.block_size, engine.config.vocab_size, engine.eos_token_id)
+    conn.send(("ready", os.getpid(), torch.get_num_threads(), info))
+    try:
+        while True:
+            # block for commands while idle; between steps, take whatever has arrived
+            while not scheduler.has_work() or conn.poll(0):
+                msg = conn.recv()
+                if msg[0] == "stop":
+                    return
+                _command(msg, scheduler, conn)
+            try:
+                updates = scheduler.step()
+            except Exception as exc:  # a bug or OOM in a step: fail what is in flight, keep serving
+                traceback.print_exc()
+                scheduler = Scheduler(engine, max_batch_size, static=static)
+                conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+                continue
+            conn.send(("step", updates, scheduler.num_running, scheduler.num_waiting))
+    except (EOFError, OSError, KeyboardInterrupt):
+        return  # the replica closed the pipe or is gone
+
+
+def _command(msg, scheduler, conn) -> None:
+    kind = msg[0]
+    if kind == "cancel":
+        for rid in msg[1]:
+            scheduler.cancel(rid)
+    elif kind == "add":
+        _, token, sequences = msg
+        rids: list[int] = []
+        try:
+            for ids, params in sequences:
+                rids.append(scheduler.add(ids, params))
+        except ValueError as exc:
+            for rid in rids:
+                scheduler.cancel(rid)
+            conn.send(("refused", token, str(exc)))
+            return
+        conn.send(("added", token, rids, scheduler.num_running, scheduler.num_waiting))
