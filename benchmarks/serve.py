@@ -1,6 +1,6 @@
 """Serving: continuous batching vs one request at a time and vs static batching, HTTP overhead, a load run.
 
-    python -m benchmarks.serve [--quick]
+    python -m benchmarks.serve [--quick] [--stream-interval N]
 
 One run, one machine: a random-weight model of the `cpu` preset (4 layers, 256 wide, 256-token context) behind
 three apps on one local Ray Serve: `cb` (continuous batching, 16 slots), `off` (one sequence at a time) and
@@ -153,7 +153,9 @@ def free_port() -> int:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="smaller runs (a smoke test of the benchmark)")
-    quick = ap.parse_args().quick
+    ap.add_argument("--stream-interval", type=int, default=1, help="serve.stream_interval of every app")
+    opts = ap.parse_args()
+    quick = opts.quick
     long_tokens, load_total = (64, 200) if quick else (200, 2000)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -175,10 +177,11 @@ def main() -> None:
                 ("off", {"max_batch_size": 1}, False),
                 ("static", {"max_batch_size": 16}, True),
             ):
-                kw["num_cpus_per_replica"] = REPLICA_CPUS
+                kw.update(num_cpus_per_replica=REPLICA_CPUS, stream_interval=opts.stream_interval)
                 args = AppArgs(model=str(folder), params_file=params_file(root, name, **kw), static_batching=static)
                 serve.run(app(args), name=name, route_prefix=f"/{name}")
             result = asyncio.run(measure(f"http://127.0.0.1:{port}", long_tokens, load_total, direct))
+            result["stream_interval"] = opts.stream_interval
         finally:
             serve.shutdown()
             ray.shutdown()

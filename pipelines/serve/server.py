@@ -118,19 +118,25 @@ def _chat_logprobs(recs: list[TokenLogprob] | None) -> dict:
     }
 
 
-async def _coalesced(batches: AsyncIterator[list[tuple[int, RowUpdate]]]):
+async def _coalesced(batches: AsyncIterator[list[tuple[int, RowUpdate]]], interval: int = 1):
     """(choice index, text, logprob records, finish_reason, completion) per choice with something to send:
     every token a batch holds for a choice goes into one event (OpenAI clients take multi-token deltas). Tokens
     whose text is still pending (bytes of a character, a possible stop string) wait, with their logprobs, for
-    the next event of their choice."""
+    the next event of their choice; after a choice's first event, its tokens also wait until `interval` of them
+    are pending (its last token never waits)."""
     pending: dict[int, list[RowUpdate]] = {}
+    started: set[int] = set()
     async for batch in batches:
         ready: list[int] = []
         for i, u in batch:
-            pending.setdefault(i, []).append(u)
-            if (u.chunk.text or u.chunk.finish_reason is not None) and i not in ready:
+            ups = pending.setdefault(i, [])
+            ups.append(u)
+            done = u.chunk.finish_reason is not None
+            due = i not in started or len(ups) >= interval
+            if (done or (u.chunk.text and due)) and i not in ready:
                 ready.append(i)
         for i in ready:
+            started.add(i)
             ups = pending.pop(i)
             text = "".join(u.chunk.text for u in ups)
             recs = [u.chunk.logprob for u in ups if u.chunk.logprob is not None]
@@ -533,7 +539,7 @@ class QuillServer:
             for i in range(len(rids)):
                 text = self._decode(prompts[i // req.n])
                 yield {**meta, "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": None}]}
-        async for i, text, recs, finish, completion in _coalesced(self._updates(q, rids)):
+        async for i, text, recs, finish, completion in _coalesced(self._updates(q, rids), self.limits.stream_interval):
             if completion is not None:
                 done.append(completion)
             lp = None
@@ -553,7 +559,7 @@ class QuillServer:
                 {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
             ],
         }
-        async for i, text, recs, finish, completion in _coalesced(self._updates(q, rids)):
+        async for i, text, recs, finish, completion in _coalesced(self._updates(q, rids), self.limits.stream_interval):
             if completion is not None:
                 done.append(completion)
             lp = _chat_logprobs(recs) if req.logprobs and recs else None

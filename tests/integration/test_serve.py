@@ -26,8 +26,9 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """Ray Serve with three apps: `quill` at / (models:/tiny@champion), `auth` at /auth (QUILL_API_KEY set),
-    `tight` at /tight (one sequence at a time, at most two held, one queued in Ray: back-pressure)."""
+    """Ray Serve with three apps: `quill` at / (models:/tiny@champion), `auth` at /auth (QUILL_API_KEY set, and
+    serve.stream_interval 4), `tight` at /tight (one sequence at a time, at most two held, one queued in Ray:
+    back-pressure)."""
     root = tmp_path_factory.mktemp("serve")
     tracking = f"sqlite:///{root / 'mlflow.db'}"
     v1 = tiny_model_folder(root / "v1", seed=0)
@@ -39,9 +40,10 @@ def server(tmp_path_factory):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         params = write_params(root / "params.yaml", max_batch_size=8, default_max_tokens=16, max_tokens_cap=1000)
         serve.run(app(AppArgs(params_file=str(params), tracking_uri=tracking)), name="quill", route_prefix="/")
+        grouped = write_params(root / "auth.yaml", max_batch_size=8, default_max_tokens=16, stream_interval=4)
         os.environ["QUILL_API_KEY"] = "sekret"
         try:
-            serve.run(app(AppArgs(model=str(v1), params_file=str(params))), name="auth", route_prefix="/auth")
+            serve.run(app(AppArgs(model=str(v1), params_file=str(grouped))), name="auth", route_prefix="/auth")
         finally:
             del os.environ["QUILL_API_KEY"]
         tight = write_params(root / "tight.yaml", max_batch_size=1, max_ongoing_requests=2, max_queued_requests=1)
@@ -221,6 +223,16 @@ def test_auth_required_when_a_key_is_set(http):
     ok = http.post("/auth/v1/completions", json=P, headers={"Authorization": "Bearer sekret"})
     assert ok.status_code == 200
     assert http.get("/v1/models").status_code == 200  # the app without a key stays open
+
+
+def test_stream_interval_groups_tokens_after_the_first(http):
+    body = {"prompt": "To be", "max_tokens": 21, "temperature": 0, "ignore_eos": True, "logprobs": 0, "stream": True}
+    auth = {"Authorization": "Bearer sekret"}
+    with http.stream("POST", "/auth/v1/completions", json=body, headers=auth) as r:
+        events = [json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: {")]
+    sizes = [len(e["choices"][0]["logprobs"]["tokens"]) for e in events]
+    assert sum(sizes) == 21 and sizes[0] <= 2, sizes  # the first token at once (two if its bytes were pending)
+    assert all(n >= 4 for n in sizes[1:-1]) and len(sizes) <= 6, sizes  # then groups of serve.stream_interval
 
 
 def test_past_the_queue_bound_the_server_answers_429_with_retry_after(server):
