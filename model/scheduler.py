@@ -4,7 +4,7 @@ leaving at step boundaries, so a short request never waits for a long one to fin
     >>> sched = Scheduler(engine, max_batch_size=16)
     >>> rid = sched.add(engine.encode("To be"), SamplingParams(max_tokens=32, temperature=0.7, seed=1))
     >>> while sched.has_work():
-    ...     for u in sched.step():          # one token for every running request
+    ...     for u in sched.step():          # a token for every running request (two for one just admitted)
     ...         print(u.rid, u.chunk.text, u.completion)   # completion is set on a request's last update
 
 One request is one row (n > 1 is n requests). `add` and `cancel` may be called from another thread than
@@ -121,11 +121,14 @@ class Scheduler:
 
     @torch.inference_mode()
     def step(self) -> list[RowUpdate]:
-        """Retire cancelled rows, decode one token for every running row, then admit and prefill waiting
-        requests into free rows (each gets its first token). Returns one update per request that advanced."""
+        """Retire cancelled rows, admit and prefill waiting requests into free rows (each gets its first
+        token), then decode one token for every running row, the ones just admitted too: a new request does
+        not wait a whole decode step for its first token. Returns the updates in order (a request admitted in
+        this step may have two)."""
         self._drop_cancelled()
-        updates = self._decode() if self.running else []
-        updates += self._admit()
+        updates = self._admit()
+        if self.running:
+            updates += self._decode()
         return updates
 
     # -- internals -------------------------------------------------------------------------------
