@@ -73,10 +73,14 @@ class EngineProcess:
             ) from None
 
     def add(self, token: int, sequences: list[tuple[list[int], SamplingParams]]) -> None:
+        """Raises EngineFailure if the engine process is gone."""
         self._send(("add", token, sequences))
 
     def cancel(self, rids) -> None:
-        self._send(("cancel", list(rids)))
+        try:
+            self._send(("cancel", list(rids)))
+        except EngineFailure:
+            pass  # a stopped engine holds nothing to cancel
 
     def alive(self) -> bool:
         return self.process.is_alive() and self._reader.is_alive()
@@ -86,7 +90,7 @@ class EngineProcess:
         self._closing = True
         try:
             self._send(("stop",))
-        except OSError:
+        except EngineFailure:
             pass  # already gone
         self.process.join(5)
         if self.process.is_alive():
@@ -95,8 +99,11 @@ class EngineProcess:
         self._conn.close()
 
     def _send(self, msg) -> None:
-        with self._send_lock:
-            self._conn.send(msg)
+        try:
+            with self._send_lock:
+                self._conn.send(msg)
+        except OSError as exc:  # the child is gone (BrokenPipeError) or the pipe was closed
+            raise EngineFailure(f"the engine process stopped ({type(exc).__name__})") from None
 
     def _read(self) -> None:
         while True:

@@ -238,7 +238,7 @@ class QuillServer:
                     fut.set_exception(APIError(503, msg[1], None, "server_error"))
             self._pending.clear()
 
-    def _fail_running(self, exc: Exception) -> None:
+    def _fail_running(self, exc: EngineFailure) -> None:
         """On the event loop: fail every request the engine had taken (adds it has not answered yet will be
         answered by its fresh scheduler)."""
         metrics.ERRORS.inc(tags={"kind": "engine"})
@@ -300,7 +300,11 @@ class QuillServer:
         token = next(self._tokens)
         fut = self._loop.create_future()
         self._pending[token] = (fut, q, [metrics.Timing() for _ in sequences])
-        self.engine_process.add(token, sequences)
+        try:
+            self.engine_process.add(token, sequences)
+        except EngineFailure as exc:
+            del self._pending[token]
+            raise APIError(503, f"{exc}; the replica restarts", None, "server_error") from None
         rids = await fut
         return q, {rid: i for i, rid in enumerate(rids)}
 
@@ -321,8 +325,8 @@ class QuillServer:
                     batch.append(q.get_nowait())
                 out = []
                 for u in batch:
-                    if isinstance(u, Exception):
-                        raise u
+                    if isinstance(u, EngineFailure):  # a server fault, named: the stream's error event says it
+                        raise APIError(500, f"generation failed: {u}", None, "server_error")
                     if u.completion is not None:
                         remaining.discard(u.rid)
                         self._queues.pop(u.rid, None)
@@ -364,6 +368,7 @@ class QuillServer:
             "cancelled": self.cancelled,
             "generated_tokens": self.generated,  # since start: the benchmark's server-side tokens/s
             "torch_threads": self.engine_process.torch_threads,
+            "engine_pid": self.engine_process.pid,  # the process that holds the model
             "rss_bytes": _rss(os.getpid()) + _rss(self.engine_process.pid),  # the benchmark checks for leaks
         }
 

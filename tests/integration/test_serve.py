@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import threading
 import time
 
@@ -19,7 +20,7 @@ from ray import serve
 from model import Engine, SamplingParams
 from pipelines.serve import AppArgs, app
 from tests.helpers.paths import REPO, free_port
-from tests.helpers.serving import NAME, register, tiny_model_folder, write_params
+from tests.helpers.serving import NAME, register, tiny_model_folder, wait_for, write_params
 
 pytestmark = pytest.mark.integration
 
@@ -338,3 +339,31 @@ def test_rolling_update_under_load_fails_no_request(server, http):
         w.join()
     assert results and set(results) == {200}, sorted(set(results))
     assert http.get("/v1/models").json()["data"][0]["version"] == "2"
+
+
+# -- a crashed engine ------------------------------------------------------------------------------
+
+
+def test_a_killed_engine_fails_its_requests_and_ray_replaces_the_replica(http):
+    """The engine process of `auth` dies mid-stream: the stream ends with an error event, new requests get 503,
+    /health says so, and Ray's health check replaces the replica (a new engine serves again)."""
+    auth = {"Authorization": "Bearer sekret"}
+    old = http.get("/auth/stats", headers=auth).json()["engine_pid"]
+    body = {"prompt": "To be", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    with http.stream("POST", "/auth/v1/completions", json=body, headers=auth) as r:
+        lines = r.iter_lines()
+        assert next(ln for ln in lines if ln.startswith("data: {"))
+        os.kill(old, signal.SIGKILL)
+        rest = [ln for ln in lines if ln.startswith("data: ")]
+    assert '"server_error"' in rest[-2] and "engine process stopped" in rest[-2] and rest[-1] == "data: [DONE]"
+    refused = http.post("/auth/v1/completions", json={"prompt": "To be", "max_tokens": 2}, headers=auth)
+    assert refused.status_code == 503 and refused.json()["error"]["type"] == "server_error", refused.text
+    assert http.get("/auth/health").status_code == 503
+
+    def replaced():
+        s = http.get("/auth/stats", headers=auth)
+        return s.status_code == 200 and s.json()["engine_pid"] != old
+
+    wait_for(replaced, 120, "a new replica of `auth` with its own engine")
+    ok = http.post("/auth/v1/completions", json={"prompt": "To be", "max_tokens": 2}, headers=auth)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "length"

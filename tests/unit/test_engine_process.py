@@ -10,7 +10,7 @@ import time
 import pytest
 
 from model import Engine, SamplingParams
-from pipelines.serve.engine_process import EngineProcess
+from pipelines.serve.engine_process import EngineFailure, EngineProcess
 from tests.helpers.serving import tiny_model_folder
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
@@ -106,6 +106,9 @@ def test_the_child_ends_with_its_pipe_and_a_killed_child_fails_the_requests(fold
     proc.process.kill()
     _, reason = inbox.next("stopped", 30)
     assert "engine process stopped" in reason and not proc.alive()
+    proc.cancel([0])  # nothing to cancel in a stopped engine: no error
+    with pytest.raises(EngineFailure, match="engine process stopped"):
+        proc.add(9, [([5], SamplingParams(max_tokens=1))])
 
     proc = start(folder, Inbox())
     proc.close()
