@@ -44,6 +44,7 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+import psutil
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
@@ -115,6 +116,39 @@ def _error_code(exc: MlflowException) -> str:
     return str(getattr(exc, "error_code", ""))
 
 
+IDENTITY_KEYS = ("host", "boot_id", "pid", "pid_started")  # lock tags naming the holder's process
+
+
+def _process_identity() -> dict[str, str]:
+    """This process, precisely enough for a waiter on the same machine to tell whether it still runs."""
+    boot = Path("/proc/sys/kernel/random/boot_id")
+    return {
+        "host": socket.gethostname(),
+        "boot_id": boot.read_text().strip() if boot.exists() else "",
+        "pid": str(os.getpid()),
+        "pid_started": f"{psutil.Process().create_time():.3f}",
+    }
+
+
+def _exited_here(holder: dict[str, str], mine: dict[str, str]) -> bool:
+    """True when the holder ran on this machine (same host name and boot) and its process is gone, or its pid now
+    belongs to a process started at another time. Anything unknown (another machine, an older lock without
+    these tags) is False: that lock expires by its silence."""
+    if (
+        not holder["pid"]
+        or not holder["boot_id"]
+        or (holder["host"], holder["boot_id"]) != (mine["host"], mine["boot_id"])
+    ):
+        return False
+    try:
+        started = psutil.Process(int(holder["pid"])).create_time()
+    except psutil.NoSuchProcess:
+        return True
+    except (psutil.Error, ValueError):
+        return False
+    return abs(started - float(holder["pid_started"] or 0)) > 1.0
+
+
 class RegistrationLock:
     """Mutual exclusion per model name through the registry itself: a registered model `<name>.registration-lock`.
 
@@ -125,7 +159,9 @@ class RegistrationLock:
     - expire: a waiter watches the lock's (owner, description, last update); if nothing changed for timeout_s
       on the waiter's own monotonic clock, the holder is gone: the waiter re-reads the lock, deletes it only if
       it is still that same unrenewed lock, and competes to create it again. No two clocks are ever compared.
-      A holder that renews is waited for however long it holds the lock (a long re-evaluation).
+      A holder that renews is waited for however long it holds the lock (a long re-evaluation). A holder that
+      ran on the waiter's own machine (same host name and boot) and whose process has exited is taken over at
+      once: a registration killed on a laptop does not hold up the next one for timeout_s.
     - own: `ensure()` raises LockLost unless the owner tag is still this token; call it before every write the
       lock protects. Release deletes the lock only if it is still this token's.
 
@@ -140,6 +176,7 @@ class RegistrationLock:
         self.client, self.name, self.timeout_s = client, f"{name}.registration-lock", timeout_s
         self.token = uuid.uuid4().hex
         self.holder = f"{socket.gethostname()} pid {os.getpid()}"
+        self.identity = _process_identity()
         self._stop, self._lost = threading.Event(), threading.Event()
         self._beat: threading.Thread | None = None
 
@@ -157,12 +194,15 @@ class RegistrationLock:
             if "RESOURCE_DOES_NOT_EXIST" in _error_code(exc) or "not found" in str(exc).lower():
                 return None
             raise
-        return held.tags.get("owner"), held.description, held.last_updated_timestamp
+        identity = tuple(held.tags.get(k, "") for k in IDENTITY_KEYS)
+        return held.tags.get("owner"), held.description, held.last_updated_timestamp, identity
 
     def _create(self) -> bool:
         try:
             self.client.create_registered_model(
-                self.name, tags={"owner": self.token, "holder": self.holder}, description=self._describe(0)
+                self.name,
+                tags={"owner": self.token, "holder": self.holder, **self.identity},
+                description=self._describe(0),
             )
             return True
         except MlflowException as exc:
@@ -181,10 +221,14 @@ class RegistrationLock:
             now, current = time.monotonic(), self._observe()
             if current is None:
                 continue  # released meanwhile: try to create it again
+            if _exited_here(dict(zip(IDENTITY_KEYS, current[3])), self.identity):
+                self._take_over(current, "its holder ran on this machine and has exited")
+                seen = None
+                continue
             if current != seen:
                 seen, seen_since = current, now  # a renewal (or a new holder): its silence starts now
             elif now - seen_since >= self.timeout_s:
-                self._take_over(seen, now - seen_since)
+                self._take_over(seen, f"not renewed for {now - seen_since:.0f} s (its holder is gone)")
                 seen = None
                 continue
             if not told:
@@ -192,10 +236,10 @@ class RegistrationLock:
                 told = True
             time.sleep(poll_s)
 
-    def _take_over(self, silent: tuple, silent_s: float) -> None:
+    def _take_over(self, silent: tuple, why: str) -> None:
         if self._observe() != silent:
             return  # renewed or replaced meanwhile
-        log(f"taking over {self.name}: not renewed for {silent_s:.0f} s (its holder is gone)")
+        log(f"taking over {self.name}: {why}")
         try:
             self.client.delete_registered_model(self.name)
         except MlflowException:

@@ -381,6 +381,48 @@ def test_lock_is_renewed_owned_and_expires_on_one_clock(proj, monkeypatch):
     assert [m.name for m in client.search_registered_models()] == []
 
 
+HOLD_LOCK = """
+import sys, time
+from pipelines.common.tracking import mlflow_client
+from pipelines.register import stage
+stage.RegistrationLock(mlflow_client(), sys.argv[1], timeout_s=600).__enter__()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_lock_whose_holder_exited_on_this_machine_is_taken_over_at_once(proj, capsys):
+    """A registration SIGKILLed while holding the lock (renewal every 150 s, expiry after 600 s) holds up the
+    next one on the same machine for no longer than it takes to see that the process is gone."""
+    from pipelines.common.tracking import mlflow_client
+    from pipelines.register import stage
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, NAME],
+        cwd=proj,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+    finally:
+        holder.kill()
+        holder.wait()
+    client = mlflow_client()
+    left = client.get_registered_model(f"{NAME}.registration-lock").tags
+    assert left["pid"] == str(holder.pid) and left["host"] == socket.gethostname()
+
+    t0 = time.monotonic()
+    lock = stage.RegistrationLock(client, NAME, timeout_s=600).__enter__()
+    try:
+        assert time.monotonic() - t0 < 30
+        lock.ensure()
+    finally:
+        lock.__exit__(None, None, None)
+    assert "its holder ran on this machine and has exited" in capsys.readouterr().err
+
+
 # --- a real tracking server over HTTP --------------------------------------------------------------
 
 
