@@ -9,7 +9,8 @@ from prefect.runtime import flow_run
 
 from flows.overrides import check
 from pipelines.common.tracking import mlflow_client
-from pipelines.register.stage import CHALLENGER, CHAMPION, RegistrationLock
+from pipelines.register.lock import RegistrationLock
+from pipelines.register.stage import CHALLENGER, CHAMPION
 
 
 def resolve(name: str, model: str) -> Any:

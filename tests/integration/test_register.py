@@ -355,14 +355,14 @@ def test_lock_is_renewed_owned_and_expires_on_one_clock(proj, monkeypatch):
     """A live holder is never taken over, even by a waiter whose wall clock runs an hour ahead; once it stops
     renewing it is, and the old holder can neither write (ensure) nor release the new holder's lock."""
     from pipelines.common.tracking import mlflow_client
-    from pipelines.register import stage
+    from pipelines.register import lock
 
     client = mlflow_client()
     lock_name = f"{NAME}.registration-lock"
-    a = stage.RegistrationLock(client, NAME, timeout_s=LOCK_S).__enter__()
+    a = lock.RegistrationLock(client, NAME, timeout_s=LOCK_S).__enter__()
     skewed = SimpleNamespace(time=lambda: time.time() + 3600, monotonic=time.monotonic, sleep=time.sleep)
-    monkeypatch.setattr(stage, "time", skewed)  # the waiter's wall clock is an hour ahead of the store's
-    b = stage.RegistrationLock(client, NAME, timeout_s=LOCK_S)
+    monkeypatch.setattr(lock, "time", skewed)  # the waiter's wall clock is an hour ahead of the store's
+    b = lock.RegistrationLock(client, NAME, timeout_s=LOCK_S)
     acquired = threading.Event()
     waiter = threading.Thread(target=lambda: (b.__enter__(), acquired.set()), daemon=True)
     waiter.start()
@@ -372,7 +372,7 @@ def test_lock_is_renewed_owned_and_expires_on_one_clock(proj, monkeypatch):
     a._stop.set()  # A stalls (frozen, or killed): its heartbeat stops
     a._beat.join()
     assert acquired.wait(10 * LOCK_S)  # B takes over after LOCK_S of silence
-    with pytest.raises(stage.LockLost):
+    with pytest.raises(lock.LockLost):
         a.ensure()  # A must not write what it decided
     a.__exit__(None, None, None)  # A's release leaves B's lock alone
     b.ensure()
@@ -384,8 +384,8 @@ def test_lock_is_renewed_owned_and_expires_on_one_clock(proj, monkeypatch):
 HOLD_LOCK = """
 import sys, time
 from pipelines.common.tracking import mlflow_client
-from pipelines.register import stage
-stage.RegistrationLock(mlflow_client(), sys.argv[1], timeout_s=600).__enter__()
+from pipelines.register.lock import RegistrationLock
+RegistrationLock(mlflow_client(), sys.argv[1], timeout_s=600).__enter__()
 print("held", flush=True)
 time.sleep(600)
 """
@@ -395,7 +395,7 @@ def test_a_lock_whose_holder_exited_on_this_machine_is_taken_over_at_once(proj, 
     """A registration SIGKILLed while holding the lock (renewal every 150 s, expiry after 600 s) holds up the
     next one on the same machine for no longer than it takes to see that the process is gone."""
     from pipelines.common.tracking import mlflow_client
-    from pipelines.register import stage
+    from pipelines.register.lock import RegistrationLock
 
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD_LOCK, NAME],
@@ -414,7 +414,7 @@ def test_a_lock_whose_holder_exited_on_this_machine_is_taken_over_at_once(proj, 
     assert left["pid"] == str(holder.pid) and left["host"] == socket.gethostname()
 
     t0 = time.monotonic()
-    lock = stage.RegistrationLock(client, NAME, timeout_s=600).__enter__()
+    lock = RegistrationLock(client, NAME, timeout_s=600).__enter__()
     try:
         assert time.monotonic() - t0 < 30
         lock.ensure()
