@@ -326,6 +326,7 @@ class QuillServer:
                 out = []
                 for u in batch:
                     if isinstance(u, EngineFailure):  # a server fault, named: the stream's error event says it
+                        remaining.clear()  # the engine dropped them, and its fresh scheduler reuses their ids
                         raise APIError(500, f"generation failed: {u}", None, "server_error")
                     if u.completion is not None:
                         remaining.discard(u.rid)

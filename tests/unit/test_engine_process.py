@@ -113,3 +113,16 @@ def test_the_child_ends_with_its_pipe_and_a_killed_child_fails_the_requests(fold
     proc = start(folder, Inbox())
     proc.close()
     assert proc.process.exitcode == 0  # left its loop when the pipe closed, not killed
+
+
+def test_a_failed_step_fails_what_it_held_and_the_engine_serves_on(running):
+    proc, inbox = running
+    poisoned = SamplingParams(max_tokens=5, temperature=1.0)
+    object.__setattr__(poisoned, "logit_bias", {5: float("nan")})  # past validation: a step that raises
+    proc.add(4, [([5, 6], poisoned)])
+    inbox.next("added")
+    _, reason = inbox.next("failed")
+    assert "RuntimeError" in reason, reason
+    proc.add(5, [([5, 6], SamplingParams(max_tokens=3, **GREEDY))])
+    _, _, rids, _, _ = inbox.next("added")
+    assert len(inbox.completions(rids)[rids[0]].token_ids) == 3 and proc.alive()
