@@ -27,10 +27,12 @@ from model.sampling import SamplingParams
 
 
 class EngineFailure(RuntimeError):
-    """A decode step failed in the engine process (the requests in flight fail with it, serving goes on)."""
+    """A decode step failed in the engine process, or the process is gone: the requests it held fail with it."""
 
 
 class EngineProcess:
+    """Starts the engine process (it loads the model; a load error is raised here) and talks to it."""
+
     def __init__(
         self,
         folder: str,
