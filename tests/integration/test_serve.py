@@ -27,9 +27,9 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """Ray Serve with three apps: `quill` at / (models:/tiny@champion), `auth` at /auth (QUILL_API_KEY set, and
+    """Ray Serve with four apps: `quill` at / (models:/tiny@champion), `auth` at /auth (QUILL_API_KEY set, and
     serve.stream_interval 4), `tight` at /tight (one sequence at a time, at most two held, one queued in Ray:
-    back-pressure)."""
+    Ray's back-pressure), `held` at /held (the same bound in quill, Ray's queue left roomy)."""
     root = tmp_path_factory.mktemp("serve")
     tracking = f"sqlite:///{root / 'mlflow.db'}"
     v1 = tiny_model_folder(root / "v1", seed=0)
@@ -49,6 +49,10 @@ def server(tmp_path_factory):
             del os.environ["QUILL_API_KEY"]
         tight = write_params(root / "tight.yaml", max_batch_size=1, max_ongoing_requests=2, max_queued_requests=1)
         serve.run(app(AppArgs(model=str(v1), params_file=str(tight))), name="tight", route_prefix="/tight")
+        # Ray counts a request as queued while it picks the replica: with one queue slot, the test's /stats polls
+        # would make Ray refuse the request that should fill quill's bound
+        held = write_params(root / "held.yaml", max_batch_size=1, max_ongoing_requests=2)
+        serve.run(app(AppArgs(model=str(v1), params_file=str(held))), name="held", route_prefix="/held")
         yield {"url": f"http://127.0.0.1:{port}", "tracking": tracking, "params": params, "v1": v1, "v2": v2}
     finally:
         serve.shutdown()
@@ -250,11 +254,11 @@ def test_past_the_queue_bound_the_server_answers_429_with_retry_after(server):
 
 
 def test_the_replica_refuses_past_its_bound_in_openai_shape(server):
-    """`tight` holds at most serve.max_ongoing_requests = 2 sequences: an n=2 request fills it (one running,
+    """`held` holds at most serve.max_ongoing_requests = 2 sequences: an n=2 request fills it (one running,
     one waiting), and the next request is refused by quill itself: 429, Retry-After, OpenAI's error shape."""
 
     async def main():
-        async with httpx.AsyncClient(base_url=server["url"] + "/tight", timeout=60) as c:
+        async with httpx.AsyncClient(base_url=server["url"] + "/held", timeout=60) as c:
             body = {"prompt": "To be", "max_tokens": 900, "ignore_eos": True}
             deadline = time.monotonic() + 60  # the replica is idle first (earlier rows retire at a step boundary)
             while (s := (await c.get("/stats")).json())["running"] + s["waiting"] and time.monotonic() < deadline:
