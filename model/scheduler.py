@@ -108,6 +108,15 @@ class Scheduler:
         with self._lock:
             self._cancelled.add(rid)
 
+    def reset(self) -> None:
+        """Drop every running and waiting request (after a step failed half-way): the cache rows are free again.
+        Request ids keep counting, so an id from before never names a request from after."""
+        with self._lock:
+            self._waiting.clear()
+            self._cancelled.clear()
+        self.running.clear()
+        self.pos = 0
+
     def has_work(self) -> bool:
         return bool(self.running or self._waiting)
 

@@ -20,9 +20,10 @@ test split (another data hash), the champion is re-evaluated on the current spli
 keeps `challenger`. registry.force_promote promotes regardless, and says so.
 
 Concurrent registrations of one name get distinct versions; registering a version, the champion decision and
-both aliases run under a lock that works against any tracking store (pipelines/register/lock.py: a registered model
-`<model_name>.registration-lock` created atomically with an owner token, renewed by a heartbeat, taken over
-once it stops renewing for registry.lock_timeout_s, released only by its owner). A rerun after a crash
+both aliases run under a lock that works against any tracking store (pipelines/register/lock.py: a registered
+model `<model_name>.registration-lock` created atomically with an owner token, renewed by a heartbeat, taken
+over once it stops renewing for registry.lock_timeout_s, or at once when its holder exited on this machine,
+released only by its owner). A rerun after a crash
 anywhere in here finds the version it registered (tag `registration_key`: model hash, training run,
 evaluation) and finishes it instead of registering a duplicate.
 """

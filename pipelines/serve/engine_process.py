@@ -147,7 +147,7 @@ def _main(conn, folder, tokenizer_sha256, device, compile, max_batch_size, stati
                 updates = scheduler.step()
             except Exception as exc:  # a bug or OOM in a step: fail what is in flight, keep serving
                 traceback.print_exc()
-                scheduler = Scheduler(engine, max_batch_size, static=static)
+                scheduler.reset()
                 conn.send(("failed", f"{type(exc).__name__}: {exc}"))
                 continue
             conn.send(("step", updates, scheduler.num_running, scheduler.num_waiting))

@@ -229,7 +229,7 @@ class QuillServer:
             fut, _, _ = self._pending.pop(token)
             if not fut.done():
                 fut.set_exception(APIError(400, message, _param_of(message)))
-        elif kind == "failed":  # a step failed; the engine goes on with a fresh scheduler
+        elif kind == "failed":  # a step failed; the engine dropped what it held and goes on
             self._fail_running(EngineFailure(msg[1]))
         elif kind == "stopped":  # the engine process is gone: nothing in flight will be answered
             self._fail_running(EngineFailure(msg[1]))
@@ -239,8 +239,8 @@ class QuillServer:
             self._pending.clear()
 
     def _fail_running(self, exc: EngineFailure) -> None:
-        """On the event loop: fail every request the engine had taken (adds it has not answered yet will be
-        answered by its fresh scheduler)."""
+        """On the event loop: fail every request the engine had taken (adds it has not answered yet are still
+        answered after the failure)."""
         metrics.ERRORS.inc(tags={"kind": "engine"})
         for q in set(self._queues.values()):
             q.put_nowait(exc)
@@ -326,7 +326,7 @@ class QuillServer:
                 out = []
                 for u in batch:
                     if isinstance(u, EngineFailure):  # a server fault, named: the stream's error event says it
-                        remaining.clear()  # the engine dropped them, and its fresh scheduler reuses their ids
+                        remaining.clear()  # the engine dropped them: nothing to cancel, not cancelled by a client
                         raise APIError(500, f"generation failed: {u}", None, "server_error")
                     if u.completion is not None:
                         remaining.discard(u.rid)

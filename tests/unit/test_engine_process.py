@@ -120,9 +120,10 @@ def test_a_failed_step_fails_what_it_held_and_the_engine_serves_on(running):
     poisoned = SamplingParams(max_tokens=5, temperature=1.0)
     object.__setattr__(poisoned, "logit_bias", {5: float("nan")})  # past validation: a step that raises
     proc.add(4, [([5, 6], poisoned)])
-    inbox.next("added")
+    _, _, [failed], _, _ = inbox.next("added")
     _, reason = inbox.next("failed")
     assert "RuntimeError" in reason, reason
     proc.add(5, [([5, 6], SamplingParams(max_tokens=3, **GREEDY))])
     _, _, rids, _, _ = inbox.next("added")
+    assert rids[0] > failed  # a late cancel of the failed request cannot name the new one
     assert len(inbox.completions(rids)[rids[0]].token_ids) == 3 and proc.alive()

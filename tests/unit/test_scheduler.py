@@ -127,6 +127,21 @@ def test_cancel_frees_the_row_at_the_next_step(engine):
     assert set(done) == {b} and done[b].token_ids == alone.token_ids
 
 
+def test_reset_drops_every_request_and_ids_keep_counting(engine):
+    sched = Scheduler(engine, max_batch_size=1)
+    old = [sched.add(p, SamplingParams(max_tokens=40, **GREEDY)) for p in ("To be", "All the")]
+    sched.step()
+    assert sched.num_running == 1 and sched.num_waiting == 1
+    sched.reset()
+    assert not sched.has_work()
+    new = sched.add("question", SamplingParams(max_tokens=5, **GREEDY))
+    assert new not in old
+    sched.cancel(old[0])  # a late cancel for an id from before names nothing now
+    done, _ = run_all(sched)
+    [alone] = engine.generate(["question"], SamplingParams(max_tokens=5, **GREEDY))
+    assert set(done) == {new} and done[new].token_ids == alone.token_ids
+
+
 def test_each_row_keeps_its_own_sampling_parameters(engine):
     sched = Scheduler(engine, max_batch_size=4)
     specs = [
