@@ -236,8 +236,9 @@ def test_stream_interval_groups_tokens_after_the_first(http):
     with http.stream("POST", "/auth/v1/completions", json=body, headers=auth) as r:
         events = [json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: {")]
     sizes = [len(e["choices"][0]["logprobs"]["tokens"]) for e in events]
-    assert sum(sizes) == 21 and sizes[0] <= 2, sizes  # the first token at once (two if its bytes were pending)
-    assert all(n >= 4 for n in sizes[1:-1]) and len(sizes) <= 6, sizes  # then groups of serve.stream_interval
+    # the first event goes out with whatever its batch held (the admitting step gives two tokens, more when the
+    # event loop fell behind: tests/unit/test_stream_events.py pins the rule itself); then groups of the interval
+    assert sum(sizes) == 21 and all(n >= 4 for n in sizes[1:-1]) and len(sizes) <= 6, sizes
 
 
 def test_past_the_queue_bound_the_server_answers_429_with_retry_after(server):
