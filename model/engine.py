@@ -55,10 +55,16 @@ class Engine:
 
     @classmethod
     def from_pretrained(
-        cls, path, expected_tokenizer_sha256: str | None = None, device=None, compile: bool = False
+        cls,
+        path,
+        expected_tokenizer_sha256: str | None = None,
+        device=None,
+        compile: bool = False,
+        dtype: torch.dtype | str | None = None,
     ) -> Engine:
-        """Model and tokenizer from a folder written by save_pretrained."""
-        model = load_pretrained(path, expected_tokenizer_sha256, map_location=device or "cpu")
+        """Model and tokenizer from a folder written by save_pretrained. dtype: the weights' dtype in memory, a
+        torch.dtype or its name ("bfloat16"); None or "auto" keeps the saved one."""
+        model = load_pretrained(path, expected_tokenizer_sha256, map_location=device or "cpu", dtype=dtype_of(dtype))
         cfg = json.loads((Path(path) / "config.json").read_text())
         eos = cfg.get("eos_token_id")
         eos = eos[0] if isinstance(eos, list) else eos
@@ -266,6 +272,20 @@ class Engine:
                 logits_to_keep=1,
             )
             last = logits[:, -1]
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_of(name: torch.dtype | str | None) -> torch.dtype | None:
+    """A dtype from its name (None or "auto": keep the saved one)."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        return None
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
 
 
 def _unwrap_tokenizer(tokenizer):

@@ -196,8 +196,11 @@ def check_tokenizer(path, expected_tokenizer_sha256: str | None = None) -> str |
     return recorded
 
 
-def load_pretrained(path, expected_tokenizer_sha256: str | None = None, map_location="cpu") -> GPT:
-    """Build a GPT from a Hugging Face Llama folder (ours or one written by transformers)."""
+def load_pretrained(
+    path, expected_tokenizer_sha256: str | None = None, map_location="cpu", dtype: torch.dtype | None = None
+) -> GPT:
+    """Build a GPT from a Hugging Face Llama folder (ours or one written by transformers); dtype: the weights'
+    dtype in memory (None: as saved)."""
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no config.json in {path}")
@@ -215,7 +218,10 @@ def load_pretrained(path, expected_tokenizer_sha256: str | None = None, map_loca
     state = {}
     for f in files:
         state.update(load_file(f, device=str(map_location)))
-    dtype = next(iter(state.values())).dtype
+    if dtype is None:
+        dtype = next(iter(state.values())).dtype
+    elif not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
 
     with torch.device("meta"):
         model = GPT(config)

@@ -74,7 +74,8 @@ class Scheduler:
         self._gen = torch.Generator(device=self.device)  # unseeded rows: one batched draw per step
         self._gen.seed()
         dtype = next(engine.model.parameters()).dtype
-        self.cache = KVCache(engine.config, max_batch_size, device=self.device, dtype=dtype)
+        with torch.inference_mode():  # like the engine's prefill cache: torch.compile then traces both alike
+            self.cache = KVCache(engine.config, max_batch_size, device=self.device, dtype=dtype)
         self.pos = 0  # columns in use: every running row ends at pos - 1
         self.running: list[_Request] = []  # index i lives in cache row i
         self._waiting: deque[_Request] = deque()

@@ -5,7 +5,7 @@ one process runs Python on one core at a time (the GIL): under streaming load th
 stretched to twice their length waiting for it. Here the decode loop has a process, and so a core, of its own,
 as vLLM's engine core does; the replica and this process talk over a pipe.
 
-    proc = EngineProcess(folder, sha256, device, compile, max_batch_size, static, on_message)
+    proc = EngineProcess(EngineSpec(folder, max_batch_size=16, dtype="bfloat16"), on_message)
     proc.add(token, [(prompt_ids, params), ...])   # answered by on_message(("added", token, rids))
     proc.cancel([rid, ...])                         #   or ("refused", token, message)
     # every step: on_message(("step", updates, running, waiting)); a failed step: ("failed", text);
@@ -17,11 +17,13 @@ closes because the replica is gone, so it never outlives the replica.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import threading
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from model.sampling import SamplingParams
 
@@ -30,34 +32,33 @@ class EngineFailure(RuntimeError):
     """A decode step failed in the engine process, or the process is gone: the requests it held fail with it."""
 
 
+@dataclass(frozen=True)
+class EngineSpec:
+    """What the engine process loads and how it batches."""
+
+    folder: str  # a save_pretrained folder
+    max_batch_size: int
+    tokenizer_sha256: str | None = None  # checked before the weights are read
+    device: str | None = None  # None: CPU
+    dtype: str = "auto"  # the weights' dtype in memory (model.engine.DTYPES); auto: as saved
+    compile: bool = False
+    static: bool = False  # a batch runs to completion (the benchmark's @serve.batch-like baseline)
+
+
 class EngineProcess:
     """Starts the engine process (it loads the model; a load error is raised here) and talks to it."""
 
-    def __init__(
-        self,
-        folder: str,
-        tokenizer_sha256: str | None,
-        device: str | None,
-        compile: bool,
-        max_batch_size: int,
-        static: bool,
-        on_message: Callable[[tuple], None],
-    ):
+    def __init__(self, spec: EngineSpec, on_message: Callable[[tuple], None]):
         ctx = mp.get_context("spawn")  # never fork a process that runs threads (Ray's, torch's)
         self._conn, child = ctx.Pipe()
-        self.process = ctx.Process(
-            target=_main,
-            args=(child, folder, tokenizer_sha256, device, compile, max_batch_size, static),
-            name="quill-engine",
-            daemon=True,
-        )
+        self.process = ctx.Process(target=_main, args=(child, spec), name="quill-engine", daemon=True)
         self.process.start()
         child.close()
-        kind, *info = self._recv_or_raise(folder)
+        kind, *info = self._recv_or_raise(spec.folder)
         if kind == "error":
             self.process.join(5)
-            raise RuntimeError(f"could not load the model from {folder}: {info[0]}")
-        self.pid, self.torch_threads, self.model_info = info
+            raise RuntimeError(f"could not load the model from {spec.folder}: {info[0]}")
+        self.pid, self.torch_threads, self.dtype, self.model_info = info
         self._send_lock = threading.Lock()
         self._closing = False
         self._on_message = on_message
@@ -120,21 +121,41 @@ class EngineProcess:
             self._on_message(msg)
 
 
-def _main(conn, folder, tokenizer_sha256, device, compile, max_batch_size, static) -> None:
+def _main(conn, spec: EngineSpec) -> None:
     """The child: load the model, then take commands between steps and step while there is work."""
+    with compile_settings() if spec.compile else contextlib.nullcontext():
+        _serve(conn, spec)
+
+
+@contextlib.contextmanager
+def compile_settings():
+    """PyTorch's settings for a process that only serves a compiled model."""
+    import torch._dynamo.config
+    import torch._inductor.config
+
+    # freezing: the weights become constants of the graph (on CPU, prepacked for oneDNN: bfloat16 matmuls of a
+    # few rows cost a third less); a graph per kind of step (see warm_up), with room
+    with torch._inductor.config.patch(freezing=True), torch._dynamo.config.patch(recompile_limit=16):
+        yield
+
+
+def _serve(conn, spec: EngineSpec) -> None:
     import torch
 
     from model import Engine, Scheduler
 
     try:
-        engine = Engine.from_pretrained(folder, tokenizer_sha256, device, compile)
-        scheduler = Scheduler(engine, max_batch_size, static=static)
+        engine = Engine.from_pretrained(spec.folder, spec.tokenizer_sha256, spec.device, spec.compile, spec.dtype)
+        scheduler = Scheduler(engine, spec.max_batch_size, static=spec.static)
+        if spec.compile:
+            warm_up(scheduler)
     except Exception as exc:  # a tokenizer hash mismatch, a damaged or missing file: the replica reports it
         traceback.print_exc()
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
     info = (engine.config.block_size, engine.config.vocab_size, engine.eos_token_id)
-    conn.send(("ready", os.getpid(), torch.get_num_threads(), info))
+    dtype = str(next(engine.model.parameters()).dtype).removeprefix("torch.")
+    conn.send(("ready", os.getpid(), torch.get_num_threads(), dtype, info))
     try:
         while True:
             # block for commands while idle; between steps, take whatever has arrived
@@ -153,6 +174,22 @@ def _main(conn, folder, tokenizer_sha256, device, compile, max_batch_size, stati
             conn.send(("step", updates, scheduler.num_running, scheduler.num_waiting))
     except (EOFError, OSError, KeyboardInterrupt):
         return  # the replica closed the pipe or is gone
+
+
+def warm_up(scheduler) -> None:
+    """Compile every kind of step serving meets (prefill of one prompt or several, of equal or unequal lengths,
+    of one token or more, scoring the prompt or not; decode of one row or several) before the replica says it
+    is ready, so that no request waits for a compilation: Ray Serve routes nothing to a replica before its
+    constructor returns."""
+    t = scheduler.engine.eos_token_id or 0
+    greedy = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    echo = SamplingParams(max_tokens=0, echo=True, logprobs=0)
+    for params in (greedy, echo):
+        for prompts in ([[t, t]], [[t, t, t], [t, t]], [[t, t], [t, t]], [[t]], [[t], [t]]):
+            for ids in prompts:
+                scheduler.add(ids, params)
+            while scheduler.has_work():
+                scheduler.step()
 
 
 def _command(msg, scheduler, conn) -> None:

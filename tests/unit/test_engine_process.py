@@ -8,9 +8,11 @@ import queue
 import time
 
 import pytest
+import torch
+from torch._dynamo.utils import counters
 
-from model import Engine, SamplingParams
-from pipelines.serve.engine_process import EngineFailure, EngineProcess
+from model import Engine, SamplingParams, Scheduler
+from pipelines.serve.engine_process import EngineFailure, EngineProcess, EngineSpec, compile_settings, warm_up
 from tests.helpers.serving import tiny_model_folder
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
@@ -42,7 +44,7 @@ class Inbox:
 
 
 def start(folder, inbox, sha256=None, max_batch_size=4) -> EngineProcess:
-    return EngineProcess(str(folder), sha256, None, False, max_batch_size, False, inbox)
+    return EngineProcess(EngineSpec(str(folder), max_batch_size, sha256), inbox)
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +97,25 @@ def test_cancel_frees_the_row(running):
     assert proc.alive()
 
 
+def test_the_engine_holds_the_weights_in_the_dtype_asked_for(running, folder):
+    proc, _ = running
+    assert proc.dtype == "float32"  # auto: as saved
+    inbox = Inbox()
+    half = EngineProcess(EngineSpec(str(folder), 2, dtype="bfloat16"), inbox)
+    try:
+        assert half.dtype == "bfloat16"
+        prompts = [[5, 6, 7], [8, 9]]
+        half.add(1, [(p, SamplingParams(max_tokens=6, **GREEDY)) for p in prompts])
+        _, _, rids, _, _ = inbox.next("added")
+        done = inbox.completions(rids)
+        offline = Engine.from_pretrained(folder, dtype="bfloat16").generate(
+            prompts, SamplingParams(max_tokens=6, **GREEDY)
+        )
+        assert [done[r].token_ids for r in rids] == [c.token_ids for c in offline]
+    finally:
+        half.close()
+
+
 def test_a_tokenizer_hash_mismatch_fails_the_start_and_names_the_folder(folder):
     with pytest.raises(RuntimeError, match="could not load the model from .*tokenizer"):
         start(folder, Inbox(), sha256="0" * 64)
@@ -127,3 +148,29 @@ def test_a_failed_step_fails_what_it_held_and_the_engine_serves_on(running):
     _, _, rids, _, _ = inbox.next("added")
     assert rids[0] > failed  # a late cancel of the failed request cannot name the new one
     assert len(inbox.completions(rids)[rids[0]].token_ids) == 3 and proc.alive()
+
+
+def test_a_warmed_up_compiled_engine_compiles_nothing_while_serving(folder):
+    """serve.compile: the warm-up compiles every kind of step before the replica is ready."""
+    torch._dynamo.reset()
+    try:
+        with compile_settings():
+            engine = Engine.from_pretrained(folder, compile=True)
+            scheduler = Scheduler(engine, max_batch_size=4)
+            warm_up(scheduler)
+            graphs = counters["stats"]["unique_graphs"]
+            assert graphs >= 4  # prefill and decode, one row and several
+            greedy = SamplingParams(max_tokens=6, **GREEDY)
+            rids = [scheduler.add([5, 6, 7], greedy), scheduler.add([8], SamplingParams(max_tokens=9, seed=1))]
+            scheduler.add([9, 10, 11, 12], SamplingParams(max_tokens=0, echo=True, logprobs=2))
+            done, steps = {}, 0
+            while scheduler.has_work():
+                if steps == 2:  # requests joining a running batch, of equal and of unequal lengths
+                    rids += [scheduler.add(p, greedy) for p in ([5, 6], [7, 8], [9])]
+                done.update({u.rid: u.completion for u in scheduler.step() if u.completion is not None})
+                steps += 1
+            assert counters["stats"]["unique_graphs"] == graphs
+    finally:
+        torch._dynamo.reset()
+    eager = Engine.from_pretrained(folder).generate([[5, 6, 7]], greedy)[0]
+    assert done[rids[0]].token_ids == eager.token_ids

@@ -146,6 +146,25 @@ def test_engine_from_pretrained(tmp_path, tokenizer_dir):
     assert engine.generate(["To be"], params)[0].token_ids == Engine(m, out).generate(["To be"], params)[0].token_ids
 
 
+def test_an_engine_loads_in_the_dtype_it_is_asked_for(tmp_path, tokenizer_dir):
+    out = save_pretrained(make_model(), tmp_path / "m", tokenizer_dir=tokenizer_dir)
+    saved = Engine.from_pretrained(out, dtype="auto")
+    half = Engine.from_pretrained(out, dtype="bfloat16")
+    assert next(saved.model.parameters()).dtype == torch.float32
+    assert {p.dtype for p in half.model.parameters()} == {torch.bfloat16}
+    idx = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        full, low = saved.model(idx)[0], half.model(idx)[0]
+    assert low.dtype == torch.float32  # logits stay float32 whatever the weights are
+    torch.testing.assert_close(low, full, atol=0.1, rtol=0.05)
+    [c] = half.generate(["To be"], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    assert len(c.token_ids) == 5
+    with pytest.raises(ValueError, match="dtype must be one of auto, float32, bfloat16, float16, got 'bf16'"):
+        Engine.from_pretrained(out, dtype="bf16")
+    with pytest.raises(ValueError, match="floating-point"):
+        load_pretrained(out, dtype=torch.int8)
+
+
 def test_only_safetensors_are_loaded(tmp_path):
     out = save_pretrained(make_model(), tmp_path / "m")
     (out / "model.safetensors").rename(out / "pytorch_model.bin")

@@ -53,6 +53,7 @@ def test_misspelled_key_is_named(path, key, expected):
         (lambda r: r["tokenizer"].update(vocab_size=10), "'tokenizer.vocab_size'"),
         (lambda r: r["data"].update(sources=[{"type": "ftp", "url": "x"}]), "'data.sources.0'"),
         (lambda r: r["data"].update(sources=[]), "'data.sources'"),
+        (lambda r: r["serve"].update(dtype="bf16"), "'serve.dtype'"),
     ],
 )
 def test_invalid_values_are_named(mutate, fragment):
