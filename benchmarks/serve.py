@@ -1,6 +1,6 @@
 """Serving: continuous batching vs one request at a time and vs static batching, HTTP overhead, a load run.
 
-    python -m benchmarks.serve [--quick] [--stream-interval N]
+    python -m benchmarks.serve [--quick] [--stream-interval N] [--dtype bfloat16]
 
 One run, one machine: a random-weight model of the `cpu` preset (4 layers, 256 wide, 256-token context) behind
 three apps on one local Ray Serve: `cb` (continuous batching, 16 slots), `off` (one sequence at a time) and
@@ -28,6 +28,7 @@ from pathlib import Path
 import httpx
 import ray
 import torch
+import torch._inductor.config
 import yaml
 from ray import serve
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -132,10 +133,13 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-def direct_one_token(folder: Path, threads: int, n: int = 200) -> list[float]:
-    """Seconds per 1-token completion called on the engine directly, with a replica's torch threads."""
+def direct_one_token(folder: Path, threads: int, dtype: str, compile: bool, n: int = 200) -> list[float]:
+    """Seconds per 1-token completion called on the engine directly, with a replica's torch threads, dtype and
+    compilation (the warm-up calls compile)."""
     torch.set_num_threads(threads)
-    engine = Engine.from_pretrained(folder)
+    if compile:
+        torch._inductor.config.freezing = True  # as the engine process sets it
+    engine = Engine.from_pretrained(folder, dtype=dtype, compile=compile)
     sp = SamplingParams(max_tokens=1, temperature=0)
     for _ in range(20):
         engine.generate([PROMPT], sp)
@@ -157,13 +161,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="smaller runs (a smoke test of the benchmark)")
     ap.add_argument("--stream-interval", type=int, default=1, help="serve.stream_interval of every app")
+    ap.add_argument("--dtype", default="auto", help="serve.dtype of every app (auto: float32, as saved)")
+    ap.add_argument("--compile", action="store_true", help="serve.compile of every app")
     opts = ap.parse_args()
     quick = opts.quick
     long_tokens, load_total = (64, 200) if quick else (200, 2000)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         folder = make_model(root)
-        direct = direct_one_token(folder, threads=REPLICA_CPUS)  # before Ray: a quiet process
+        direct = direct_one_token(
+            folder, threads=REPLICA_CPUS, dtype=opts.dtype, compile=opts.compile
+        )  # before Ray: a quiet process
         port = free_port()
         ray.init(
             address="local",  # never someone else's Ray on this machine
@@ -180,11 +188,16 @@ def main() -> None:
                 ("off", {"max_batch_size": 1}, False),
                 ("static", {"max_batch_size": 16}, True),
             ):
-                kw.update(num_cpus_per_replica=REPLICA_CPUS, stream_interval=opts.stream_interval)
+                kw.update(
+                    num_cpus_per_replica=REPLICA_CPUS,
+                    stream_interval=opts.stream_interval,
+                    dtype=opts.dtype,
+                    compile=opts.compile,
+                )
                 args = AppArgs(model=str(folder), params_file=params_file(root, name, **kw), static_batching=static)
                 serve.run(app(args), name=name, route_prefix=f"/{name}")
             result = asyncio.run(measure(f"http://127.0.0.1:{port}", long_tokens, load_total, direct))
-            result["stream_interval"] = opts.stream_interval
+            result.update(stream_interval=opts.stream_interval, dtype=opts.dtype, compile=opts.compile)
         finally:
             serve.shutdown()
             ray.shutdown()
