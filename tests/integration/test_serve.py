@@ -27,8 +27,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """Ray Serve with four apps: `quill` at / (models:/tiny@champion), `auth` at /auth (QUILL_API_KEY set, and
-    serve.stream_interval 4), `tight` at /tight (one sequence at a time, at most two held, one queued in Ray:
+    """Ray Serve with four apps: `quill` at / (models:/tiny@champion), `auth` at /auth (QUILL_API_KEY set,
+    serve.stream_interval 4, serve.dtype bfloat16), `tight` at /tight (one sequence at a time, at most two held, one queued in Ray:
     Ray's back-pressure), `held` at /held (the same bound in quill, Ray's queue left roomy)."""
     root = tmp_path_factory.mktemp("serve")
     tracking = f"sqlite:///{root / 'mlflow.db'}"
@@ -41,7 +41,9 @@ def server(tmp_path_factory):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         params = write_params(root / "params.yaml", max_batch_size=8, default_max_tokens=16, max_tokens_cap=1000)
         serve.run(app(AppArgs(params_file=str(params), tracking_uri=tracking)), name="quill", route_prefix="/")
-        grouped = write_params(root / "auth.yaml", max_batch_size=8, default_max_tokens=16, stream_interval=4)
+        grouped = write_params(
+            root / "auth.yaml", max_batch_size=8, default_max_tokens=16, stream_interval=4, dtype="bfloat16"
+        )
         os.environ["QUILL_API_KEY"] = "sekret"
         try:
             serve.run(app(AppArgs(model=str(v1), params_file=str(grouped))), name="auth", route_prefix="/auth")
@@ -94,6 +96,17 @@ def test_greedy_completion_equals_the_offline_engine(client, engine):
     [ref] = engine.generate(["To be, or"], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
     assert r.choices[0].text == ref.text
     assert r.usage.completion_tokens == 20 and r.usage.prompt_tokens == len(engine.encode("To be, or"))
+
+
+def test_serve_dtype_holds_the_weights_in_bfloat16(http, server):
+    auth = {"Authorization": "Bearer sekret"}
+    assert http.get("/stats").json()["dtype"] == "float32"  # auto: as saved
+    assert http.get("/auth/stats", headers=auth).json()["dtype"] == "bfloat16"
+    body = {"prompt": "To be, or", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    r = http.post("/auth/v1/completions", json=body, headers=auth)
+    engine = Engine.from_pretrained(server["v1"], dtype="bfloat16")
+    [ref] = engine.generate(["To be, or"], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    assert r.json()["choices"][0]["text"] == ref.text
 
 
 def test_n_seed_and_logprobs(client):
