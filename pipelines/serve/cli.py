@@ -164,6 +164,8 @@ def deploy(model: str | None) -> int:
     print(
         f"serve: {'rolling update of' if running else 'deploying'} {model or p.model or 'the champion'} ...", flush=True
     )
+    if p.compile:
+        print("serve: serve.compile is on: each replica compiles before it takes requests (a minute or more on CPU)")
     serve.run(application, name=APP_NAME, route_prefix="/")
     card = _models(p)
     url = f"http://{p.host}:{p.port}"
