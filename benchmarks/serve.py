@@ -1,6 +1,6 @@
 """Serving: continuous batching vs one request at a time and vs static batching, HTTP overhead, a load run.
 
-    python -m benchmarks.serve [--quick] [--stream-interval N] [--dtype bfloat16]
+    python -m benchmarks.serve [--quick] [--stream-interval N] [--dtype bfloat16] [--compile]
 
 One run, one machine: a random-weight model of the `cpu` preset (4 layers, 256 wide, 256-token context) behind
 three apps on one local Ray Serve: `cb` (continuous batching, 16 slots), `off` (one sequence at a time) and
@@ -169,9 +169,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         folder = make_model(root)
-        direct = direct_one_token(
-            folder, threads=REPLICA_CPUS, dtype=opts.dtype, compile=opts.compile
-        )  # before Ray: a quiet process
+        # before Ray starts: a quiet process
+        direct = direct_one_token(folder, threads=REPLICA_CPUS, dtype=opts.dtype, compile=opts.compile)
         port = free_port()
         ray.init(
             address="local",  # never someone else's Ray on this machine

@@ -180,11 +180,11 @@ class QuillServer:
         spec = EngineSpec(
             str(folder),
             self.limits.max_batch_size,
-            self.source.tokenizer_sha256,
-            device,
-            self.limits.dtype,
-            self.limits.compile,
-            static_batching,
+            tokenizer_sha256=self.source.tokenizer_sha256,
+            device=device,
+            dtype=self.limits.dtype,
+            compile=self.limits.compile,
+            static=static_batching,
         )
         self.engine_process = EngineProcess(spec, self._from_engine)
         # the model's text side; the engine process checked the tokenizer's hash before loading the weights
