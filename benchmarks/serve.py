@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -28,13 +29,13 @@ from pathlib import Path
 import httpx
 import ray
 import torch
-import torch._inductor.config
 import yaml
 from ray import serve
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from model import GPT, Engine, GPTConfig, SamplingParams, save_pretrained
 from pipelines.serve import AppArgs, app
+from pipelines.serve.engine_process import compile_settings
 
 REPO = Path(__file__).resolve().parents[1]
 REPLICA_CPUS = 1  # serve.num_cpus_per_replica of every app (Ray gives its torch that many threads)
@@ -137,17 +138,16 @@ def direct_one_token(folder: Path, threads: int, dtype: str, compile: bool, n: i
     """Seconds per 1-token completion called on the engine directly, with a replica's torch threads, dtype and
     compilation (the warm-up calls compile)."""
     torch.set_num_threads(threads)
-    if compile:
-        torch._inductor.config.freezing = True  # as the engine process sets it
     engine = Engine.from_pretrained(folder, dtype=dtype, compile=compile)
     sp = SamplingParams(max_tokens=1, temperature=0)
-    for _ in range(20):
-        engine.generate([PROMPT], sp)
     times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        engine.generate([PROMPT], sp)
-        times.append(time.perf_counter() - t0)
+    with compile_settings() if compile else contextlib.nullcontext():  # as in the engine process
+        for _ in range(20):
+            engine.generate([PROMPT], sp)
+        for _ in range(n):
+            t0 = time.perf_counter()
+            engine.generate([PROMPT], sp)
+            times.append(time.perf_counter() - t0)
     return times
 
 
