@@ -1,4 +1,4 @@
-"""How a stream groups tokens into SSE events (pipelines/serve/server._coalesced): a choice's first token goes
+"""How a stream groups tokens into SSE events (pipelines/serve/responses.coalesced): a choice's first token goes
 out at once, later ones in groups of serve.stream_interval, its last token never waits, text still pending
 (bytes of a character) waits for the next event, and choices keep their own counts."""
 
@@ -8,7 +8,7 @@ import asyncio
 
 from model.scheduler import RowUpdate
 from model.sequence import StreamChunk
-from pipelines.serve.server import _coalesced
+from pipelines.serve.responses import coalesced
 
 
 def events(batches: list[list[tuple[int, RowUpdate]]], interval: int) -> list[tuple[int, str, str | None]]:
@@ -17,7 +17,7 @@ def events(batches: list[list[tuple[int, RowUpdate]]], interval: int) -> list[tu
             yield b
 
     async def collect():
-        return [(i, text, finish) async for i, text, _, finish, _ in _coalesced(source(), interval)]
+        return [(i, text, finish) async for i, text, _, finish, _ in coalesced(source(), interval)]
 
     return asyncio.run(collect())
 
