@@ -224,11 +224,11 @@ async def measure(url: str, long_tokens: int, load_total: int, direct: list[floa
             r.raise_for_status()
 
         await load(c, 32, 200)  # warm-up for the memory baseline
-        rss_warm = (await c.get("/cb/stats")).json()["rss_bytes"]
+        warm = (await c.get("/cb/stats")).json()
         t0 = time.perf_counter()
         errors = await load(c, 32, load_total)
         load_s = time.perf_counter() - t0
-        rss_after = (await c.get("/cb/stats")).json()["rss_bytes"]
+        after = (await c.get("/cb/stats")).json()
     ms = 1000
     return {
         "benchmark": "serve",
@@ -254,9 +254,11 @@ async def measure(url: str, long_tokens: int, load_total: int, direct: list[floa
         "load_clients": 32,
         "load_errors": errors,
         "load_s": round(load_s, 1),
-        "rss_warm_mb": round(rss_warm / 2**20, 1),
-        "rss_after_mb": round(rss_after / 2**20, 1),
-        "rss_drift": round(rss_after / rss_warm - 1, 3),
+        "rss_warm_mb": round(warm["rss_bytes"] / 2**20, 1),
+        "rss_after_mb": round(after["rss_bytes"] / 2**20, 1),
+        "rss_drift": round(after["rss_bytes"] / warm["rss_bytes"] - 1, 3),
+        "pss_warm_mb": round(warm["pss_bytes"] / 2**20, 1),  # shared pages counted once
+        "pss_drift": round(after["pss_bytes"] / warm["pss_bytes"] - 1, 3),
         "machine": f"{os.cpu_count()} CPUs, {threads} torch thread(s) per replica, torch {torch.__version__}",
     }
 

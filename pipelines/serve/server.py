@@ -13,7 +13,6 @@ Retry-After.
 
 import asyncio
 import itertools
-import json
 import logging
 import os
 import time
@@ -24,17 +23,17 @@ from pathlib import Path
 
 import psutil
 from fastapi import FastAPI
-from fastapi.responses import StreamingResponse
 from ray import serve
 from tokenizers import Tokenizer
 
 from model import SamplingParams
 from model.scheduler import RowUpdate
-from model.sequence import Completion, TokenLogprob
+from model.sequence import Completion
 from pipelines.common.params import ServeParams
 from pipelines.serve import metrics
 from pipelines.serve.edge import EdgeGuard, install_error_handlers
 from pipelines.serve.engine_process import EngineFailure, EngineProcess, EngineSpec
+from pipelines.serve.responses import chat_logprobs, coalesced, legacy_logprobs, legacy_records, sse, usage
 from pipelines.serve.schemas import (
     APIError,
     ChatRequest,
@@ -61,93 +60,14 @@ api.add_middleware(metrics.CountRequests)  # outermost: counts what the guard re
 # so names defined below it would be missing in the replica.
 
 
-def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
-    """Server-sent events in OpenAI's format, ending with [DONE]; a failure after the first event is sent as
-    an error event (the status line is already out), never as a silent cut."""
-
-    async def body():
-        try:
-            async for event in events:
-                yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
-        except APIError as exc:
-            yield f"data: {json.dumps(exc.body())}\n\n"
-        except Exception as exc:  # the engine failed mid-stream
-            metrics.ERRORS.inc(tags={"kind": "stream"})
-            err = APIError(500, f"generation failed: {type(exc).__name__}", None, "server_error")
-            yield f"data: {json.dumps(err.body())}\n\n"
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-
-def _usage(prompts: list[list[int]], done: list[Completion]) -> dict:
-    prompt_tokens = sum(len(p) for p in prompts)
-    completion_tokens = sum(len(c.token_ids) for c in done)
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def _legacy_records(recs: list[TokenLogprob], offset: int) -> dict:
-    """OpenAI's completions logprobs: parallel lists of tokens, their logprobs, top alternatives, text offsets."""
-    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for r in recs:
-        out["tokens"].append(r.token)
-        out["token_logprobs"].append(r.logprob)
-        out["top_logprobs"].append({t: lp for _, t, lp in r.top} if r.logprob is not None else None)
-        out["text_offset"].append(offset)
-        offset += len(r.token)
-    return out
-
-
-def _legacy_logprobs(c: Completion, echo: bool) -> dict:
-    recs = (c.prompt_logprobs or [] if echo else []) + (c.logprobs or [])
-    return _legacy_records(recs, 0)
-
-
-def _chat_logprobs(recs: list[TokenLogprob] | None) -> dict:
-    def entry(token: str, lp: float) -> dict:
-        return {"token": token, "logprob": lp, "bytes": list(token.encode("utf-8"))}
-
-    return {
-        "content": [
-            {**entry(r.token, r.logprob), "top_logprobs": [entry(t, lp) for _, t, lp in r.top]} for r in recs or []
-        ]
-    }
-
-
-async def _coalesced(batches: AsyncIterator[list[tuple[int, RowUpdate]]], interval: int = 1):
-    """(choice index, text, logprob records, finish_reason, completion) per choice with something to send:
-    every token a batch holds for a choice goes into one event (OpenAI clients take multi-token deltas). Tokens
-    whose text is still pending (bytes of a character, a possible stop string) wait, with their logprobs, for
-    the next event of their choice; after a choice's first event, its tokens also wait until `interval` of them
-    are pending (its last token never waits)."""
-    pending: dict[int, list[RowUpdate]] = {}
-    started: set[int] = set()
-    async for batch in batches:
-        ready: list[int] = []
-        for i, u in batch:
-            ups = pending.setdefault(i, [])
-            ups.append(u)
-            done = u.chunk.finish_reason is not None
-            due = i not in started or len(ups) >= interval
-            if (done or (u.chunk.text and due)) and i not in ready:
-                ready.append(i)
-        for i in ready:
-            started.add(i)
-            ups = pending.pop(i)
-            text = "".join(u.chunk.text for u in ups)
-            recs = [u.chunk.logprob for u in ups if u.chunk.logprob is not None]
-            yield i, text, recs, ups[-1].chunk.finish_reason, ups[-1].completion
-
-
-def _rss(pid: int) -> int:
+def _memory(pid: int) -> tuple[int, int]:
+    """(resident, proportional) bytes of a process: PSS charges a shared page (torch's libraries, mapped by the
+    actor and its engine process alike) to each process by its share, so the two add up."""
     try:
-        return psutil.Process(pid).memory_info().rss
+        info = psutil.Process(pid).memory_full_info()
     except psutil.NoSuchProcess:
-        return 0
+        return 0, 0
+    return info.rss, getattr(info, "pss", info.rss)  # PSS exists on Linux only
 
 
 def _param_of(message: str) -> str | None:
@@ -213,12 +133,23 @@ class QuillServer:
             self._loop.call_soon_threadsafe(self._handle, msg)
 
     def _handle(self, msg: tuple) -> None:
+        try:
+            self._dispatch(msg)
+        except Exception:  # a fault here must not leave requests waiting for tokens that never come
+            log.exception("quill: handling the engine's %r message failed", msg[0])
+            self._fail_everything(f"the replica lost the engine's {msg[0]!r} message")
+
+    def _dispatch(self, msg: tuple) -> None:
         kind = msg[0]
         if kind == "step":
             self._deliver(*msg[1:])
         elif kind == "added":
             _, token, rids, self.running, self.waiting = msg
-            fut, q, timings = self._pending.pop(token)
+            pending = self._pending.pop(token, None)
+            if pending is None:  # given up on (_fail_everything): free the rows the engine just gave it
+                self.engine_process.cancel(rids)
+                return
+            fut, q, timings = pending
             for rid, timing in zip(rids, timings):  # registered before any of their tokens can be delivered
                 self._queues[rid], self._timing[rid] = q, timing
             if not fut.done():
@@ -227,17 +158,16 @@ class QuillServer:
                 self._forget(rids)
         elif kind == "refused":
             _, token, message = msg
-            fut, _, _ = self._pending.pop(token)
-            if not fut.done():
+            fut, _, _ = self._pending.pop(token, (None, None, None))
+            if fut is not None and not fut.done():
                 fut.set_exception(APIError(400, message, _param_of(message)))
         elif kind == "failed":  # a step failed; the engine dropped what it held and goes on
             self._fail_running(EngineFailure(msg[1]))
         elif kind == "stopped":  # the engine process is gone: nothing in flight will be answered
             self._fail_running(EngineFailure(msg[1]))
-            for fut, _, _ in self._pending.values():
-                if not fut.done():
-                    fut.set_exception(APIError(503, msg[1], None, "server_error"))
-            self._pending.clear()
+            self._fail_pending(APIError(503, msg[1], None, "server_error"))
+        else:
+            raise ValueError(f"unknown message from the engine process: {kind!r}")
 
     def _fail_running(self, exc: EngineFailure) -> None:
         """On the event loop: fail every request the engine had taken (adds it has not answered yet are still
@@ -247,6 +177,21 @@ class QuillServer:
             q.put_nowait(exc)
         self._queues.clear()
         self._timing.clear()
+
+    def _fail_pending(self, exc: APIError) -> None:
+        """On the event loop: fail every add the engine has not answered yet."""
+        for fut, _, _ in self._pending.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        self._pending.clear()
+
+    def _fail_everything(self, reason: str) -> None:
+        """After a fault in this replica's own handling: every request in flight fails with a server error (a
+        stream with an error event) and the engine drops their rows; the replica serves on."""
+        rids = list(self._queues)
+        self._fail_running(EngineFailure(reason))
+        self._fail_pending(APIError(500, f"{reason}; retry", None, "server_error"))
+        self.engine_process.cancel(rids)
 
     def _deliver(self, updates: list[RowUpdate], running: int, waiting: int) -> None:
         """On the event loop: one step's tokens to their requests' queues, and the metrics."""
@@ -363,7 +308,7 @@ class QuillServer:
     @api.get("/stats")
     async def stats(self) -> dict:
         """The scheduler's occupancy (tests and operators; the same numbers are Prometheus gauges)."""
-        return {
+        stats = {
             "running": self.running,
             "waiting": self.waiting,
             "max_batch_size": self.limits.max_batch_size,
@@ -372,8 +317,11 @@ class QuillServer:
             "torch_threads": self.engine_process.torch_threads,
             "dtype": self.engine_process.dtype,  # the weights' dtype in memory (serve.dtype)
             "engine_pid": self.engine_process.pid,  # the process that holds the model
-            "rss_bytes": _rss(os.getpid()) + _rss(self.engine_process.pid),  # the benchmark checks for leaks
         }
+        actor, engine = _memory(os.getpid()), _memory(self.engine_process.pid)
+        stats["rss_bytes"] = actor[0] + engine[0]  # the benchmark checks for leaks
+        stats["pss_bytes"] = actor[1] + engine[1]
+        return stats
 
     @api.post("/tokenize")
     async def tokenize(self, req: TokenizeRequest) -> dict:
@@ -410,14 +358,14 @@ class QuillServer:
         meta = self._meta("cmpl", "text_completion")
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse(self._stream_completion(q, rids, prompts, req, meta, include_usage))
+            return sse(self._stream_completion(q, rids, prompts, req, meta, include_usage))
         done = await self._collect(q, rids)
         choices = []
         for i, c in enumerate(done):
             prompt_text = self._decode(prompts[i // req.n]) if req.echo else ""
-            lp = _legacy_logprobs(c, req.echo) if want_logprobs else None
+            lp = legacy_logprobs(c, req.echo) if want_logprobs else None
             choices.append({"index": i, "text": prompt_text + c.text, "logprobs": lp, "finish_reason": c.finish_reason})
-        return {**meta, "choices": choices, "usage": _usage(prompts, done)}
+        return {**meta, "choices": choices, "usage": usage(prompts, done)}
 
     @api.post("/v1/chat/completions")
     async def chat(self, req: ChatRequest):
@@ -435,18 +383,18 @@ class QuillServer:
         meta = self._meta("chatcmpl", "chat.completion")
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse(self._stream_chat(q, rids, prompt, req, meta, include_usage))
+            return sse(self._stream_chat(q, rids, prompt, req, meta, include_usage))
         done = await self._collect(q, rids)
         choices = [
             {
                 "index": i,
                 "message": {"role": "assistant", "content": c.text},
-                "logprobs": _chat_logprobs(c.logprobs) if req.logprobs else None,
+                "logprobs": chat_logprobs(c.logprobs) if req.logprobs else None,
                 "finish_reason": c.finish_reason,
             }
             for i, c in enumerate(done)
         ]
-        return {**meta, "choices": choices, "usage": _usage([prompt], done)}
+        return {**meta, "choices": choices, "usage": usage([prompt], done)}
 
     # -- helpers ---------------------------------------------------------------------------------
     def _decode(self, ids: list[int]) -> str:
@@ -547,16 +495,16 @@ class QuillServer:
             for i in range(len(rids)):
                 text = self._decode(prompts[i // req.n])
                 yield {**meta, "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": None}]}
-        async for i, text, recs, finish, completion in _coalesced(self._updates(q, rids), self.limits.stream_interval):
+        async for i, text, recs, finish, completion in coalesced(self._updates(q, rids), self.limits.stream_interval):
             if completion is not None:
                 done.append(completion)
             lp = None
             if req.logprobs is not None:
-                lp = _legacy_records(recs, offsets[i])
+                lp = legacy_records(recs, offsets[i])
                 offsets[i] += sum(len(r.token) for r in recs)
             yield {**meta, "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": finish}]}
         if include_usage:
-            yield {**meta, "choices": [], "usage": _usage(prompts, done)}
+            yield {**meta, "choices": [], "usage": usage(prompts, done)}
 
     async def _stream_chat(self, q, rids, prompt, req: ChatRequest, meta, include_usage):
         meta = {**meta, "object": "chat.completion.chunk"}
@@ -567,11 +515,11 @@ class QuillServer:
                 {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
             ],
         }
-        async for i, text, recs, finish, completion in _coalesced(self._updates(q, rids), self.limits.stream_interval):
+        async for i, text, recs, finish, completion in coalesced(self._updates(q, rids), self.limits.stream_interval):
             if completion is not None:
                 done.append(completion)
-            lp = _chat_logprobs(recs) if req.logprobs and recs else None
+            lp = chat_logprobs(recs) if req.logprobs and recs else None
             delta = {"content": text} if text else {}
             yield {**meta, "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
         if include_usage:
-            yield {**meta, "choices": [], "usage": _usage([prompt], done)}
+            yield {**meta, "choices": [], "usage": usage([prompt], done)}
