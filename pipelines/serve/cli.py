@@ -32,7 +32,7 @@ from ray._private.authentication.authentication_token_setup import maybe_enable_
 
 from pipelines.common.params import ParamsError, ServeParams, load_params
 from pipelines.common.tracking import tracking_uri
-from pipelines.serve import APP_NAME, AppArgs, app
+from pipelines.serve import APP_NAME, HIGH_THROUGHPUT_ENV, AppArgs, app, ray_start_env
 
 REPO = Path(__file__).resolve().parents[2]
 STATE = Path(tempfile.gettempdir()) / "quill-serve-ray.json"  # present while a Ray we started runs
@@ -82,13 +82,15 @@ def _port(preferred: int) -> int:
         return s.getsockname()[1]
 
 
-def start_local_ray() -> dict:
+def start_local_ray(p: ServeParams) -> dict:
     """A detached head node on loopback that outlives this command, in its own process group (see stop_local_ray);
-    the replicas import quill from this checkout."""
+    the replicas import quill from this checkout; Ray Serve's high-throughput mode when serve.high_throughput."""
     # Ray turns token auth on for `ray start` when a token exists (~/.ray/auth_token, which any local ray.init
     # writes); later commands must then send it, so the mode is pinned here and recorded.
     auth_mode = "token" if maybe_enable_token_auth_if_token_available(warn_if_disabled=False) else "disabled"
+    mode = ray_start_env(p)
     env = {
+        **mode,
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         "RAY_AUTH_MODE": auth_mode,
@@ -115,6 +117,7 @@ def start_local_ray() -> dict:
         "auth_mode": auth_mode,  # `ray start` led the group its daemons (GCS, raylet, dashboard) run in
         "dashboard": f"http://127.0.0.1:{dashboard}",
         "metrics": f"http://127.0.0.1:{metrics}/metrics",
+        "high_throughput": mode.get("RAY_SERVE_ENABLE_HA_PROXY") == "1",
     }
     STATE.write_text(json.dumps(state))
     return state
@@ -148,17 +151,25 @@ def stop_local_ray(pgid: int, timeout: float = 5) -> None:
 
 def deploy(model: str | None) -> int:
     params = load_params()
+    p = params.serve
     application = app(AppArgs(model=model, tracking_uri=tracking_uri()))  # a bad model fails before Ray starts
+    local = _local_ray()
+    if local and not os.environ.get("RAY_ADDRESS") and local.get("high_throughput") != p.high_throughput:
+        print(
+            f"serve: note: the local Ray was started with serve.high_throughput: {local.get('high_throughput')}, "
+            "which only a new Ray changes: python -m pipelines.serve shutdown, then deploy again",
+            flush=True,
+        )
     if not connect():
         if os.environ.get("RAY_ADDRESS"):
             print(f"serve: error: no Ray cluster at RAY_ADDRESS={os.environ['RAY_ADDRESS']}", file=sys.stderr)
             return 1
-        print("serve: starting a local Ray instance (ray start --head)", flush=True)
-        local = start_local_ray()
+        mode = ", Ray Serve's high-throughput mode (HAProxy ingress)" if p.high_throughput else ""
+        print(f"serve: starting a local Ray instance (ray start --head{mode})", flush=True)
+        local = start_local_ray(p)
         print(f"serve: Ray dashboard {local['dashboard']}, Prometheus metrics {local['metrics']}", flush=True)
         if not connect():
             raise RuntimeError(f"cannot join the local Ray just started at {local['address']}")
-    p = params.serve
     serve.start(http_options={"host": p.host, "port": p.port})
     running = APP_NAME in serve.status().applications
     print(
@@ -229,6 +240,9 @@ def config(model: str | None) -> int:
         "http_options": {"host": p.host, "port": p.port},
         "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": "pipelines.serve:app", "args": args}],
     }
+    if p.high_throughput:  # not a field of the config: Ray's processes read it when they start
+        env = " ".join(f"{k}={v}" for k, v in HIGH_THROUGHPUT_ENV.items())
+        print(f"# serve.high_throughput: start Ray's processes with {env} (a RayService: its containers' env)")
     print(yaml.safe_dump(doc, sort_keys=False), end="")
     return 0
 

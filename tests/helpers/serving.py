@@ -148,6 +148,14 @@ def kill(procs: list[psutil.Process]) -> None:
     psutil.wait_procs(alive, timeout=5)
 
 
+def listener(port: int) -> str:
+    """The name of the process listening on a loopback TCP port ("" when none is)."""
+    for c in psutil.net_connections(kind="tcp"):
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid:
+            return psutil.Process(c.pid).name()
+    return ""
+
+
 def ray_env(tmpdir: Path) -> dict[str, str]:
     """The environment of Ray commands under `tmpdir`: the venv first, quill importable by the replicas."""
     env = {**os.environ, "TMPDIR": str(tmpdir), "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "PYTHONPATH": str(REPO)}

@@ -13,14 +13,16 @@ import time
 
 import httpx
 import openai
+import psutil
 import pytest
 import ray
 from ray import serve
 
 from model import Engine, SamplingParams, Scheduler
-from pipelines.serve import AppArgs, app
+from pipelines.common.params import ServeParams
+from pipelines.serve import AppArgs, app, ray_start_env
 from tests.helpers.paths import REPO, free_port
-from tests.helpers.serving import NAME, register, tiny_model_folder, wait_for, write_params
+from tests.helpers.serving import NAME, listener, register, tiny_model_folder, wait_for, write_params
 
 pytestmark = pytest.mark.integration
 
@@ -36,6 +38,8 @@ def server(tmp_path_factory):
     v2 = tiny_model_folder(root / "v2", seed=1)
     register(v1, tracking)
     port = free_port()
+    saved = dict(os.environ)
+    os.environ.update(ray_start_env(ServeParams()))  # the default: what `python -m pipelines.serve` starts Ray with
     ray.init(address="local", num_cpus=8, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -59,6 +63,8 @@ def server(tmp_path_factory):
     finally:
         serve.shutdown()
         ray.shutdown()
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +85,18 @@ def engine(server):
 
 def healthy(http) -> bool:
     return http.get("/health").status_code == 200 and http.get("/v1/models").status_code == 200
+
+
+def test_high_throughput_mode_puts_haproxy_on_the_port_and_replicas_on_loopback(server):
+    port = int(server["url"].rsplit(":", 1)[1])
+    assert listener(port) == "haproxy"  # not Ray's Python proxy actor
+    # each replica answers HTTP itself, for HAProxy, on loopback like the port (serve.host)
+    replicas = [
+        c.laddr for c in psutil.net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN and 30000 <= c.laddr.port <= 31000 and c.pid
+        and psutil.Process(c.pid).name().startswith("ray::ServeReplica")
+    ]  # fmt: skip
+    assert len(replicas) >= 4 and all(addr.ip == "127.0.0.1" for addr in replicas), replicas
 
 
 # -- the openai client -----------------------------------------------------------------------------

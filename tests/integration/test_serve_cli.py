@@ -12,7 +12,15 @@ import httpx
 import pytest
 
 from tests.helpers.paths import free_port, run_module
-from tests.helpers.serving import ray_env, ray_processes, ray_tmpdir, tiny_model_folder, wait_for, write_params
+from tests.helpers.serving import (
+    listener,
+    ray_env,
+    ray_processes,
+    ray_tmpdir,
+    tiny_model_folder,
+    wait_for,
+    write_params,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -64,6 +72,8 @@ def test_deploy_status_redeploy_shutdown(workdir):
     assert "python -m pipelines.serve shutdown" in r.stdout
     metrics = re.search(r"Prometheus metrics (http://\S+/metrics)", r.stdout)
     assert metrics, r.stdout
+    assert "high-throughput mode (HAProxy ingress)" in r.stdout  # serve.high_throughput: true, the default
+    assert listener(int(url.rsplit(":", 1)[1])) == "haproxy"
     with httpx.Client(base_url=url, timeout=60) as http:
         assert http.get("/health").json() == {"status": "ok", "model": "alpha", "version": "local"}
         done = http.post("/v1/completions", json={"prompt": "To be", "max_tokens": 4, "ignore_eos": True}).json()
@@ -72,8 +82,13 @@ def test_deploy_status_redeploy_shutdown(workdir):
         r = cli(w, "status")
         assert r.returncode == 0 and "RUNNING" in r.stdout and "alpha" in r.stdout, r.stdout + r.stderr
 
-        r = cli(w, "--model", str(w["beta"]))  # a rolling update to another model
+        # a rolling update to another model; a mode the running Ray was not started with is named, not applied
+        write_params(
+            w["root"] / "params.yaml", port=int(url.rsplit(":", 1)[1]), max_batch_size=4, high_throughput=False
+        )
+        r = cli(w, "--model", str(w["beta"]))
         assert r.returncode == 0 and "rolling update" in r.stdout, r.stdout + r.stderr
+        assert "the local Ray was started with serve.high_throughput: True" in r.stdout
         assert http.get("/v1/models").json()["data"][0]["id"] == "beta"
         assert http.post("/v1/completions", json={"prompt": "To be", "max_tokens": 2}).json()["model"] == "beta"
         assert "beta" in cli(w, "status").stdout
