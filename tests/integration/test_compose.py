@@ -17,6 +17,7 @@ import httpx
 import pytest
 import yaml
 
+from pipelines.serve import HIGH_THROUGHPUT_ENV
 from tests.helpers.paths import REPO, VENV_BIN, free_port
 from tests.helpers.workspace import stop, wait_http
 
@@ -74,6 +75,11 @@ def test_secrets_come_from_the_env_file_and_have_no_defaults():
     assert all(value == "" for key, value in example.items() if secret.search(key)), "a secret has a value"
     worker = SERVICES["prefect-worker"]["environment"]
     assert {"MLFLOW_TRACKING_URI", "PREFECT_API_URL", "RAY_ADDRESS", "QUILL_API_KEY"} <= set(worker)
+
+
+def test_the_ray_head_starts_ray_serve_in_the_high_throughput_mode_quill_uses():
+    env = SERVICES["ray-head"]["environment"]
+    assert {k: env.get(k) for k in HIGH_THROUGHPUT_ENV} == HIGH_THROUGHPUT_ENV  # as serve.high_throughput starts Ray
 
 
 def command(service: str, **replace: str) -> list[str]:
