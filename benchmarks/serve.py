@@ -6,8 +6,9 @@ One run, one machine: a random-weight model of the `cpu` preset (4 layers, 256 w
 three apps on one local Ray Serve: `cb` (continuous batching, 16 slots), `off` (one sequence at a time) and
 `static` (a batch runs to completion, like `@serve.batch`). Each replica has Ray's default of one CPU (so one
 torch thread). Ray starts the way `python -m pipelines.serve` starts it: in Ray Serve's high-throughput mode
-(HAProxy ingress straight to the replicas) unless --no-high-throughput. Prints one JSON line; `ours`/`baseline` are generated tokens/s of 16 streaming clients against
-`cb` / `off`, counted by the clients (the streams' usage) and by the replica (/stats).
+(HAProxy ingress straight to the replicas) unless --no-high-throughput. Prints one JSON line; `ours`/`baseline`
+are generated tokens/s of 16 streaming clients against `cb` / `off`, counted by the clients (the streams' usage)
+and by the replica (/stats).
 
 The HTTP overhead compares a 1-token completion over HTTP with the same engine call (same model, prompt and
 torch threads as a replica) measured first, in this process before Ray starts, so nothing else competes for

@@ -149,7 +149,7 @@ def kill(procs: list[psutil.Process]) -> None:
 
 
 def listener(port: int) -> str:
-    """The name of the process listening on a loopback TCP port ("" when none is)."""
+    """The name of the process listening on a TCP port, at any address ("" when none is)."""
     for c in psutil.net_connections(kind="tcp"):
         if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid:
             return psutil.Process(c.pid).name()
