@@ -13,7 +13,7 @@ One request is one row (n > 1 is n requests). `add` and `cancel` may be called f
 KV-cache layout: one KVCache of max_batch_size rows. Running rows are packed into cache rows [0, N) and
 right-aligned: row r's tokens fill columns [pos - len_r, pos). A decode step feeds every row's last token at
 the shared column `pos` (where GPT.forward writes), and per-row position_ids plus an attention mask over the
-columns give each row its own positions. New requests are prefilled together on their own batch (left
+columns give each row its own positions; attention reads only from the longest row's first column on. New requests are prefilled together on their own batch (left
 padding, which is right-aligned too) in the engine's scratch cache and copied into free rows; a step prefills
 at most max_prefill_tokens (padded) so a burst of long prompts cannot stall the running rows for long. The window moves left when
 `pos` reaches block_size (there is always room: a running row holds at most block_size - 1 tokens) and
@@ -160,6 +160,7 @@ class Scheduler:
         cols = torch.arange(self.pos + 1, device=self.device)[None, :]
         mask = cols >= (self.pos - lengths)[:, None]  # (N, pos + 1): the row's own columns and the new one
         self.cache.pos = self.pos
+        self.cache.first = self.pos - max(r.length for r in self.running)  # attention skips columns no row uses
         logits, _ = self.engine.forward(
             idx, position_ids=lengths[:, None], attention_mask=mask, kv_cache=self.cache, logits_to_keep=1
         )
@@ -281,9 +282,9 @@ class Scheduler:
         """Free cache row i: the last running row moves into it, so running rows stay packed in [0, N)."""
         last = self.running.pop()
         if i < len(self.running):
-            src = len(self.running)
+            src, lo = len(self.running), self.pos - last.length  # only its own columns: the rest are masked
             for t in self.cache.k + self.cache.v:
-                t[i, :, : self.pos] = t[src, :, : self.pos]
+                t[i, :, lo : self.pos] = t[src, :, lo : self.pos]
             self.running[i] = last
         if not self.running:
             self.pos = 0
@@ -291,11 +292,9 @@ class Scheduler:
     def _shift(self, d: int) -> None:
         """Move every running row's columns by d (negative = left); the rows stay right-aligned at pos."""
         N, p = len(self.running), self.pos
+        lo = p - max(r.length for r in self.running)  # columns before lo hold no running row's tokens
         for t in self.cache.k + self.cache.v:
-            if d > 0:
-                t[:N, :, d : p + d] = t[:N, :, :p].clone()
-            else:
-                t[:N, :, : p + d] = t[:N, :, -d:p].clone()
+            t[:N, :, lo + d : p + d] = t[:N, :, lo:p].clone()
         self.pos = p + d
 
 

@@ -52,7 +52,9 @@ class KVCache:
     """Preallocated keys/values for decoding: per layer, (batch_size, n_kv_head, block_size, head_dim).
 
     Sized once from the config; a forward with `kv_cache=` writes its new keys/values at slots
-    [pos, pos + T) in place and advances `pos`. Nothing is reallocated while decoding.
+    [pos, pos + T) in place and advances `pos`. Nothing is reallocated while decoding. Attention reads slots
+    [first, pos + T): a continuous-batching scheduler moves `first` past the slots no row uses any more, so a
+    step's attention costs what its longest row needs, not what the cache has held.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, device=None, dtype=torch.float32):
@@ -62,9 +64,15 @@ class KVCache:
         self.batch_size = batch_size
         self.block_size = config.block_size
         self.pos = 0  # number of filled slots
+        self.first = 0  # first slot any row attends to
 
     def reset(self) -> None:
-        self.pos = 0
+        self.pos = self.first = 0
+
+    def window_start(self) -> int:
+        """The first slot attention reads. A compiled forward reads from 0: with `first` as a symbolic slice
+        start, inductor fails to lower the CPU attention kernel (torch 2.13)."""
+        return 0 if torch.compiler.is_compiling() else self.first
 
     def reorder(self, index: torch.Tensor) -> None:
         """Rows of the cache follow `index` (beam search): row i becomes old row index[i]."""
@@ -131,7 +139,8 @@ class Attention(nn.Module):
             kc, vc = kv_cache.k[layer], kv_cache.v[layer]
             kc[:B, :, start:end] = k  # in-place write into the preallocated cache
             vc[:B, :, start:end] = v
-            k, v = kc[:B, :, :end], vc[:B, :, :end]
+            first = kv_cache.window_start()
+            k, v = kc[:B, :, first:end], vc[:B, :, first:end]
         # also for single-token decoding: on torch 2.13 CPU the fused kernel beats explicit matmuls
         y = F.scaled_dot_product_attention(
             q,
@@ -239,7 +248,7 @@ class GPT(nn.Module):
         position_ids: (B, T) rotary positions; default: counted from the mask if one is given
             (left padding), else start..start+T where start is kv_cache.pos (0 without a cache).
         attention_mask: (B, start+T), 1 for real tokens and 0 for padding, covering the cached
-            slots too. The causal mask is always applied.
+            slots too (those before kv_cache.window_start() are not read). The causal mask is always applied.
         kv_cache: a KVCache; the new keys/values are written at its current position.
         logits_to_keep: if > 0, compute logits only for the last that many positions.
         """
@@ -283,7 +292,8 @@ class GPT(nn.Module):
             )  # (B, 1, T, hs)
         x = self.model.embed_tokens(idx)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        mask, is_causal = self._attn_mask(T, start, attention_mask, idx.device)
+        first = kv_cache.window_start() if kv_cache is not None else 0
+        mask, is_causal = self._attn_mask(T, start, first, attention_mask, idx.device)
 
         for i, block in enumerate(self.model.layers):
             x = block(x, cos, sin, mask, is_causal, kv_cache, i)
@@ -296,23 +306,24 @@ class GPT(nn.Module):
         return self.lm_head(hidden).float()
 
     @staticmethod
-    def _attn_mask(T: int, start: int, attention_mask, device):
-        """(mask for SDPA or None, is_causal). True = may attend."""
+    def _attn_mask(T: int, start: int, first: int, attention_mask, device):
+        """(mask over key slots [first, start + T) for SDPA, or None; is_causal). True = may attend."""
         end = start + T
         if attention_mask is None:
             if T == 1:
-                return None, False  # one new query sees every cached key
+                return None, False  # one new query sees every key in the window
             if start == 0:
                 return None, True
             i = torch.arange(T, device=device)[:, None] + start
-            return torch.arange(end, device=device)[None, :] <= i, False  # (T, end)
-        keys = attention_mask[:, :end].bool()[:, None, None, :]  # (B, 1, 1, end)
+            j = torch.arange(first, end, device=device)[None, :]
+            return j <= i, False  # (T, end - first)
+        keys = attention_mask[:, first:end].bool()[:, None, None, :]  # (B, 1, 1, end - first)
         if T == 1:
             return keys, False
         i = torch.arange(T, device=device)[:, None] + start
-        j = torch.arange(end, device=device)[None, :]
+        j = torch.arange(first, end, device=device)[None, :]
         # a padding query sees only itself, so no row is fully masked (which would give NaNs)
-        return (keys & (j <= i)) | (j == i), False  # (B, 1, T, end)
+        return (keys & (j <= i)) | (j == i), False  # (B, 1, T, end - first)
 
     @torch.no_grad()
     def attention_maps(self, idx: torch.Tensor) -> torch.Tensor:

@@ -89,6 +89,31 @@ def test_rows_survive_the_window_moving_both_ways(engine):
         assert done[rid].token_ids == alone.token_ids
 
 
+class WindowRecording(Scheduler):
+    """Records where attention started in each decode step."""
+
+    def _decode(self):
+        updates = super()._decode()
+        self.firsts = [*getattr(self, "firsts", []), self.cache.first]
+        return updates
+
+
+def test_attention_skips_the_columns_of_retired_rows_and_rows_still_match(engine):
+    # the long prompt's row retires early; the young rows then need only the last few columns
+    long_prompt = "Émoji 🙂 and 中文 text; naïve café. To be, or not to be, that is the question."
+    cases = [(long_prompt, 3), ("All the world's a stage", 25), ("To be", 20)]
+    sched = WindowRecording(engine, max_batch_size=3)
+    rids = [sched.add(p, SamplingParams(max_tokens=m, logprobs=0, **GREEDY)) for p, m in cases]
+    done, _ = run_all(sched)
+    gap = len(engine.encode(long_prompt)) - len(engine.encode(cases[1][0]))
+    assert max(sched.firsts) >= gap  # the window left the long row's columns
+    for rid, (p, m) in zip(rids, cases):
+        [alone] = engine.generate([p], SamplingParams(max_tokens=m, logprobs=0, **GREEDY))
+        assert done[rid].token_ids == alone.token_ids
+        got, want = [x.logprob for x in done[rid].logprobs], [x.logprob for x in alone.logprobs]
+        assert got == pytest.approx(want, abs=1e-4)  # every column a row needs was read
+
+
 def test_short_request_admitted_while_a_long_one_runs_finishes_first(engine):
     sched = Scheduler(engine, max_batch_size=4)
     long = sched.add("To be", SamplingParams(max_tokens=50, **GREEDY))
