@@ -269,16 +269,20 @@ class QuillServer:
                 batch = [await q.get()]
                 while not q.empty():
                     batch.append(q.get_nowait())
-                out = []
+                out, failure = [], None
                 for u in batch:
-                    if isinstance(u, EngineFailure):  # a server fault, named: the stream's error event says it
-                        remaining.clear()  # the engine dropped them: nothing to cancel, not cancelled by a client
-                        raise APIError(500, f"generation failed: {u}", None, "server_error")
+                    if isinstance(u, EngineFailure):
+                        failure = u
+                        break
                     if u.completion is not None:
                         remaining.discard(u.rid)
                         self._queues.pop(u.rid, None)
                     out.append((rids[u.rid], u))
-                yield out
+                if out:  # tokens made before a failure still reach the client
+                    yield out
+                if failure is not None:  # a server fault, named: the stream's error event says it
+                    remaining.clear()  # the engine dropped them: nothing to cancel, not cancelled by a client
+                    raise APIError(500, f"generation failed: {failure}", None, "server_error")
         finally:
             if remaining:
                 self.cancelled += len(remaining)

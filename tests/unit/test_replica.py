@@ -72,6 +72,7 @@ def test_a_fault_handling_a_step_fails_the_requests_and_frees_their_rows(folder)
             # a stream that already sent tokens ends with an error event and [DONE], not a silent cut
             fail_once(replica, at_call=5)
             response = await replica.completions(long_request(stream=True))
+            await asyncio.sleep(1)  # a slow client: its tokens and then the failure wait in its queue together
             events = [e async for e in response.body_iterator]
             assert events[-1] == "data: [DONE]\n\n"
             last = json.loads(events[-2].removeprefix("data: "))
