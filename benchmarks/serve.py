@@ -103,19 +103,24 @@ async def throughput(c, prefix: str, clients: int, max_tokens: int) -> tuple[flo
     return sum(n for n, _ in results) / dt, (after - before) / dt
 
 
-async def short_latency_mixed(c, prefix: str, pairs: int, long_tokens: int, rounds: int = 3) -> float:
-    """p50 latency of 8-token requests sent while as many long ones run (all rounds' short requests pooled)."""
+async def short_latency_mixed(c, prefix: str, pairs: int, long_tokens: int, rounds: int = 3) -> tuple[float, float]:
+    """p50 latency of 8-token requests on the idle server and sent while as many long ones run: (idle, mixed).
+
+    Each round times `pairs` short requests alone, then a mixed round, so that the machine's speed, which drifts
+    over minutes on a shared VM, weighs on both alike."""
 
     async def short(delay):
         await asyncio.sleep(delay)
         return (await stream_tokens(c, prefix, 8))[1]
 
-    shorts: list[float] = []
+    idle: list[float] = []
+    mixed: list[float] = []
     for _ in range(rounds):
+        idle += [await short(0) for _ in range(pairs)]
         longs = [stream_tokens(c, prefix, long_tokens) for _ in range(pairs)]
         results = await asyncio.gather(*longs, *(short(0.05 + 0.02 * i) for i in range(pairs)))
-        shorts += results[pairs:]
-    return statistics.median(shorts)
+        mixed += results[pairs:]
+    return statistics.median(idle), statistics.median(mixed)
 
 
 async def load(c, clients: int, total: int) -> int:
@@ -225,9 +230,8 @@ async def measure(url: str, long_tokens: int, load_total: int, direct: list[floa
         ours, ours_server = await throughput(c, "/cb", 16, 64)
         baseline, baseline_server = await throughput(c, "/off", 16, 64)
 
-        idle = statistics.median([(await stream_tokens(c, "/cb", 8))[1] for _ in range(24)])
-        mixed_cb = await short_latency_mixed(c, "/cb", 8, long_tokens)
-        mixed_static = await short_latency_mixed(c, "/static", 8, long_tokens)
+        idle, mixed_cb = await short_latency_mixed(c, "/cb", 8, long_tokens)
+        _, mixed_static = await short_latency_mixed(c, "/static", 8, long_tokens)
 
         http = []
         for _ in range(len(direct)):
