@@ -13,11 +13,12 @@ One request is one row (n > 1 is n requests). `add` and `cancel` may be called f
 KV-cache layout: one KVCache of max_batch_size rows. Running rows are packed into cache rows [0, N) and
 right-aligned: row r's tokens fill columns [pos - len_r, pos). A decode step feeds every row's last token at
 the shared column `pos` (where GPT.forward writes), and per-row position_ids plus an attention mask over the
-columns give each row its own positions; attention reads only from the longest row's first column on. New requests are prefilled together on their own batch (left
-padding, which is right-aligned too) in the engine's scratch cache and copied into free rows; a step prefills
-at most max_prefill_tokens (padded) so a burst of long prompts cannot stall the running rows for long. The window moves left when
-`pos` reaches block_size (there is always room: a running row holds at most block_size - 1 tokens) and
-right when a new prompt is longer than `pos`.
+columns give each row its own positions; attention reads only from the longest row's first column on. New
+requests are prefilled together on their own batch (left padding, which is right-aligned too) in the engine's
+scratch cache and copied into free rows; a step prefills at most max_prefill_tokens (padded) so a burst of
+long prompts cannot stall the running rows for long. The window moves left when `pos` reaches block_size
+(there is always room: a running row holds at most block_size - 1 tokens) and right when a new prompt is
+longer than `pos`.
 """
 
 from __future__ import annotations
