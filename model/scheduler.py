@@ -153,15 +153,15 @@ class Scheduler:
                 self._retire(i)
 
     def _decode(self) -> list[RowUpdate]:
-        N = len(self.running)
+        N, longest = len(self.running), max(r.length for r in self.running)
         if self.pos == self.cache.block_size:  # slide the window left past columns no row uses any more
-            self._shift(max(r.length for r in self.running) - self.pos)
+            self._shift(longest - self.pos)
         lengths = torch.tensor([r.length for r in self.running], device=self.device)
         idx = torch.tensor([[r.row.ids[-1]] for r in self.running], device=self.device)  # (N, 1)
         cols = torch.arange(self.pos + 1, device=self.device)[None, :]
         mask = cols >= (self.pos - lengths)[:, None]  # (N, pos + 1): the row's own columns and the new one
         self.cache.pos = self.pos
-        self.cache.first = self.pos - max(r.length for r in self.running)  # attention skips columns no row uses
+        self.cache.first = self.pos - longest  # attention skips the columns no row uses
         logits, _ = self.engine.forward(
             idx, position_ids=lengths[:, None], attention_mask=mask, kv_cache=self.cache, logits_to_keep=1
         )

@@ -51,6 +51,12 @@ async def until_idle(replica, timeout_s: float = 30) -> None:
         await asyncio.sleep(0.05)
 
 
+async def failed(replica) -> None:
+    """Until the injected fault has failed every request in flight (the replica then forgets their queues)."""
+    while replica._queues:
+        await asyncio.sleep(0.01)
+
+
 def long_request(**kw) -> CompletionRequest:
     return CompletionRequest(prompt="To be", max_tokens=LONG, temperature=0, ignore_eos=True, **kw)
 
@@ -72,7 +78,7 @@ def test_a_fault_handling_a_step_fails_the_requests_and_frees_their_rows(folder)
             # a stream that already sent tokens ends with an error event and [DONE], not a silent cut
             fail_once(replica, at_call=5)
             response = await replica.completions(long_request(stream=True))
-            await asyncio.sleep(1)  # a slow client: its tokens and then the failure wait in its queue together
+            await asyncio.wait_for(failed(replica), 30)  # a slow client: tokens, then the failure, wait in its queue
             events = [e async for e in response.body_iterator]
             assert events[-1] == "data: [DONE]\n\n"
             last = json.loads(events[-2].removeprefix("data: "))
