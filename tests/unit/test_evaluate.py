@@ -7,10 +7,12 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from lm_eval.utils import get_rolling_token_windows
 
 from model import GPT, Engine, GPTConfig
 from model.scoring import rolling_loglikelihood, rolling_windows
@@ -145,20 +147,70 @@ def test_adapter_loglikelihood_equals_direct_computation(engine, batch_size):
         assert greedy == want[1]
 
 
+def lm_eval_windows_loglik(model, doc: list[int], prefix: int, stride: int) -> float:
+    """Independent of model.scoring: lm-eval's own rolling windows (what its Hugging Face model scores, here with
+    `stride` new tokens per window), each a plain forward pass summing the log-softmax of its predicted tokens."""
+    T = model.config.block_size
+    total = 0.0
+    for inputs, predicted in get_rolling_token_windows(doc, prefix, max_seq_len=T, context_len=T - stride + 1):
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([inputs]))
+        logp = torch.log_softmax(logits[0, -len(predicted) :], -1)  # the last len(predicted) positions
+        total += logp.gather(1, torch.tensor(predicted)[:, None]).sum().item()
+    return total
+
+
 def test_adapter_rolling_equals_held_out_and_generate_stops(engine, project):
+    """loglikelihood_rolling against lm-eval's windows scored by plain forward passes; generate_until below."""
     lm = QuillLM(engine=engine, batch_size=4, stride=16)
-    texts = [json.loads(line)["text"] for line in open(project / "data/clean/test.jsonl")]
-    got = lm.loglikelihood_rolling(instances("loglikelihood_rolling", [(t,) for t in texts[:3]]), disable_tqdm=True)
-    want = rolling_loglikelihood(engine.model, [engine.encode(t) for t in texts[:3]], 0, 16, 8)
+    texts = [json.loads(line)["text"] for line in open(project / "data/clean/test.jsonl")][:3] + ["To be."]
+    docs = [engine.encode(t) for t in texts]
+    assert min(len(d) for d in docs[:3]) > 3 * engine.config.block_size and len(docs[3]) < 16  # many windows, one
+    got = lm.loglikelihood_rolling(instances("loglikelihood_rolling", [(t,) for t in texts]), disable_tqdm=True)
+    want = [lm_eval_windows_loglik(engine.model, d, engine.eos_token_id, stride=16) for d in docs]
     assert got == pytest.approx(want, rel=1e-5)
-    outs = lm.generate_until(
-        instances(
-            "generate_until",
-            [("The", {"until": ["e"], "max_gen_toks": 20}), ("A", {"until": ["\n"], "max_gen_toks": 5})],
-        ),
-        disable_tqdm=True,
-    )
-    assert len(outs) == 2 and "e" not in outs[0]
+    # and the held-out metric's function scores the same (the evaluate stage fills the adapter's cache with it)
+    assert rolling_loglikelihood(engine.model, docs, engine.eos_token_id, 16, 8) == pytest.approx(want, rel=1e-5)
+
+
+def successor_model(vocab_size: int) -> GPT:
+    """A model whose greedy next token is always the last token's id + 1: every token embeds to its own one-hot
+    vector, attention and MLP add nothing (zero weights), and the head's row v reads component v - 1."""
+    n_embd = 8 * math.ceil(vocab_size / 8)  # room for the one-hot vectors; head_dim stays even
+    cfg = GPTConfig.from_preset("tiny", vocab_size=vocab_size, n_embd=n_embd, tie_embeddings=False)
+    model = GPT(cfg).eval()
+    eye = torch.eye(vocab_size)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.model.embed_tokens.weight[:, :vocab_size] = eye
+        model.model.norm.weight.fill_(1.0)
+        model.lm_head.weight[:, :vocab_size] = eye.roll(1, dims=0)  # row v is e_(v-1)
+    return model
+
+
+def test_adapter_generate_until_stops_at_until_and_at_max_gen_toks(project):
+    """Greedy on a model that counts up through the token ids: the tokenizer's byte tokens then spell the
+    alphabet, so each output is known before generating it ("The" ends in "e": f, g, h, ...; "A": B, C, ...)."""
+    vocab = json.loads((project / "data/tokens/meta.json").read_text())["vocab_size"]
+    engine = Engine(successor_model(vocab), project / "data/tokenizer")
+    ids = engine.encode("The king")
+    with torch.no_grad():
+        logits, _ = engine.model(torch.tensor([ids]))
+    assert logits[0].argmax(-1).tolist() == [t + 1 for t in ids]  # the construction holds at every position
+    assert engine.decode([engine.encode("The")[-1] + i for i in range(1, 6)]) == "fghij"
+    assert engine.decode([engine.encode("A")[-1] + i for i in range(1, 6)]) == "BCDEF"
+
+    lm = QuillLM(engine=engine, batch_size=4)
+    requests = [
+        ("The", {"until": ["jk"], "max_gen_toks": 20}),  # the stop string cuts: fghi|jk...
+        ("A", {"until": ["Q"], "max_gen_toks": 5}),  # max_gen_toks cuts first: BCDEF, Q would be the 16th
+        ("A", {"until": ["Q"], "max_gen_toks": 20}),  # the same stop string with room to reach it
+        ("The", {"until": ["\n"], "max_gen_toks": 3}),  # two prompts of different lengths in one batch
+        ("A", {"until": ["\n"], "max_gen_toks": 3}),
+    ]
+    outs = lm.generate_until(instances("generate_until", requests), disable_tqdm=True)
+    assert outs == ["fghi", "BCDEF", "BCDEFGHIJKLMNOP", "fgh", "BCD"]
 
 
 # --- the task pack ---------------------------------------------------------------------------------
@@ -231,6 +283,38 @@ def test_byte_ngram_is_normalised_and_beats_uniform(project):
     assert lm.bits_per_byte([t.encode() for t in test]) < 8.0
     assert ByteNgram.fit([b"abab" * 100], 2).bits_per_byte([b"abab"]) < 1.0
     assert uniform_bpb(10, 20, 256) == pytest.approx(4.0)
+
+
+# --- sample generations' BLEU and ROUGE-L --------------------------------------------------------
+
+
+def test_sample_scores_are_bleu_and_rouge_l_worked_out_by_hand():
+    """One generation off by a word, one exact, one without a reference: BLEU and ROUGE-L as worked out by hand."""
+    from pipelines.evaluate.stage import generate_samples
+
+    generations = {"p1": "the cat sat on the mat", "p2": "all the world is a stage", "p3": "anything"}
+
+    class FixedEngine:
+        def generate(self, prompts, params):
+            return [SimpleNamespace(text=generations[p]) for p in prompts]
+
+    rows = [
+        {"prompt": "p1", "reference": "the cat sat on a mat today"},
+        {"prompt": "p2", "reference": "all the world is a stage"},
+        {"prompt": "p3", "reference": None},
+    ]
+    got = generate_samples(FixedEngine(), rows, max_tokens=8, seed=0)
+    # p1: matching 1- to 4-grams 5/6, 3/5, 2/4, 1/3, and 6 words against 7 (brevity penalty e^(1 - 7/6)):
+    # BLEU = e^(1 - 7/6) (1/12)^(1/4). ROUGE-L: the longest common subsequence "the cat sat on mat" is 5 words,
+    # precision 5/6, recall 5/7: F = 2 P R / (P + R) = 10/13
+    assert got["rows"][0]["bleu"] == pytest.approx(100 * math.exp(1 - 7 / 6) * (1 / 12) ** 0.25, abs=1e-4)
+    assert got["rows"][0]["rougeL"] == pytest.approx(10 / 13, abs=1e-4)
+    assert (got["rows"][1]["bleu"], got["rows"][1]["rougeL"]) == (pytest.approx(100.0), pytest.approx(1.0))
+    assert got["rows"][2]["bleu"] is None and got["rows"][2]["rougeL"] is None
+    assert [r["generation"] for r in got["rows"]] == list(generations.values())
+    # corpus BLEU pools the counts: 11/12, 8/10, 6/8, 4/6 and 12 words against 13; ROUGE-L is the rows' mean
+    assert got["bleu"] == pytest.approx(100 * math.exp(1 - 13 / 12) * (11 / 30) ** 0.25, abs=1e-4)
+    assert got["rougeL"] == pytest.approx((10 / 13 + 1) / 2, abs=1e-4)
 
 
 # --- the stage, end to end, and its bad inputs -----------------------------------------------------
