@@ -10,7 +10,9 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from model import GPT, Engine, GPTConfig, SamplingParams
+from model.beam import beam_search
 from model.sampling import apply_penalties, sampling_probs
+from model.scheduler import Scheduler
 from model.sequence import Detokenizer
 
 SENTENCES = [
@@ -106,13 +108,15 @@ def test_batched_prompts_of_different_lengths_equal_one_by_one(engine):
 def test_each_row_stops_on_its_own(engine):
     prompts = ["To be", "Whether 'tis"]
     free = engine.generate(prompts, SamplingParams(max_tokens=10, **GREEDY))
-    stop_id = free[0].token_ids[3]
-    out = engine.generate(prompts, SamplingParams(max_tokens=10, stop_token_ids=[stop_id], **GREEDY))
+    # a token row 0 makes and row 1 never does: row 0 stops at it, row 1 runs to its length
+    candidates = [t for t in free[0].token_ids if t not in free[1].token_ids]
+    assert candidates, (free[0].token_ids, free[1].token_ids)
+    stop_id = candidates[0]
     first = free[0].token_ids.index(stop_id)
+    out = engine.generate(prompts, SamplingParams(max_tokens=10, stop_token_ids=[stop_id], **GREEDY))
     assert out[0].token_ids == free[0].token_ids[: first + 1] and out[0].finish_reason == "stop"
     assert out[0].text == engine.decode(free[0].token_ids[:first])  # the stop token is not in the text
-    if stop_id not in free[1].token_ids:
-        assert out[1].token_ids == free[1].token_ids and out[1].finish_reason == "length"
+    assert out[1].token_ids == free[1].token_ids and out[1].finish_reason == "length"
 
 
 def test_eos_ends_a_row_unless_ignored(model, tokenizer, engine):
@@ -221,7 +225,108 @@ def test_penalties_lower_the_repeated_tokens_probability(logits):
 def test_penalties_reduce_repetition_end_to_end(engine):
     plain = engine.generate(["To be"], SamplingParams(max_tokens=30, **GREEDY))[0].token_ids
     penal = engine.generate(["To be"], SamplingParams(max_tokens=30, frequency_penalty=2.0, **GREEDY))[0].token_ids
-    assert len(set(penal)) >= len(set(plain))
+    assert len(set(plain)) < 30  # the random model repeats itself ...
+    assert len(set(penal)) > len(set(plain))  # ... and the penalty makes it repeat less
+
+
+# -- every control changes what generate produces, on a model whose logits are known -----------------
+A, B, C = 100, 101, 102  # three ordinary token ids
+
+
+def fixed_logits_model(vocab_size: int, logits: dict[int, float]) -> GPT:
+    """A model whose next-token logits are `logits` (-20 for every other id) whatever the context: every
+    token embeds to the same vector, attention and MLP add nothing (zero weights), and the head reads the
+    logits off the normed vector (all ones)."""
+    cfg = GPTConfig.from_preset("tiny", vocab_size=vocab_size, n_embd=8, n_head=2, tie_embeddings=False)
+    model = GPT(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.model.embed_tokens.weight.fill_(1.0)
+        model.model.norm.weight.fill_(1.0)
+        row = torch.full((vocab_size,), -20.0)
+        row[list(logits)] = torch.tensor(list(logits.values()))
+        model.lm_head.weight.copy_(row[:, None].expand(-1, cfg.n_embd) / cfg.n_embd)
+    return model
+
+
+def fixed_logits_engine(tokenizer, logits: dict[int, float]) -> Engine:
+    engine = Engine(fixed_logits_model(tokenizer.get_vocab_size(), logits), tokenizer)
+    with torch.no_grad():  # what the cases below reason from
+        got = engine.model(torch.tensor([[C, A, B, A]]))[0][0]
+    assert torch.allclose(got[:, list(logits)], torch.tensor(list(logits.values())).expand(4, -1), atol=1e-3)
+    return engine
+
+
+TOP_TWO = {A: 5.0, B: 4.0}
+# (logits, prompt, penalty, greedy tokens): worked out by hand from the logits
+PENALTY_CASES = [
+    (TOP_TWO, [C], {}, [A, A, A, A, A, A]),  # no penalty: the top token for ever
+    # frequency: A pays 0.6 per time it was generated: 5, 4.4, then 3.8 < 4 and the two take turns
+    (TOP_TWO, [C], dict(frequency_penalty=0.6), [A, A, B, A, B, A]),
+    # presence: A pays 1.5 once (3.5 < 4), then B pays once (2.5 < 3.5) and A leads for good
+    (TOP_TWO, [C], dict(presence_penalty=1.5), [A, B, A, A, A, A]),
+    # presence and frequency count generated tokens only: an A in the prompt changes nothing
+    (TOP_TWO, [A], dict(presence_penalty=1.5), [A, B, A, A, A, A]),
+    (TOP_TWO, [A], dict(frequency_penalty=0.6), [A, A, B, A, B, A]),
+    # repetition (CTRL/HF): every token seen, the prompt's too, has its positive logit divided: 5 / 1.5 < 4
+    (TOP_TWO, [C], dict(repetition_penalty=1.5), [A, B, A, A, A, A]),
+    (TOP_TWO, [A], dict(repetition_penalty=1.5), [B, A, A, A, A, A]),
+    # ... and its negative logit multiplied: -1 * 1.5 < -1.2 (dividing would raise it to -0.67)
+    ({A: -1.0, B: -1.2}, [A], dict(repetition_penalty=1.5), [B, A, A, A, A, A]),
+]
+
+
+PENALTY_IDS = [
+    *("none", "frequency", "presence", "presence-prompt", "frequency-prompt"),
+    *("repetition", "repetition-prompt", "repetition-negative"),
+]
+
+
+@pytest.mark.parametrize("logits, prompt, penalty, tokens", PENALTY_CASES, ids=PENALTY_IDS)
+def test_each_penalty_turns_greedy_away_from_repeated_tokens(tokenizer, logits, prompt, penalty, tokens):
+    engine = fixed_logits_engine(tokenizer, logits)
+    [c] = engine.generate([prompt], SamplingParams(max_tokens=6, **penalty, **GREEDY))
+    assert c.token_ids == tokens
+
+
+# (filter, the tokens it leaves) for p(A, B, C) = softmax(2, 1, 0) = (0.665, 0.245, 0.090)
+FILTER_CASES = [
+    ({}, {A, B, C}),
+    (dict(top_p=0.5), {A}),  # A alone holds 0.5
+    (dict(top_p=0.8), {A, B}),  # A and B hold 0.91; A alone 0.665 < 0.8
+    (dict(min_p=0.5), {A}),  # below 0.5 * 0.665 = 0.33: B and C
+    (dict(min_p=0.2), {A, B}),  # below 0.2 * 0.665 = 0.13: C
+    (dict(top_k=2), {A, B}),
+]
+
+
+FILTER_IDS = ["unfiltered", "top_p-0.5", "top_p-0.8", "min_p-0.5", "min_p-0.2", "top_k-2"]
+
+
+@pytest.mark.parametrize("sampling_filter, kept", FILTER_CASES, ids=FILTER_IDS)
+def test_each_filter_narrows_what_is_sampled(tokenizer, sampling_filter, kept):
+    engine = fixed_logits_engine(tokenizer, {A: 2.0, B: 1.0, C: 0.0})
+    params = SamplingParams(max_tokens=60, temperature=1.0, seed=0, ignore_eos=True, **sampling_filter)
+    [c] = engine.generate([[C]], params)
+    assert set(c.token_ids) == kept  # never a dropped token; every kept one drawn in 60 (seeded) samples
+
+
+def test_scheduler_rows_apply_their_own_penalties_and_filters(tokenizer):
+    """The same hand-worked cases as rows of one continuous batch, each with its own parameters."""
+    engine = fixed_logits_engine(tokenizer, TOP_TWO)
+    sched = Scheduler(engine, max_batch_size=8)
+    cases = [(p, penalty, tokens) for logits, p, penalty, tokens in PENALTY_CASES if logits is TOP_TWO]
+    rids = [sched.add(p, SamplingParams(max_tokens=6, **penalty, **GREEDY)) for p, penalty, _ in cases]
+    # p(A, B) = softmax(5, 4) = (0.73, 0.27): top_p 0.7 keeps A alone
+    nucleus = sched.add([C], SamplingParams(max_tokens=6, temperature=1.0, top_p=0.7, seed=0, ignore_eos=True))
+    done = {}
+    while sched.has_work():
+        for u in sched.step():
+            if u.completion is not None:
+                done[u.rid] = u.completion
+    assert [done[rid].token_ids for rid in rids] == [tokens for _, _, tokens in cases]
+    assert done[nucleus].token_ids == [A] * 6
 
 
 @pytest.mark.parametrize("size", [1, 2, 3])
@@ -240,18 +345,37 @@ def test_no_repeat_ngram_size(engine, size):
 
 # -- stop strings --------------------------------------------------------------------------------
 def test_stop_string_cuts_at_first_match_and_excludes_it(engine):
-    params = SamplingParams(max_tokens=30, **GREEDY)
-    [free] = engine.generate(["To be"], params)
+    # seeded sampling: the random model's greedy text repeats one token, where every stop string matches early
+    sampled = dict(temperature=1.0, seed=0, ignore_eos=True)
+    [free] = engine.generate(["To be"], SamplingParams(max_tokens=30, **sampled))
     text = free.text
+
+    def clean(s: str) -> bool:
+        return s.isprintable() and s.strip() == s and "\ufffd" not in s
+
     stop = text[8:10]
-    assert stop and "\ufffd" not in stop
-    [c] = engine.generate(["To be"], SamplingParams(max_tokens=30, stop=[stop, "never-there"], **GREEDY))
+    assert len(stop) == 2 and clean(stop), text
+    [c] = engine.generate(["To be"], SamplingParams(max_tokens=30, stop=[stop, "never-there"], **sampled))
     assert c.text == text[: text.find(stop)] and c.finish_reason == "stop"
-    # the earliest match wins whichever stop string is listed first
-    later = text[14:16]
-    if later not in text[:10]:
-        [c2] = engine.generate(["To be"], SamplingParams(max_tokens=30, stop=[later, stop], **GREEDY))
-        assert c2.text == text[: text.find(stop)]
+    # the earliest match wins whichever stop string is listed first: `later` first occurs after `stop` does
+    laters = [text[i : i + 2] for i in range(14, len(text) - 1) if text.find(text[i : i + 2]) > text.find(stop)]
+    laters = [s for s in laters if clean(s)]
+    assert laters, text
+    [c2] = engine.generate(["To be"], SamplingParams(max_tokens=30, stop=[laters[0], stop], **sampled))
+    assert c2.text == text[: text.find(stop)] and c2.finish_reason == "stop"
+    # ... also when one token completes both: "xyz" brings "yz" (listed first) and "xy", which begins earlier
+    pieces = [engine.decode([t]) for t in free.token_ids]
+    both = [
+        p[:3]
+        for p in pieces
+        if len(p) >= 3
+        and p[:3].isprintable()
+        and text.find(p[:2]) == text.find(p[:3]) == text.find(p[1:3]) - 1  # both first seen in this token
+    ]
+    assert both, pieces
+    xyz = both[0]
+    [c3] = engine.generate(["To be"], SamplingParams(max_tokens=30, stop=[xyz[1:], xyz[:2]], **sampled))
+    assert c3.text == text[: text.find(xyz)] and c3.finish_reason == "stop"
 
 
 def test_stop_string_split_across_tokens(engine):
@@ -350,13 +474,19 @@ def test_beam_search_beats_greedy_on_total_logprob(engine):
         assert lb >= lg - 1e-4
 
 
-def test_beam_search_with_one_beam_is_greedy(engine):
-    # num_beams=2 vs greedy differ in general, but a beam search's best beam is never worse
-    [g] = engine.generate(["All the"], SamplingParams(max_tokens=6, **GREEDY))
-    [b] = engine.generate(["All the"], SamplingParams(max_tokens=6, num_beams=2, **GREEDY))
-    [(lg, _), (lb, _)] = engine.loglikelihood(
-        [(engine.encode("All the"), g.token_ids), (engine.encode("All the"), b.token_ids)]
-    )
+def test_beam_search_with_one_beam_is_greedy(engine, model):
+    ids = engine.encode("All the")
+    greedy = reference_greedy(model, ids, 6)[len(ids) :]
+    one_beam = SamplingParams(max_tokens=6, num_beams=1, **GREEDY)
+    # generate takes the sampling path for one beam, so call the beam search itself too
+    [b1] = beam_search(engine, 0, ids, one_beam)
+    [g1] = engine.generate([ids], one_beam)
+    assert b1.token_ids == g1.token_ids == greedy
+    [(lg, _)] = engine.loglikelihood([(ids, greedy)])
+    assert b1.cumulative_logprob == pytest.approx(lg, abs=1e-4)
+    # with two beams the best beam differs in general, but is never worse
+    [b2] = engine.generate([ids], SamplingParams(max_tokens=6, num_beams=2, **GREEDY))
+    [(lb, _)] = engine.loglikelihood([(ids, b2.token_ids)])
     assert lb >= lg - 1e-4
 
 

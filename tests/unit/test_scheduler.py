@@ -3,6 +3,8 @@ overtake long ones, cancelled requests free their rows, and each row keeps its o
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -180,6 +182,10 @@ def test_each_row_keeps_its_own_sampling_parameters(engine):
     for rid, p in zip(rids, specs):
         [alone] = engine.generate(["To be, or"], p)  # seeded sampling is reproducible row by row
         assert done[rid].token_ids == alone.token_ids
+    # the penalties change those rows, so the comparison would fail if both paths ignored them
+    for i, off in ((1, dict(repetition_penalty=1.0)), (2, dict(presence_penalty=0.0))):
+        [unpenalised] = engine.generate(["To be, or"], replace(specs[i], **off))
+        assert done[rids[i]].token_ids != unpenalised.token_ids, specs[i]
     lp = done[rids[3]].logprobs
     assert len(lp) == 12 and all(len(x.top) == 3 for x in lp)
     [alone] = engine.generate(["To be, or"], specs[3])
