@@ -7,12 +7,11 @@ import stat
 
 import pytest
 import torch
+import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from model import GPT, Engine, GPTConfig, SamplingParams, load_pretrained, save_pretrained
 from model.hf import SHA_KEY, TokenizerMismatchError, file_sha256
-
-transformers = pytest.importorskip("transformers")
 
 EOT = "<|endoftext|>"
 
