@@ -25,6 +25,18 @@ from pipelines.ingest.stage import IngestError, ingest, matches
 from tests.helpers.paths import REPO, VENV_BIN, run_module
 
 
+@pytest.fixture(autouse=True)
+def setuptools_importable_after_pip():
+    """pypi_sdist sources read pip's configuration with pip's own parser, in this process (ingest/sdist.py).
+    Importing pip turns setuptools' distutils shim off for the rest of the process on Python < 3.12 (pip wants the
+    standard library's distutils), and `import setuptools` then fails its own check: torch.compile, which imports
+    it, fails in any test run after these (test_generate, test_train). Turn the shim back on after each test."""
+    yield
+    finder = getattr(sys.modules.get("_distutils_hack"), "DISTUTILS_FINDER", None)
+    if finder is not None:
+        vars(finder).pop("spec_for_distutils", None)  # set on the instance by its spec_for_pip
+
+
 def tree_bytes(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
@@ -153,6 +165,54 @@ def test_hf_source_offline_fails_with_a_clear_message(tmp_path: Path, monkeypatc
     monkeypatch.setattr(hub_constants, "ENDPOINT", "http://127.0.0.1:9")
     with pytest.raises(IngestError, match="Hugging Face hub cannot be reached.*use a `local` or `pypi_sdist` source"):
         ingest([HfSource(type="hf", name="wikitext", config="wikitext-2-raw-v1")], tmp_path / "raw")
+
+
+HF_TEXTS = ["To be, or not to be.", "Émoji 🙂 and 中文, naïve café.", "line one\nline two", "A fourth."]
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_hf_source_from_a_local_dataset_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, streaming: bool):
+    """`datasets` loads a dataset folder the test writes (a train and a test split as JSON lines), offline: the
+    hub is never asked. Its rows' text_field lands in data/raw/<source id>/docs.jsonl, in order, up to max_docs."""
+    import datasets  # the library ingest loads hf sources with
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the documented offline mode: ingest does not probe the hub
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")  # never the user's cache
+    folder = tmp_path / "tiny-dataset"
+    (folder / "data").mkdir(parents=True)
+    for split, texts in {"train": HF_TEXTS, "test": ["Held out."]}.items():
+        rows = [json.dumps({"id": i, "body": t}, ensure_ascii=False) for i, t in enumerate(texts)]
+        (folder / "data" / f"{split}.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+
+    source = HfSource(type="hf", name=str(folder), text_field="body", max_docs=3, streaming=streaming)
+    manifest = ingest([source], tmp_path / "raw")
+
+    sid = "hf-" + str(folder).replace("/", "__") + "-default-train"
+    docs = tmp_path / "raw" / sid / "docs.jsonl"
+    lines = docs.read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in lines] == [{"text": t} for t in HF_TEXTS[:3]]
+    assert manifest == {
+        "files": [
+            {
+                "file": f"{sid}/docs.jsonl",
+                "source": f"hf:{folder}[train]",
+                "bytes": docs.stat().st_size,
+                "sha256": hashlib.sha256(docs.read_bytes()).hexdigest(),
+                "text_field": "text",
+            }
+        ],
+        "skipped": [],
+        "archives": [],
+    }
+    assert json.loads((tmp_path / "raw" / "manifest.json").read_text()) == manifest
+    assert {p.name for p in (tmp_path / "raw").iterdir()} == {"manifest.json", sid}
+
+    # the test split is another source; a missing text field fails naming the fields there are
+    manifest = ingest([source.model_copy(update={"split": "test", "max_docs": None})], tmp_path / "raw")
+    test_docs = tmp_path / "raw" / sid.replace("-train", "-test") / "docs.jsonl"
+    assert test_docs.read_text(encoding="utf-8") == '{"text": "Held out."}\n'
+    with pytest.raises(IngestError, match=r"rows have no field 'text' \(fields: \['body', 'id'\]\)"):
+        ingest([source.model_copy(update={"text_field": "text"})], tmp_path / "raw")
 
 
 def test_stage_cli_reports_errors_without_traceback(tmp_path: Path):

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, normalizers
 
 from pipelines.common.clean_split import CleanSplitError
 from pipelines.common.params import TokenizerParams
+from pipelines.tokenize import stage as tokenize_stage
 from pipelines.tokenize.stage import EOT, SPECIAL_TOKENS, TokenizeError, token_dtype, tokenize_corpus
 from tests.helpers.corpus import write_clean
 
@@ -131,3 +132,26 @@ def test_missing_inputs_and_bad_records_fail_clearly_and_keep_old_outputs(built,
         tokenize_corpus(params, tmp_path / "clean", tmp_path / "tok", tmp_path / "tokens", tmp_path / "m.json")
     assert (tmp_path / "tokens" / "train.bin").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clean", "m.json", "tok", "tokens"]
+
+
+def test_a_document_that_does_not_decode_back_to_its_text_is_refused(tmp_path, monkeypatch):
+    """A tokenizer that alters text on the way in (here an NFKC normalizer: the ligature "ﬁ" becomes "fi") would
+    write altered text to the shards: the stage refuses, naming the split and the document, and keeps the old
+    outputs."""
+    params = TokenizerParams(vocab_size=512)
+    paths = (tmp_path / "clean", tmp_path / "tok", tmp_path / "tokens", tmp_path / "m.json")
+    write_clean(tmp_path / "clean", n_train=60, extra=["The ﬁrst ligature."])  # train document 61
+    tokenize_corpus(params, *paths)  # the stage's own byte-level tokenizer gives it back exactly
+    before = {p.name: p.read_bytes() for p in sorted((tmp_path / "tokens").iterdir())}
+
+    train_tokenizer = tokenize_stage.train_tokenizer
+
+    def with_nfkc(texts, params):
+        tokenizer = train_tokenizer(texts, params)
+        tokenizer.normalizer = normalizers.NFKC()
+        return tokenizer
+
+    monkeypatch.setattr(tokenize_stage, "train_tokenizer", with_nfkc)
+    with pytest.raises(TokenizeError, match=r"train\.jsonl batch at document 1: document 61 does not survive encode"):
+        tokenize_corpus(params, *paths)
+    assert {p.name: p.read_bytes() for p in sorted((tmp_path / "tokens").iterdir())} == before
