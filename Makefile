@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast lint format run stop status serve bench lock clean
+.PHONY: setup test test-random test-fast lint format run stop status serve bench lock clean
 
 # DVC runs each stage's `python -m pipelines.<stage>` through the shell, so `python` must be the venv's even when
 # it is not activated: this .pth line makes every venv interpreter (dvc included) put .venv/bin first on PATH.
@@ -25,6 +25,11 @@ $(STAMP): requirements.lock
 
 test: setup lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The whole suite in a random order (pytest-randomly: modules, then the tests in each, shuffled). It prints the
+# seed it used; `make test-random PYTEST_ARGS=--randomly-seed=<seed>` replays that order.
+test-random: setup lint
+	$(PY) -m pytest -p randomly $(PYTEST_ARGS)
 
 # Style as pyproject.toml configures it; `make format` applies it.
 lint: setup

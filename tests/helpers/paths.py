@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -30,8 +31,25 @@ def run_module(
     return result
 
 
+# Where free_port looks: below the kernel's ephemeral range (32768-60999), where Ray's processes bind the ports they
+# pick themselves and every outgoing connection takes its local port, and apart from Ray's worker ports
+# (10002-19999) and its Serve replicas' ports in high-throughput mode (30000-31000). A port chosen here is not
+# taken by one of them between the choice and its use.
+TEST_PORTS = range(20000, 30000)
+_ports = random.Random()  # its own generator: pytest-randomly reseeds the global one before each test
+_handed_out: set[int] = set()  # two choices in a row never give one port twice, used or not
+
+
 def free_port() -> int:
-    """A TCP port nothing listens on right now, on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port nothing is bound to right now, on any address, from TEST_PORTS, never handed out before."""
+    for port in _ports.sample(TEST_PORTS, 200):
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise AssertionError(f"no free port in {TEST_PORTS}")

@@ -1,31 +1,32 @@
 """What the serving tests share: a tiny model folder, its registration in an MLflow store, params for a test
-server, and a loopback `ray start --head` that is stopped by pid (never `ray stop`, which stops every Ray of the
-user, a colleague's too)."""
+server, this process joined to the session's Ray cluster, and a private temp dir for a Ray that quill's serve CLI
+starts itself (stopped by pid, never `ray stop`, which stops every Ray of the user, a colleague's too)."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import signal
-import subprocess
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
 import psutil
+import ray
 import torch
 import yaml
 from mlflow import MlflowClient
+from ray import serve
+from ray._private.authentication_test_utils import reset_auth_token_state
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from model import GPT, GPTConfig, save_pretrained
 from pipelines.common.contracts import HF_ARTIFACT
 from pipelines.register import pyfunc_model
 from tests.helpers.paths import REPO, VENV_BIN, free_port
+from tests.helpers.services import kill, ray_processes, wait_for
 
 TEXT = [
     "To be, or not to be, that is the question.",
@@ -92,60 +93,16 @@ def write_params(path: Path, **serve_overrides) -> Path:
     return path
 
 
-def wait_for(check: Callable[[], object], timeout: float, what: str, every: float = 0.5):
-    """Poll `check` until it returns something truthy (returned); AssertionError naming `what` at the timeout.
-    Exceptions count as not yet."""
-    deadline = time.time() + timeout
-    last: object = None
-    while time.time() < deadline:
-        try:
-            last = check()
-            if last:
-                return last
-        except Exception as exc:  # not up yet
-            last = exc
-        time.sleep(every)
-    raise AssertionError(f"{what}: not within {timeout} s (last: {last!r})")
-
-
 @contextmanager
 def ray_tmpdir() -> Iterator[Path]:
-    """A short private TMPDIR for Ray (its sockets' paths must stay under 107 bytes) and for the serve CLI's
-    state file; a Ray started with it is found, and cleaned up, through this marker (see ray_processes)."""
+    """A short private TMPDIR for a Ray that quill's serve CLI starts (its sockets' paths must stay under 107 bytes)
+    and for the CLI's state file; every process of that Ray inherits it, which is how it is found and cleaned up."""
     root = Path(tempfile.mkdtemp(prefix="qr", dir="/tmp"))
     try:
         yield root
     finally:
         kill(ray_processes(root))
         shutil.rmtree(root, ignore_errors=True)
-
-
-def ray_processes(tmpdir: Path) -> list[psutil.Process]:
-    """Every live process started with TMPDIR=tmpdir: a Ray's daemons, workers and actors all inherit it."""
-    found = []
-    for p in psutil.process_iter():
-        try:
-            if p.environ().get("TMPDIR") == str(tmpdir) and p.status() != psutil.STATUS_ZOMBIE:
-                found.append(p)
-        except psutil.Error:
-            pass
-    return found
-
-
-def kill(procs: list[psutil.Process]) -> None:
-    """SIGTERM, and SIGKILL after 5 s: Ray's daemons linger on SIGTERM."""
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=5)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=5)
 
 
 def listener(port: int) -> str:
@@ -157,34 +114,41 @@ def listener(port: int) -> str:
 
 
 def ray_env(tmpdir: Path) -> dict[str, str]:
-    """The environment of Ray commands under `tmpdir`: the venv first, quill importable by the replicas."""
+    """The environment of a serve CLI that starts its own Ray under `tmpdir`: the venv first, quill importable by
+    the replicas, no cluster to join."""
     env = {**os.environ, "TMPDIR": str(tmpdir), "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     return env
 
 
 @contextmanager
-def ray_head(tmpdir: Path, cwd: Path) -> Iterator[dict]:
-    """`ray start --head` in `cwd` on free loopback ports (dashboard on loopback only, a fixed metrics export port),
-    as a cluster the tests deploy onto; stopped by pid afterwards. Yields its address, dashboard and metrics URLs
-    and the environment of commands that talk to it."""
-    gcs, dashboard, metrics = free_port(), free_port(), free_port()
-    cmd = [
-        str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--metrics-export-port", str(metrics),
-        "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
-        "--num-cpus", "4", "--disable-usage-stats",
-    ]  # fmt: skip
-    # explicit: with RAY_AUTH_MODE unset, `ray start` turns token auth on when ~/.ray/auth_token exists, and then
-    # every client (serve deploy, serve status) must be told RAY_AUTH_MODE=token
-    env = {**ray_env(tmpdir), "RAY_AUTH_MODE": "disabled"}
+def joined(cluster: dict) -> Iterator[int]:
+    """This process joined to `cluster` as a Ray driver with Ray Serve started on a free loopback port, which it
+    yields. The cluster's token is in the environment only while joining:
+    the commands tests run later must not join it by accident."""
+    saved = {k: os.environ.get(k) for k in cluster["env"]}
+    os.environ.update(cluster["env"])
     try:
-        subprocess.run(cmd, env=env, cwd=cwd, check=True, capture_output=True, text=True, timeout=120)
-        yield {
-            "address": f"127.0.0.1:{gcs}",
-            "dashboard": f"http://127.0.0.1:{dashboard}",
-            "metrics": f"http://127.0.0.1:{metrics}/metrics",
-            "env": env,
-        }
+        reset_auth_token_state()  # Ray reads the auth mode and token once per process; read them again
+        ray.init(address=cluster["address"], log_to_driver=False, logging_level="ERROR")
     finally:
-        kill(ray_processes(tmpdir))
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield port
+    finally:
+        serve.shutdown()  # its HAProxy outlives a Ray stopped without this
+        ray.shutdown()
+
+
+def delete_apps(*names: str) -> None:
+    """Delete these Serve apps of the shared cluster (those that exist), all at once, waiting until they are gone."""
+    doomed = set(names) & set(serve.status().applications)
+    for name in doomed:
+        serve.delete(name, _blocking=False)
+    wait_for(lambda: not doomed & set(serve.status().applications), 120, f"Serve apps {sorted(doomed)} deleted")

@@ -1,24 +1,19 @@
-"""A tiny quill workspace (a git repo copy whose whole pipeline runs in about a minute) and a real Prefect server,
-for the orchestration tests (tests/integration/test_flows*.py, test_make_run.py)."""
+"""A tiny quill workspace (a git repo copy whose whole pipeline runs in about a minute), for the orchestration tests
+(tests/integration/test_flows.py, test_make_run.py, test_setup_documented.py), and copies of a finished one."""
 
 from __future__ import annotations
 
 import os
 import random
-import secrets
 import shutil
 import subprocess
-import tempfile
-import time
-import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
 from tests.helpers.corpus import make_verse
 from tests.helpers.paths import REPO, VENV_BIN, free_port
+from tests.helpers.services import copy_store, move_store_paths
 
 # Parameters that make `dvc repro` of all six stages take about a minute on 2 CPU cores.
 TINY_PARAMS = {
@@ -63,9 +58,9 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-def tiny_workspace(root: Path, serve_port: int | None = None) -> Path:
+def tiny_workspace(root: Path, store: Path, serve_port: int | None = None) -> Path:
     """A committed git repo at `root` holding quill's code, dvc.yaml and a tiny params.yaml over a fixture corpus
-    (serving on `serve_port`, a free one by default)."""
+    (serving on `serve_port`, a free one by default), with a copy of the migrated MLflow store `store`."""
     root.mkdir(parents=True, exist_ok=True)
     for name in COPIED:
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -84,7 +79,27 @@ def tiny_workspace(root: Path, serve_port: int | None = None) -> Path:
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     subprocess.run(["git", "add", "-A"], cwd=root, check=True)
     subprocess.run([*git, "commit", "-qm", "tiny workspace"], cwd=root, check=True)
+    copy_store(store, root)  # ignored by git (.gitignore), like a user's
     return root
+
+
+def copy_workspace(src: Path, dst: Path, serve_port: int | None = None) -> Path:
+    """A copy of a workspace (git history, DVC cache and lock, checkpoints, MLflow store) that shares nothing
+    writable with it: the store's artifact paths point into the copy; serve.port becomes `serve_port` if given.
+    DVC's own state (.dvc/tmp, keyed by inode) is left for DVC to rebuild."""
+
+    def skipped(folder: str, names: list[str]) -> list[str]:
+        here = Path(folder)
+        return [n for n in names if (here == src and n in (".quill", ".venv")) or (here.name == ".dvc" and n == "tmp")]
+
+    shutil.copytree(src, dst, symlinks=True, ignore=skipped)
+    if (dst / "mlflow.db").is_file():
+        move_store_paths(dst / "mlflow.db", str(src), str(dst))
+    if serve_port:
+        params = yaml.safe_load((dst / "params.yaml").read_text())
+        params["serve"]["port"] = serve_port
+        (dst / "params.yaml").write_text("# tiny test params\n" + yaml.safe_dump(params, sort_keys=False))
+    return dst
 
 
 def quill_env(root: Path, **extra: str) -> dict[str, str]:
@@ -100,103 +115,3 @@ def quill_env(root: Path, **extra: str) -> dict[str, str]:
     env.pop("PREFECT_API_URL", None)
     env.update(extra)
     return env
-
-
-def prefect_env(home: Path, port: int) -> dict[str, str]:
-    """Settings for a throwaway Prefect server (and its clients) whose database lives in `home`."""
-    return {
-        "PREFECT_HOME": str(home),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
-        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-        "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
-    }
-
-
-def wait_http(url: str, proc: subprocess.Popen | None = None, timeout: float = 120) -> None:
-    """Until `url` answers 200 (or `proc` exits, or the timeout)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"{proc.args} exited with {proc.returncode} before {url} answered")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer within {timeout} s")
-
-
-def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
-    """SIGTERM the process group `proc` leads, then SIGKILL if it lingers."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait(timeout=10)
-
-
-@contextmanager
-def prefect_server(home: Path) -> Iterator[dict[str, str]]:
-    """A real `prefect server start` on a free loopback port; yields the env that points clients at it."""
-    home.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    env = prefect_env(home, port)
-    log = open(home / "server.log", "w")
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env={**os.environ, **env},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/api/health", proc)
-        yield env
-    finally:
-        stop(proc)
-        log.close()
-
-
-@contextmanager
-def ray_head() -> Iterator[dict[str, str]]:
-    """A private `ray start --head --block` (token auth, its own temp dir and port); yields the env that joins it.
-
-    Tests join it through RAY_ADDRESS so the serve CLI never joins, or shuts down, another Ray on the machine.
-    """
-    port = free_port()
-    temp = tempfile.mkdtemp(prefix="rq", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    env = {"RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
-    head_env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **env}
-    head_env.pop("RAY_ADDRESS")
-    proc = subprocess.Popen(
-        [
-            str(VENV_BIN / "ray"),
-            "start",
-            "--head",
-            f"--port={port}",
-            f"--temp-dir={temp}",
-            "--num-cpus=2",
-            "--include-dashboard=false",
-            "--block",
-        ],
-        env=head_env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.time() + 120
-        status = [str(VENV_BIN / "ray"), "status", f"--address={env['RAY_ADDRESS']}"]
-        while subprocess.run(status, env=head_env, capture_output=True, timeout=60).returncode != 0:
-            if proc.poll() is not None or time.time() > deadline:
-                raise AssertionError("ray start --head did not come up")
-            time.sleep(2)
-        yield env
-    finally:
-        stop(proc, timeout=60)
-        shutil.rmtree(temp, ignore_errors=True)

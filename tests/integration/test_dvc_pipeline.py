@@ -1,4 +1,4 @@
-"""`dvc repro` on a fixture corpus, in a temporary copy of the repository: real DVC, real stages."""
+"""`dvc repro` on a fixture corpus, in a temporary copy of the repository: real DVC, real stages. The data stages\nrun once per module; each test changes its own copy of the result."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import yaml
 from pipelines.summary import summary_rows
 from tests.helpers.corpus import write_corpus
 from tests.helpers.paths import REPO, VENV_BIN
+from tests.helpers.workspace import copy_workspace
 
 pytestmark = pytest.mark.integration
 
@@ -48,9 +49,10 @@ def stages_run(output: str) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    """A copy of the repository (code, dvc.yaml, params.yaml) whose corpus is a small local fixture folder."""
-    root = tmp_path_factory.mktemp("repo")
+def built(tmp_path_factory) -> tuple[Path, str]:
+    """A copy of the repository (code, dvc.yaml, params.yaml) whose corpus is a small local fixture folder, its
+    data stages reproduced once, committed; with the output of that `dvc repro`. Tests work on copies of it."""
+    root = tmp_path_factory.mktemp("repo") / "repo"
     for name in ("pipelines", "model"):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
@@ -65,11 +67,22 @@ def repo(tmp_path_factory) -> Path:
     set_param(root, "data.split.val", 0.1)
     set_param(root, "data.split.test", 0.1)
     set_param(root, "tokenizer.vocab_size", 400)
-    return root
+    output = dvc(root, "repro", "tokenize")
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"], cwd=root, check=True
+    )
+    return root, output
 
 
-def test_repro_builds_the_data_stages_and_metrics(repo: Path):
-    output = dvc(repo, "repro", "tokenize")
+@pytest.fixture
+def repo(built, tmp_path) -> Path:
+    """This test's own copy of the built repository."""
+    return copy_workspace(built[0], tmp_path / "repo")
+
+
+def test_repro_builds_the_data_stages_and_metrics(built):
+    repo, output = built
     assert stages_run(output) == set(DATA_STAGES)
     for path in (
         "data/raw/manifest.json",
@@ -129,10 +142,6 @@ def test_changing_the_vocab_reruns_only_tokenize(repo: Path):
 
 
 def test_metrics_diff_against_the_last_commit(repo: Path):
-    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
-    subprocess.run(
-        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"], cwd=repo, check=True
-    )
     set_param(repo, "tokenizer.vocab_size", 300)
     dvc(repo, "repro", "tokenize")
     diff = json.loads(dvc(repo, "metrics", "diff", "--json", "--targets", *DATA_METRICS, stdout_only=True))

@@ -12,17 +12,16 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from pipelines.common.params import RegistryParams
-from tests.helpers.paths import REPO, VENV_BIN, free_port
+from tests.helpers.paths import REPO
 from tests.helpers.projects import make_project
+from tests.helpers.services import copy_store, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -36,14 +35,14 @@ def built(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def proj(built, tmp_path, monkeypatch) -> Path:
+def proj(built, tmp_path, monkeypatch, mlflow_template) -> Path:
     """A fresh copy of the project as cwd with its own SQLite store."""
     work = tmp_path / "proj"
     for sub in ("data", "artifacts"):
         shutil.copytree(built / sub, work / sub)
     (work / "params.yaml").write_text(PARAMS_YAML)
     monkeypatch.chdir(work)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work}/mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", copy_store(mlflow_template, work))
     return work
 
 
@@ -351,32 +350,48 @@ def test_rerun_after_sigkill_finishes_the_same_version(proj, point, bpb):
 # --- the registration lock ------------------------------------------------------------------------------------
 
 
+def heartbeat(client) -> int:
+    """The lock's heartbeat counter, from the description its holder rewrites at each renewal."""
+    description = client.get_registered_model(f"{NAME}.registration-lock").description
+    return int(description.split("(heartbeat ")[1].split(")")[0])
+
+
 def test_lock_is_renewed_owned_and_expires_on_one_clock(proj, monkeypatch):
     """A live holder is never taken over, even by a waiter whose wall clock runs an hour ahead; once it stops
-    renewing it is, and the old holder can neither write (ensure) nor release the new holder's lock."""
+    renewing it is, and the old holder can neither write (ensure) nor release the new holder's lock.
+
+    The waiter's monotonic clock is the test's: it advances by what the waiter sleeps, and the holder renews
+    once per timeout_s / 4 of it (as its heartbeat thread does), so no real clock decides the outcome."""
     from pipelines.common.tracking import mlflow_client
     from pipelines.register import lock
 
     client = mlflow_client()
-    lock_name = f"{NAME}.registration-lock"
     a = lock.RegistrationLock(client, NAME, timeout_s=LOCK_S).__enter__()
-    skewed = SimpleNamespace(time=lambda: time.time() + 3600, monotonic=time.monotonic, sleep=time.sleep)
-    monkeypatch.setattr(lock, "time", skewed)  # the waiter's wall clock is an hour ahead of the store's
-    b = lock.RegistrationLock(client, NAME, timeout_s=LOCK_S)
-    acquired = threading.Event()
-    waiter = threading.Thread(target=lambda: (b.__enter__(), acquired.set()), daemon=True)
-    waiter.start()
-    assert not acquired.wait(2.5 * LOCK_S)  # A renews: B keeps waiting well past lock_timeout_s
-    a.ensure()
-
-    a._stop.set()  # A stalls (frozen, or killed): its heartbeat stops
+    wait_for(lambda: heartbeat(client) >= 2, 60, "the holder's heartbeat thread renewing the lock", every=0.1)
+    a._stop.set()  # from here the test renews for A, on the waiter's clock
     a._beat.join()
-    assert acquired.wait(10 * LOCK_S)  # B takes over after LOCK_S of silence
+
+    clock = {"now": 0.0, "slept": 0.0, "renewing": True, "beat": heartbeat(client)}
+
+    def sleep(seconds: float) -> None:
+        clock["now"] += seconds
+        clock["slept"] += seconds
+        if clock["renewing"] and clock["slept"] >= LOCK_S / 4:  # A's beat: every timeout_s / 4
+            clock["slept"], clock["beat"] = 0.0, clock["beat"] + 1
+            client.update_registered_model(a.name, description=a._describe(clock["beat"]))
+        if clock["now"] >= 10 * LOCK_S:  # A stalls (frozen, or killed): its heartbeat stops
+            clock["renewing"] = False
+
+    skewed = SimpleNamespace(time=lambda: time.time() + 3600, monotonic=lambda: clock["now"], sleep=sleep)
+    monkeypatch.setattr(lock, "time", skewed)  # the waiter's wall clock is an hour ahead of the store's
+    b = lock.RegistrationLock(client, NAME, timeout_s=LOCK_S).__enter__()
+    # B waited through ten timeouts' worth of renewals, and took over within about one timeout of the silence
+    assert 10 * LOCK_S + LOCK_S <= clock["now"] <= 10 * LOCK_S + 2 * LOCK_S, clock
     with pytest.raises(lock.LockLost):
         a.ensure()  # A must not write what it decided
     a.__exit__(None, None, None)  # A's release leaves B's lock alone
     b.ensure()
-    assert client.get_registered_model(lock_name).tags["owner"] == b.token != a.token
+    assert client.get_registered_model(b.name).tags["owner"] == b.token != a.token
     b.__exit__(None, None, None)
     assert [m.name for m in client.search_registered_models()] == []
 
@@ -391,10 +406,11 @@ time.sleep(600)
 """
 
 
-def test_a_lock_whose_holder_exited_on_this_machine_is_taken_over_at_once(proj, capsys):
+def test_a_lock_whose_holder_exited_on_this_machine_is_taken_over_at_once(proj, capsys, monkeypatch):
     """A registration SIGKILLed while holding the lock (renewal every 150 s, expiry after 600 s) holds up the
     next one on the same machine for no longer than it takes to see that the process is gone."""
     from pipelines.common.tracking import mlflow_client
+    from pipelines.register import lock as lock_module
     from pipelines.register.lock import RegistrationLock
 
     holder = subprocess.Popen(
@@ -413,10 +429,13 @@ def test_a_lock_whose_holder_exited_on_this_machine_is_taken_over_at_once(proj, 
     left = client.get_registered_model(f"{NAME}.registration-lock").tags
     assert left["pid"] == str(holder.pid) and left["host"] == socket.gethostname()
 
-    t0 = time.monotonic()
+    slept = []
+    monkeypatch.setattr(
+        lock_module, "time", SimpleNamespace(time=time.time, monotonic=time.monotonic, sleep=slept.append)
+    )
     lock = RegistrationLock(client, NAME, timeout_s=600).__enter__()
     try:
-        assert time.monotonic() - t0 < 30
+        assert slept == []  # taken over at its first look, without waiting a single poll
         lock.ensure()
     finally:
         lock.__exit__(None, None, None)
@@ -426,63 +445,18 @@ def test_a_lock_whose_holder_exited_on_this_machine_is_taken_over_at_once(proj, 
 # --- a real tracking server over HTTP --------------------------------------------------------------
 
 
-@pytest.fixture
-def mlflow_server(tmp_path) -> str:
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen(
-        [
-            str(VENV_BIN / "mlflow"),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path}/server.db",
-            "--serve-artifacts",
-            "--artifacts-destination",
-            str(tmp_path / "server-artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"mlflow server did not start:\n{(tmp_path / 'server.log').read_text()}"
-                    ) from None
-                time.sleep(0.5)
-        yield uri
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
-def test_http_server_concurrent_registrations_some_killed_holding_the_lock(proj, mlflow_server, monkeypatch, capsys):
-    """Four checkouts register at once over HTTP; two are SIGKILLed while they hold the lock and are rerun.
-    Every version is there once, and the champion is the best model (each beats the next by > min_improvement,
-    so any order of decisions ends with it)."""
+def test_http_server_concurrent_registrations_some_killed_holding_the_lock(proj, mlflow_http, monkeypatch, capsys):
+    """Four checkouts register at once over HTTP with the team stack's server (basic auth, as its admin); two are
+    SIGKILLed while they hold the lock and are rerun. Every version is there once, and the champion is the best
+    model (each beats the next by > min_improvement, so any order of decisions ends with it)."""
     import mlflow
 
     from pipelines.common.tracking import mlflow_client
     from pipelines.register.stage import register
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    mlflow_server = mlflow_http["uri"]
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(key, mlflow_http[key])
     run_id = new_run()
     bpbs, kill_at = [3.0, 2.9, 2.8, 2.7], [None, "registered", None, "decided"]
     copies = []

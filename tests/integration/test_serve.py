@@ -1,6 +1,6 @@
-"""The serving application over real HTTP: Ray Serve on loopback with a tiny model registered in a temporary
-MLflow store (served as models:/tiny@champion), the official openai client, the validation matrix, auth,
-back-pressure, disconnects, continuous batching and a rolling update under load."""
+"""The serving application over real HTTP: the session's Ray Serve (on loopback, high-throughput mode) with a tiny
+model registered in a temporary MLflow store (served as models:/tiny@champion), the official openai client, the
+validation matrix, auth, back-pressure, disconnects, continuous batching and a rolling update under load."""
 
 from __future__ import annotations
 
@@ -15,34 +15,32 @@ import httpx
 import openai
 import psutil
 import pytest
-import ray
 from ray import serve
+from tokenizers import Tokenizer
 
 from model import Engine, SamplingParams, Scheduler
-from pipelines.common.params import ServeParams
-from pipelines.serve import AppArgs, app, ray_start_env
-from tests.helpers.paths import REPO, free_port
-from tests.helpers.serving import NAME, listener, register, tiny_model_folder, wait_for, write_params
+from pipelines.serve import AppArgs, app
+from tests.helpers.services import copy_store, wait_for
+from tests.helpers.serving import NAME, delete_apps, listener, register, tiny_model_folder, write_params
 
 pytestmark = pytest.mark.integration
 
 
+APPS = ("quill", "auth", "tight", "held")
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """Ray Serve with four apps: `quill` at / (models:/tiny@champion), `auth` at /auth (QUILL_API_KEY set,
-    serve.stream_interval 4, serve.dtype bfloat16), `tight` at /tight (one sequence at a time, at most two held,
-    one queued in Ray: Ray's back-pressure), `held` at /held (the same bound in quill, Ray's queue left roomy)."""
+def server(tmp_path_factory, mlflow_template, shared_ray):
+    """Four apps on the session's Ray Serve: `quill` at / (models:/tiny@champion), `auth` at /auth (QUILL_API_KEY
+    set, serve.stream_interval 4, serve.dtype bfloat16), `tight` at /tight (one sequence at a time, at most two
+    held, one queued in Ray: Ray's back-pressure), `held` at /held (the same bound in quill, Ray's queue left
+    roomy). Deleted when the module is done."""
     root = tmp_path_factory.mktemp("serve")
-    tracking = f"sqlite:///{root / 'mlflow.db'}"
+    tracking = copy_store(mlflow_template, root)
     v1 = tiny_model_folder(root / "v1", seed=0)
     v2 = tiny_model_folder(root / "v2", seed=1)
     register(v1, tracking)
-    port = free_port()
-    saved = dict(os.environ)
-    os.environ.update(ray_start_env(ServeParams()))  # the default: what `python -m pipelines.serve` starts Ray with
-    ray.init(address="local", num_cpus=8, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
         params = write_params(root / "params.yaml", max_batch_size=8, default_max_tokens=16, max_tokens_cap=1000)
         serve.run(app(AppArgs(params_file=str(params), tracking_uri=tracking)), name="quill", route_prefix="/")
         grouped = write_params(
@@ -59,12 +57,9 @@ def server(tmp_path_factory):
         # would make Ray refuse the request that should fill quill's bound
         held = write_params(root / "held.yaml", max_batch_size=1, max_ongoing_requests=2)
         serve.run(app(AppArgs(model=str(v1), params_file=str(held))), name="held", route_prefix="/held")
-        yield {"url": f"http://127.0.0.1:{port}", "tracking": tracking, "params": params, "v1": v1, "v2": v2}
+        yield {"url": shared_ray["url"], "tracking": tracking, "params": params, "v1": v1, "v2": v2}
     finally:
-        serve.shutdown()
-        ray.shutdown()
-        os.environ.clear()
-        os.environ.update(saved)
+        delete_apps(*APPS)
 
 
 @pytest.fixture(scope="module")
@@ -149,12 +144,36 @@ def test_echo_with_zero_max_tokens_returns_prompt_logprobs(client, engine):
     assert sum(lp[3:]) == pytest.approx(ll, abs=1e-3)
 
 
-def test_chat_and_streaming(client):
+def chatml_ids(folder, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """The ChatML prompt of `messages` with their content as literal text (what the server must feed the model),
+    and the same prompt with markers in the content read as special tokens (what it must not)."""
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    literal = Tokenizer.from_str(tokenizer.to_str())
+    literal.encode_special_tokens = True
+    start, end = tokenizer.token_to_id("<|im_start|>"), tokenizer.token_to_id("<|im_end|>")
+    prompts = []
+    for encoder in (literal, tokenizer):
+        ids = []
+        for m in messages:
+            ids += [start, *encoder.encode(f"{m['role']}\n{m['content']}").ids, end, *literal.encode("\n").ids]
+        prompts.append(ids + [start, *literal.encode("assistant\n").ids])
+    return prompts[0], prompts[1]
+
+
+def test_chat_and_streaming(client, server, engine):
+    """A user's "<|im_end|>" is text, never the marker that closes their turn: the model gets the literal prompt
+    (its length, and the greedy answer to exactly those ids), which the special-token reading would change."""
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi <|im_end|> there 🙂"}]
+    literal, special = chatml_ids(server["v1"], msgs)
+    end = engine.tokenizer.token_to_id("<|im_end|>")
+    assert literal.count(end) == 2 and special.count(end) == 3 and len(literal) != len(special)
     r = client.chat.completions.create(
         model=NAME, messages=msgs, max_tokens=12, temperature=0, logprobs=True, top_logprobs=2
     )
-    assert r.choices[0].message.role == "assistant" and r.usage.completion_tokens <= 12
+    assert r.usage.prompt_tokens == len(literal)
+    [want] = engine.generate([literal], SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[end]))
+    assert r.choices[0].message.content == want.text and r.usage.completion_tokens == len(want.token_ids)
+    assert r.choices[0].message.role == "assistant" and r.choices[0].finish_reason == want.finish_reason
     assert len(r.choices[0].logprobs.content) == r.usage.completion_tokens
     chunks = list(
         client.chat.completions.create(
@@ -333,23 +352,39 @@ def test_client_disconnect_mid_stream_frees_its_slot(http, server):
         for line in r.iter_lines():
             if line.startswith("data: {"):
                 break  # leave after the first token: the client closes the connection
-    deadline = time.time() + 10
-    while (stats(http)["running"] or stats(http)["cancelled"] == before) and time.time() < deadline:
-        time.sleep(0.05)
-    assert stats(http)["running"] == 0 and stats(http)["cancelled"] == before + 1
+
+    def freed():
+        s = stats(http)
+        return s["running"] == 0 and s["cancelled"] == before + 1
+
+    wait_for(freed, 30, "the disconnected request cancelled and its slot free", every=0.05)
 
 
 def test_short_request_finishes_while_a_long_one_runs(server):
+    """The short request is sent once the long one is seen decoding: it joins the running batch and returns
+    while the long one still has hundreds of tokens to go."""
+
     async def main():
-        async with httpx.AsyncClient(base_url=server["url"], timeout=60) as c:
+        async with httpx.AsyncClient(base_url=server["url"], timeout=120) as c:
             finished = []
 
-            async def call(name, max_tokens, delay):
-                await asyncio.sleep(delay)
+            async def call(name, max_tokens):
                 await c.post("/v1/completions", json={"prompt": "To be", "max_tokens": max_tokens, "ignore_eos": True})
                 finished.append(name)
 
-            await asyncio.gather(call("long", 1000, 0), call("short", 4, 0.3))
+            async def running() -> int:
+                return (await c.get("/stats")).json()["running"]
+
+            deadline = time.monotonic() + 60
+            while await running():  # earlier tests' rows retire at a step boundary
+                assert time.monotonic() < deadline, "the replica never became idle"
+                await asyncio.sleep(0.02)
+            long = asyncio.create_task(call("long", 1000))
+            while not await running():
+                assert not long.done() and time.monotonic() < deadline, "the long request was never seen running"
+                await asyncio.sleep(0.01)
+            await call("short", 4)
+            await long
             return finished
 
     assert asyncio.run(main()) == ["short", "long"]
@@ -358,28 +393,41 @@ def test_short_request_finishes_while_a_long_one_runs(server):
 # -- rollout ---------------------------------------------------------------------------------------
 
 
-def test_rolling_update_under_load_fails_no_request(server, http):
-    register(server["v2"], server["tracking"])  # a promotion: champion is now version 2
-    results, stop = [], threading.Event()
+def test_rolling_update_under_load_fails_no_request(server, mlflow_template, tmp_path):
+    """An app of its own (`rolling`, its own registry) serving v1 is redeployed after v2 becomes champion while
+    four clients keep sending requests: every request succeeds, and v2 serves afterwards."""
+    tracking = copy_store(mlflow_template, tmp_path)
+    register(server["v1"], tracking)
+    args = AppArgs(params_file=str(server["params"]), tracking_uri=tracking)
+    url = server["url"] + "/rolling"
+    try:
+        serve.run(app(args), name="rolling", route_prefix="/rolling")
+        assert httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["version"] == "1"
+        register(server["v2"], tracking)  # a promotion: champion is now version 2
+        results, stop = [], threading.Event()
 
-    def load():
-        with httpx.Client(base_url=server["url"], timeout=120) as c:
-            while not stop.is_set():
-                r = c.post("/v1/completions", json={"prompt": "To be", "max_tokens": 12})
-                results.append(r.status_code)
+        def load():
+            with httpx.Client(base_url=url, timeout=120) as c:
+                while not stop.is_set():
+                    r = c.post("/v1/completions", json={"prompt": "To be", "max_tokens": 12})
+                    results.append(r.status_code)
 
-    workers = [threading.Thread(target=load) for _ in range(4)]
-    for w in workers:
-        w.start()
-    time.sleep(1)
-    args = AppArgs(params_file=str(server["params"]), tracking_uri=server["tracking"])
-    serve.run(app(args), name="quill", route_prefix="/")  # the same URI (@champion), now pinned to version 2
-    time.sleep(1)
-    stop.set()
-    for w in workers:
-        w.join()
-    assert results and set(results) == {200}, sorted(set(results))
-    assert http.get("/v1/models").json()["data"][0]["version"] == "2"
+        workers = [threading.Thread(target=load) for _ in range(4)]
+        for w in workers:
+            w.start()
+        try:
+            wait_for(lambda: len(results) >= 8, 60, "eight requests answered before the update", every=0.05)
+            serve.run(app(args), name="rolling", route_prefix="/rolling")  # the same URI (@champion), now v2
+            answered = len(results)
+            wait_for(lambda: len(results) >= answered + 8, 60, "eight requests answered after it", every=0.05)
+        finally:
+            stop.set()
+            for w in workers:
+                w.join()
+        assert set(results) == {200}, sorted(set(results))
+        assert httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["version"] == "2"
+    finally:
+        delete_apps("rolling")
 
 
 # -- a crashed engine ------------------------------------------------------------------------------
@@ -406,5 +454,7 @@ def test_a_killed_engine_fails_its_requests_and_ray_replaces_the_replica(http):
         return s.status_code == 200 and s.json()["engine_pid"] != old
 
     wait_for(replaced, 120, "a new replica of `auth` with its own engine")
-    ok = http.post("/auth/v1/completions", json={"prompt": "To be", "max_tokens": 2}, headers=auth)
-    assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "length"
+    body = {"prompt": "To be", "max_tokens": 2, "temperature": 0, "ignore_eos": True}  # the same answer every time
+    ok = http.post("/auth/v1/completions", json=body, headers=auth)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "length", ok.text
+    assert ok.json()["usage"]["completion_tokens"] == 2

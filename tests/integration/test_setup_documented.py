@@ -3,7 +3,8 @@
 `.venv/bin/dvc repro` runs each stage's `python -m pipelines.<stage>` through the shell; with the venv not on
 PATH that `python` was the system's ("No module named 'tqdm'"). `make setup` installs a .pth line that puts
 .venv/bin first on PATH for every venv interpreter. Here: a tiny workspace (a git copy of the repo), its .venv
-a link to ours, PATH without any venv, and the README's commands as a user types them.
+a link to ours, PATH without any venv, and the README's commands as a user types them. The workspace is a copy of the session's
+finished one (tests/conftest.py): the Run button's first run built every stage of it through the same commands.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.paths import REPO, VENV_BIN
-from tests.helpers.workspace import tiny_workspace
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# end to end: the first test here may also wait for the session's services and the Run button's first run
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 def bare_env(root: Path) -> dict[str, str]:
@@ -42,9 +43,10 @@ def sh(root: Path, command: str, timeout: float = 600) -> str:
     return result.stdout + result.stderr
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
-    root = tiny_workspace(tmp_path_factory.mktemp("documented") / "quill")
+@pytest.fixture
+def workspace(finished_workspace) -> Path:
+    """A copy of the session's finished tiny workspace with its .venv a link to ours, set up as the README says."""
+    root = finished_workspace
     (root / ".venv").symlink_to(REPO / ".venv", target_is_directory=True)
     # `make setup` as written, minus reinstalling the lock (-o: the stamp counts as up to date), which the
     # shared test venv must not do mid-suite
@@ -57,27 +59,22 @@ def test_the_venv_interpreter_puts_its_bin_first_on_path(workspace):
     assert Path(out.strip()).parent == workspace / ".venv" / "bin"
 
 
-def test_dvc_repro_and_the_readme_commands_work_without_an_activated_venv(workspace):
-    out = sh(workspace, ".venv/bin/dvc repro")
-    assert "No module named" not in out
-    for stage in ("ingest", "clean", "tokenize", "train", "evaluate", "register"):
+def test_the_readme_commands_work_without_an_activated_venv(workspace):
+    """Each stage is `python -m pipelines.<stage>` run by DVC through the shell: an experiment with another model
+    reruns train, evaluate and register that way (the finished run stopped nothing: no 'delete checkpoints/'),
+    and the inspection commands read what they wrote."""
+    assert "Data and pipelines are up to date" in sh(workspace, ".venv/bin/dvc repro")
+    # a stage module by hand: the finished run re-exports without training
+    assert '"resumed_from_step": 8' in sh(workspace, ".venv/bin/python -m pipelines.train")
+    out = sh(workspace, ".venv/bin/dvc exp run -S model.n_embd=96")
+    assert "No module named" not in out and "delete checkpoints" not in out
+    for stage in ("train", "evaluate", "register"):
         assert f"Running stage '{stage}'" in out, stage
-    assert json.loads((workspace / "metrics" / "train.json").read_text())["steps"] == 8
+    metrics = json.loads((workspace / "metrics" / "train.json").read_text())
+    assert metrics["resumed_from_step"] == 0 and metrics["steps"] == 8
+    assert json.loads((workspace / "artifacts" / "model" / "config.json").read_text())["hidden_size"] == 96
     assert "Data and pipelines are up to date" in sh(workspace, ".venv/bin/dvc repro")
     assert "train" in sh(workspace, ".venv/bin/python -m pipelines.summary")
     assert "metrics/train.json" in sh(workspace, ".venv/bin/dvc metrics show")
     assert "train" in sh(workspace, ".venv/bin/dvc dag")
     sh(workspace, ".venv/bin/dvc metrics diff")
-    # a stage module by hand: the finished run re-exports without training
-    assert '"resumed_from_step": 8' in sh(workspace, ".venv/bin/python -m pipelines.train")
-
-
-def test_an_experiment_with_another_model_trains_after_a_finished_run(workspace):
-    """`dvc exp run -S model.n_embd=96` after a finished run stopped in train with 'delete checkpoints/'."""
-    if not (workspace / "metrics" / "train.json").is_file():
-        sh(workspace, ".venv/bin/dvc repro train")
-    out = sh(workspace, ".venv/bin/dvc exp run -S model.n_embd=96")
-    assert "delete checkpoints" not in out and "Running stage 'train'" in out
-    metrics = json.loads((workspace / "metrics" / "train.json").read_text())
-    assert metrics["resumed_from_step"] == 0 and metrics["steps"] == 8
-    assert json.loads((workspace / "artifacts" / "model" / "config.json").read_text())["hidden_size"] == 96

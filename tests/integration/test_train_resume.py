@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from pipelines.train.checkpoints import list_checkpoints
 from tests.helpers.paths import REPO, VENV_BIN
 from tests.helpers.projects import TINY_TRAIN, build_shards
+from tests.helpers.services import copy_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -33,9 +34,11 @@ def shards(tmp_path_factory) -> Path:
     return build_shards(tmp_path_factory.mktemp("resume-shards"))
 
 
-def workdir(root: Path, shards: Path) -> Path:
+def workdir(root: Path, shards: Path, store: Path) -> Path:
+    """A run folder: the shards, a tiny params.yaml, a copy of the migrated MLflow store."""
     root.mkdir(parents=True)
     shutil.copytree(shards, root / "data")
+    copy_store(store, root)
     params = {"data": {"sources": [{"type": "local", "path": "corpus"}]}, "model": {"preset": "tiny"}, "train": TRAIN}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return root
@@ -91,16 +94,18 @@ def runs(cwd: Path) -> list:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, shards) -> dict:
+def reference(tmp_path_factory, shards, mlflow_template) -> dict:
     """Weights of an uninterrupted run."""
-    cwd = workdir(tmp_path_factory.mktemp("ref") / "run", shards)
+    cwd = workdir(tmp_path_factory.mktemp("ref") / "run", shards, mlflow_template)
     metrics = finish(cwd)
     assert metrics["steps"] == 48 and metrics["resumed_from_step"] == 0
     return weights(cwd)
 
 
-def test_sigkill_then_rerun_gives_the_uninterrupted_weights_in_the_same_mlflow_run(tmp_path, shards, reference):
-    cwd = workdir(tmp_path / "run", shards)
+def test_sigkill_then_rerun_gives_the_uninterrupted_weights_in_the_same_mlflow_run(
+    tmp_path, shards, reference, mlflow_template
+):
+    cwd = workdir(tmp_path / "run", shards, mlflow_template)
     proc = start(cwd)
     wait_for_checkpoint(cwd, proc, 8)
     proc.send_signal(signal.SIGKILL)
@@ -134,8 +139,8 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_weights_in_the_same_mlflow_r
     ]
 
 
-def test_sigterm_saves_at_the_next_step_boundary_and_exits_143(tmp_path, shards, reference):
-    cwd = workdir(tmp_path / "run", shards)
+def test_sigterm_saves_at_the_next_step_boundary_and_exits_143(tmp_path, shards, reference, mlflow_template):
+    cwd = workdir(tmp_path / "run", shards, mlflow_template)
     proc = start(cwd)
     wait_for_checkpoint(cwd, proc, 8)
     proc.send_signal(signal.SIGTERM)
@@ -156,9 +161,9 @@ def test_sigterm_saves_at_the_next_step_boundary_and_exits_143(tmp_path, shards,
     assert len(found) == 1 and found[0].info.status == "FINISHED"
 
 
-def test_ddp_on_two_cpu_processes_with_bf16_trains_and_refuses_a_world_size_change(tmp_path, shards):
+def test_ddp_on_two_cpu_processes_with_bf16_trains_and_refuses_a_world_size_change(tmp_path, shards, mlflow_template):
     """The multi-device paths CI has no GPU for: DDP (gloo, 2 CPU processes) and bf16-mixed autocast."""
-    cwd = workdir(tmp_path / "ddp", shards)
+    cwd = workdir(tmp_path / "ddp", shards, mlflow_template)
     params = yaml.safe_load((cwd / "params.yaml").read_text())
     params["train"].update(
         max_steps=8,

@@ -50,7 +50,7 @@ def make_params(**train):
 
 
 @pytest.fixture
-def work(tmp_path: Path, shards: Path) -> tuple[Paths, str]:
+def work(tmp_path: Path, shards: Path, mlflow_uri: str) -> tuple[Paths, str]:
     """Paths for one run (inputs are copies, outputs in tmp_path) and a fresh MLflow store."""
     shutil.copytree(shards / "tokens", tmp_path / "data" / "tokens")
     shutil.copytree(shards / "tokenizer", tmp_path / "data" / "tokenizer")
@@ -63,7 +63,7 @@ def work(tmp_path: Path, shards: Path) -> tuple[Paths, str]:
         plots=tmp_path / "plots" / "train",
         lock_file=tmp_path / "dvc.lock",
     )
-    return paths, f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return paths, mlflow_uri
 
 
 # --- pure pieces --------------------------------------------------------------------------------
