@@ -72,6 +72,8 @@ def workspace(finished_workspace):
             PREFECT_HOME=str(root.parent / "client"),
             PREFECT_SERVER_ANALYTICS_ENABLED="false",
             TMPDIR=str(tmp),
+            # as on the session's cluster (tests/helpers/services.py): replicas leaving HAProxy drain for 2 s
+            RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="2",
         )
         env.pop("RAY_ADDRESS", None)
         try:
