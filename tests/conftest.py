@@ -26,21 +26,28 @@ from tests.helpers.services import copy_store, migrate_store, mlflow_server, pre
 from tests.helpers.serving import delete_apps, joined
 from tests.helpers.workspace import copy_workspace, quill_env, tiny_workspace
 
+MLFLOW_URI_VARIABLES = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
 
-@pytest.fixture(autouse=True)
-def mlflow_uris_as_they_were() -> Iterator[None]:
-    """Each test starts with no tracking or registry URI that another test set in this process:
-    `mlflow.set_tracking_uri` (quill's register and serve code call it) sets a process-wide URI and the
-    MLFLOW_TRACKING_URI variable, which every later subprocess would inherit."""
-    saved = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    yield
+
+def reset_mlflow_uris() -> None:
+    """No process-wide tracking or registry URI, and MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI as the session
+    began: `mlflow.set_tracking_uri` (quill's register and serve code call it) sets a URI for the whole process and
+    the variable that every later subprocess inherits."""
     tracking_utils._tracking_uri = None
     registry_utils._registry_uri = None
-    for key, value in saved.items():
+    for key, value in MLFLOW_URI_VARIABLES.items():
         if value is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(autouse=True)
+def mlflow_uris_as_the_session_began() -> Iterator[None]:
+    """Each test ends with the MLflow URIs of the process as the session began (module and session fixtures that
+    set them run before this one)."""
+    yield
+    reset_mlflow_uris()
 
 
 @pytest.fixture
@@ -139,16 +146,23 @@ def flow_stack(tmp_path_factory, mlflow_template, prefect, shared_ray) -> Iterat
 
 
 @pytest.fixture(scope="session")
-def champion(flow_stack, tmp_path_factory) -> dict:
-    """The Run button pressed once on a fresh workspace (`train.max_steps` 8 from the form, no deploy): the whole
-    pipeline through DVC, v1 registered as champion. Yields the finished flow run and `snapshot`, a copy of the
-    workspace as that run left it (tests copy it again with copy_workspace)."""
+def champion(flow_stack, shared_ray, tmp_path_factory) -> dict:
+    """The Run button pressed once on a fresh workspace, with `train.max_steps` 8 in the form and the rest as the
+    form has it: the whole pipeline through DVC, v1 registered as champion and deployed on the session's Ray.
+    Returns the finished flow run, what the endpoint answered (`models`, and `completion`: 4 greedy tokens of
+    "The king") before the app was deleted again, and `snapshot`, a copy of the workspace as the run left it
+    (tests copy it again with copy_workspace)."""
     api = flow_stack["api"]
-    run = prefect_api.completed(
-        api, prefect_api.run_button(api, {"overrides": {"train": {"max_steps": 8}}, "deploy": False})
-    )
+    try:
+        run = prefect_api.completed(api, prefect_api.run_button(api, {"overrides": {"train": {"max_steps": 8}}}))
+        with httpx.Client(base_url=shared_ray["url"], timeout=60) as http:
+            models = http.get("/v1/models").json()
+            body = {"prompt": "The king", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+            completion = http.post("/v1/completions", json=body).json()
+    finally:
+        delete_apps("quill")  # the other modules' apps take the route prefix /
     snapshot = copy_workspace(flow_stack["root"], tmp_path_factory.mktemp("finished") / "ws")
-    return {"run": run, "snapshot": snapshot}
+    return {"run": run, "models": models, "completion": completion, "snapshot": snapshot}
 
 
 @pytest.fixture

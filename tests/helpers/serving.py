@@ -18,6 +18,8 @@ import ray
 import torch
 import yaml
 from mlflow import MlflowClient
+from mlflow.tracking._model_registry import utils as registry_utils
+from mlflow.tracking._tracking_service import utils as tracking_utils
 from ray import serve
 from ray._private.authentication_test_utils import reset_auth_token_state
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -58,9 +60,24 @@ def tiny_model_folder(root: Path, seed: int, name: str = "model") -> Path:
 
 
 def register(folder: Path, tracking: str) -> str:
-    """Log the folder as quill's pyfunc model, register a version of NAME, make it champion; its version."""
+    """Log the folder as quill's pyfunc model, register a version of NAME, make it champion; its version. MLflow's
+    fluent API points at `tracking` only meanwhile: the process's URIs (and their variables) are put back."""
+    saved = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    previous = tracking_utils._tracking_uri, registry_utils._registry_uri
     mlflow.set_tracking_uri(tracking)
     mlflow.set_registry_uri(tracking)
+    try:
+        return _register(folder, tracking)
+    finally:
+        tracking_utils._tracking_uri, registry_utils._registry_uri = previous
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _register(folder: Path, tracking: str) -> str:
     root = Path(tracking.removeprefix("sqlite:///")).parent
     if mlflow.get_experiment_by_name(NAME) is None:  # artifacts in the test's folder, not the repository
         mlflow.create_experiment(NAME, artifact_location=(root / "mlartifacts").as_uri())

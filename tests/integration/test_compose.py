@@ -94,8 +94,8 @@ def test_the_prefect_service_command_answers(prefect):
 
 @pytest.mark.integration
 def test_the_ray_head_command_starts_a_cluster(shared_ray):
-    """The session's Ray runs the compose file's head command with its token auth; that no process of it outlives
-    the head is asserted when the session stops it (tests/helpers/services.py: ray_cluster)."""
+    """The session's Ray runs the compose file's head command with its token auth; that none of its processes is
+    left is asserted when the session stops it (tests/helpers/services.py: ray_cluster)."""
     compose = compose_command("ray-head", port=shared_ray["address"].rsplit(":", 1)[1], dashboard_host="127.0.0.1")
     assert shared_ray["command"][: len(compose)] == compose
     health = [str(VENV_BIN / "ray"), "status", f"--address={shared_ray['address']}"]  # the compose health check

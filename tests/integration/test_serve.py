@@ -15,6 +15,7 @@ import httpx
 import openai
 import psutil
 import pytest
+from mlflow import MlflowClient
 from ray import serve
 from tokenizers import Tokenizer
 
@@ -393,41 +394,41 @@ def test_short_request_finishes_while_a_long_one_runs(server):
 # -- rollout ---------------------------------------------------------------------------------------
 
 
-def test_rolling_update_under_load_fails_no_request(server, mlflow_template, tmp_path):
-    """An app of its own (`rolling`, its own registry) serving v1 is redeployed after v2 becomes champion while
-    four clients keep sending requests: every request succeeds, and v2 serves afterwards."""
-    tracking = copy_store(mlflow_template, tmp_path)
-    register(server["v1"], tracking)
-    args = AppArgs(params_file=str(server["params"]), tracking_uri=tracking)
-    url = server["url"] + "/rolling"
+def test_rolling_update_under_load_fails_no_request(server, http):
+    """`quill` (at /, as a deployment is) is rolled over to v2, the new champion, while four clients keep sending
+    requests: every request succeeds and v2 serves afterwards. Then it is rolled back to v1 for the other tests."""
+    client = MlflowClient(server["tracking"], server["tracking"])
+    args = AppArgs(params_file=str(server["params"]), tracking_uri=server["tracking"])
+    version = register(server["v2"], server["tracking"])  # a promotion: champion is now the new version
+    results, stop = [], threading.Event()
+
+    def load():
+        with httpx.Client(base_url=server["url"], timeout=120) as c:
+            while not stop.is_set():
+                r = c.post("/v1/completions", json={"prompt": "To be", "max_tokens": 12})
+                results.append(r.status_code)
+
+    workers = [threading.Thread(target=load) for _ in range(4)]
     try:
-        serve.run(app(args), name="rolling", route_prefix="/rolling")
-        assert httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["version"] == "1"
-        register(server["v2"], tracking)  # a promotion: champion is now version 2
-        results, stop = [], threading.Event()
-
-        def load():
-            with httpx.Client(base_url=url, timeout=120) as c:
-                while not stop.is_set():
-                    r = c.post("/v1/completions", json={"prompt": "To be", "max_tokens": 12})
-                    results.append(r.status_code)
-
-        workers = [threading.Thread(target=load) for _ in range(4)]
         for w in workers:
             w.start()
-        try:
-            wait_for(lambda: len(results) >= 8, 60, "eight requests answered before the update", every=0.05)
-            serve.run(app(args), name="rolling", route_prefix="/rolling")  # the same URI (@champion), now v2
-            answered = len(results)
-            wait_for(lambda: len(results) >= answered + 8, 60, "eight requests answered after it", every=0.05)
-        finally:
-            stop.set()
-            for w in workers:
-                w.join()
+        wait_for(lambda: len(results) >= 8, 60, "eight requests answered before the update", every=0.05)
+        serve.run(app(args), name="quill", route_prefix="/")  # the same URI (@champion), now the new version
+        answered = len(results)
+        wait_for(lambda: len(results) >= answered + 8, 60, "eight requests answered after it", every=0.05)
+        stop.set()
+        for w in workers:
+            w.join()
         assert set(results) == {200}, sorted(set(results))
-        assert httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["version"] == "2"
+        assert http.get("/v1/models").json()["data"][0]["version"] == version
     finally:
-        delete_apps("rolling")
+        stop.set()
+        for w in workers:
+            if w.is_alive():
+                w.join()
+        client.set_registered_model_alias(NAME, "champion", "1")
+        serve.run(app(args), name="quill", route_prefix="/")
+    assert http.get("/v1/models").json()["data"][0]["version"] == "1"
 
 
 # -- a crashed engine ------------------------------------------------------------------------------

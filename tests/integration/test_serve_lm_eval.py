@@ -68,7 +68,13 @@ def cluster(shared_ray):
             return yaml.safe_load(out)["applications"]["quill"]["status"] == "RUNNING" and out
 
         wait_for(running, 180, "quill RUNNING in `serve status`", every=1)
-        yield {"project": project, "url": shared_ray["url"], "config": config, "metrics": shared_ray["metrics"]}
+        yield {
+            "project": project,
+            "url": shared_ray["url"],
+            "config": config,
+            "metrics": shared_ray["metrics"],
+            "dashboard": shared_ray["dashboard"],
+        }
     finally:
         delete_apps("quill")
 
@@ -120,7 +126,7 @@ def metered(cluster):
         serve.run(app(args), name="metered", route_prefix="/metered")
         with httpx.Client(base_url=cluster["url"] + "/metered", timeout=120) as c:
             replica = psutil.Process(c.get("/stats").json()["engine_pid"]).ppid()  # the engine is its child
-            [worker] = list_workers(filters=[("pid", "=", replica)])
+            [worker] = list_workers(address=cluster["dashboard"], filters=[("pid", "=", replica)])
             yield c, worker.worker_id
     finally:
         delete_apps("metered")
