@@ -456,6 +456,11 @@ def test_a_killed_engine_fails_its_requests_and_ray_replaces_the_replica(http):
 
     wait_for(replaced, 120, "a new replica of `auth` with its own engine")
     body = {"prompt": "To be", "max_tokens": 2, "temperature": 0, "ignore_eos": True}  # the same answer every time
-    ok = http.post("/auth/v1/completions", json=body, headers=auth)
-    assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "length", ok.text
+    # HAProxy reloads its routes after the replacement: /auth may answer 404 for a moment first
+    ok = wait_for(
+        lambda: (r := http.post("/auth/v1/completions", json=body, headers=auth)).status_code == 200 and r,
+        60,
+        "a completion from the new replica",
+    )
+    assert ok.json()["choices"][0]["finish_reason"] == "length", ok.text
     assert ok.json()["usage"]["completion_tokens"] == 2
