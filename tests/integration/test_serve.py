@@ -58,6 +58,10 @@ def server(tmp_path_factory, mlflow_template, shared_ray):
         # would make Ray refuse the request that should fill quill's bound
         held = write_params(root / "held.yaml", max_batch_size=1, max_ongoing_requests=2)
         serve.run(app(AppArgs(model=str(v1), params_file=str(held))), name="held", route_prefix="/held")
+        # serve.run returns once the replicas run; HAProxy takes up a new route a moment later
+        for prefix in ("", "/auth", "/tight", "/held"):
+            url = f"{shared_ray['url']}{prefix}/health"
+            wait_for(lambda url=url: httpx.get(url).status_code == 200, 60, f"{url} routed")
         yield {"url": shared_ray["url"], "tracking": tracking, "params": params, "v1": v1, "v2": v2}
     finally:
         delete_apps(*APPS)
@@ -362,30 +366,29 @@ def test_client_disconnect_mid_stream_frees_its_slot(http, server):
 
 
 def test_short_request_finishes_while_a_long_one_runs(server):
-    """The short request is sent once the long one is seen decoding: it joins the running batch and returns
-    while the long one still has hundreds of tokens to go."""
+    """The short request is sent once the long one has streamed its first token (it is decoding): the short one
+    joins the running batch and returns while the long one still has hundreds of tokens to go."""
 
     async def main():
         async with httpx.AsyncClient(base_url=server["url"], timeout=120) as c:
-            finished = []
+            finished, decoding = [], asyncio.Event()
 
-            async def call(name, max_tokens):
-                await c.post("/v1/completions", json={"prompt": "To be", "max_tokens": max_tokens, "ignore_eos": True})
-                finished.append(name)
+            async def long():
+                body = {"prompt": "To be", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+                async with c.stream("POST", "/v1/completions", json=body) as r:
+                    assert r.status_code == 200, await r.aread()
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {"):
+                            decoding.set()
+                finished.append("long")
 
-            async def running() -> int:
-                return (await c.get("/stats")).json()["running"]
+            async def short():
+                await decoding.wait()
+                r = await c.post("/v1/completions", json={"prompt": "To be", "max_tokens": 4, "ignore_eos": True})
+                assert r.status_code == 200, r.text
+                finished.append("short")
 
-            deadline = time.monotonic() + 60
-            while await running():  # earlier tests' rows retire at a step boundary
-                assert time.monotonic() < deadline, "the replica never became idle"
-                await asyncio.sleep(0.02)
-            long = asyncio.create_task(call("long", 1000))
-            while not await running():
-                assert not long.done() and time.monotonic() < deadline, "the long request was never seen running"
-                await asyncio.sleep(0.01)
-            await call("short", 4)
-            await long
+            await asyncio.wait_for(asyncio.gather(long(), short()), 120)
             return finished
 
     assert asyncio.run(main()) == ["short", "long"]
