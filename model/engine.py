@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -27,7 +28,8 @@ from tokenizers import Tokenizer
 
 from model.beam import beam_search
 from model.hf import load_pretrained
-from model.sampling import SamplingParams, apply_penalties, check_param, penalty_state, sampling_probs
+from model.sampler import SamplingRows, sample
+from model.sampling import SamplingParams, apply_penalties, check_param, penalty_state
 from model.scoring import loglikelihood
 from model.sequence import Completion, Row, StreamChunk, TokenLogprob
 from model.transformer import GPT, KVCache
@@ -233,11 +235,8 @@ class Engine:
             return
         last = logits[:, -1]  # (B, V)
 
-        gen = torch.Generator(device=self.device)
-        if params.seed is not None:
-            gen.manual_seed(params.seed)
-        else:
-            gen.seed()
+        rng = random.Random(params.seed)  # one uniform per row and step (None: seeded from the OS)
+        controls = None if params.greedy else SamplingRows.of([params] * len(rows), self.device)
         seen, counts, history = penalty_state(
             params, [(r.prompt_ids, ()) for r in rows], self.config.vocab_size, self.device
         )
@@ -247,7 +246,7 @@ class Engine:
             if params.greedy:
                 nxt = x.max(dim=-1).indices  # faster than argmax on CPU
             else:
-                nxt = torch.multinomial(sampling_probs(x, params), 1, generator=gen).squeeze(1)
+                nxt = sample(x, controls, lambda idx: [rng.random() for _ in idx])
             recs = None
             if params.logprobs is not None:
                 recs = self.logprob_records(torch.log_softmax(last, dim=-1), nxt, params.logprobs)

@@ -4,7 +4,8 @@
     >>> probs = sampling_probs(apply_penalties(logits, params), params)   # (B, V)
 
 Controls mean what they mean in the OpenAI API and Hugging Face `generate`; invalid values raise
-ValueError naming the field, the allowed range and the value.
+ValueError naming the field, the allowed range and the value. Decoding draws with model/sampler.py, which never
+sorts the vocabulary; `sampling_probs` here is the reference it is checked against (and falls back to).
 """
 
 from __future__ import annotations
@@ -155,25 +156,28 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, seen=None, cou
 
 
 def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """The distribution a row is sampled from (B, V): temperature, then top_k, top_p, min_p."""
+    """The distribution a row is sampled from (B, V): temperature, then top_k, top_p, min_p.
+
+    The reference the fast sampler (model/sampler.py) is checked against; it sorts the vocabulary."""
     return torch.softmax(filter_logits(logits / params.temperature, params), dim=-1)
 
 
 def filter_logits(x: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """top_k, top_p and min_p on temperature-scaled logits (B, V), in Hugging Face's order."""
-    if params.top_k and params.top_k < x.size(-1):
-        kth = x.topk(params.top_k, dim=-1).values[:, -1:]
-        x = x.masked_fill(x < kth, float("-inf"))
+    """top_k, top_p and min_p on temperature-scaled logits (B, V): Hugging Face's TopK, TopP and MinP warpers, in
+    that order and computed as they compute them, so a group of equal logits that the top_p cut splits falls the
+    same way (HF keeps those its ascending sort happens to put last)."""
+    if params.top_k:
+        kth = x.topk(min(params.top_k, x.size(-1)), dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))  # ties with the k-th logit stay
     if params.top_p < 1.0:
-        sorted_x, order = x.sort(dim=-1, descending=True)
-        probs = sorted_x.softmax(dim=-1)
-        # drop a token once the tokens before it already hold top_p of the mass (the top one always stays)
-        drop = (probs.cumsum(dim=-1) - probs) >= params.top_p
-        drop[:, 0] = False
-        x = x.scatter(1, order, sorted_x.masked_fill(drop, float("-inf")))
+        sorted_x, order = x.sort(dim=-1)  # ascending
+        # drop a token when it and the tokens below it hold at most 1 - top_p of the mass (the top one always stays)
+        drop = sorted_x.softmax(dim=-1).cumsum(dim=-1) <= 1 - params.top_p
+        drop[..., -1:] = False
+        x = x.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     if params.min_p > 0.0:
-        probs = x.softmax(dim=-1)
-        x = x.masked_fill(probs < params.min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
+        probs = x.softmax(dim=-1)  # HF also exempts the top token, which this never drops (min_p <= 1)
+        x = x.masked_fill(probs < params.min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
     return x
 
 

@@ -24,14 +24,16 @@ longer than `pos`.
 from __future__ import annotations
 
 import itertools
+import random
 import threading
-from collections import defaultdict, deque
+from collections import deque
 from dataclasses import dataclass
 
 import torch
 
 from model.engine import Engine
-from model.sampling import SamplingParams, apply_penalties, check_param, penalty_state, sampling_probs
+from model.sampler import SamplingRows, sample
+from model.sampling import SamplingParams, apply_penalties, check_param, penalty_state
 from model.sequence import Completion, Row, StreamChunk, TokenLogprob
 from model.transformer import KVCache
 
@@ -49,7 +51,7 @@ class RowUpdate:
 class _Request:
     rid: int
     row: Row
-    gen: torch.Generator | None  # seeded rows only; unseeded rows share the scheduler's generator
+    rng: random.Random | None  # seeded rows only; unseeded rows share the scheduler's stream
     seen: torch.Tensor | None = None  # (1, V) penalty state, as model.sampling.penalty_state makes it
     counts: torch.Tensor | None = None
     history: list[list[int]] | None = None
@@ -72,8 +74,7 @@ class Scheduler:
         # padded prompt tokens prefilled in one step (at least one request is always admitted)
         self.max_prefill_tokens = max_prefill_tokens or engine.config.block_size
         self.device = engine.device
-        self._gen = torch.Generator(device=self.device)  # unseeded rows: one batched draw per step
-        self._gen.seed()
+        self._rng = random.Random()  # unseeded rows' uniforms (seeded from the OS)
         dtype = next(engine.model.parameters()).dtype
         with torch.inference_mode():  # like the engine's prefill cache: torch.compile then traces both alike
             self.cache = KVCache(engine.config, max_batch_size, device=self.device, dtype=dtype)
@@ -96,13 +97,11 @@ class Scheduler:
         self.engine.check_fits([ids], params)
         rid = next(self._ids)
         row = Row(rid, ids, params, self.engine.stop_ids(params), self.engine.decode, incremental=True)
-        gen = None
-        if not params.greedy and params.seed is not None:  # its own generator: same seed, same tokens
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(params.seed)
+        # its own stream: same seed, same tokens (what Engine.generate draws for that seed and prompt)
+        rng = random.Random(params.seed) if not params.greedy and params.seed is not None else None
         seen, counts, history = penalty_state(params, [(ids, ())], self.engine.config.vocab_size, self.device)
         with self._lock:
-            self._waiting.append(_Request(rid, row, gen, seen, counts, history))
+            self._waiting.append(_Request(rid, row, rng, seen, counts, history))
         return rid
 
     def cancel(self, rid: int) -> None:
@@ -227,35 +226,23 @@ class Scheduler:
     def _sample(self, reqs: list[_Request], last: torch.Tensor) -> list[RowUpdate]:
         """One token per request from its row of last (N, V), each with its own parameters.
 
-        Batched where rows allow it: penalties are applied row by row (only rows that have them), the
-        distribution once per group of rows sharing temperature and filters, and all unseeded rows draw in one
-        multinomial; a seeded row draws from its own generator (what `Engine.generate` does with that seed).
+        Batched where rows allow it: penalties are applied row by row (only rows that have them), then all sampled
+        rows draw together (model/sampler.py), each with one uniform from its own stream per draw: a seeded row's
+        own, so it draws what `Engine.generate` draws with that seed, whatever else is in the batch.
         """
         x = last
         for i, r in enumerate(reqs):
             if r.seen is not None or r.counts is not None or r.history is not None or r.row.params.logit_bias:
                 x = last.clone() if x is last else x
                 x[i : i + 1] = apply_penalties(last[i : i + 1], r.row.params, r.seen, r.counts, r.history)
-        nxt = x.max(dim=-1).indices  # greedy rows keep this
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, r in enumerate(reqs):
-            p = r.row.params
-            if not p.greedy:
-                groups[(p.temperature, p.top_k, p.top_p, p.min_p)].append(i)
-        probs = torch.empty(0, x.size(-1), dtype=x.dtype, device=x.device)
-        order: list[int] = []  # row of reqs for each row of probs
-        for rows in groups.values():
-            sel = torch.tensor(rows, device=self.device)
-            probs = torch.cat([probs, sampling_probs(x.index_select(0, sel), reqs[rows[0]].row.params)])
-            order += rows
-        shared = [j for j, i in enumerate(order) if reqs[i].gen is None]
-        if shared:
-            sel = torch.tensor(shared, device=self.device)
-            drawn = torch.multinomial(probs.index_select(0, sel), 1, generator=self._gen)[:, 0]
-            nxt[torch.tensor([order[j] for j in shared], device=self.device)] = drawn
-        for j, i in enumerate(order):
-            if reqs[i].gen is not None:
-                nxt[i] = torch.multinomial(probs[j : j + 1], 1, generator=reqs[i].gen)[0, 0]
+        sampled = [i for i, r in enumerate(reqs) if not r.row.params.greedy]
+        if len(sampled) == len(reqs):
+            nxt = self._draw(x, reqs)
+        else:
+            nxt = x.max(dim=-1).indices  # greedy rows keep this
+            if sampled:
+                sel = torch.tensor(sampled, device=self.device)
+                nxt[sel] = self._draw(x.index_select(0, sel), [reqs[i] for i in sampled])
         want = [i for i, r in enumerate(reqs) if r.row.params.logprobs is not None]
         recs: dict[int, TokenLogprob] = {}
         if want:
@@ -278,6 +265,12 @@ class Scheduler:
             row.emitted = len(final)
             updates.append(RowUpdate(r.rid, chunk, row.completion() if row.finish_reason else None))
         return updates
+
+    def _draw(self, x: torch.Tensor, reqs: list[_Request]) -> torch.Tensor:
+        """A token for each sampled request (a row of x), drawn with uniforms from the request's own stream."""
+        streams = [r.rng or self._rng for r in reqs]
+        controls = SamplingRows.of([r.row.params for r in reqs], self.device)
+        return sample(x, controls, lambda idx: [streams[k].random() for k in idx])
 
     def _retire(self, i: int) -> None:
         """Free cache row i: the last running row moves into it, so running rows stay packed in [0, N)."""

@@ -1,0 +1,185 @@
+"""Sampled decoding at about the cost of greedy: one token per row from temperature, top_k, top_p and min_p, with
+Hugging Face's semantics and no sort of the vocabulary.
+
+    >>> rows = SamplingRows.of([params] * B, device)             # each row's controls as (B, 1) tensors
+    >>> rng = random.Random(params.seed)
+    >>> nxt = sample(logits, rows, lambda idx: [rng.random() for _ in idx])   # (B,) token ids
+
+How: each row draws one token by inverse CDF, with one uniform from its own random stream, from a superset of
+its kept set (top_k's set exactly, min_p's widened by MARGIN), then checks only the drawn token: the probability
+mass above it decides top_p, its own probability decides min_p (two sums over the vocabulary, no sort). A rejected
+token lifts the row's floor above it (every kept token lies above) and the row draws again; the token accepted is
+an exact draw from the kept set (rejection sampling; FlashInfer's sort-free sampler works alike).
+
+Why it is HF's kept set: TopK keeps every token >= the k-th largest logit, which the proposal uses as is. TopP keeps
+a token when the mass at or below it (in its ascending sort) is > 1 - top_p, that is when the mass above it is
+< top_p, and it always keeps the top token; MinP keeps a token when its probability is >= min_p times the top one's.
+Those compare sums to thresholds, so a decision within MARGIN of its threshold, where float rounding could tip
+HF's the other way, or a group of equal logits that the top_p cut splits (HF keeps those its sort happens to put
+last), is handed to the reference (`model.sampling.filter_logits`, HF's code) for that row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from model.sampling import SamplingParams, filter_logits
+
+# A decision this close to its threshold (in probability) goes to the reference: float32 rounding of a softmax over a
+# few thousand tokens moves a sum by ~1e-6 (HF's and ours), ten times less.
+MARGIN = 1e-5
+MAX_DRAWS = 16  # then a row's kept set comes from the reference (each rejection lifts the floor: rarely reached)
+
+Uniforms = Callable[[list[int]], list[float]]  # row indices -> one uniform in [0, 1) for each, from its own stream
+
+
+@dataclass
+class SamplingRows:
+    """Each row's sampling controls, as (N, 1) tensors (and the params, for the reference)."""
+
+    params: list[SamplingParams]
+    temperature: torch.Tensor  # > 0
+    top_k: torch.Tensor  # long, 0 = off
+    top_p: torch.Tensor  # 1 = off
+    min_p: torch.Tensor  # 0 = off
+
+    @classmethod
+    def of(cls, params: Sequence[SamplingParams], device) -> SamplingRows:
+        def col(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=device)[:, None]
+
+        return cls(
+            list(params),
+            col([p.temperature for p in params], torch.float32),
+            col([p.top_k for p in params], torch.long),
+            col([p.top_p for p in params], torch.float32),
+            col([p.min_p for p in params], torch.float32),
+        )
+
+    def __getitem__(self, idx: torch.Tensor) -> SamplingRows:
+        return SamplingRows(
+            [self.params[i] for i in idx.tolist()],
+            self.temperature[idx],
+            self.top_k[idx],
+            self.top_p[idx],
+            self.min_p[idx],
+        )
+
+
+def sample(logits: torch.Tensor, rows: SamplingRows, uniforms: Uniforms) -> torch.Tensor:
+    """One token id per row of logits (N, V), drawn from its kept set; (N,) long.
+
+    A row's token depends only on its logits, its controls and its uniforms (never on the other rows), so a seeded
+    request draws the same tokens alone and in any batch."""
+    x, e = _scaled(logits, rows)
+    w, zk, _ = _proposal(x, e, rows)
+    tokens = torch.empty(x.size(0), dtype=torch.long, device=x.device)
+    idx = torch.arange(x.size(0), device=x.device)  # rows still drawing
+    exact = torch.zeros(x.size(0), 1, dtype=torch.bool, device=x.device)  # w is the row's kept set itself
+    filtering = bool((rows.top_p < 1).any() or (rows.min_p > 0).any())
+    for attempt in range(MAX_DRAWS + 1):
+        if attempt == MAX_DRAWS:  # the reference decides for the rows still drawing
+            w = _exact(x, e, w, exact, rows, torch.ones_like(exact))
+        u = torch.tensor(uniforms(idx.tolist()), dtype=torch.float64, device=x.device)
+        j = _draw(w, u)  # (n, 1)
+        if not filtering:
+            tokens[idx] = j[:, 0]
+            break
+        ok, no = _judge(x, e, zk, j, rows)
+        ok = ok | exact
+        unsure = ~(ok | no)
+        if unsure.any():  # the reference's kept set for those rows; the drawn token stands if it is in there
+            w = _exact(x, e, w, exact, rows, unsure)
+            ok = ok | (unsure & (w.gather(1, j) > 0))
+        tokens[idx[ok[:, 0]]] = j[ok]
+        again = ~ok[:, 0]
+        if not again.any():
+            break
+        x, e, zk, w, exact, j, idx = x[again], e[again], zk[again], w[again], exact[again], j[again], idx[again]
+        rows = rows[again.nonzero()[:, 0]]
+        # rejected for sure: the token and everything below it are out (rows made exact just draw again)
+        w = w.masked_fill(~exact & (x <= x.gather(1, j)), 0.0)
+    return tokens
+
+
+def kept_mask(logits: torch.Tensor, rows: SamplingRows, chunk: int = 64) -> torch.Tensor:
+    """(N, V) bool: the tokens `sample` may return, each judged as a drawn token is (O(V^2) work: for tests)."""
+    x, e = _scaled(logits, rows)
+    _, zk, kth = _proposal(x, e, rows)
+    ids = torch.arange(x.size(1), device=x.device).expand_as(x)
+    ok, no = (torch.cat(t, dim=1) for t in zip(*(_judge(x, e, zk, j, rows) for j in ids.split(chunk, dim=1))))
+    kept = ok & (x >= kth)  # _judge takes top_k's set as given
+    unsure = ~(ok | no)
+    for r in unsure.any(dim=1).nonzero()[:, 0].tolist():
+        kept[r] = _reference(x[r], rows.params[r])
+    return kept
+
+
+def _scaled(logits: torch.Tensor, rows: SamplingRows) -> tuple[torch.Tensor, torch.Tensor]:
+    """Temperature-scaled logits x (as HF's TemperatureLogitsWarper divides) and e = exp(x - max): 1 at the top."""
+    x = logits.float() / rows.temperature
+    return x, (x - x.amax(dim=-1, keepdim=True)).exp_()
+
+
+def _proposal(x: torch.Tensor, e: torch.Tensor, rows: SamplingRows) -> tuple[torch.Tensor, ...]:
+    """Weights to draw from (N, V): e on top_k's set, less the tokens min_p drops for sure; top_p's normaliser
+    (N, 1): the mass of top_k's set, which top_p filters in HF's order; and the k-th logit (N, 1), -inf if off."""
+    w, kth = e, torch.full_like(x[:, :1], float("-inf"))
+    if bool((rows.top_k > 0).any()):
+        k = rows.top_k.clamp(max=x.size(-1))
+        kth = x.topk(int(k.max()), dim=-1).values.gather(1, (k - 1).clamp(min=0)).masked_fill(k == 0, float("-inf"))
+        w = e.masked_fill(x < kth, 0.0)  # HF's TopK: ties with the k-th logit stay
+    zk = w.sum(dim=-1, keepdim=True)
+    if bool((rows.min_p > 0).any()):
+        w = w.masked_fill(e < rows.min_p * (1 - MARGIN), 0.0)
+    return w, zk, kth
+
+
+def _draw(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse CDF: for each row the token where its weights' running sum passes u * total; (N, 1)."""
+    cdf = w.cumsum(dim=-1)
+    total = cdf[:, -1:]
+    v = torch.minimum((u[:, None] * total).to(cdf.dtype), torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, v, right=True)  # v < total: a token of positive weight
+
+
+def _judge(
+    x: torch.Tensor, e: torch.Tensor, zk: torch.Tensor, j: torch.Tensor, rows: SamplingRows
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whether tokens j (N, n), inside top_k's set, are kept by top_p and min_p: (kept for sure, dropped for sure)."""
+    xj, ej = x.gather(1, j), e.gather(1, j)
+    ok = torch.ones_like(j, dtype=torch.bool)
+    no = torch.zeros_like(ok)
+    on = rows.top_p < 1
+    if bool(on.any()):
+        higher = x[:, None, :] > xj[:, :, None]  # (N, n, V)
+        above = torch.where(higher, e[:, None, :], 0.0).sum(dim=-1) / zk  # mass above j, in top_k's distribution
+        ties = (x[:, None, :] == xj[:, :, None]).sum(dim=-1)
+        last = above + (ties - 1) * ej / zk  # mass above the last of j's equal logits (HF's order among them)
+        ok = ~on | (last < rows.top_p - MARGIN)  # every one of j's equal logits is kept
+        no = on & (above >= rows.top_p + MARGIN)  # none is (above == 0: j is the top one, always kept)
+    on = rows.min_p > 0
+    if bool(on.any()):
+        top = xj == x.amax(dim=-1, keepdim=True)  # the top token's own probability: kept whatever min_p is
+        ok = ok & (~on | top | (ej >= rows.min_p * (1 + MARGIN)))
+        no = no | (on & ~top & (ej < rows.min_p * (1 - MARGIN)))
+    return ok, no
+
+
+def _exact(
+    x: torch.Tensor, e: torch.Tensor, w: torch.Tensor, exact: torch.Tensor, rows: SamplingRows, which: torch.Tensor
+) -> torch.Tensor:
+    """w with the rows in `which` (N, 1) set to e on the reference's kept set, and those rows marked exact."""
+    w = w.clone()
+    for r in (which[:, 0] & ~exact[:, 0]).nonzero()[:, 0].tolist():
+        w[r] = e[r] * _reference(x[r], rows.params[r])
+        exact[r] = True
+    return w
+
+
+def _reference(x: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """HF's kept set for one row of temperature-scaled logits (V,): bool (V,)."""
+    return filter_logits(x[None], params)[0] > float("-inf")
