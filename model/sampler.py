@@ -68,6 +68,18 @@ class SamplingRows:
             self.min_p[idx],
         )
 
+    @property
+    def top_k_on(self) -> bool:
+        return any(p.top_k for p in self.params)
+
+    @property
+    def top_p_on(self) -> bool:
+        return any(p.top_p < 1 for p in self.params)
+
+    @property
+    def min_p_on(self) -> bool:
+        return any(p.min_p > 0 for p in self.params)
+
 
 def sample(logits: torch.Tensor, rows: SamplingRows, uniforms: Uniforms) -> torch.Tensor:
     """One token id per row of logits (N, V), drawn from its kept set; (N,) long.
@@ -76,32 +88,38 @@ def sample(logits: torch.Tensor, rows: SamplingRows, uniforms: Uniforms) -> torc
     request draws the same tokens alone and in any batch."""
     x, e = _scaled(logits, rows)
     w, zk, _ = _proposal(x, e, rows)
-    tokens = torch.empty(x.size(0), dtype=torch.long, device=x.device)
+    j = _draw(w, _uniforms(uniforms, list(range(x.size(0))), x.device))  # (N, 1)
+    if not (rows.top_p_on or rows.min_p_on):  # w is the kept set
+        return j[:, 0]
+    ok, no = _judge(x, e, zk, j, rows)
+    if bool(ok.all()):
+        return j[:, 0]
+    return _settle(x, e, zk, w, j, ok, no, rows, uniforms)
+
+
+def _settle(x, e, zk, w, j, ok, no, rows: SamplingRows, uniforms: Uniforms) -> torch.Tensor:
+    """The tokens, once the rows whose draw j was not kept for sure (ok) are settled: a row dropped for sure (no)
+    draws again above j; an unsure one takes the reference's kept set, where its j may stand."""
+    tokens = j[:, 0].clone()
     idx = torch.arange(x.size(0), device=x.device)  # rows still drawing
-    exact = torch.zeros(x.size(0), 1, dtype=torch.bool, device=x.device)  # w is the row's kept set itself
-    filtering = bool((rows.top_p < 1).any() or (rows.min_p > 0).any())
-    for attempt in range(MAX_DRAWS + 1):
-        if attempt == MAX_DRAWS:  # the reference decides for the rows still drawing
-            w = _exact(x, e, w, exact, rows, torch.ones_like(exact))
-        u = torch.tensor(uniforms(idx.tolist()), dtype=torch.float64, device=x.device)
-        j = _draw(w, u)  # (n, 1)
-        if not filtering:
-            tokens[idx] = j[:, 0]
-            break
-        ok, no = _judge(x, e, zk, j, rows)
-        ok = ok | exact
+    exact = torch.zeros_like(ok)  # w is the row's kept set itself (the reference's): any draw stands
+    for attempt in range(MAX_DRAWS):
         unsure = ~(ok | no)
-        if unsure.any():  # the reference's kept set for those rows; the drawn token stands if it is in there
+        if bool(unsure.any()):
             w = _exact(x, e, w, exact, rows, unsure)
             ok = ok | (unsure & (w.gather(1, j) > 0))
-        tokens[idx[ok[:, 0]]] = j[ok]
         again = ~ok[:, 0]
-        if not again.any():
+        if not bool(again.any()):
             break
-        x, e, zk, w, exact, j, idx = x[again], e[again], zk[again], w[again], exact[again], j[again], idx[again]
+        x, e, zk, w, exact, j, idx = (t[again] for t in (x, e, zk, w, exact, j, idx))
         rows = rows[again.nonzero()[:, 0]]
-        # rejected for sure: the token and everything below it are out (rows made exact just draw again)
-        w = w.masked_fill(~exact & (x <= x.gather(1, j)), 0.0)
+        w = w.masked_fill(~exact & (x <= x.gather(1, j)), 0.0)  # j and every token below it are out
+        if attempt == MAX_DRAWS - 1:  # the reference decides for the rows still drawing
+            w = _exact(x, e, w, exact, rows, torch.ones_like(exact))
+        j = _draw(w, _uniforms(uniforms, idx.tolist(), x.device))
+        tokens[idx] = j[:, 0]
+        ok, no = _judge(x, e, zk, j, rows)
+        ok = ok | exact
     return tokens
 
 
@@ -128,14 +146,18 @@ def _proposal(x: torch.Tensor, e: torch.Tensor, rows: SamplingRows) -> tuple[tor
     """Weights to draw from (N, V): e on top_k's set, less the tokens min_p drops for sure; top_p's normaliser
     (N, 1): the mass of top_k's set, which top_p filters in HF's order; and the k-th logit (N, 1), -inf if off."""
     w, kth = e, torch.full_like(x[:, :1], float("-inf"))
-    if bool((rows.top_k > 0).any()):
+    if rows.top_k_on:
         k = rows.top_k.clamp(max=x.size(-1))
         kth = x.topk(int(k.max()), dim=-1).values.gather(1, (k - 1).clamp(min=0)).masked_fill(k == 0, float("-inf"))
         w = e.masked_fill(x < kth, 0.0)  # HF's TopK: ties with the k-th logit stay
     zk = w.sum(dim=-1, keepdim=True)
-    if bool((rows.min_p > 0).any()):
+    if rows.min_p_on:
         w = w.masked_fill(e < rows.min_p * (1 - MARGIN), 0.0)
     return w, zk, kth
+
+
+def _uniforms(uniforms: Uniforms, idx: list[int], device) -> torch.Tensor:
+    return torch.tensor(uniforms(idx), dtype=torch.float64, device=device)
 
 
 def _draw(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -153,16 +175,16 @@ def _judge(
     xj, ej = x.gather(1, j), e.gather(1, j)
     ok = torch.ones_like(j, dtype=torch.bool)
     no = torch.zeros_like(ok)
-    on = rows.top_p < 1
-    if bool(on.any()):
+    if rows.top_p_on:
+        on = rows.top_p < 1
         higher = x[:, None, :] > xj[:, :, None]  # (N, n, V)
         above = torch.where(higher, e[:, None, :], 0.0).sum(dim=-1) / zk  # mass above j, in top_k's distribution
         ties = (x[:, None, :] == xj[:, :, None]).sum(dim=-1)
         last = above + (ties - 1) * ej / zk  # mass above the last of j's equal logits (HF's order among them)
         ok = ~on | (last < rows.top_p - MARGIN)  # every one of j's equal logits is kept
         no = on & (above >= rows.top_p + MARGIN)  # none is (above == 0: j is the top one, always kept)
-    on = rows.min_p > 0
-    if bool(on.any()):
+    if rows.min_p_on:
+        on = rows.min_p > 0
         top = xj == x.amax(dim=-1, keepdim=True)  # the top token's own probability: kept whatever min_p is
         ok = ok & (~on | top | (ej >= rows.min_p * (1 + MARGIN)))
         no = no | (on & ~top & (ej < rows.min_p * (1 - MARGIN)))
