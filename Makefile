@@ -23,9 +23,9 @@ $(STAMP): requirements.lock
 	$(PY) -m pip check
 	@touch $(STAMP)
 
-# Two workers (pytest-xdist): each is a pytest session of its own, so each starts the shared services its tests
-# need; measured faster than one process on two cores all the same (README: Tests).
-XDIST := -n 2
+# Two workers (pytest-xdist), each a pytest session of its own; loadgroup sends the tests that share a service
+# (and each module's tests) to one worker whole (tests/conftest.py), so each service starts once (README: Tests).
+XDIST := -n 2 --dist loadgroup
 
 test: setup lint
 	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)

@@ -19,7 +19,7 @@ import pytest
 from mlflow.tracking._model_registry import utils as registry_utils
 from mlflow.tracking._tracking_service import utils as tracking_utils
 
-from tests.helpers import prefect_api
+from tests.helpers import grouping, prefect_api
 from tests.helpers.corpus import write_corpus
 from tests.helpers.paths import REPO, run_module
 from tests.helpers.services import copy_store, migrate_store, mlflow_server, prefect_server, ray_cluster, stop
@@ -40,6 +40,32 @@ def reset_mlflow_uris() -> None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+# --- which worker runs what (make test: pytest -n 2 --dist loadgroup; tests/helpers/grouping.py) ----------------
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-randomly's shuffle and -m/-k deselection
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    wrong = [why for item in items if (why := grouping.check(item.nodeid, getattr(item, "fixturenames", [])))]
+    if wrong:
+        raise pytest.UsageError("\n".join(wrong))
+    items.sort(key=lambda item: grouping.start_order(item.nodeid))  # stable: the order within stays
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """--dist loadgroup with tests/helpers/grouping.py's groups, handed out in collection order (longest first)."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return grouping.group_of(nodeid)
+
+    config.option.loadscopereorder = False  # not by number of tests: the long groups come first in the collection
+    return GroupScheduling(config, log)
 
 
 @pytest.fixture(autouse=True)
