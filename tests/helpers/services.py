@@ -6,6 +6,7 @@ auth. Also a migrated empty MLflow store, which a test copies instead of migrati
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -131,12 +132,11 @@ def mlflow_server(root: Path) -> Iterator[dict[str, str]]:
     folder for S3); yields the URI, and the environment of a client logged in as its admin."""
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    (root / "auth.ini").write_text(
-        "[mlflow]\ndefault_permission = READ\n"
-        f"database_uri = sqlite:///{root}/auth.db\nadmin_username = {MLFLOW_ADMIN[0]}\n"
-        f"admin_password = {MLFLOW_ADMIN[1]}\n"
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-    )
+    auth = COMPOSE["configs"]["mlflow-auth"]["content"]  # the team stack's auth config, SQLite for PostgreSQL
+    auth = re.sub(r"(?m)^database_uri = .*$", f"database_uri = sqlite:///{root}/auth.db", auth)
+    auth = auth.replace("${MLFLOW_ADMIN_USER}", MLFLOW_ADMIN[0]).replace("${MLFLOW_ADMIN_PASSWORD}", MLFLOW_ADMIN[1])
+    assert "${" not in auth, auth
+    (root / "auth.ini").write_text(auth)
     cmd = compose_command(
         "mlflow",
         host="127.0.0.1",
@@ -212,10 +212,6 @@ def ray_cluster(tmpdir: Path, home: Path, num_cpus: int = 8) -> Iterator[dict]:
         RAY_AUTH_TOKEN=client["RAY_AUTH_TOKEN"],
         RAY_SERVE_HAPROXY_STATS_PORT=str(free_port()),
         RAY_SERVE_HAPROXY_METRICS_PORT=str(free_port()),
-        # a replica behind HAProxy that is stopped (an app deleted, a rolling update) keeps serving while HAProxy
-        # reloads without it: 30 s by default, a third of that here, which a loaded 2-core machine still needs (2 s
-        # failed a request of the rolling-update test); every app deleted or updated waits this long
-        RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="10",
         **HIGH_THROUGHPUT_ENV,
     )
     log = open(tmpdir / "head.log", "w")
