@@ -86,18 +86,18 @@ def sample(logits: torch.Tensor, rows: SamplingRows, uniforms: Uniforms) -> torc
 
     A row's token depends only on its logits, its controls and its uniforms (never on the other rows), so a seeded
     request draws the same tokens alone and in any batch."""
-    x, e = _scaled(logits, rows)
-    w, zk, _ = _proposal(x, e, rows)
+    x, p = _scaled(logits, rows)
+    w, zk, _ = _proposal(x, p, rows)
     j = _draw(w, _uniforms(uniforms, list(range(x.size(0))), x.device))  # (N, 1)
     if not (rows.top_p_on or rows.min_p_on):  # w is the kept set
         return j[:, 0]
-    ok, no = _judge(x, e, zk, j, rows)
+    ok, no = _judge(x, p, zk, j, rows)
     if bool(ok.all()):
         return j[:, 0]
-    return _settle(x, e, zk, w, j, ok, no, rows, uniforms)
+    return _settle(x, p, zk, w, j, ok, no, rows, uniforms)
 
 
-def _settle(x, e, zk, w, j, ok, no, rows: SamplingRows, uniforms: Uniforms) -> torch.Tensor:
+def _settle(x, p, zk, w, j, ok, no, rows: SamplingRows, uniforms: Uniforms) -> torch.Tensor:
     """The tokens, once the rows whose draw j was not kept for sure (ok) are settled: a row dropped for sure (no)
     draws again above j; an unsure one takes the reference's kept set, where its j may stand."""
     tokens = j[:, 0].clone()
@@ -106,29 +106,29 @@ def _settle(x, e, zk, w, j, ok, no, rows: SamplingRows, uniforms: Uniforms) -> t
     for attempt in range(MAX_DRAWS):
         unsure = ~(ok | no)
         if bool(unsure.any()):
-            w = _exact(x, e, w, exact, rows, unsure)
+            w = _exact(x, p, w, exact, rows, unsure)
             ok = ok | (unsure & (w.gather(1, j) > 0))
         again = ~ok[:, 0]
         if not bool(again.any()):
             break
-        x, e, zk, w, exact, j, idx = (t[again] for t in (x, e, zk, w, exact, j, idx))
+        x, p, zk, w, exact, j, idx = (t[again] for t in (x, p, zk, w, exact, j, idx))
         rows = rows[again.nonzero()[:, 0]]
         w = w.masked_fill(~exact & (x <= x.gather(1, j)), 0.0)  # j and every token below it are out
         if attempt == MAX_DRAWS - 1:  # the reference decides for the rows still drawing
-            w = _exact(x, e, w, exact, rows, torch.ones_like(exact))
+            w = _exact(x, p, w, exact, rows, torch.ones_like(exact))
         j = _draw(w, _uniforms(uniforms, idx.tolist(), x.device))
         tokens[idx] = j[:, 0]
-        ok, no = _judge(x, e, zk, j, rows)
+        ok, no = _judge(x, p, zk, j, rows)
         ok = ok | exact
     return tokens
 
 
 def kept_mask(logits: torch.Tensor, rows: SamplingRows, chunk: int = 64) -> torch.Tensor:
     """(N, V) bool: the tokens `sample` may return, each judged as a drawn token is (O(V^2) work: for tests)."""
-    x, e = _scaled(logits, rows)
-    _, zk, kth = _proposal(x, e, rows)
+    x, p = _scaled(logits, rows)
+    _, zk, kth = _proposal(x, p, rows)
     ids = torch.arange(x.size(1), device=x.device).expand_as(x)
-    ok, no = (torch.cat(t, dim=1) for t in zip(*(_judge(x, e, zk, j, rows) for j in ids.split(chunk, dim=1))))
+    ok, no = (torch.cat(t, dim=1) for t in zip(*(_judge(x, p, zk, j, rows) for j in ids.split(chunk, dim=1))))
     kept = ok & (x >= kth)  # _judge takes top_k's set as given
     unsure = ~(ok | no)
     for r in unsure.any(dim=1).nonzero()[:, 0].tolist():
@@ -137,22 +137,22 @@ def kept_mask(logits: torch.Tensor, rows: SamplingRows, chunk: int = 64) -> torc
 
 
 def _scaled(logits: torch.Tensor, rows: SamplingRows) -> tuple[torch.Tensor, torch.Tensor]:
-    """Temperature-scaled logits x (as HF's TemperatureLogitsWarper divides) and e = exp(x - max): 1 at the top."""
+    """Temperature-scaled logits x (N, V), divided as HF's TemperatureLogitsWarper divides, and softmax(x)."""
     x = logits.float() / rows.temperature
-    return x, (x - x.amax(dim=-1, keepdim=True)).exp_()
+    return x, x.softmax(dim=-1)
 
 
-def _proposal(x: torch.Tensor, e: torch.Tensor, rows: SamplingRows) -> tuple[torch.Tensor, ...]:
-    """Weights to draw from (N, V): e on top_k's set, less the tokens min_p drops for sure; top_p's normaliser
+def _proposal(x: torch.Tensor, p: torch.Tensor, rows: SamplingRows) -> tuple[torch.Tensor, ...]:
+    """Weights to draw from (N, V): p on top_k's set, less the tokens min_p drops for sure; top_p's normaliser
     (N, 1): the mass of top_k's set, which top_p filters in HF's order; and the k-th logit (N, 1), -inf if off."""
-    w, kth = e, torch.full_like(x[:, :1], float("-inf"))
+    w, kth = p, torch.full_like(x[:, :1], float("-inf"))
     if rows.top_k_on:
         k = rows.top_k.clamp(max=x.size(-1))
         kth = x.topk(int(k.max()), dim=-1).values.gather(1, (k - 1).clamp(min=0)).masked_fill(k == 0, float("-inf"))
-        w = e.masked_fill(x < kth, 0.0)  # HF's TopK: ties with the k-th logit stay
+        w = p.masked_fill(x < kth, 0.0)  # HF's TopK: ties with the k-th logit stay
     zk = w.sum(dim=-1, keepdim=True)
     if rows.min_p_on:
-        w = w.masked_fill(e < rows.min_p * (1 - MARGIN), 0.0)
+        w = w.masked_fill(p < rows.min_p * (1 - MARGIN) * p.amax(dim=-1, keepdim=True), 0.0)
     return w, zk, kth
 
 
@@ -169,35 +169,36 @@ def _draw(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def _judge(
-    x: torch.Tensor, e: torch.Tensor, zk: torch.Tensor, j: torch.Tensor, rows: SamplingRows
+    x: torch.Tensor, p: torch.Tensor, zk: torch.Tensor, j: torch.Tensor, rows: SamplingRows
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Whether tokens j (N, n), inside top_k's set, are kept by top_p and min_p: (kept for sure, dropped for sure)."""
-    xj, ej = x.gather(1, j), e.gather(1, j)
+    xj, pj = x.gather(1, j), p.gather(1, j)
     ok = torch.ones_like(j, dtype=torch.bool)
     no = torch.zeros_like(ok)
     if rows.top_p_on:
         on = rows.top_p < 1
         higher = x[:, None, :] > xj[:, :, None]  # (N, n, V)
-        above = torch.where(higher, e[:, None, :], 0.0).sum(dim=-1) / zk  # mass above j, in top_k's distribution
+        above = torch.where(higher, p[:, None, :], 0.0).sum(dim=-1) / zk  # mass above j, in top_k's distribution
         ties = (x[:, None, :] == xj[:, :, None]).sum(dim=-1)
-        last = above + (ties - 1) * ej / zk  # mass above the last of j's equal logits (HF's order among them)
+        last = above + (ties - 1) * pj / zk  # mass above the last of j's equal logits (HF's order among them)
         ok = ~on | (last < rows.top_p - MARGIN)  # every one of j's equal logits is kept
         no = on & (above >= rows.top_p + MARGIN)  # none is (above == 0: j is the top one, always kept)
     if rows.min_p_on:
         on = rows.min_p > 0
         top = xj == x.amax(dim=-1, keepdim=True)  # the top token's own probability: kept whatever min_p is
-        ok = ok & (~on | top | (ej >= rows.min_p * (1 + MARGIN)))
-        no = no | (on & ~top & (ej < rows.min_p * (1 - MARGIN)))
+        ratio = pj / p.amax(dim=-1, keepdim=True)
+        ok = ok & (~on | top | (ratio >= rows.min_p * (1 + MARGIN)))
+        no = no | (on & ~top & (ratio < rows.min_p * (1 - MARGIN)))
     return ok, no
 
 
 def _exact(
-    x: torch.Tensor, e: torch.Tensor, w: torch.Tensor, exact: torch.Tensor, rows: SamplingRows, which: torch.Tensor
+    x: torch.Tensor, p: torch.Tensor, w: torch.Tensor, exact: torch.Tensor, rows: SamplingRows, which: torch.Tensor
 ) -> torch.Tensor:
-    """w with the rows in `which` (N, 1) set to e on the reference's kept set, and those rows marked exact."""
+    """w with the rows in `which` (N, 1) set to p on the reference's kept set, and those rows marked exact."""
     w = w.clone()
     for r in (which[:, 0] & ~exact[:, 0]).nonzero()[:, 0].tolist():
-        w[r] = e[r] * _reference(x[r], rows.params[r])
+        w[r] = p[r] * _reference(x[r], rows.params[r])
         exact[r] = True
     return w
 

@@ -235,12 +235,12 @@ def test_requests_that_cannot_run_are_refused_when_added(engine):
 
 
 def test_seeded_rows_sharing_a_batched_distribution_match_the_engine_alone(engine):
-    # same temperature and filters: one softmax for the group, then each seeded row draws from its own generator
+    # all rows draw together; a seeded row with uniforms from its own stream, the unseeded ones from a shared one
     sched = Scheduler(engine, max_batch_size=6)
     shared = dict(max_tokens=15, temperature=0.9, top_k=20, top_p=0.9, ignore_eos=True)
     prompts = ["To be, or", "All the world's", "Émoji", "question"]
     seeded = [sched.add(p, SamplingParams(seed=s, **shared)) for s, p in enumerate(prompts)]
-    unseeded = [sched.add("To be", SamplingParams(**shared)) for _ in range(2)]  # one batched draw for these
+    unseeded = [sched.add("To be", SamplingParams(**shared)) for _ in range(2)]  # the scheduler's stream
     done, _ = run_all(sched)
     for s, (rid, p) in enumerate(zip(seeded, prompts)):
         [alone] = engine.generate([p], SamplingParams(seed=s, **shared))
