@@ -274,6 +274,10 @@ class ServeParams(Section):
     max_replicas: int | None = Field(default=None, ge=1)
     num_gpus_per_replica: float = Field(default=0, ge=0)  # ray_actor_options; > 0 on GPU machines
     num_cpus_per_replica: float = Field(default=1, gt=0)
+    # extra replicas a rolling update starts before it stops old ones, in percent of the replica count: 100 = every
+    # replacement is serving before the replica it replaces stops (no request fails, twice the memory meanwhile);
+    # 0 = Ray's default, stop first (behind HAProxy the app then has no route until the replacement is up: 404s)
+    max_surge_percent: int = Field(default=100, ge=0, le=100)
     max_ongoing_requests: int = Field(default=64, ge=1)  # per replica, running + waiting in the scheduler
     max_queued_requests: int = Field(default=128, ge=0)  # Ray Serve's queue bound; past it: 429 + Retry-After
     max_batch_size: int = Field(default=16, ge=1)  # KV-cache slots per replica (sequences decoded together)

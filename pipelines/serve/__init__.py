@@ -67,6 +67,7 @@ def deployment_options(p: ServeParams) -> dict:
         "max_queued_requests": p.max_queued_requests,
         "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=RETRY_AFTER_S),
         "graceful_shutdown_timeout_s": 120,  # a rolling update lets requests in flight finish
+        "max_surge_percent": p.max_surge_percent,
         "ray_actor_options": {"num_cpus": p.num_cpus_per_replica, "num_gpus": p.num_gpus_per_replica},
     }
     if p.min_replicas is not None and p.max_replicas is not None:
