@@ -212,6 +212,10 @@ def ray_cluster(tmpdir: Path, home: Path, num_cpus: int = 8) -> Iterator[dict]:
         RAY_AUTH_TOKEN=client["RAY_AUTH_TOKEN"],
         RAY_SERVE_HAPROXY_STATS_PORT=str(free_port()),
         RAY_SERVE_HAPROXY_METRICS_PORT=str(free_port()),
+        # a replica behind HAProxy that is stopped (an app deleted or updated) keeps serving while HAProxy reloads
+        # without it: 30 s by default, a third of that here (every update and delete waits it out); HAProxy takes
+        # a second or two for it, longer on a loaded machine
+        RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="10",
         **HIGH_THROUGHPUT_ENV,
     )
     log = open(tmpdir / "head.log", "w")

@@ -72,9 +72,7 @@ def workspace(finished_workspace):
             PREFECT_HOME=str(root.parent / "client"),
             PREFECT_SERVER_ANALYTICS_ENABLED="false",
             TMPDIR=str(tmp),
-            # a replica leaving HAProxy keeps serving 10 s, not Ray's 30, so that `make stop` is quicker: no request
-            # here comes later than that after the rolling update (the session's cluster keeps the 30 s: its
-            # rolling-update test is under load, and 2 s and 10 s both failed requests there)
+            # as on the session's cluster (tests/helpers/services.py): replicas leaving HAProxy drain for 10 s
             RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="10",
         )
         env.pop("RAY_ADDRESS", None)
