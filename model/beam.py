@@ -5,15 +5,28 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
+from model.config import GPTConfig
 from model.sampling import SamplingParams, apply_penalties, find_stop, penalty_state
 from model.sequence import Completion
 
-if TYPE_CHECKING:  # the engine imports this module
-    from model.engine import Engine
+
+class Engine(Protocol):
+    """What beam search needs of the generation engine (model/engine.py's Engine, which calls it)."""
+
+    config: GPTConfig
+    device: torch.device
+    forward: Callable[..., tuple[torch.Tensor, object]]  # (ids, kv_cache=, logits_to_keep=) -> (logits, _)
+
+    def decode(self, ids: list[int]) -> str: ...
+    def stop_ids(self, params: SamplingParams) -> set[int]: ...
+    def kv_cache(self, batch_size: int) -> object: ...
+    def prefill(self, prompt_ids: list[list[int]], total: int, want_all_logits: bool) -> tuple: ...
+    def prompt_logprobs(self, logits: torch.Tensor, idx: torch.Tensor, lens: list[int], n_top: int) -> list: ...
 
 
 Hypothesis = tuple[float, float, list[int], str, str]  # (normalized score, sum of logprobs, ids, text, finish reason)

@@ -1,5 +1,6 @@
 """The layout is a contract: a stage's dvc.yaml deps cover every quill module it loads, stages never import each
-other, model/ is pure PyTorch, and quill's modules import each other without cycles."""
+other, model/ is pure PyTorch, and quill's modules (model/, pipelines/, flows/) import each other without cycles,
+type-only imports included."""
 
 from __future__ import annotations
 
@@ -83,15 +84,14 @@ def test_model_is_pure_pytorch():
     assert not banned & set(frameworks), banned & set(frameworks)
 
 
-def runtime_imports(path: Path) -> set[str]:
-    """quill modules a file imports when it runs (TYPE_CHECKING blocks excluded)."""
+def imported_modules(path: Path) -> set[str]:
+    """quill modules a file imports, at run time or for type checking only (a circle of type-only imports is a
+    circle of dependencies all the same)."""
     tree = ast.parse(path.read_text(), str(path))
     found: set[str] = set()
 
     def visit(node):
         for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
-                continue
             if isinstance(child, ast.Import):
                 found.update(a.name for a in child.names)
             elif isinstance(child, ast.ImportFrom) and child.module and child.level == 0:
@@ -100,7 +100,7 @@ def runtime_imports(path: Path) -> set[str]:
             visit(child)
 
     visit(tree)
-    return {m for m in found if m.split(".")[0] in PACKAGES}
+    return {m for m in found if m.split(".")[0] in (*PACKAGES, "flows")}
 
 
 def module_name(path: Path) -> str:
@@ -109,12 +109,14 @@ def module_name(path: Path) -> str:
 
 
 def test_no_import_cycles():
-    files = [p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py") if "__pycache__" not in p.parts]
+    files = [p for pkg in (*PACKAGES, "flows") for p in (REPO / pkg).rglob("*.py") if "__pycache__" not in p.parts]
     names = {module_name(p): p for p in files}
-    graph = {name: {m for m in runtime_imports(p) if m in names and m != name} for name, p in names.items()}
-    # importing a.b.c runs a/__init__ and a/b/__init__ first
-    for name in list(graph):
-        graph[name] |= {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)} & set(names) - {name}
+    # importing a.b.c runs a/__init__ and a/b/__init__ first: the importer depends on those too
+    graph = {
+        name: {".".join(m.split(".")[:i]) for m in imported_modules(p) for i in range(1, m.count(".") + 2)}
+        & set(names) - {name}
+        for name, p in names.items()
+    }
     state: dict[str, int] = {}
     path: list[str] = []
 
@@ -122,7 +124,7 @@ def test_no_import_cycles():
         state[node] = 1
         path.append(node)
         for nxt in sorted(graph[node]):
-            if state.get(nxt) == 1 and not (node.startswith(nxt + ".")):  # a package importing its own child is fine
+            if state.get(nxt) == 1 and not node.startswith(nxt + "."):  # a module's own package is running
                 return [*path[path.index(nxt) :], nxt]
             if nxt not in state and (cycle := dfs(nxt)):
                 return cycle
