@@ -164,6 +164,8 @@ def _draw(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Inverse CDF: for each row the token where its weights' running sum passes u * total; (N, 1)."""
     cdf = w.cumsum(dim=-1)
     total = cdf[:, -1:]
+    if not bool(((total > 0) & torch.isfinite(total)).all()):  # as torch.multinomial refuses them, not a wrong id
+        raise RuntimeError("sampling: a row's probabilities are NaN, infinite or all zero (non-finite logits?)")
     v = torch.minimum((u[:, None] * total).to(cdf.dtype), torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, v, right=True)  # v < total: a token of positive weight
 
