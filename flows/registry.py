@@ -8,9 +8,9 @@ from prefect import task
 from prefect.runtime import flow_run
 
 from flows.overrides import check
-from pipelines.common.tracking import mlflow_client
+from pipelines.common.contracts import CHALLENGER, CHAMPION
+from pipelines.common.tracking import mlflow_client, version_by_alias
 from pipelines.register.lock import RegistrationLock
-from pipelines.register.stage import CHALLENGER, CHAMPION
 
 
 def resolve(name: str, model: str) -> Any:
@@ -27,10 +27,8 @@ def move_champion(version: str, why: str) -> str:
     name = params.model_name
     client = mlflow_client()
     with RegistrationLock(client, name, params.lock_timeout_s) as lock:
-        try:
-            before = str(client.get_model_version_by_alias(name, CHAMPION).version)
-        except Exception:  # noqa: BLE001 - MLflow's own exception for a missing alias
-            before = "none"
+        champion = version_by_alias(client, name, CHAMPION)
+        before = str(champion.version) if champion else "none"
         target = resolve(name, version)
         lock.ensure()
         client.set_registered_model_alias(name, CHAMPION, target.version)

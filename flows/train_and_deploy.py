@@ -35,8 +35,9 @@ from flows.registry import move_champion
 from flows.report import mlflow_ui, registered, summary_markdown
 from flows.repro import StageFailed, repro, stale
 from flows.serving import endpoint, serve_cli, served_version, smoke_test
+from pipelines.common.contracts import CHAMPION, HEADLINE_METRICS
 from pipelines.common.params import ParamsError, ServeParams, read_yaml
-from pipelines.common.tracking import RUN_FILE, mlflow_client, tracking_uri
+from pipelines.common.tracking import RUN_FILE, mlflow_client, tracking_uri, version_by_alias
 
 NO_OVERRIDES = Overrides()
 PAUSE_GRACE_S = 120  # Prefect's pause timeout past the approval deadline (see wait_for_approval)
@@ -94,12 +95,9 @@ def comparison(reg: dict) -> str:
     evaluated = json.loads(Path("metrics/eval.json").read_text())
     name = reg["model_name"]
     client = mlflow_client()
-    try:
-        champion = client.get_model_version_by_alias(name, "champion")
-    except Exception:  # noqa: BLE001 - MLflow raises its own exception for an unknown name or alias
-        champion = None
+    champion = version_by_alias(client, name, CHAMPION)
     rows = ["| metric | this model | champion |", "|---|---|---|"]
-    for key in ("test_bpb", "test_loss", "test_ppl"):
+    for key in HEADLINE_METRICS:
         theirs = champion.tags.get(key, "?") if champion else "none yet"
         rows.append(f"| {key} | {evaluated[key]:.4f} | {theirs} |")
     who = f"{name} v{champion.version}" if champion else "no champion yet"
@@ -124,11 +122,11 @@ def record_in_mlflow(run_id: str, overrides: dict[str, Any]) -> None:
 def deploy_champion(overrides: dict[str, Any], serve: ServeParams, model_name: str) -> str | None:
     """Deploy (rolling update) the champion unless the endpoint serves it already; the endpoint, or None."""
     logger = get_run_logger()
-    try:
-        champion = str(mlflow_client().get_model_version_by_alias(model_name, "champion").version)
-    except Exception:  # noqa: BLE001 - MLflow's own exception for a missing alias
+    version = version_by_alias(mlflow_client(), model_name, CHAMPION)
+    if version is None:
         logger.warning(f"no champion of {model_name} in the registry: nothing to deploy")
         return None
+    champion = str(version.version)
     url = endpoint(serve)
     if serve.model is None and served_version(url) == champion:
         logger.info(f"{url} already serves {model_name} v{champion}")

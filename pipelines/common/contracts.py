@@ -5,3 +5,11 @@ from __future__ import annotations
 # A registered model version is an MLflow pyfunc model whose Hugging Face folder is the artifact `hf_model`.
 HF_ARTIFACT = "hf_model"  # the artifacts key (log_model(artifacts={HF_ARTIFACT: folder}))
 HF_MODEL_PATH = "artifacts/hf_model"  # where that folder lies inside a downloaded registered model
+
+# Registry aliases: `champion` is what serving deploys (models:/<name>@champion), `challenger` the newest version
+# registered but not promoted.
+CHAMPION, CHALLENGER = "champion", "challenger"
+
+# The evaluate stage's headline metrics (metrics/eval.json): register tags each version with them (and every
+# task's 0-shot scores), the flows put them before a reviewer.
+HEADLINE_METRICS = ("test_bpb", "test_loss", "test_ppl")

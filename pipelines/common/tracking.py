@@ -57,6 +57,17 @@ def mlflow_client(uri: str | None = None) -> MlflowClient:
     return MlflowClient(tracking_uri=uri or tracking_uri())
 
 
+def version_by_alias(client: MlflowClient, name: str, alias: str):
+    """The ModelVersion that `alias` (e.g. CHAMPION) points at in registered model `name`, or None when the model
+    or the alias does not exist."""
+    from mlflow.exceptions import MlflowException  # lazily, as above
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
 def artifact_root(uri: str) -> str | None:
     """Where a new experiment keeps its artifacts: `mlartifacts/` beside a SQLite store; the server's choice otherwise."""
     if uri.startswith("sqlite:///"):

@@ -47,19 +47,23 @@ from model import Engine, load_pretrained
 from pipelines.common import tracking
 from pipelines.common.atomic import write_json
 from pipelines.common.clean_split import read_texts
-from pipelines.common.contracts import HF_MODEL_PATH
+from pipelines.common.contracts import CHALLENGER, CHAMPION, HEADLINE_METRICS, HF_MODEL_PATH
 from pipelines.common.hashing import content_hash
 from pipelines.common.heldout import held_out
 from pipelines.common.model_folder import check_model_dir
 from pipelines.common.params import Params, RegistryParams
 from pipelines.common.runner import StageError, run_stage, stage_log
-from pipelines.common.tracking import check_tracking, flat_metrics, git_commit, input_hashes, training_run_id
+from pipelines.common.tracking import (
+    check_tracking,
+    flat_metrics,
+    git_commit,
+    input_hashes,
+    training_run_id,
+    version_by_alias,
+)
 from pipelines.register import pyfunc_model
 from pipelines.register.lock import LockLost, RegistrationLock, error_code
 from pipelines.register.model_card import render_card
-
-CHAMPION, CHALLENGER = "champion", "challenger"
-HEADLINE = ("test_bpb", "test_loss", "test_ppl")  # also every task's 0-shot scores
 
 
 @dataclass(frozen=True)
@@ -105,10 +109,7 @@ def read_evaluation(paths: Paths) -> dict:
 
 
 def champion_of(client, name: str):
-    try:
-        return client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
+    return version_by_alias(client, name, CHAMPION)
 
 
 def reevaluate_bpb(model_uri: str, test_file: Path, stride: int | None) -> float:
@@ -193,7 +194,7 @@ def version_tags(metrics: dict, run_id: str, n_params: int, paths: Paths) -> dic
         tags[f"dvc_hash.{path}"] = digest
     flat = flat_metrics(metrics)
     for key, value in flat.items():
-        if key in HEADLINE or ".0shot." in key:
+        if key in HEADLINE_METRICS or ".0shot." in key:
             tags[key] = f"{value:.6g}"
     return tags
 
@@ -273,10 +274,8 @@ def create_version(client, lock: RegistrationLock, name: str, model_uri: str, ta
 
 
 def alias_version(client, name: str, alias: str) -> int | None:
-    try:
-        return int(client.get_model_version_by_alias(name, alias).version)
-    except MlflowException:
-        return None
+    version = version_by_alias(client, name, alias)
+    return int(version.version) if version else None
 
 
 def settle(client, lock: RegistrationLock, version, metrics: dict, params: RegistryParams, paths: Paths) -> dict:

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict
 from ray.serve import Application
 from ray.serve.config import BackpressureConfig
 
+from pipelines.common.contracts import CHAMPION
 from pipelines.common.params import PARAMS_FILE, ServeParams, load_params
 from pipelines.common.tracking import tracking_uri
 from pipelines.serve.server import RETRY_AFTER_S, QuillServer
@@ -50,7 +51,7 @@ def app(args: AppArgs) -> Application:
     """The typed Ray Serve app builder: pins the model's registry version and sizes the deployment."""
     args = AppArgs.model_validate(args) if isinstance(args, dict) else args
     params = load_params(args.params_file)
-    model = args.model or params.serve.model or f"models:/{params.registry.model_name}@champion"
+    model = args.model or params.serve.model or f"models:/{params.registry.model_name}@{CHAMPION}"
     uri = args.tracking_uri or tracking_uri()
     source = resolve(model, uri)
     return QuillServer.options(**deployment_options(params.serve)).bind(

@@ -30,6 +30,7 @@ import yaml
 from ray import serve
 from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
 
+from pipelines.common.contracts import CHAMPION
 from pipelines.common.params import ParamsError, ServeParams, load_params
 from pipelines.common.tracking import tracking_uri
 from pipelines.serve import APP_NAME, HIGH_THROUGHPUT_ENV, AppArgs, app, port_or_free, ray_start_env
@@ -226,7 +227,7 @@ def config(model: str | None) -> int:
     params = load_params()
     p = params.serve
     args = {
-        "model": model or p.model or f"models:/{params.registry.model_name}@champion",
+        "model": model or p.model or f"models:/{params.registry.model_name}@{CHAMPION}",
         "tracking_uri": tracking_uri(),
     }
     doc = {
