@@ -18,9 +18,9 @@ from prefect import serve
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
 from flows.models import evaluate_model, promote_model, serve_model
-from flows.overrides import Overrides, check
+from flows.overrides import Overrides, check, parse_sets
 from flows.train_and_deploy import train_and_deploy
-from pipelines.common.params import read_yaml
+from pipelines.common.params import ParamsError
 
 NAME = "quill"  # each deployment is <flow name>/quill
 
@@ -54,11 +54,11 @@ def main(argv: list[str] | None = None) -> None:
         help="a default override of train_and_deploy's Run form, e.g. serve.host=0.0.0.0",
     )
     args = parser.parse_args(argv)
-    defaults = {}
-    for item in args.sets:
-        key, _, value = item.partition("=")
-        defaults[key.strip()] = read_yaml(value)
-    check(defaults)  # a bad default fails here, with the key's name
+    try:
+        defaults = parse_sets(args.sets)
+        check(defaults)  # a bad default fails here, with the key's name
+    except (ParamsError, ValueError) as exc:
+        parser.error(str(exc))
     serve(*deployments(args.cron, defaults))
 
 

@@ -1,6 +1,6 @@
 """A flow run's parameter overrides: the typed form the Prefect UI shows, their validation, and applying them.
 
-The form's fields are the knobs of ARCHITECTURE.md, typed and bounded by the params models themselves
+The form's fields are the knobs a run most often changes, typed and bounded by the params models themselves
 (pipelines/common/params.py), so the UI refuses what `params.yaml` would refuse; any other key goes in
 `other` as a dotted name. Before any work the overrides are merged over params.yaml and validated as a
 whole (`check`), with messages naming the key.
@@ -135,6 +135,18 @@ def _set(tree: dict, dotted: str, value: Any) -> None:
             node[part] = {}  # a section params.yaml leaves to its defaults (or an unknown one: parse_params says so)
         node = node[part]
     node[key] = value
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """The command line's `--set KEY=VALUE` items (VALUE read as YAML) as dotted overrides; ValueError naming the
+    item that has no `=`."""
+    values = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item}: expected KEY=VALUE, e.g. train.max_steps=200")
+        values[key.strip()] = read_yaml(value)
+    return values
 
 
 def check(overrides: dict[str, Any], path: Path = PARAMS_FILE) -> Params:

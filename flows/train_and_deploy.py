@@ -30,13 +30,13 @@ from prefect.runtime import flow_run
 from pydantic import Field
 
 from flows.lock import workspace_lock
-from flows.overrides import Overrides, check, overridden, recover
+from flows.overrides import Overrides, check, overridden, parse_sets, recover
 from flows.registry import move_champion
 from flows.report import mlflow_ui, registered, summary_markdown
 from flows.repro import StageFailed, repro, stale
 from flows.serving import endpoint, serve_cli, served_version, smoke_test
 from pipelines.common.contracts import CHAMPION, HEADLINE_METRICS
-from pipelines.common.params import ParamsError, ServeParams, read_yaml
+from pipelines.common.params import ParamsError, ServeParams
 from pipelines.common.tracking import RUN_FILE, mlflow_client, tracking_uri, version_by_alias
 
 NO_OVERRIDES = Overrides()
@@ -261,14 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--approval-timeout-s", type=int, default=3600)
     parser.add_argument("--no-deploy", dest="deploy", action="store_false", help="stop after register")
     args = parser.parse_args(argv)
-    values = {}
-    for item in args.sets:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set {item}: expected KEY=VALUE, e.g. train.max_steps=200")
-        values[key.strip()] = read_yaml(value)
     try:
-        overrides = Overrides.from_dotted(values)
+        overrides = Overrides.from_dotted(parse_sets(args.sets))
         check(overrides.dotted())
     except (ParamsError, ValueError) as exc:
         print(f"train_and_deploy: refused before any work: {exc}", file=sys.stderr)

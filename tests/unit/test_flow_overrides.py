@@ -1,4 +1,5 @@
-"""Flow parameters are read as params.yaml reads them: `1e-3` is a float, in the file and in an override."""
+"""Flow parameters are read as params.yaml reads them: `1e-3` is a float, in the file and in an override; both
+command lines (flows.deploy, flows.train_and_deploy) read `--set KEY=VALUE` with one parser."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import shutil
 
 import pytest
 
-from flows.overrides import check
+from flows import deploy, train_and_deploy
+from flows.overrides import check, parse_sets
 from pipelines.common.params import ParamsError, read_yaml
 from tests.helpers.paths import REPO
 
@@ -19,3 +21,23 @@ def test_overrides_on_a_params_file_with_exponent_floats(tmp_path):
     assert check({"train.min_lr": read_yaml("1e-4")}, params).train.min_lr == pytest.approx(1e-4)
     with pytest.raises(ParamsError, match="train.max_steps"):
         check({"train.max_steps": read_yaml('"100"')}, params)
+
+
+def test_set_items_are_read_as_yaml_and_need_an_equals_sign():
+    assert parse_sets(["train.lr=1e-3", "serve.host = 0.0.0.0", "eval.tasks=[a, b]"]) == {
+        "train.lr": 1e-3,
+        "serve.host": "0.0.0.0",
+        "eval.tasks": ["a", "b"],
+    }
+    with pytest.raises(ValueError, match="--set train.max_steps: expected KEY=VALUE"):
+        parse_sets(["train.max_steps"])
+
+
+@pytest.mark.parametrize("main", [deploy.main, train_and_deploy.main])
+def test_both_command_lines_refuse_a_set_without_a_value_before_any_work(main, capsys):
+    """flows.deploy took `--set train.max_steps` as the key with an empty value; both refuse it now (exit 2)."""
+    try:
+        code = main(["--set", "train.max_steps"])
+    except SystemExit as exc:  # argparse's error exit
+        code = exc.code
+    assert code == 2 and "expected KEY=VALUE" in capsys.readouterr().err
