@@ -42,7 +42,7 @@ from pipelines.common.params import (
 STATE_DIR = Path(".quill")
 ORIGINAL = STATE_DIR / "params.yaml.orig"
 
-# The knobs the run form offers (ARCHITECTURE.md), each typed and bounded by its params model.
+# The knobs the run form offers, each typed and bounded by its params model.
 KNOBS: dict[str, tuple[type[BaseModel], dict[str, str]]] = {
     "tokenizer": (TokenizerParams, {"vocab_size": "BPE vocabulary size (reruns tokenize and everything after)"}),
     "model": (ModelParams, {"preset": "model size: tiny | cpu | 124m | 350m (model/config.py)"}),

@@ -176,7 +176,7 @@ class ModelParams(Section):
 
 
 class TrainParams(Section):
-    """The train stage (pipelines/train.py). Context length is model.block_size; nothing here repeats it."""
+    """The train stage (pipelines/train/). Context length is model.block_size; nothing here repeats it."""
 
     # length: training stops at max_steps, or earlier once max_tokens tokens are seen (if set)
     max_steps: int = Field(default=1000, gt=0)
@@ -218,11 +218,11 @@ class TrainParams(Section):
 
 # --- eval -------------------------------------------------------------------------------------
 
-LOCAL_TASKS = ["quill_cloze", "quill_nextline", "quill_perplexity"]  # the pack pipelines/task_pack.py builds
+LOCAL_TASKS = ["quill_cloze", "quill_nextline", "quill_perplexity"]  # the pack pipelines/evaluate/task_pack.py builds
 
 
 class EvalParams(Section):
-    """The evaluate stage (pipelines/evaluate.py): held-out metrics, lm-eval tasks, samples, baselines."""
+    """The evaluate stage (pipelines/evaluate/): held-out metrics, lm-eval tasks, samples, baselines."""
 
     tasks: list[str] = LOCAL_TASKS  # lm-eval task names: the local pack, or standard ones (need network)
     num_fewshot: list[int] = Field(default=[0, 2], min_length=1)  # each task runs once per entry (perplexity: 0 only)
@@ -247,7 +247,7 @@ class EvalParams(Section):
 
 
 class RegistryParams(Section):
-    """The register stage (pipelines/register.py): MLflow model name and the champion rule."""
+    """The register stage (pipelines/register/): MLflow model name and the champion rule."""
 
     model_name: str = Field(default="quill-gpt", min_length=1)  # registered model name in MLflow
     min_improvement: float = Field(default=0.01, ge=0)  # test_bpb must drop by at least this (bits/byte) to promote

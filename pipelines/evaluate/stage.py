@@ -4,7 +4,7 @@ In:  artifacts/model/                  the train stage's Hugging Face folder (+ 
      data/tokens/test.bin + meta.json  held-out token shard (the model's tokenizer must match meta.json's)
      data/clean/{train,val,test}.jsonl test: task pack items and sample prompts; val: few-shot examples;
                                        train: the n-gram reference model
-     params.yaml `eval`                (pipelines/params.py documents every key)
+     params.yaml `eval`                (pipelines/common/params.py documents every key)
 Out: metrics/eval.json                 test_loss, test_ppl, test_bpb, test_tokens, test_bytes, one entry per
                                        lm-eval task ({"0shot": {"acc": ...}, "5shot": {...}}), num_fewshot
                                        ("0,5"), reference (uniform_bpb, ngram_bpb), samples (bleu, rougeL),
@@ -14,7 +14,7 @@ Out: metrics/eval.json                 test_loss, test_ppl, test_bpb, test_token
      reports/eval/report.md            everything above as tables, with the generated samples
      reports/eval/lm_eval/<k>shot.json lm-eval's results JSON per few-shot setting
      reports/eval/samples.json         prompt, reference, generation, BLEU, ROUGE-L per sample
-     reports/eval/tasks/               the local task pack (pipelines/task_pack.py)
+     reports/eval/tasks/               the local task pack (pipelines/evaluate/task_pack.py)
      plots/eval/attention.png          attention heatmaps for the first sample prompt
      plots/eval/bpb.csv                bits per byte: uniform, byte n-gram, this model (`dvc plots show`)
      the training run in MLflow        the same metrics, the files above, a samples table (log_table)
@@ -236,7 +236,7 @@ def generate_samples(engine, rows: list[dict], max_tokens: int, seed: int) -> di
 
 
 def attention_png(engine, prompt: str, path: Path) -> Path:
-    """Heatmaps of every layer and head for one prompt (model/attention_plot.py)."""
+    """Heatmaps of every layer and head for one prompt (pipelines/evaluate/attention_plot.py)."""
     ids = engine.encode(prompt)[: min(32, engine.config.block_size)] or [engine.eos_token_id]
     with torch.inference_mode():
         maps = engine.model.attention_maps(torch.tensor([ids], device=engine.device))

@@ -2,7 +2,7 @@
 
     >>> src = resolve("models:/quill-gpt@champion", tracking_uri())   # alias -> models:/quill-gpt/3
     >>> src.uri, src.name, src.version
-    >>> folder, sha = fetch(src, tracking_uri())                        # on the replica: the HF folder
+    >>> folder = fetch(src, tracking_uri())                             # on the replica: the HF folder
 
 Aliases are pinned at deploy time, so deploying `@champion` again after a promotion changes the deployment's
 arguments and Ray Serve rolls the replicas over to the new version (the same URI twice would change nothing).

@@ -63,7 +63,7 @@ class LitGPT(pl.LightningModule):
         self.total_steps = total_steps  # the length the schedule is computed for
         self.bytes_per_token = bytes_per_token  # of the val split, for bits per byte
         self.model = GPT(config)
-        self.run_info: dict = {}  # saved in every checkpoint under "quill" (see pipelines/train.py)
+        self.run_info: dict = {}  # saved in every checkpoint under "quill" (see pipelines/train/stage.py)
         self.last_grad_norm: torch.Tensor | None = None  # before clipping, of the last step
         self.step_loss: torch.Tensor | None = None  # mean over the last step's micro-batches
         self._loss_sum, self._loss_n = None, 0

@@ -2,7 +2,7 @@
 
 In:  data/tokens/{train,val}.bin + meta.json     (the tokenize stage; vocab_size comes from meta.json)
      data/tokenizer/                             (copied into the model folder)
-     params.yaml `model` and `train`             (pipelines/params.py documents every key)
+     params.yaml `model` and `train`             (pipelines/common/params.py documents every key)
 Out: artifacts/model/                            Hugging Face folder (model/hf.py) + quill_run.json
                                                  (MLflow run id and tracking URI, for evaluate/register)
      checkpoints/<fingerprint>/step-XXXXXXXX.ckpt  newest train.keep_checkpoints, safetensors + JSON
