@@ -25,7 +25,10 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
-from flows.overrides import check
+import psutil
+
+from flows.lock import WorkspaceBusy, workspace_lock
+from flows.overrides import check, recover
 from flows.report import mlflow_ui
 from flows.serving import endpoint, serve_cli
 from pipelines.common.params import ParamsError
@@ -84,9 +87,21 @@ def recorded() -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted(PIDS.glob("*.json"))} if PIDS.is_dir() else {}
 
 
+def started_at(pid: int) -> float | None:
+    """When the process with this pid started (seconds since the epoch), None if there is none."""
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
 def alive(entry: dict) -> bool:
-    """The recorded process still runs (and is still ours: its command line matches, so a reused pid is not)."""
-    return entry["cmd"][-1] in cmdline(entry["pid"])
+    """The recorded process still runs: the pid's process started when the recorded one did, so a pid the kernel
+    has since given to another process is never taken for it (records without a start time: the whole command
+    line must match)."""
+    if entry.get("started") is not None:
+        return started_at(entry["pid"]) == entry["started"]
+    return " ".join(entry["cmd"]) in cmdline(entry["pid"])
 
 
 def start(name: str, cmd: list[str], env: dict[str, str], url: str) -> tuple[dict, subprocess.Popen]:
@@ -97,7 +112,8 @@ def start(name: str, cmd: list[str], env: dict[str, str], url: str) -> tuple[dic
         proc = subprocess.Popen(
             cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
         )
-    entry = {"pid": proc.pid, "cmd": cmd, "url": url, "log": str(LOGS / f"{name}.log")}
+    started = started_at(proc.pid)
+    entry = {"pid": proc.pid, "started": started, "cmd": cmd, "url": url, "log": str(LOGS / f"{name}.log")}
     (PIDS / f"{name}.json").write_text(json.dumps(entry))
     return entry, proc
 
@@ -244,7 +260,19 @@ def stop(args: argparse.Namespace) -> int:
         (PIDS / f"{name}.json").unlink()
     if not services:
         print("nothing that quill started is running")
+    put_back_params()
     return 0
+
+
+def put_back_params() -> None:
+    """A flow run killed while its overrides were in params.yaml left them there: put the user's file back, unless
+    a run (started some other way than `make run`) holds the workspace and still needs them."""
+    try:
+        with workspace_lock("make stop"):
+            if recover():
+                print("params.yaml held a killed run's overrides: the original is back")
+    except WorkspaceBusy as exc:
+        print(f"params.yaml left as it is: {exc}")
 
 
 def status(args: argparse.Namespace) -> int:
