@@ -6,8 +6,9 @@
     python -m pipelines.serve config [--model ...]  # a Serve config file for `serve deploy` / a KubeRay RayService
 
 Without RAY_ADDRESS a detached local Ray (`ray start --head` on loopback, on its default ports where they are
-free) is started on first use and recorded in STATE; later commands join that one (never some other Ray found on
-the machine), and `shutdown` stops exactly its processes (never `ray stop`, which stops every Ray of the user).
+free) is started on first use and recorded in the project's .quill/serve-ray.json; later commands in the project
+join that one (never some other Ray found on the machine, nor another checkout's), and `shutdown` stops exactly its
+processes (never `ray stop`, which stops every Ray of the user).
 Set RAY_ADDRESS (an address, or `auto` for the latest `ray start` here) to use a cluster of your own.
 """
 
@@ -20,7 +21,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import httpx
@@ -36,7 +36,9 @@ from pipelines.common.tracking import tracking_uri
 from pipelines.serve import APP_NAME, HIGH_THROUGHPUT_ENV, AppArgs, app, port_or_free, ray_start_env
 
 REPO = Path(__file__).resolve().parents[2]
-STATE = Path(tempfile.gettempdir()) / "quill-serve-ray.json"  # present while a Ray we started runs
+# present while a Ray this project's CLI started runs: the project's own, so that another checkout (or another user,
+# who could plant a record in a shared temp dir) never joins this Ray or stops it
+STATE = Path(".quill") / "serve-ray.json"
 RAY = Path(sys.executable).parent / "ray"
 
 
@@ -112,6 +114,7 @@ def start_local_ray(p: ServeParams) -> dict:
     }
     if state["high_throughput"]:
         state["haproxy_stats"] = f"http://127.0.0.1:{mode['RAY_SERVE_HAPROXY_STATS_PORT']}/stats"
+    STATE.parent.mkdir(exist_ok=True)
     STATE.write_text(json.dumps(state))
     return state
 

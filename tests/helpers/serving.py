@@ -112,8 +112,8 @@ def write_params(path: Path, **serve_overrides) -> Path:
 
 @contextmanager
 def ray_tmpdir() -> Iterator[Path]:
-    """A short private TMPDIR for a Ray that quill's serve CLI starts (its sockets' paths must stay under 107 bytes)
-    and for the CLI's state file; every process of that Ray inherits it, which is how it is found and cleaned up."""
+    """A short private TMPDIR for a Ray that quill's serve CLI starts (its sockets' paths must stay under 107 bytes);
+    every process of that Ray inherits it, which is how it is found and cleaned up."""
     root = Path(tempfile.mkdtemp(prefix="qr", dir="/tmp"))
     try:
         yield root

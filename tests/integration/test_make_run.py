@@ -134,7 +134,7 @@ def test_make_run_twice_then_the_serve_cli_then_stop(workspace, tmp_path):
     status = make(root, env, "status", timeout=120)
     assert "prefect-server" in status.stdout and "running, pid" in status.stdout
 
-    # the serve CLI joins the local Ray that `make run` started (its record is in the private TMPDIR): a rolling
+    # the serve CLI joins the local Ray that `make run` started (its record is in the workspace's .quill/): a rolling
     # update to another model folder; a mode the running Ray was not started with is named, not applied
     alpha = tiny_model_folder(tmp_path / "a", seed=0, name="alpha")
     set_params(root, serve={"high_throughput": False})
