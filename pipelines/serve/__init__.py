@@ -23,6 +23,7 @@ from ray.serve.config import BackpressureConfig
 from pipelines.common.contracts import CHAMPION
 from pipelines.common.params import PARAMS_FILE, ServeParams, load_params
 from pipelines.common.tracking import tracking_uri
+from pipelines.serve.edge import key_digest
 from pipelines.serve.server import RETRY_AFTER_S, QuillServer
 from pipelines.serve.source import resolve
 
@@ -79,8 +80,10 @@ def deployment_options(p: ServeParams) -> dict:
         }
     else:
         options["num_replicas"] = p.num_replicas
-    if os.environ.get("QUILL_API_KEY"):  # the replicas check it; they may run on other nodes
-        options["ray_actor_options"]["runtime_env"] = {"env_vars": {"QUILL_API_KEY": os.environ["QUILL_API_KEY"]}}
+    if os.environ.get("QUILL_API_KEY"):  # the replicas check it (they may run on other nodes) by its digest only:
+        # Ray's dashboard and Serve API show a replica's runtime_env to whoever reaches them
+        digest = key_digest(os.environ["QUILL_API_KEY"])
+        options["ray_actor_options"]["runtime_env"] = {"env_vars": {"QUILL_API_KEY_SHA256": digest}}
     return options
 
 

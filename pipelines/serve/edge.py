@@ -7,8 +7,10 @@ body as it streams in, so a chunked upload cannot pass the size limit either.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
+import os
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,13 +22,26 @@ from pipelines.serve.schemas import APIError
 OPEN_PATHS = ("/health",)  # answered without an API key (load balancers and Ray's health checks)
 
 
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def expected_key_digest(env=os.environ) -> str | None:
+    """The sha256 of the API key requests must carry, None when there is none: QUILL_API_KEY_SHA256 (what the serve
+    CLI hands the replicas, so that Ray's dashboard and Serve API, which show a replica's environment, never show
+    the key), else the digest of QUILL_API_KEY (set on the replica's host, as the compose stack does)."""
+    if env.get("QUILL_API_KEY_SHA256"):
+        return env["QUILL_API_KEY_SHA256"].lower()
+    return key_digest(env["QUILL_API_KEY"]) if env.get("QUILL_API_KEY") else None
+
+
 def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
 class EdgeGuard:
     """ASGI middleware: 401 without the right bearer key (when one is set), 413 past max_body_bytes,
-    400 for a body that is not UTF-8. `settings` ({"api_key", "max_body_bytes"}) is read per request: the
+    400 for a body that is not UTF-8. `settings` ({"api_key_sha256", "max_body_bytes"}) is read per request: the
     replica fills it in after the app is built."""
 
     def __init__(self, app, settings: dict):
@@ -35,13 +50,12 @@ class EdgeGuard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        api_key, limit = self.settings["api_key"], self.settings["max_body_bytes"]
+        digest, limit = self.settings["api_key_sha256"], self.settings["max_body_bytes"]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         path = scope["path"][len(scope.get("root_path", "")) :]  # relative to the app's route prefix
-        if api_key and path not in OPEN_PATHS:
-            given = headers.get("authorization", "")
-            expected = f"Bearer {api_key}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):  # constant time
+        if digest and path not in OPEN_PATHS:
+            scheme, _, given = headers.get("authorization", "").partition(" ")
+            if scheme != "Bearer" or not hmac.compare_digest(key_digest(given), digest):  # constant time
                 err = APIError(
                     401,
                     "missing or wrong API key (Authorization: Bearer <key>)",

@@ -31,7 +31,7 @@ from model.scheduler import RowUpdate
 from model.sequence import Completion
 from pipelines.common.params import ServeParams
 from pipelines.serve import metrics
-from pipelines.serve.edge import EdgeGuard, install_error_handlers
+from pipelines.serve.edge import EdgeGuard, expected_key_digest, install_error_handlers
 from pipelines.serve.engine_process import EngineFailure, EngineProcess, EngineSpec
 from pipelines.serve.responses import chat_logprobs, coalesced, legacy_logprobs, legacy_records, sse, usage
 from pipelines.serve.schemas import (
@@ -51,7 +51,7 @@ RETRY_AFTER_S = 1  # what a client refused with 429 waits before retrying
 api = FastAPI(title="quill", description="OpenAI-compatible completions from a quill model", version="1")
 install_error_handlers(api)
 # settings the middleware reads; each replica (one process) fills them in from its config
-EDGE = {"api_key": None, "max_body_bytes": ServeParams().max_body_bytes}
+EDGE = {"api_key_sha256": None, "max_body_bytes": ServeParams().max_body_bytes}
 api.add_middleware(EdgeGuard, settings=EDGE)
 api.add_middleware(metrics.CountRequests)  # outermost: counts what the guard refuses too
 
@@ -84,7 +84,7 @@ class QuillServer:
     def __init__(self, source: dict, tracking_uri: str, limits: dict, static_batching: bool = False):
         self.source = ModelSource(**source)
         self.limits = ServeParams(**limits)
-        EDGE.update(api_key=os.environ.get("QUILL_API_KEY") or None, max_body_bytes=self.limits.max_body_bytes)
+        EDGE.update(api_key_sha256=expected_key_digest(), max_body_bytes=self.limits.max_body_bytes)
         folder = fetch(self.source, tracking_uri)
         device = "cuda" if self.limits.num_gpus_per_replica > 0 else None  # Ray sets CUDA_VISIBLE_DEVICES
         self.created = int(time.time())
