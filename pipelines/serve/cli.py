@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -29,6 +30,7 @@ import ray
 import yaml
 from ray import serve
 from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+from ray._raylet import AuthenticationTokenLoader, Config
 
 from pipelines.common.contracts import CHAMPION
 from pipelines.common.params import ParamsError, ServeParams, load_params
@@ -39,6 +41,7 @@ REPO = Path(__file__).resolve().parents[2]
 # present while a Ray this project's CLI started runs: the project's own, so that another checkout (or another user,
 # who could plant a record in a shared temp dir) never joins this Ray or stops it
 STATE = Path(".quill") / "serve-ray.json"
+TOKEN = Path(".quill") / "ray-auth-token"  # that Ray's token (owner-only): no other local user can submit work to it
 RAY = Path(sys.executable).parent / "ray"
 
 
@@ -48,7 +51,12 @@ def connect() -> bool:
     address = os.environ.get("RAY_ADDRESS") or local.get("address")
     if not address:
         return False
-    if not os.environ.get("RAY_ADDRESS") and local["auth_mode"] == "token":
+    if not os.environ.get("RAY_ADDRESS") and local.get("token_path"):
+        use_token(local["token_path"], os.environ)
+        # Ray reads the auth mode and token once per process (its config may be read already): read them again
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+    elif not os.environ.get("RAY_ADDRESS") and local["auth_mode"] == "token":
         # Ray sends its token to an explicit address only when told to (for "auto" it decides itself)
         maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
     try:
@@ -75,19 +83,34 @@ def _local_ray() -> dict:
     return {}
 
 
+def use_token(path: str, env: dict) -> dict:
+    """env set to authenticate with the token in `path` (Ray reads RAY_AUTH_TOKEN before the path: dropped)."""
+    env.pop("RAY_AUTH_TOKEN", None)
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=path)
+    return env
+
+
+def new_token() -> str:
+    """A fresh token for the Ray this command starts, in TOKEN (readable by this user only); its absolute path."""
+    TOKEN.parent.mkdir(exist_ok=True)
+    TOKEN.unlink(missing_ok=True)
+    fd = os.open(TOKEN, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    return str(TOKEN.resolve())
+
+
 def start_local_ray(p: ServeParams) -> dict:
     """A detached head node on loopback that outlives this command, in its own process group (see stop_local_ray);
-    the replicas import quill from this checkout; Ray Serve's high-throughput mode when serve.high_throughput."""
-    # Ray turns token auth on for `ray start` when a token exists (~/.ray/auth_token, which any local ray.init
-    # writes); later commands must then send it, so the mode is pinned here and recorded.
-    auth_mode = "token" if maybe_enable_token_auth_if_token_available(warn_if_disabled=False) else "disabled"
+    the replicas import quill from this checkout; Ray Serve's high-throughput mode when serve.high_throughput.
+    Token auth always: without it any local user could submit a job on the dashboard port and run code as this
+    one; later commands send the token from TOKEN."""
+    token_path = new_token()
     mode = ray_start_env(p)
-    env = {
-        **mode,
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-        "RAY_AUTH_MODE": auth_mode,
-    }
+    env = use_token(
+        token_path,
+        {**mode, **os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))},
+    )
     gcs, dashboard, metrics = port_or_free(6379), port_or_free(8265), port_or_free(8080)
     cmd = [
         str(RAY), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
@@ -107,7 +130,8 @@ def start_local_ray(p: ServeParams) -> dict:
         "cwd": str(Path.cwd()),
         "address": f"127.0.0.1:{gcs}",
         "pgid": proc.pid,
-        "auth_mode": auth_mode,  # `ray start` led the group its daemons (GCS, raylet, dashboard) run in
+        "auth_mode": "token",
+        "token_path": token_path,  # `ray start` led the group its daemons (GCS, raylet, dashboard) run in
         "dashboard": f"http://127.0.0.1:{dashboard}",
         "metrics": f"http://127.0.0.1:{metrics}/metrics",
         "high_throughput": mode.get("RAY_SERVE_ENABLE_HA_PROXY") == "1",
@@ -163,7 +187,11 @@ def deploy(model: str | None) -> int:
         mode = ", Ray Serve's high-throughput mode (HAProxy ingress)" if p.high_throughput else ""
         print(f"serve: starting a local Ray instance (ray start --head{mode})", flush=True)
         local = start_local_ray(p)
-        print(f"serve: Ray dashboard {local['dashboard']}, Prometheus metrics {local['metrics']}", flush=True)
+        print(
+            f"serve: Ray dashboard {local['dashboard']} (token auth: the token is in {TOKEN}), "
+            f"Prometheus metrics {local['metrics']}",
+            flush=True,
+        )
         if local.get("haproxy_stats"):  # Ray's HAProxy template binds these on every interface
             print(f"serve: HAProxy stats {local['haproxy_stats']} (read-only, on every interface)", flush=True)
         if not connect():
@@ -221,6 +249,7 @@ def shutdown() -> int:
     if local:  # only a Ray this command started is stopped
         stop_local_ray(local["pgid"])
         STATE.unlink()
+        TOKEN.unlink(missing_ok=True)
         print("serve: local Ray stopped")
     return 0
 

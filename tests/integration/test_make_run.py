@@ -21,7 +21,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.helpers.paths import REPO, free_port, run_module
+from tests.helpers.paths import REPO, VENV_BIN, free_port, run_module
 from tests.helpers.services import ray_processes, wait_for
 from tests.helpers.serving import listener, ray_tmpdir, tiny_model_folder
 from tests.helpers.workspace import quill_env, tiny_workspace
@@ -120,6 +120,19 @@ def test_make_run_twice_then_the_serve_cli_then_stop(workspace, tmp_path):
     assert answer.status_code == 200, answer.text
     pids = {p.stem: json.loads(p.read_text()) for p in (root / ".quill" / "pids").glob("*.json")}
     assert {"prefect-server", "flows-deploy", "serving"} <= set(pids)
+    # the local Ray takes only clients with its token, which only this user can read
+    token = root / ".quill" / "ray-auth-token"
+    assert token.stat().st_mode & 0o777 == 0o600
+    address = json.loads((root / ".quill" / "serve-ray.json").read_text())["address"]
+    stranger = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")} | {"RAY_AUTH_MODE": "disabled"}
+    refused = subprocess.run(
+        [str(VENV_BIN / "ray"), "status", f"--address={address}"],
+        env=stranger,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert refused.returncode != 0 and "Authentication token" in refused.stdout + refused.stderr, refused
     api = env["PREFECT_API_URL"]
     runs = httpx.post(f"{api}/flow_runs/filter", json={}).json()
     assert [r["state"]["type"] for r in runs] == ["COMPLETED"]  # the run is in the server's UI
