@@ -12,6 +12,10 @@ from __future__ import annotations
 from model.scoring import perplexity_summary, rolling_loglikelihood
 from pipelines.common.progress import progress_bar
 
+# Bumped whenever held_out's numbers change for the same model, data and stride: a champion scored by another
+# version is scored again before it is compared (register)
+SCORER = "held_out/1"
+
 
 def held_out(
     model,

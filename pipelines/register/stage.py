@@ -15,9 +15,9 @@ Out: artifacts/registered.json        {model_name, version, model_uri, aliases, 
 Run: python -m pipelines.register     (or `dvc repro register`)
 
 The rule: the new version becomes `champion` if there is none, or if its test_bpb beats the champion's by
-at least registry.min_improvement on the same test split. If the champion was evaluated on a different
-test split (another data hash), the champion is re-evaluated on the current split first. Otherwise it
-keeps `challenger`. registry.force_promote promotes regardless, and says so.
+at least registry.min_improvement, both scored the same way. If the champion was scored differently (another
+test split, another eval.stride, another version of the scorer: its version tags record all three), it is
+re-evaluated on the current split as the new model was first. Otherwise the new version keeps `challenger`. registry.force_promote promotes regardless, and says so.
 
 Concurrent registrations of one name get distinct versions; registering a version, the champion decision and
 both aliases run under a lock that works against any tracking store (pipelines/register/lock.py: a registered
@@ -49,7 +49,7 @@ from pipelines.common.atomic import write_json
 from pipelines.common.clean_split import read_texts
 from pipelines.common.contracts import CHALLENGER, CHAMPION, HEADLINE_METRICS, HF_MODEL_PATH
 from pipelines.common.hashing import content_hash
-from pipelines.common.heldout import held_out
+from pipelines.common.heldout import SCORER, held_out
 from pipelines.common.model_folder import check_model_dir
 from pipelines.common.params import Params, RegistryParams
 from pipelines.common.runner import StageError, run_stage, stage_log
@@ -141,6 +141,21 @@ def decide(client, name: str, version: str, metrics: dict, params: RegistryParam
     return decision
 
 
+def scored_differently(champion_tags: dict, metrics: dict) -> str:
+    """What makes the champion's recorded test_bpb incomparable with this evaluation ("" when nothing does): another
+    test split, another window stride (a smaller one gives every token more context: a lower bits per byte for the
+    same model), or another version of the scorer."""
+    reasons = []
+    if champion_tags.get("test_data_sha256") != metrics["test_data_sha256"]:
+        reasons.append("the test split changed")
+    stride = str(metrics.get("test_window_stride"))
+    if champion_tags.get("test_window_stride") != stride:
+        reasons.append(f"window stride {champion_tags.get('test_window_stride', 'unrecorded')}, now {stride}")
+    if champion_tags.get("test_scorer") != SCORER:
+        reasons.append(f"scorer {champion_tags.get('test_scorer', 'unrecorded')}, now {SCORER}")
+    return "; ".join(reasons)
+
+
 def rule(client, name: str, version: str, metrics: dict, params: RegistryParams, paths: Paths) -> dict:
     """The champion rule: first model, forced, or better than the champion by registry.min_improvement."""
     bpb = metrics["test_bpb"]
@@ -160,14 +175,16 @@ def rule(client, name: str, version: str, metrics: dict, params: RegistryParams,
         }
     if champion is None:
         return {**decision, "promoted": True, "why": "first model: no champion existed"}
-    if champion.tags.get("test_data_sha256") != metrics["test_data_sha256"] or decision["champion_test_bpb"] is None:
-        log(f"champion v{champion.version} was evaluated on another test split: re-evaluating it on this one")
+    differs = scored_differently(champion.tags, metrics)
+    if differs or decision["champion_test_bpb"] is None:
+        why = differs or "it has no test_bpb"
+        log(f"champion v{champion.version} was scored differently ({why}): re-evaluating it as this model was")
         decision["champion_test_bpb"] = reevaluate_bpb(
             f"models:/{name}/{champion.version}", paths.clean / "test.jsonl", metrics.get("test_window_stride")
         )
-        where = "re-evaluated on the current test split (the data changed)"
+        where = f"re-evaluated on the current test split as this model was ({why})"
     else:
-        where = "on the same test split"
+        where = "on the same test split, scored the same way"
     gain = decision["champion_test_bpb"] - bpb
     verdict = (
         f"test_bpb {bpb:.4f} vs champion v{champion.version} {decision['champion_test_bpb']:.4f} {where}: "
@@ -189,6 +206,8 @@ def version_tags(metrics: dict, run_id: str, n_params: int, paths: Paths) -> dic
         "parameters": str(n_params),
         "tokenizer_sha256": str(metrics.get("tokenizer_sha256")),
         "test_data_sha256": metrics["test_data_sha256"],
+        "test_window_stride": str(metrics.get("test_window_stride")),
+        "test_scorer": SCORER,  # with the two above: how test_bpb was measured (scored_differently)
     }
     for path, digest in input_hashes(["data/clean", "data/tokenizer", "data/tokens"], paths.lock_file).items():
         tags[f"dvc_hash.{path}"] = digest

@@ -53,7 +53,9 @@ def new_run() -> str:
     return client.create_run(tracking.get_or_create_experiment(client), run_name="evaluate").info.run_id
 
 
-def write_eval(bpb: float, run_id: str, data_sha: str | None = None, model_sha: str | None = None) -> None:
+def write_eval(
+    bpb: float, run_id: str, data_sha: str | None = None, model_sha: str | None = None, stride: int = 32
+) -> None:
     """metrics/eval.json as the evaluate stage writes it (the numbers are chosen by the test)."""
     from pipelines.common.hashing import content_hash
 
@@ -74,7 +76,7 @@ def write_eval(bpb: float, run_id: str, data_sha: str | None = None, model_sha: 
         json.dumps(
             {
                 "model_sha256": model_sha or content_hash("artifacts/model/model.safetensors"),
-                "test_window_stride": 32,
+                "test_window_stride": stride,
                 "test_data_sha256": data_sha or content_hash("data/clean/test.jsonl"),
                 "mlflow_run_id": run_id,
                 "tokenizer_sha256": "abc",
@@ -194,6 +196,31 @@ def test_changed_test_split_reevaluates_the_champion(proj):
     r = register(params)
     assert r["promoted"] and "re-evaluated on the current test split" in r["why"]
     assert r["champion_test_bpb"] == pytest.approx(true_bpb, rel=1e-4)  # not the stale 1.0
+
+
+def test_a_champion_scored_with_another_stride_is_reevaluated_with_this_one(proj):
+    """test_bpb depends on eval.stride (a smaller one gives every token more context): a champion's figure at
+    stride 32 is not compared with a challenger's at stride 8. Here the champion's recorded figure is far worse than
+    it really is at stride 8, and the challenger is worse than the champion really is: scored again at 8, the
+    champion stays."""
+    from model import Engine
+    from pipelines.common.clean_split import read_texts
+    from pipelines.common.heldout import held_out
+    from pipelines.register.stage import register
+
+    params = RegistryParams(model_name=NAME, min_improvement=0.01)
+    run_id = new_run()
+    write_eval(9.0, run_id, stride=32)
+    assert register(params)["promoted"]
+
+    engine = Engine.from_pretrained("artifacts/model")
+    texts = read_texts(Path("data/clean/test.jsonl"))
+    docs, n_bytes = [engine.encode(t) for t in texts], sum(len(t.encode()) for t in texts)
+    at_8 = held_out(engine.model, docs, engine.eos_token_id, n_bytes, 8, 8, desc=None)["test_bpb"]
+    write_eval(at_8 + 0.5, run_id, stride=8)  # "better" than 9.0, worse than the champion at stride 8
+    r = register(params)
+    assert "window stride 32, now 8" in r["why"] and r["champion_test_bpb"] == pytest.approx(at_8, rel=1e-4)
+    assert not r["promoted"], r["why"]
 
 
 def test_pyfunc_model_round_trips_and_generates(proj):
