@@ -22,7 +22,15 @@ from mlflow.tracking._tracking_service import utils as tracking_utils
 from tests.helpers import grouping, prefect_api
 from tests.helpers.corpus import write_corpus
 from tests.helpers.paths import REPO, run_module
-from tests.helpers.services import copy_store, migrate_store, mlflow_server, prefect_server, ray_cluster, stop
+from tests.helpers.services import (
+    PREFECT_AUTH,
+    copy_store,
+    migrate_store,
+    mlflow_server,
+    prefect_server,
+    ray_cluster,
+    stop,
+)
 from tests.helpers.serving import delete_apps, joined
 from tests.helpers.workspace import copy_workspace, quill_env, tiny_workspace
 
@@ -156,7 +164,7 @@ def flow_stack(tmp_path_factory, mlflow_template, prefect, shared_ray) -> Iterat
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    api = httpx.Client(base_url=prefect["PREFECT_API_URL"], timeout=30)
+    api = httpx.Client(base_url=prefect["PREFECT_API_URL"], auth=PREFECT_AUTH, timeout=30)  # the UI's login
     try:
         deadline = time.monotonic() + 120
         while len(api.post("/deployments/filter", json={}).json()) < 4:

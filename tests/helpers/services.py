@@ -100,13 +100,17 @@ def started(cmd: list[str], env: dict[str, str], log: Path, health: str, **wait)
             stop(proc)
 
 
+PREFECT_AUTH = ("quill", "s3cret-for-test")  # the compose stack's PREFECT_AUTH_STRING, user:password
+
+
 def prefect_env(home: Path, port: int) -> dict[str, str]:
-    """Settings for a Prefect server (and its clients) whose database lives in `home`."""
+    """Settings for a Prefect server's clients (its database lives in `home`), logged in as the team stack's are."""
     return {
         "PREFECT_HOME": str(home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
         "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_API_AUTH_STRING": ":".join(PREFECT_AUTH),
         "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
     }
 
@@ -119,7 +123,8 @@ def prefect_server(home: Path) -> Iterator[dict[str, str]]:
     port = free_port()
     env = prefect_env(home, port)
     cmd = compose_command("prefect", host="127.0.0.1", port=str(port))
-    with started(cmd, {**os.environ, **env}, home / "server.log", f"http://127.0.0.1:{port}/api/health"):
+    server_env = {**os.environ, **env, "PREFECT_SERVER_API_AUTH_STRING": ":".join(PREFECT_AUTH)}  # as in compose
+    with started(cmd, server_env, home / "server.log", f"http://127.0.0.1:{port}/api/health"):
         yield {**env, "PREFECT_TEST_COMMAND": " ".join(cmd)}
 
 

@@ -54,7 +54,7 @@ def test_images_are_pinned_and_services_are_healthy_before_their_dependants_star
 
 def test_secrets_come_from_the_env_file_and_have_no_defaults():
     text = (REPO / "docker-compose.yml").read_text()
-    secret = re.compile(r"PASSWORD|SECRET|API_KEY|TOKEN")
+    secret = re.compile(r"PASSWORD|SECRET|API_KEY|TOKEN|AUTH_STRING")
     for match in re.finditer(r"\$\{([A-Z_]+)(:?[-?][^}]*)?\}", text):
         name, rest = match.group(1), match.group(2) or ""
         if secret.search(name):
@@ -69,6 +69,17 @@ def test_secrets_come_from_the_env_file_and_have_no_defaults():
     assert all(value == "" for key, value in example.items() if secret.search(key)), "a secret has a value"
     worker = SERVICES["prefect-worker"]["environment"]
     assert {"MLFLOW_TRACKING_URI", "PREFECT_API_URL", "RAY_ADDRESS", "QUILL_API_KEY"} <= set(worker)
+
+
+def test_published_ports_bind_loopback_and_prefect_asks_for_credentials():
+    """On a shared host nothing is reachable from other machines unless QUILL_BIND_ADDRESS says so, and the Prefect
+    API (which can run any flow with any overrides) wants the credentials its clients in the stack send."""
+    for name, service in SERVICES.items():
+        for port in service.get("ports", []):
+            assert port.startswith("${QUILL_BIND_ADDRESS:-127.0.0.1}:"), f"{name} publishes {port} on every interface"
+    auth = "${PREFECT_AUTH_STRING:?set PREFECT_AUTH_STRING (user:password) in .env}"
+    assert SERVICES["prefect"]["environment"]["PREFECT_SERVER_API_AUTH_STRING"] == auth
+    assert SERVICES["prefect-worker"]["environment"]["PREFECT_API_AUTH_STRING"] == auth
 
 
 def test_the_ray_head_starts_ray_serve_in_the_high_throughput_mode_quill_uses():
@@ -89,7 +100,12 @@ def test_the_mlflow_service_command_serves_artifacts_behind_basic_auth(mlflow_ht
 def test_the_prefect_service_command_answers(prefect):
     port = prefect["PREFECT_API_URL"].split(":")[-1].split("/")[0]
     assert prefect["PREFECT_TEST_COMMAND"] == " ".join(compose_command("prefect", host="127.0.0.1", port=port))
-    assert httpx.get(f"{prefect['PREFECT_API_URL']}/health", timeout=30).json() is True
+    assert httpx.get(f"{prefect['PREFECT_API_URL']}/health", timeout=30).json() is True  # probes stay open
+    # the API itself wants the stack's credentials
+    assert httpx.post(f"{prefect['PREFECT_API_URL']}/flows/filter", json={}, timeout=30).status_code == 401
+    user, password = prefect["PREFECT_API_AUTH_STRING"].split(":", 1)
+    authed = httpx.post(f"{prefect['PREFECT_API_URL']}/flows/filter", json={}, auth=(user, password), timeout=30)
+    assert authed.status_code == 200, authed.text
 
 
 @pytest.mark.integration
