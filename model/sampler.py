@@ -22,7 +22,6 @@ last), is handed to the reference (`model.sampling.filter_logits`, HF's code) fo
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 
@@ -31,109 +30,109 @@ from model.sampling import SamplingParams, filter_logits
 # A decision this close to its threshold (in probability) goes to the reference: float32 rounding of a softmax over a
 # few thousand tokens moves a sum by ~1e-6 (HF's and ours), ten times less.
 MARGIN = 1e-5
+DRAWS = 2  # tokens each row draws at once
 MAX_DRAWS = 16  # then a row's kept set comes from the reference (each rejection lifts the floor: rarely reached)
+INF = float("inf")
 
-Uniforms = Callable[[list[int]], list[float]]  # row indices -> one uniform in [0, 1) for each, from its own stream
+# row indices -> a uniform in [0, 1) for each, in order, from the row's own stream (a repeated index: the next one)
+Uniforms = Callable[[list[int]], list[float]]
 
 
-@dataclass
 class SamplingRows:
-    """Each row's sampling controls, as (N, 1) tensors (and the params, for the reference)."""
+    """Each row's sampling controls: the params (for the reference) and, from one (N, 6) float32 tensor (one copy
+    per step), (N, 1) columns of its temperature, top_k and the thresholds the sampler compares with."""
 
-    params: list[SamplingParams]
-    temperature: torch.Tensor  # > 0
-    top_k: torch.Tensor  # long, 0 = off
-    top_p: torch.Tensor  # 1 = off
-    min_p: torch.Tensor  # 0 = off
+    def __init__(self, params: Sequence[SamplingParams], controls: torch.Tensor):
+        self.params, self.controls = list(params), controls
+        self.top_k_on = any(p.top_k for p in self.params)
+        self.top_p_on = any(p.top_p < 1 for p in self.params)
+        self.min_p_on = any(p.min_p > 0 for p in self.params)
 
     @classmethod
     def of(cls, params: Sequence[SamplingParams], device) -> SamplingRows:
-        def col(values, dtype):
-            return torch.tensor(values, dtype=dtype, device=device)[:, None]
+        values = [
+            (
+                p.temperature,
+                p.top_k,
+                p.top_p - MARGIN if p.top_p < 1 else INF,  # kept by top_p for sure below this mass (1 = off: all)
+                p.top_p + MARGIN if p.top_p < 1 else INF,  # dropped for sure from this mass on
+                p.min_p * (1 + MARGIN),  # kept by min_p for sure from this probability ratio to the top token's on
+                p.min_p * (1 - MARGIN),  # dropped for sure below it
+            )
+            for p in params
+        ]
+        return cls(params, torch.tensor(values, dtype=torch.float32, device=device))
 
-        return cls(
-            list(params),
-            col([p.temperature for p in params], torch.float32),
-            col([p.top_k for p in params], torch.long),
-            col([p.top_p for p in params], torch.float32),
-            col([p.min_p for p in params], torch.float32),
-        )
+    def __getitem__(self, i: int) -> SamplingRows:
+        """Row i alone."""
+        return SamplingRows([self.params[i]], self.controls[i : i + 1])
 
-    def __getitem__(self, idx: torch.Tensor) -> SamplingRows:
-        return SamplingRows(
-            [self.params[i] for i in idx.tolist()],
-            self.temperature[idx],
-            self.top_k[idx],
-            self.top_p[idx],
-            self.min_p[idx],
-        )
-
-    @property
-    def top_k_on(self) -> bool:
-        return any(p.top_k for p in self.params)
-
-    @property
-    def top_p_on(self) -> bool:
-        return any(p.top_p < 1 for p in self.params)
-
-    @property
-    def min_p_on(self) -> bool:
-        return any(p.min_p > 0 for p in self.params)
+    # the columns, each (N, 1)
+    temperature = property(lambda self: self.controls[:, 0:1])
+    top_k = property(lambda self: self.controls[:, 1:2])  # 0 = off
+    top_p_keep = property(lambda self: self.controls[:, 2:3])
+    top_p_drop = property(lambda self: self.controls[:, 3:4])
+    min_p_keep = property(lambda self: self.controls[:, 4:5])
+    min_p_drop = property(lambda self: self.controls[:, 5:6])
 
 
 def sample(logits: torch.Tensor, rows: SamplingRows, uniforms: Uniforms) -> torch.Tensor:
     """One token id per row of logits (N, V), drawn from its kept set; (N,) long.
 
-    A row's token depends only on its logits, its controls and its uniforms (never on the other rows), so a seeded
-    request draws the same tokens alone and in any batch."""
+    Each row draws DRAWS tokens at once (rejection takes the first its kept set holds), so that the second covers
+    the ~1 - top_p of rows whose first is rejected. A row's token depends only on its logits, its controls and its
+    uniforms (never on the other rows), so a seeded request draws the same tokens alone and in any batch."""
     x, p = _scaled(logits, rows)
-    w, zk, _ = _proposal(x, p, rows)
-    j = _draw(w, _uniforms(uniforms, list(range(x.size(0))), x.device))  # (N, 1)
+    w, total, mass_k = _proposal(x, p, rows)
+    j = _draw(w, _uniforms(uniforms, [i for i in range(x.size(0)) for _ in range(DRAWS)], x.device))  # (N, DRAWS)
     if not (rows.top_p_on or rows.min_p_on):  # w is the kept set
         return j[:, 0]
-    ok, no = _judge(x, p, zk, j, rows)
-    if bool(ok.all()):
-        return j[:, 0]
-    return _settle(x, p, zk, w, j, ok, no, rows, uniforms)
-
-
-def _settle(x, p, zk, w, j, ok, no, rows: SamplingRows, uniforms: Uniforms) -> torch.Tensor:
-    """The tokens, once the rows whose draw j was not kept for sure (ok) are settled: a row dropped for sure (no)
-    draws again above j; an unsure one takes the reference's kept set, where its j may stand."""
-    tokens = j[:, 0].clone()
-    idx = torch.arange(x.size(0), device=x.device)  # rows still drawing
-    exact = torch.zeros_like(ok)  # w is the row's kept set itself (the reference's): any draw stands
-    for attempt in range(MAX_DRAWS):
-        unsure = ~(ok | no)
-        if bool(unsure.any()):
-            w = _exact(x, p, w, exact, rows, unsure)
-            ok = ok | (unsure & (w.gather(1, j) > 0))
-        again = ~ok[:, 0]
-        if not bool(again.any()):
-            break
-        x, p, zk, w, exact, j, idx = (t[again] for t in (x, p, zk, w, exact, j, idx))
-        rows = rows[again.nonzero()[:, 0]]
-        w = w.masked_fill(~exact & (x <= x.gather(1, j)), 0.0)  # j and every token below it are out
-        if attempt == MAX_DRAWS - 1:  # the reference decides for the rows still drawing
-            w = _exact(x, p, w, exact, rows, torch.ones_like(exact))
-        j = _draw(w, _uniforms(uniforms, idx.tolist(), x.device))
-        tokens[idx] = j[:, 0]
-        ok, no = _judge(x, p, zk, j, rows)
-        ok = ok | exact
+    ok, no = _judge(x, p, total, mass_k, j, rows)
+    first_ok = ok[:, 0] | (no[:, 0] & ok[:, 1])
+    tokens = torch.where(ok[:, 0], j[:, 0], j[:, 1])
+    if bool(first_ok.all()):
+        return tokens
+    for r in (~first_ok).nonzero()[:, 0].tolist():  # a few rows now and then: one by one
+        one = slice(r, r + 1)
+        mass = (total[one], mass_k[one])
+        tokens[r] = _settle(x[one], p[one], mass, w[one], j[one], ok[one], no[one], rows[r], uniforms, r)
     return tokens
+
+
+def _settle(x, p, mass, w, j, ok, no, rows: SamplingRows, uniforms: Uniforms, r: int) -> torch.Tensor:
+    """The token of one row (1, V) whose draws j (1, n) did not settle it: the first one its kept set holds, else a
+    new draw. Draws dropped for sure (no) lift the floor of new draws above them; an unsure one is decided by the
+    reference's kept set, which then decides every later draw."""
+    kept = None
+    for attempt in range(MAX_DRAWS + 1):
+        for c in range(j.size(1)):
+            if kept is None and not (ok[0, c] or no[0, c]) or attempt == MAX_DRAWS:
+                kept = _reference(x[0], rows.params[0])
+            if ok[0, c] if kept is None else kept[j[0, c]]:
+                return j[0, c]
+        if kept is not None:  # draw from the kept set itself
+            return _draw(p * kept, _uniforms(uniforms, [r], x.device))[0, 0]
+        w = w.masked_fill(x <= x.gather(1, j).amax(), 0.0)  # the draws and every token below them are out
+        j = _draw(w, _uniforms(uniforms, [r], x.device))
+        ok, no = _judge(x, p, *mass, j, rows, both=True)
+    raise AssertionError("unreachable: the reference decides the last attempt")
 
 
 def kept_mask(logits: torch.Tensor, rows: SamplingRows, chunk: int = 64) -> torch.Tensor:
     """(N, V) bool: the tokens `sample` may return, each judged as a drawn token is (O(V^2) work: for tests)."""
     x, p = _scaled(logits, rows)
-    _, zk, kth = _proposal(x, p, rows)
+    _, total, mass_k = _proposal(x, p, rows)
     ids = torch.arange(x.size(1), device=x.device).expand_as(x)
-    ok, no = (torch.cat(t, dim=1) for t in zip(*(_judge(x, p, zk, j, rows) for j in ids.split(chunk, dim=1))))
-    kept = ok & (x >= kth)  # _judge takes top_k's set as given
+    judged = (_judge(x, p, total, mass_k, j, rows, True) for j in ids.split(chunk, dim=1))
+    ok, no = (torch.cat(t, dim=1) for t in zip(*judged))
+    if rows.top_k_on:  # _judge takes top_k's set as given
+        k = rows.top_k.long().clamp(max=x.size(-1))
+        kth = x.topk(int(k.max()), dim=-1).values.gather(1, (k - 1).clamp(min=0)).masked_fill(k == 0, -INF)
+        ok = ok & (x >= kth)
     unsure = ~(ok | no)
     for r in unsure.any(dim=1).nonzero()[:, 0].tolist():
-        kept[r] = _reference(x[r], rows.params[r])
-    return kept
+        ok[r] = _reference(x[r], rows.params[r])
+    return ok
 
 
 def _scaled(logits: torch.Tensor, rows: SamplingRows) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,68 +142,68 @@ def _scaled(logits: torch.Tensor, rows: SamplingRows) -> tuple[torch.Tensor, tor
 
 
 def _proposal(x: torch.Tensor, p: torch.Tensor, rows: SamplingRows) -> tuple[torch.Tensor, ...]:
-    """Weights to draw from (N, V): p on top_k's set, less the tokens min_p drops for sure; top_p's normaliser
-    (N, 1): the mass of top_k's set, which top_p filters in HF's order; and the k-th logit (N, 1), -inf if off."""
-    w, kth = p, torch.full_like(x[:, :1], float("-inf"))
+    """Weights to draw from (N, V): p on top_k's set (HF's TopK: every token >= the k-th logit), less the tokens
+    min_p drops for sure; the mass of all tokens (N, 1), 1 but for rounding; and of top_k's set, which top_p
+    filters (in HF's order)."""
+    w = p
     if rows.top_k_on:
-        k = rows.top_k.clamp(max=x.size(-1))
-        kth = x.topk(int(k.max()), dim=-1).values.gather(1, (k - 1).clamp(min=0)).masked_fill(k == 0, float("-inf"))
-        w = p.masked_fill(x < kth, 0.0)  # HF's TopK: ties with the k-th logit stay
-    zk = w.sum(dim=-1, keepdim=True)
+        k = rows.top_k.long().clamp(max=x.size(-1))
+        kth = x.topk(int(k.max()), dim=-1).values.gather(1, (k - 1).clamp(min=0)).masked_fill(k == 0, -INF)
+        w = p.masked_fill(x < kth, 0.0)
+    total = p.sum(dim=-1, keepdim=True)
+    mass_k = w.sum(dim=-1, keepdim=True) if w is not p else total
     if rows.min_p_on:
-        w = w.masked_fill(p < rows.min_p * (1 - MARGIN) * p.amax(dim=-1, keepdim=True), 0.0)
-    return w, zk, kth
+        w = w.masked_fill(p < rows.min_p_drop * p.amax(dim=-1, keepdim=True), 0.0)
+    return w, total, mass_k
 
 
 def _uniforms(uniforms: Uniforms, idx: list[int], device) -> torch.Tensor:
-    return torch.tensor(uniforms(idx), dtype=torch.float64, device=device)
+    """(n,) float32 uniforms for rows idx, at most 1 - 2**-23: then u * total < total in float32 too."""
+    return torch.tensor([min(u, 1 - 2**-23) for u in uniforms(idx)], dtype=torch.float32, device=device)
 
 
 def _draw(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse CDF: for each row the token where its weights' running sum passes u * total; (N, 1)."""
+    """Inverse CDF: for each row of weights w (N, V) and uniform of u (N, n) the token where the weights' running sum
+    passes u * their total; (N, n)."""
     cdf = w.cumsum(dim=-1)
-    total = cdf[:, -1:]
-    if not bool(((total > 0) & torch.isfinite(total)).all()):  # as torch.multinomial refuses them, not a wrong id
-        raise RuntimeError("sampling: a row's probabilities are NaN, infinite or all zero (non-finite logits?)")
-    v = torch.minimum((u[:, None] * total).to(cdf.dtype), torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, v, right=True)  # v < total: a token of positive weight
+    return torch.searchsorted(cdf, u.view(w.size(0), -1) * cdf[:, -1:], right=True)  # tokens of positive weight
 
 
 def _judge(
-    x: torch.Tensor, p: torch.Tensor, zk: torch.Tensor, j: torch.Tensor, rows: SamplingRows
+    x: torch.Tensor,
+    p: torch.Tensor,
+    total: torch.Tensor,
+    mass_k: torch.Tensor,
+    j: torch.Tensor,
+    rows: SamplingRows,
+    both: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Whether tokens j (N, n), inside top_k's set, are kept by top_p and min_p: (kept for sure, dropped for sure)."""
+    """Whether tokens j (N, n), inside top_k's set, are kept by top_p and min_p: (kept for sure, dropped for sure);
+    the second only when some token is not kept for sure (or `both`)."""
     xj, pj = x.gather(1, j), p.gather(1, j)
     ok = torch.ones_like(j, dtype=torch.bool)
-    no = torch.zeros_like(ok)
     if rows.top_p_on:
-        on = rows.top_p < 1
-        higher = x[:, None, :] > xj[:, :, None]  # (N, n, V)
-        above = torch.where(higher, p[:, None, :], 0.0).sum(dim=-1) / zk  # mass above j, in top_k's distribution
-        ties = (x[:, None, :] == xj[:, :, None]).sum(dim=-1)
-        last = above + (ties - 1) * pj / zk  # mass above the last of j's equal logits (HF's order among them)
-        ok = ~on | (last < rows.top_p - MARGIN)  # every one of j's equal logits is kept
-        no = on & (above >= rows.top_p + MARGIN)  # none is (above == 0: j is the top one, always kept)
+        # masses by one pass of float ops (no bool tensors: slower on CPU): with s = sign(x - xj), exact in float,
+        # sum(p * s) = above - below and sum(p * |s|) = above + below, where above (below) is the mass of the
+        # tokens whose logit is greater (less) than j's
+        ps = (x[:, None, :] - xj[:, :, None]).sign_().mul_(p[:, None, :])  # (N, n, V)
+        diff, both_sides = ps.sum(dim=-1), ps.abs_().sum(dim=-1)
+        # the mass above the last of j's equal logits (HF's order among them): all but the mass below, less j's own
+        ok = total - pj - (both_sides - diff) / 2 < rows.top_p_keep * mass_k  # j and its equal logits are kept
     if rows.min_p_on:
-        on = rows.min_p > 0
-        top = xj == x.amax(dim=-1, keepdim=True)  # the top token's own probability: kept whatever min_p is
+        top = xj == x.amax(dim=-1, keepdim=True)  # the top token is kept whatever min_p is
         ratio = pj / p.amax(dim=-1, keepdim=True)
-        ok = ok & (~on | top | (ratio >= rows.min_p * (1 + MARGIN)))
-        no = no | (on & ~top & (ratio < rows.min_p * (1 - MARGIN)))
+        ok = ok & (top | (ratio >= rows.min_p_keep))
+    no = torch.zeros_like(ok)
+    if not both and bool(ok.all()):
+        return ok, no
+    if rows.top_p_on:  # none of j's equal logits is kept (the top one always is: the mass above it is 0)
+        no = (both_sides + diff) / 2 >= rows.top_p_drop * mass_k
+    if rows.min_p_on:
+        no = no | (~top & (ratio < rows.min_p_drop))
     return ok, no
-
-
-def _exact(
-    x: torch.Tensor, p: torch.Tensor, w: torch.Tensor, exact: torch.Tensor, rows: SamplingRows, which: torch.Tensor
-) -> torch.Tensor:
-    """w with the rows in `which` (N, 1) set to p on the reference's kept set, and those rows marked exact."""
-    w = w.clone()
-    for r in (which[:, 0] & ~exact[:, 0]).nonzero()[:, 0].tolist():
-        w[r] = p[r] * _reference(x[r], rows.params[r])
-        exact[r] = True
-    return w
 
 
 def _reference(x: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """HF's kept set for one row of temperature-scaled logits (V,): bool (V,)."""
-    return filter_logits(x[None], params)[0] > float("-inf")
+    return filter_logits(x[None], params)[0] > -INF

@@ -135,8 +135,8 @@ def test_the_uniform_picks_the_token_by_inverse_cdf():
     params = SamplingRows.of([SamplingParams(temperature=1.0, top_p=0.9)], "cpu")
     kept = kept_mask(logits, params)[0].nonzero()[:, 0].tolist()
     assert kept == [1, 3, 4]
-    assert sample(logits, params, lambda idx: [0.0]).tolist() == [1]
-    assert sample(logits, params, lambda idx: [1 - 2**-53]).tolist() == [4]
+    assert sample(logits, params, lambda idx: [0.0] * len(idx)).tolist() == [1]
+    assert sample(logits, params, lambda idx: [1 - 2**-53] * len(idx)).tolist() == [4]
 
 
 def uniforms(streams: list[random.Random]):
