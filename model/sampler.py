@@ -1,15 +1,16 @@
 """Sampled decoding at about the cost of greedy: one token per row from temperature, top_k, top_p and min_p, with
 Hugging Face's semantics and no sort of the vocabulary.
 
-    >>> rows = SamplingRows.of([params] * B, device)             # each row's controls as (B, 1) tensors
+    >>> rows = SamplingRows.of([params] * B, device)             # the rows' controls, one tensor
     >>> rng = random.Random(params.seed)
     >>> nxt = sample(logits, rows, lambda idx: [rng.random() for _ in idx])   # (B,) token ids
 
-How: each row draws one token by inverse CDF, with one uniform from its own random stream, from a superset of
-its kept set (top_k's set exactly, min_p's widened by MARGIN), then checks only the drawn token: the probability
-mass above it decides top_p, its own probability decides min_p (two sums over the vocabulary, no sort). A rejected
-token lifts the row's floor above it (every kept token lies above) and the row draws again; the token accepted is
-an exact draw from the kept set (rejection sampling; FlashInfer's sort-free sampler works alike).
+How: each row draws two tokens by inverse CDF, with two uniforms from its own random stream, from a superset of
+its kept set (top_k's set exactly, min_p's widened by MARGIN), then checks only the drawn tokens: the probability
+mass above a token decides top_p, its own probability min_p (a few float passes over the vocabulary, no sort). The
+row takes the first token its kept set holds: rejection sampling, an exact draw from the kept set (FlashInfer's
+sort-free sampler works alike); the second draw covers the ~1 - top_p of rows whose first is rejected. A row with
+both rejected draws again above them (every kept token lies above), one row at a time.
 
 Why it is HF's kept set: TopK keeps every token >= the k-th largest logit, which the proposal uses as is. TopP keeps
 a token when the mass at or below it (in its ascending sort) is > 1 - top_p, that is when the mass above it is
@@ -99,14 +100,25 @@ def sample(logits: torch.Tensor, rows: SamplingRows, uniforms: Uniforms) -> torc
     return tokens
 
 
-def _settle(x, p, mass, w, j, ok, no, rows: SamplingRows, uniforms: Uniforms, r: int) -> torch.Tensor:
+def _settle(
+    x: torch.Tensor,
+    p: torch.Tensor,
+    mass: tuple[torch.Tensor, torch.Tensor],
+    w: torch.Tensor,
+    j: torch.Tensor,
+    ok: torch.Tensor,
+    no: torch.Tensor,
+    rows: SamplingRows,
+    uniforms: Uniforms,
+    r: int,
+) -> torch.Tensor:
     """The token of one row (1, V) whose draws j (1, n) did not settle it: the first one its kept set holds, else a
     new draw. Draws dropped for sure (no) lift the floor of new draws above them; an unsure one is decided by the
     reference's kept set, which then decides every later draw."""
     kept = None
     for attempt in range(MAX_DRAWS + 1):
         for c in range(j.size(1)):
-            if kept is None and not (ok[0, c] or no[0, c]) or attempt == MAX_DRAWS:
+            if kept is None and (attempt == MAX_DRAWS or not (ok[0, c] or no[0, c])):
                 kept = _reference(x[0], rows.params[0])
             if ok[0, c] if kept is None else kept[j[0, c]]:
                 return j[0, c]
@@ -123,7 +135,7 @@ def kept_mask(logits: torch.Tensor, rows: SamplingRows, chunk: int = 64) -> torc
     x, p = _scaled(logits, rows)
     _, total, mass_k = _proposal(x, p, rows)
     ids = torch.arange(x.size(1), device=x.device).expand_as(x)
-    judged = (_judge(x, p, total, mass_k, j, rows, True) for j in ids.split(chunk, dim=1))
+    judged = (_judge(x, p, total, mass_k, j, rows, both=True) for j in ids.split(chunk, dim=1))
     ok, no = (torch.cat(t, dim=1) for t in zip(*judged))
     if rows.top_k_on:  # _judge takes top_k's set as given
         k = rows.top_k.long().clamp(max=x.size(-1))
