@@ -178,7 +178,10 @@ def _draw(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Inverse CDF: for each row of weights w (N, V) and uniform of u (N, n) the token where the weights' running sum
     passes u * their total; (N, n)."""
     cdf = w.cumsum(dim=-1)
-    return torch.searchsorted(cdf, u.view(w.size(0), -1) * cdf[:, -1:], right=True)  # tokens of positive weight
+    total = cdf[:, -1:]
+    if not bool(((total > 0) & torch.isfinite(total)).all()):  # as torch.multinomial refuses them, not a wrong id
+        raise RuntimeError("sampling: a row's probabilities are NaN, infinite or all zero (non-finite logits?)")
+    return torch.searchsorted(cdf, u.view(w.size(0), -1) * total, right=True)  # tokens of positive weight
 
 
 def _judge(
