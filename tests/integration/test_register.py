@@ -303,8 +303,8 @@ def register_child(cwd: Path, kill_at: str | None = None) -> subprocess.Popen:
     )
 
 
-def registry_params_yaml(min_improvement: float) -> str:
-    return PARAMS_YAML + f"  min_improvement: {min_improvement}\n  lock_timeout_s: {LOCK_S}\n"
+def registry_params_yaml(min_improvement: float, lock_s: float = LOCK_S) -> str:
+    return PARAMS_YAML + f"  min_improvement: {min_improvement}\n  lock_timeout_s: {lock_s}\n"
 
 
 def test_crash_points_are_reached_in_order(proj, monkeypatch):
@@ -471,6 +471,10 @@ def test_a_lock_whose_holder_exited_on_this_machine_is_taken_over_at_once(proj, 
 
 # --- a real tracking server over HTTP --------------------------------------------------------------
 
+# Over HTTP, on a loaded machine, one heartbeat (every timeout / 4) can take seconds: a 2 s lock would be taken from
+# a live holder (which then stops with LockLost, as it must). 10 s holds it; killed holders cost 10 s each.
+HTTP_LOCK_S = 10.0
+
 
 def test_http_server_concurrent_registrations_some_killed_holding_the_lock(proj, mlflow_http, monkeypatch, capsys):
     """Four checkouts register at once over HTTP with the team stack's server (basic auth, as its admin); two are
@@ -492,15 +496,18 @@ def test_http_server_concurrent_registrations_some_killed_holding_the_lock(proj,
         other = proj.parent / f"copy{i}"
         for sub in ("artifacts", "metrics", "reports"):
             shutil.copytree(proj / sub, other / sub)
-        (other / "params.yaml").write_text(registry_params_yaml(0.05))
+        (other / "params.yaml").write_text(registry_params_yaml(0.05, HTTP_LOCK_S))
         copies.append(other)
     procs = [register_child(c, kill_at=k) for c, k in zip(copies, kill_at)]
     outs = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [-signal.SIGKILL if k else 0 for k in kill_at], outs
+    codes = [p.returncode for p in procs]
+    assert codes == [-signal.SIGKILL if k else 0 for k in kill_at], [
+        (c, err[-1500:]) for c, (_, err) in zip(codes, outs)
+    ]
     for c, k in zip(copies, kill_at):
         if k:  # rerun the killed ones
             monkeypatch.chdir(c)
-            register(RegistryParams(model_name=NAME, min_improvement=0.05, lock_timeout_s=LOCK_S))
+            register(RegistryParams(model_name=NAME, min_improvement=0.05, lock_timeout_s=HTTP_LOCK_S))
 
     logs = "".join(err for _, err in outs) + capsys.readouterr().err
     assert logs.count("taking over") >= 2  # each killed holder's lock was taken over (none released it)
