@@ -108,10 +108,6 @@ def read_evaluation(paths: Paths) -> dict:
 # --- the decision ----------------------------------------------------------------------------------
 
 
-def champion_of(client, name: str):
-    return version_by_alias(client, name, CHAMPION)
-
-
 def reevaluate_bpb(model_uri: str, test_file: Path, stride: int | None) -> float:
     """The champion's bits per byte on the current test split (its own tokenizer), same windows as evaluate."""
     local = Path(mlflow.artifacts.download_artifacts(model_uri))
@@ -159,7 +155,7 @@ def scored_differently(champion_tags: dict, metrics: dict) -> str:
 def rule(client, name: str, version: str, metrics: dict, params: RegistryParams, paths: Paths) -> dict:
     """The champion rule: first model, forced, or better than the champion by registry.min_improvement."""
     bpb = metrics["test_bpb"]
-    champion = champion_of(client, name)
+    champion = version_by_alias(client, name, CHAMPION)
     decision = {"promoted": False, "forced": False, "champion_version": None, "champion_test_bpb": None}
     if champion is not None:
         decision["champion_version"] = str(champion.version)
