@@ -22,11 +22,10 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from pipelines.common.clean_split import read_texts
+from pipelines.common.layout import Layout
 from pipelines.common.params import load_params
 from pipelines.tokenize.stage import (
-    CLEAN_DIR,
     SPLITS,
-    TOKENIZER_DIR,
     batches,
     encode_documents,
     encode_split,
@@ -48,12 +47,12 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    tokenizer_file = TOKENIZER_DIR / "tokenizer.json"
-    if not tokenizer_file.is_file() or not (CLEAN_DIR / "train.jsonl").is_file():
+    tokenizer_file = Layout().tokenizer / "tokenizer.json"
+    if not tokenizer_file.is_file() or not (Layout().clean / "train.jsonl").is_file():
         print("benchmark tokenize: no data yet; run `dvc repro tokenize` (or `make run`) first", file=sys.stderr)
         return 1
     batch_size = load_params().tokenizer.encode_batch_size
-    texts = [t for split in SPLITS for t in read_texts(CLEAN_DIR / f"{split}.jsonl")]
+    texts = [t for split in SPLITS for t in read_texts(Layout().clean / f"{split}.jsonl")]
     megabytes = sum(len(t.encode("utf-8")) for t in texts) / 1e6
 
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
@@ -76,7 +75,7 @@ def main() -> int:
             for split in SPLITS:
                 encode_split(
                     tokenizer,
-                    CLEAN_DIR / f"{split}.jsonl",
+                    Layout().clean / f"{split}.jsonl",
                     Path(tmp) / f"{split}.bin",
                     batch_size,
                     np.dtype(np.uint16),

@@ -5,14 +5,12 @@
     serve_model(model=None)            deploy the champion (or a registry URI / local folder) and smoke-test it
 
 Each is a deployment of `python -m flows.deploy`; none re-implements a stage: evaluate_model runs the evaluate
-stage's own command in a scratch folder that links the workspace's data.
+stage's own command on the downloaded version (`--model`), writing its outputs to a scratch folder (`--out`).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,8 +25,9 @@ from flows.overrides import check
 from flows.registry import move_champion, resolve
 from flows.serving import endpoint, serve_cli
 from flows.train_and_deploy import deploy_champion, smoke
-from pipelines.common.tracking import RUN_FILE, tracking_uri
-from pipelines.register.pyfunc_model import HF_MODEL_PATH
+from pipelines.common.contracts import HF_MODEL_PATH
+from pipelines.common.layout import PROJECT
+from pipelines.common.tracking import RUN_FILE
 
 
 @task(retries=1, retry_delay_seconds=10)
@@ -45,30 +44,20 @@ def evaluate_version(model: str) -> dict[str, Any]:
         local = Path(
             mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}", dst_path=str(scratch / "dl"))
         )
-        (scratch / "artifacts").mkdir()
-        shutil.move(local / HF_MODEL_PATH, scratch / "artifacts" / "model")
-        (scratch / "artifacts" / "model" / RUN_FILE).unlink(missing_ok=True)  # log to a new run, not the training one
-        shutil.copy("params.yaml", scratch / "params.yaml")
-        os.symlink(Path("data").resolve(), scratch / "data")
-        env = {**os.environ, "MLFLOW_TRACKING_URI": _absolute()}
-        env["PYTHONPATH"] = str(Path.cwd())
+        folder = local / HF_MODEL_PATH
+        (folder / RUN_FILE).unlink(missing_ok=True)  # log to a new run, not the training one
+        out = scratch / "out"  # the stage's reports and metrics: the workspace's, which DVC tracks, stay as they are
         result = subprocess.run(
-            [sys.executable, "-m", "pipelines.evaluate"], cwd=scratch, env=env, capture_output=True, text=True
+            [sys.executable, "-m", "pipelines.evaluate", "--model", str(folder), "--out", str(out)],
+            capture_output=True,
+            text=True,
         )
         for line in (result.stdout + result.stderr).splitlines()[-40:]:
             logger.info(line)
         if result.returncode != 0:
             raise RuntimeError(f"evaluate of {name} v{version.version} failed: {result.stderr[-1500:]}")
-        metrics = json.loads((scratch / "metrics" / "eval.json").read_text())
+        metrics = json.loads(PROJECT.under(out).eval_metrics.read_text())
     return {"name": name, "version": str(version.version), "metrics": metrics}
-
-
-def _absolute() -> str:
-    """The SQLite store as an absolute URI, so a scratch folder logs to the project's store."""
-    uri = tracking_uri()
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
-    return uri
 
 
 @flow(name="evaluate_model", log_prints=True)

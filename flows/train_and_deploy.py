@@ -36,12 +36,13 @@ from flows.report import mlflow_ui, registered, summary_markdown
 from flows.repro import StageFailed, repro, stale
 from flows.serving import endpoint, serve_cli, served_version, smoke_test
 from pipelines.common.contracts import CHAMPION, HEADLINE_METRICS
+from pipelines.common.layout import PROJECT
 from pipelines.common.params import ParamsError, ServeParams
 from pipelines.common.tracking import RUN_FILE, mlflow_client, tracking_uri, version_by_alias
 
 NO_OVERRIDES = Overrides()
 PAUSE_GRACE_S = 120  # Prefect's pause timeout past the approval deadline (see wait_for_approval)
-TRAIN_RUN = Path("artifacts/model") / RUN_FILE  # the train stage's MLflow run id (pipelines/common/tracking.py)
+TRAIN_RUN = PROJECT.model / RUN_FILE  # the train stage's MLflow run id (pipelines/common/tracking.py)
 
 
 class Approval(RunInput):
@@ -92,7 +93,7 @@ def needs_registration(overrides: dict[str, Any]) -> bool:
 @task(retries=0)
 def comparison(reg: dict) -> str:
     """The version just registered beside the champion's registered numbers, as Markdown for the reviewer."""
-    evaluated = json.loads(Path("metrics/eval.json").read_text())
+    evaluated = json.loads(PROJECT.eval_metrics.read_text())
     name = reg["model_name"]
     client = mlflow_client()
     champion = version_by_alias(client, name, CHAMPION)

@@ -52,13 +52,10 @@ from pipelines.clean.textclean import (
     looks_like_metadata,
 )
 from pipelines.common.atomic import atomic_dir, is_out_of_space, out_of_space_stops_stage, scratch_dir, write_json
+from pipelines.common.layout import Layout
 from pipelines.common.params import DataParams, Params
 from pipelines.common.runner import StageError, run_stage
 
-RAW_DIR = Path("data/raw")
-OUT_DIR = Path("data/clean")
-METRICS_PATH = Path("metrics/clean.json")
-REPORT_DIR = Path("reports/clean")
 SPLITS = ("train", "val", "test")
 CHUNK_BYTES = 1 << 20  # raw bytes read at a time
 SCRATCH = ".clean-scratch-"  # the spill file's folder beside data/clean; one left by a killed run is removed
@@ -562,18 +559,18 @@ def _raw_size(path: Path) -> int:
         return 0
 
 
-def summarize(params: Params) -> str:
+def summarize(params: Params, layout: Layout) -> str:
     """Run the stage on data/raw; the line printed on success."""
-    metrics = clean_corpus(RAW_DIR, OUT_DIR, METRICS_PATH, REPORT_DIR, params.data)
+    metrics = clean_corpus(layout.raw, layout.clean, layout.clean_metrics, layout.clean_reports, params.data)
     return (
         f"{metrics['docs_in']} documents in, {metrics['docs_out']} kept "
         f"({metrics['exact_duplicates']} exact and {metrics['near_duplicates']} near duplicates, "
         f"{sum(metrics['dropped'].values())} dropped, {metrics['quarantined']} quarantined); "
         f"{metrics['passages']} passages, {metrics['mb_per_s']} MB/s in {metrics['seconds']} s; "
-        f"report: {REPORT_DIR / 'report.md'}"
+        f"report: {layout.clean_reports / 'report.md'}"
     )
 
 
-def main() -> int:
-    """`python -m pipelines.clean`: the exit status (pipelines/common/runner.py)."""
-    return run_stage("clean", summarize)
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pipelines.clean [--root DIR]`: the exit status (pipelines/common/runner.py)."""
+    return run_stage("clean", summarize, argv)

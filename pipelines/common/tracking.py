@@ -109,8 +109,9 @@ def git_commit(repo: str | Path = ".") -> str | None:
     return f"{sha}-dirty" if dirty else sha
 
 
-def input_hashes(paths: list[str], lock_file: str | Path = "dvc.lock") -> dict[str, str]:
-    """{path: hash} for each input: DVC's md5 from dvc.lock when it lists the path, else `content_hash`.
+def input_hashes(paths: list[str], lock_file: str | Path = "dvc.lock", root: Path = Path(".")) -> dict[str, str]:
+    """{path: hash} for each input (paths relative to the project `root`, as dvc.lock names them): DVC's md5
+    from dvc.lock when it lists the path, else `content_hash`.
 
     dvc.lock describes what the last `dvc repro` produced; it is trusted only when the folder on disk
     still matches it in size and file count (cheap), otherwise the folder is hashed here.
@@ -125,10 +126,10 @@ def input_hashes(paths: list[str], lock_file: str | Path = "dvc.lock") -> dict[s
     hashes = {}
     for p in paths:
         entry = recorded.get(p.rstrip("/"))
-        if entry and entry.get("md5") and _matches(Path(p), entry):
+        if entry and entry.get("md5") and _matches(root / p, entry):
             hashes[p] = "md5:" + entry["md5"]
-        elif Path(p).exists():
-            hashes[p] = content_hash(p)
+        elif (root / p).exists():
+            hashes[p] = content_hash(root / p)
     return hashes
 
 

@@ -28,12 +28,13 @@ when everything succeeded, so the register stage never sees the numbers of a fai
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import random
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import lm_eval
@@ -51,10 +52,11 @@ from pipelines.common.atomic import atomic_file, write_json, write_text
 from pipelines.common.clean_split import read_texts
 from pipelines.common.hashing import content_hash, sha256_file
 from pipelines.common.heldout import held_out
+from pipelines.common.layout import PROJECT, Layout
 from pipelines.common.model_folder import check_model_dir
 from pipelines.common.params import EvalParams, Params
 from pipelines.common.report import fmt_value, table_cell
-from pipelines.common.runner import StageError, run_stage, stage_log
+from pipelines.common.runner import StageError, run_in, stage_arguments, stage_log
 from pipelines.common.tracking import check_tracking, flat_metrics, training_run_id
 from pipelines.evaluate.attention_plot import plot_attention
 from pipelines.evaluate.lm_eval_adapter import QuillLM, split_documents
@@ -62,16 +64,6 @@ from pipelines.evaluate.ngram import ByteNgram, uniform_bpb
 from pipelines.evaluate.task_pack import TASKS, build_task_pack
 
 IDENTITY = ("model_sha256", "tokenizer_sha256", "test_data_sha256", "test_window_stride", "mlflow_run_id")
-
-
-@dataclass(frozen=True)
-class Paths:
-    model: Path = Path("artifacts/model")
-    clean: Path = Path("data/clean")
-    tokens: Path = Path("data/tokens")
-    reports: Path = Path("reports/eval")
-    metrics: Path = Path("metrics/eval.json")
-    plots: Path = Path("plots/eval")
 
 
 class EvalError(StageError):
@@ -293,7 +285,7 @@ def render_report(metrics: dict, samples: list[dict], model_dir: Path) -> str:
 # --- MLflow ----------------------------------------------------------------------------------------
 
 
-def log_to_mlflow(model_dir: Path, metrics: dict, samples: list[dict], paths: Paths) -> str:
+def log_to_mlflow(model_dir: Path, metrics: dict, samples: list[dict], layout: Layout) -> str:
     """Log metrics, reports, plots and the samples table to the training run (or a new run if it has none)."""
     client = tracking.mlflow_client()
     run_id = training_run_id(model_dir)
@@ -312,8 +304,8 @@ def log_to_mlflow(model_dir: Path, metrics: dict, samples: list[dict], paths: Pa
     for i in range(0, len(values), 500):
         client.log_batch(run_id, metrics=values[i : i + 500], synchronous=True)
     client.set_tag(run_id, "quill.evaluated", "true")
-    client.log_artifacts(run_id, str(paths.reports), artifact_path="eval")
-    client.log_artifacts(run_id, str(paths.plots), artifact_path="plots/eval")
+    client.log_artifacts(run_id, str(layout.eval_reports), artifact_path="eval")
+    client.log_artifacts(run_id, str(layout.eval_plots), artifact_path="plots/eval")
     client.log_dict(run_id, metrics, "metrics/eval.json")
     columns = ["source", "prompt", "generation", "reference", "bleu", "rougeL"]
     client.log_table(run_id, {c: [r.get(c) for r in samples] for c in columns}, artifact_file="eval/samples_table.json")
@@ -323,14 +315,14 @@ def log_to_mlflow(model_dir: Path, metrics: dict, samples: list[dict], paths: Pa
 # --- the stage -------------------------------------------------------------------------------------
 
 
-def check_inputs(params: EvalParams, paths: Paths) -> dict:
+def check_inputs(params: EvalParams, layout: Layout) -> dict:
     """Everything that can be wrong with the inputs, before any long work; the token shards' meta.json."""
-    check_model_dir(paths.model)
-    meta = read_meta(paths.tokens)
-    check_tokenizer(paths.model, meta)
+    check_model_dir(layout.model)
+    meta = read_meta(layout.tokens)
+    check_tokenizer(layout.model, meta)
     for split in ("train", "val", "test"):
-        if not (paths.clean / f"{split}.jsonl").is_file():
-            raise EvalError(f"{paths.clean}/{split}.jsonl missing: run the clean stage (dvc repro clean)")
+        if not (layout.clean / f"{split}.jsonl").is_file():
+            raise EvalError(f"{layout.clean}/{split}.jsonl missing: run the clean stage (dvc repro clean)")
     check_tasks(params.tasks)
     check_tracking()
     return meta
@@ -350,10 +342,10 @@ def load_engine(model_dir: Path, meta: dict) -> Engine:
 
 
 def held_out_metrics(
-    engine: Engine, meta: dict, test_texts: list[str], params: EvalParams, paths: Paths, rolling_cache: dict
+    engine: Engine, meta: dict, test_texts: list[str], params: EvalParams, layout: Layout, rolling_cache: dict
 ) -> dict:
     """test_loss/ppl/bpb on the test shard, beside the uniform and byte n-gram references."""
-    tokens = np.memmap(paths.tokens / "test.bin", dtype=meta["dtype"], mode="r")
+    tokens = np.memmap(layout.tokens / "test.bin", dtype=meta["dtype"], mode="r")
     docs = split_documents(np.asarray(tokens), meta["eot_id"])
     n_bytes = meta["splits"]["test"]["bytes"]
     log(f"held-out loss over {len(tokens)} test tokens (stride {params.stride or engine.config.block_size})")
@@ -361,7 +353,7 @@ def held_out_metrics(
         engine.model, docs, meta["eot_id"], n_bytes, params.stride, params.batch_size, cache=rolling_cache
     )
     log(f"byte {params.ngram_order}-gram reference on the train split")
-    ngram = ByteNgram.fit([t.encode() for t in read_texts(paths.clean / "train.jsonl")], params.ngram_order)
+    ngram = ByteNgram.fit([t.encode() for t in read_texts(layout.clean / "train.jsonl")], params.ngram_order)
     vocab = meta["vocab_size"]
     metrics["reference"] = {
         "uniform_loss": math.log(vocab),
@@ -374,77 +366,82 @@ def held_out_metrics(
 
 
 def benchmark_scores(
-    engine: Engine, test_texts: list[str], params: EvalParams, paths: Paths, rolling_cache: dict
+    engine: Engine, test_texts: list[str], params: EvalParams, layout: Layout, rolling_cache: dict
 ) -> dict:
     """The lm-eval tasks (the local pack built from the test and val splits, or standard ones)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         build_task_pack(
-            test_texts, read_texts(paths.clean / "val.jsonl"), paths.reports / "tasks", params.max_items, params.seed
+            test_texts,
+            read_texts(layout.clean / "val.jsonl"),
+            layout.eval_reports / "tasks",
+            params.max_items,
+            params.seed,
         )
         lm = QuillLM(engine=engine, batch_size=params.batch_size, stride=params.stride, rolling_cache=rolling_cache)
         return run_lm_eval(
             lm,
             params.tasks,
             params.num_fewshot,
-            paths.reports / "tasks",
+            layout.eval_reports / "tasks",
             params.limit,
             params.seed,
-            paths.reports / "lm_eval",
+            layout.eval_reports / "lm_eval",
         )
 
 
-def write_outputs(metrics: dict, samples: list[dict], params: EvalParams, paths: Paths) -> dict:
+def write_outputs(metrics: dict, samples: list[dict], params: EvalParams, layout: Layout) -> dict:
     """Reports, plots, MLflow, then metrics/eval.json last: register only ever sees a complete evaluation."""
-    write_json(paths.reports / "samples.json", samples)
+    write_json(layout.eval_reports / "samples.json", samples)
     write_text(
-        paths.reports / "report.md", render_report({**metrics, "task_names": list(params.tasks)}, samples, paths.model)
+        layout.eval_reports / "report.md",
+        render_report({**metrics, "task_names": list(params.tasks)}, samples, layout.model),
     )
-    with atomic_file(paths.plots / "bpb.csv") as tmp:
+    with atomic_file(layout.eval_plots / "bpb.csv") as tmp:
         tmp.write_text(
             "model,bpb\n"
             f"uniform,{metrics['reference']['uniform_bpb']:.6f}\n"
             f"byte_{params.ngram_order}gram,{metrics['reference']['ngram_bpb']:.6f}\n"
             f"quill,{metrics['test_bpb']:.6f}\n"
         )
-    metrics["mlflow_run_id"] = log_to_mlflow(paths.model, metrics, samples, paths)
-    write_json(paths.reports / "evaluated.json", {k: metrics[k] for k in IDENTITY})
+    metrics["mlflow_run_id"] = log_to_mlflow(layout.model, metrics, samples, layout)
+    write_json(layout.evaluated, {k: metrics[k] for k in IDENTITY})
     # the identity strings stay out of `dvc metrics show`'s table
-    write_json(paths.metrics, {k: v for k, v in metrics.items() if k not in IDENTITY})
+    write_json(layout.eval_metrics, {k: v for k, v in metrics.items() if k not in IDENTITY})
     log(f"logged to MLflow run {metrics['mlflow_run_id']}")
     return metrics
 
 
-def evaluate(params: EvalParams, paths: Paths = Paths()) -> dict:
+def evaluate(params: EvalParams, layout: Layout = PROJECT) -> dict:
     """Check inputs, then compute every metric and write every output; return metrics/eval.json's content."""
     started = time.perf_counter()
-    meta = check_inputs(params, paths)
-    paths.metrics.unlink(missing_ok=True)  # a failure below must not leave the previous numbers for register
+    meta = check_inputs(params, layout)
+    layout.eval_metrics.unlink(missing_ok=True)  # a failure below must not leave the previous numbers for register
     torch.manual_seed(params.seed)
-    engine = load_engine(paths.model, meta)
+    engine = load_engine(layout.model, meta)
     rolling_cache: dict[tuple, float] = {}  # held-out log-likelihoods, reused by lm-eval's perplexity task
-    test_texts = read_texts(paths.clean / "test.jsonl")
-    metrics = held_out_metrics(engine, meta, test_texts, params, paths, rolling_cache)
-    metrics.update(benchmark_scores(engine, test_texts, params, paths, rolling_cache))
+    test_texts = read_texts(layout.clean / "test.jsonl")
+    metrics = held_out_metrics(engine, meta, test_texts, params, layout, rolling_cache)
+    metrics.update(benchmark_scores(engine, test_texts, params, layout, rolling_cache))
 
     log("generation samples")
-    rows = sample_prompts(params, test_texts, paths.clean / "train.jsonl", engine.encode, engine.decode)
+    rows = sample_prompts(params, test_texts, layout.clean / "train.jsonl", engine.encode, engine.decode)
     samples = generate_samples(engine, rows, params.sample_max_tokens, params.seed)
-    attention_png(engine, rows[0]["prompt"] if rows else "The", paths.plots / "attention.png")
+    attention_png(engine, rows[0]["prompt"] if rows else "The", layout.eval_plots / "attention.png")
 
     metrics["num_fewshot"] = ",".join(str(k) for k in params.num_fewshot)
     metrics["samples"] = {"bleu": samples["bleu"], "rougeL": samples["rougeL"], "count": len(samples["rows"])}
-    metrics["model_sha256"] = content_hash(paths.model / "model.safetensors")
-    metrics["tokenizer_sha256"] = sha256_file(paths.model / "tokenizer.json")
-    metrics["test_data_sha256"] = content_hash(paths.clean / "test.jsonl")
+    metrics["model_sha256"] = content_hash(layout.model / "model.safetensors")
+    metrics["tokenizer_sha256"] = sha256_file(layout.model / "tokenizer.json")
+    metrics["test_data_sha256"] = content_hash(layout.clean / "test.jsonl")
     metrics["test_window_stride"] = params.stride or engine.config.block_size
     metrics["seconds"] = round(time.perf_counter() - started, 1)
-    return write_outputs(metrics, samples["rows"], params, paths)
+    return write_outputs(metrics, samples["rows"], params, layout)
 
 
-def summarize(params: Params) -> str:
+def summarize(params: Params, layout: Layout) -> str:
     """Evaluate artifacts/model; the line printed on success."""
-    metrics = evaluate(params.eval)
+    metrics = evaluate(params.eval, layout)
     tasks = {k: v for k, v in metrics.items() if isinstance(v, dict) and k not in ("reference", "samples")}
     return (
         f"test_loss {metrics['test_loss']:.4f}, test_ppl {metrics['test_ppl']:.2f}, "
@@ -453,6 +450,25 @@ def summarize(params: Params) -> str:
     )
 
 
-def main() -> int:
-    """`python -m pipelines.evaluate`: the exit status (pipelines/common/runner.py)."""
-    return run_stage("evaluate", summarize)
+def options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, help="evaluate this model folder instead of the root's artifacts/model")
+    parser.add_argument(
+        "--out", type=Path, help="write reports/eval, metrics/eval.json and plots/eval under this folder instead"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pipelines.evaluate [--root DIR] [--model DIR] [--out DIR]`: the exit status (runner.py).
+
+    --model and --out evaluate another model folder (a registered version, downloaded) on the project's data
+    without touching the outputs DVC tracks."""
+    args = stage_arguments("evaluate", argv, options)
+    layout = PROJECT.under(args.root)
+    if args.model:
+        layout = replace(layout, model=args.model)
+    if args.out:
+        out = PROJECT.under(args.out)
+        layout = replace(
+            layout, eval_reports=out.eval_reports, eval_metrics=out.eval_metrics, eval_plots=out.eval_plots
+        )
+    return run_in("evaluate", summarize, layout)

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from pipelines.common.atomic import atomic_dir, is_out_of_space, out_of_space_stops_stage, scratch_dir, write_json
 from pipelines.common.hashing import sha256_file
+from pipelines.common.layout import PROJECT, Layout
 from pipelines.common.params import DataParams, HfSource, LocalSource, Params, PypiSdistSource, Source
 from pipelines.common.runner import run_stage
 from pipelines.ingest.archive import extract
@@ -38,7 +39,6 @@ from pipelines.ingest.sdist import download_sdist
 
 __all__ = ["IngestError", "ingest", "matches"]
 
-RAW_DIR = Path("data/raw")
 MANIFEST = "manifest.json"
 SCRATCH = ".ingest-scratch-"  # downloads, beside data/raw; removed after a crash by the next run
 
@@ -162,8 +162,8 @@ def ingest_pypi_sdist(source: PypiSdistSource, dest: Path, manifest: dict, scrat
     manifest["archives"].append({"source": label, **provenance})
 
 
-def ingest_local(source: LocalSource, dest: Path, manifest: dict) -> None:
-    root = Path(source.path)
+def ingest_local(source: LocalSource, dest: Path, manifest: dict, base: Path = Path(".")) -> None:
+    root = base / source.path  # a relative path is from the project root
     if not root.is_dir():
         raise IngestError(
             f"local source folder '{source.path}' does not exist or is not a folder. "
@@ -233,8 +233,14 @@ def ingest_hf(source: HfSource, dest: Path, manifest: dict) -> None:
 DEFAULT_MAX_FILE_BYTES = DataParams.model_fields["max_file_bytes"].default
 
 
-def ingest(sources: list[Source], raw_dir: Path = RAW_DIR, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> dict:
-    """Copy all sources into raw_dir (replaced whole, atomically) and return the manifest."""
+def ingest(
+    sources: list[Source],
+    raw_dir: Path = PROJECT.raw,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    base: Path = Path("."),
+) -> dict:
+    """Copy all sources into raw_dir (replaced whole, atomically) and return the manifest; `base` is the root
+    that relative local paths start from."""
     manifest: dict = {"files": [], "skipped": [], "archives": []}
     ids = [source_id(s) for s in sources]
     duplicated = {i for i in ids if ids.count(i) > 1}
@@ -245,7 +251,7 @@ def ingest(sources: list[Source], raw_dir: Path = RAW_DIR, max_file_bytes: int =
             if isinstance(source, PypiSdistSource):
                 ingest_pypi_sdist(source, tmp / sid, manifest, scratch / sid, max_file_bytes)
             elif isinstance(source, LocalSource):
-                ingest_local(source, tmp / sid, manifest)
+                ingest_local(source, tmp / sid, manifest, base)
             else:
                 ingest_hf(source, tmp / sid, manifest)
         manifest["files"].sort(key=lambda e: e["file"])
@@ -254,14 +260,15 @@ def ingest(sources: list[Source], raw_dir: Path = RAW_DIR, max_file_bytes: int =
     return manifest
 
 
-def summarize(params: Params) -> str:
+def summarize(params: Params, layout: Layout) -> str:
     """Run the stage on params.yaml's sources; the line printed on success."""
-    manifest = ingest(params.data.sources, RAW_DIR, params.data.max_file_bytes)
+    base = layout.params.parent
+    manifest = ingest(params.data.sources, layout.raw, params.data.max_file_bytes, base)
     total = sum(f["bytes"] for f in manifest["files"])
     skipped = f", {len(manifest['skipped'])} skipped (see manifest.json)" if manifest["skipped"] else ""
-    return f"{len(manifest['files'])} files, {total / 1e6:.1f} MB into {RAW_DIR}/{skipped}"
+    return f"{len(manifest['files'])} files, {total / 1e6:.1f} MB into {layout.raw}/{skipped}"
 
 
-def main() -> int:
-    """`python -m pipelines.ingest`: the exit status (pipelines/common/runner.py)."""
-    return run_stage("ingest", summarize)
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pipelines.ingest [--root DIR]`: the exit status (pipelines/common/runner.py)."""
+    return run_stage("ingest", summarize, argv)

@@ -35,7 +35,6 @@ import json
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -50,6 +49,7 @@ from pipelines.common.clean_split import read_texts
 from pipelines.common.contracts import CHALLENGER, CHAMPION, HEADLINE_METRICS, HF_MODEL_PATH
 from pipelines.common.hashing import content_hash
 from pipelines.common.heldout import SCORER, held_out
+from pipelines.common.layout import PROJECT, Layout
 from pipelines.common.model_folder import check_model_dir
 from pipelines.common.params import Params, RegistryParams
 from pipelines.common.runner import StageError, run_stage, stage_log
@@ -66,17 +66,6 @@ from pipelines.register.lock import LockLost, RegistrationLock, error_code
 from pipelines.register.model_card import render_card
 
 
-@dataclass(frozen=True)
-class Paths:
-    model: Path = Path("artifacts/model")
-    metrics: Path = Path("metrics/eval.json")
-    evaluated: Path = Path("reports/eval/evaluated.json")
-    samples: Path = Path("reports/eval/samples.json")
-    clean: Path = Path("data/clean")  # read only when the champion must be re-evaluated on a changed split
-    out: Path = Path("artifacts/registered.json")
-    lock_file: Path = Path("dvc.lock")
-
-
 class RegisterError(StageError):
     """Registration cannot proceed; the message says why and what to do."""
 
@@ -87,20 +76,20 @@ log = stage_log("register")
 # --- checks ----------------------------------------------------------------------------------------
 
 
-def read_evaluation(paths: Paths) -> dict:
+def read_evaluation(layout: Layout) -> dict:
     """metrics/eval.json, after checking it is complete and describes the model in artifacts/model."""
-    check_model_dir(paths.model)
-    if not paths.metrics.is_file():
-        raise RegisterError(f"{paths.metrics} missing: run the evaluate stage first (dvc repro evaluate)")
-    if not paths.evaluated.is_file():
-        raise RegisterError(f"{paths.evaluated} missing: rerun the evaluate stage (dvc repro evaluate)")
-    metrics = {**json.loads(paths.metrics.read_text()), **json.loads(paths.evaluated.read_text())}
+    check_model_dir(layout.model)
+    if not layout.eval_metrics.is_file():
+        raise RegisterError(f"{layout.eval_metrics} missing: run the evaluate stage first (dvc repro evaluate)")
+    if not layout.evaluated.is_file():
+        raise RegisterError(f"{layout.evaluated} missing: rerun the evaluate stage (dvc repro evaluate)")
+    metrics = {**json.loads(layout.eval_metrics.read_text()), **json.loads(layout.evaluated.read_text())}
     missing = [k for k in ("test_bpb", "model_sha256", "test_data_sha256") if k not in metrics]
     if missing:
-        raise RegisterError(f"{paths.metrics} lacks {missing}: rerun the evaluate stage (dvc repro evaluate)")
-    if metrics["model_sha256"] != content_hash(paths.model / "model.safetensors"):
+        raise RegisterError(f"{layout.eval_metrics} lacks {missing}: rerun the evaluate stage (dvc repro evaluate)")
+    if metrics["model_sha256"] != content_hash(layout.model / "model.safetensors"):
         raise RegisterError(
-            f"{paths.metrics} describes another model than {paths.model}: rerun the evaluate stage (dvc repro evaluate)"
+            f"{layout.eval_metrics} describes another model than {layout.model}: rerun the evaluate stage (dvc repro evaluate)"
         )
     return metrics
 
@@ -120,10 +109,10 @@ def reevaluate_bpb(model_uri: str, test_file: Path, stride: int | None) -> float
     ]
 
 
-def decide(client, name: str, version: str, metrics: dict, params: RegistryParams, paths: Paths) -> dict:
+def decide(client, name: str, version: str, metrics: dict, params: RegistryParams, layout: Layout) -> dict:
     """Promote or not, with the reason; called under the registration lock. With registry.promotion manual the
     rule's verdict is recorded as `would_promote` and the version waits as challenger for a reviewer."""
-    decision = rule(client, name, version, metrics, params, paths)
+    decision = rule(client, name, version, metrics, params, layout)
     if params.promotion == "manual" and decision["promoted"] and not decision["why"].startswith("already champion"):
         return {
             **decision,
@@ -152,7 +141,7 @@ def scored_differently(champion_tags: dict, metrics: dict) -> str:
     return "; ".join(reasons)
 
 
-def rule(client, name: str, version: str, metrics: dict, params: RegistryParams, paths: Paths) -> dict:
+def rule(client, name: str, version: str, metrics: dict, params: RegistryParams, layout: Layout) -> dict:
     """The champion rule: first model, forced, or better than the champion by registry.min_improvement."""
     bpb = metrics["test_bpb"]
     champion = version_by_alias(client, name, CHAMPION)
@@ -176,7 +165,7 @@ def rule(client, name: str, version: str, metrics: dict, params: RegistryParams,
         why = differs or "it has no test_bpb"
         log(f"champion v{champion.version} was scored differently ({why}): re-evaluating it as this model was")
         decision["champion_test_bpb"] = reevaluate_bpb(
-            f"models:/{name}/{champion.version}", paths.clean / "test.jsonl", metrics.get("test_window_stride")
+            f"models:/{name}/{champion.version}", layout.clean / "test.jsonl", metrics.get("test_window_stride")
         )
         where = f"re-evaluated on the current test split as this model was ({why})"
     else:
@@ -194,18 +183,20 @@ def rule(client, name: str, version: str, metrics: dict, params: RegistryParams,
 # --- logging the model -----------------------------------------------------------------------------
 
 
-def version_tags(metrics: dict, run_id: str, n_params: int, paths: Paths) -> dict[str, str]:
+def version_tags(metrics: dict, run_id: str, n_params: int, layout: Layout) -> dict[str, str]:
     tags = {
         "git_commit": git_commit() or "unknown",
         "run_id": run_id,
-        "training_run_id": training_run_id(paths.model) or "unknown",
+        "training_run_id": training_run_id(layout.model) or "unknown",
         "parameters": str(n_params),
         "tokenizer_sha256": str(metrics.get("tokenizer_sha256")),
         "test_data_sha256": metrics["test_data_sha256"],
         "test_window_stride": str(metrics.get("test_window_stride")),
         "test_scorer": SCORER,  # with the two above: how test_bpb was measured (scored_differently)
     }
-    for path, digest in input_hashes(["data/clean", "data/tokenizer", "data/tokens"], paths.lock_file).items():
+    for path, digest in input_hashes(
+        [layout.key(p) for p in (layout.clean, layout.tokenizer, layout.tokens)], layout.dvc_lock, layout.root
+    ).items():
         tags[f"dvc_hash.{path}"] = digest
     flat = flat_metrics(metrics)
     for key, value in flat.items():
@@ -293,7 +284,7 @@ def alias_version(client, name: str, alias: str) -> int | None:
     return int(version.version) if version else None
 
 
-def settle(client, lock: RegistrationLock, version, metrics: dict, params: RegistryParams, paths: Paths) -> dict:
+def settle(client, lock: RegistrationLock, version, metrics: dict, params: RegistryParams, layout: Layout) -> dict:
     """Decide (or take up the decision an interrupted run recorded) and point the aliases; under the lock.
 
     The decision is recorded as the version's `decision` tag before any alias moves. A rerun keeps it only if
@@ -305,7 +296,7 @@ def settle(client, lock: RegistrationLock, version, metrics: dict, params: Regis
     if pending and pending["promoted"] and alias_version(client, name, CHAMPION) == int(v):
         decision = pending
     else:
-        decision = decide(client, name, v, metrics, params, paths)
+        decision = decide(client, name, v, metrics, params, layout)
         lock.ensure()
         client.set_model_version_tag(name, v, "decision", json.dumps(decision))
         reached("decided")
@@ -331,7 +322,7 @@ def register_and_decide(
     tags: dict[str, str],
     metrics: dict,
     params: RegistryParams,
-    paths: Paths,
+    layout: Layout,
 ):
     """Under the registration lock: find or create this registration's version, then decide the champion.
     A lost lock (another registration took it over) means deciding again, at most three times."""
@@ -341,10 +332,10 @@ def register_and_decide(
             with RegistrationLock(client, name, params.lock_timeout_s) as lock:
                 version = find_version(client, name, tags["registration_key"])
                 if version is None:  # not yet registered (or deleted since): register under the lock
-                    model_uri = model_uri or log_pyfunc(paths.model, run_id, ["To be, or not to be"]).model_uri
+                    model_uri = model_uri or log_pyfunc(layout.model, run_id, ["To be, or not to be"]).model_uri
                     version = create_version(client, lock, name, model_uri, tags)
                     reached("registered")
-                return version, settle(client, lock, version, metrics, params, paths)
+                return version, settle(client, lock, version, metrics, params, layout)
         except LockLost as exc:
             log(f"{exc}: deciding again")
     raise RegisterError(
@@ -362,11 +353,11 @@ def write_card(
     metrics: dict,
     train_metrics: dict,
     decision: dict,
-    paths: Paths,
+    layout: Layout,
 ) -> None:
     """The model card as the version's description and as a file of the run."""
-    config = json.loads((paths.model / "config.json").read_text()).get("quill_config", {})
-    samples = json.loads(paths.samples.read_text()) if paths.samples.is_file() else []
+    config = json.loads((layout.model / "config.json").read_text()).get("quill_config", {})
+    samples = json.loads(layout.eval_samples.read_text()) if layout.eval_samples.is_file() else []
     lineage = {
         k: v
         for k, v in tags.items()
@@ -381,14 +372,14 @@ def write_card(
     reached("carded")
 
 
-def register(params: RegistryParams, paths: Paths = Paths()) -> dict:
+def register(params: RegistryParams, layout: Layout = PROJECT) -> dict:
     """Log, register, decide, write artifacts/registered.json; return its content.
 
     Idempotent: a rerun (after a crash anywhere in here) finds the version this registration created, by its
     `registration_key` tag, and finishes what is missing (decision, aliases, tags, model card, registered.json).
     The `promoted` tag is written last of the decision's tags: its presence means the decision is complete.
     """
-    metrics = read_evaluation(paths)
+    metrics = read_evaluation(layout)
     uri = check_tracking()
     mlflow.set_tracking_uri(uri)
     client = tracking.mlflow_client(uri)
@@ -403,9 +394,9 @@ def register(params: RegistryParams, paths: Paths = Paths()) -> dict:
             "rerun the evaluate stage against this tracking store (dvc repro evaluate -f)"
         )
     name = params.model_name
-    n_params = load_pretrained(paths.model).num_params()
+    n_params = load_pretrained(layout.model).num_params()
 
-    tags = version_tags(metrics, run_id, n_params, paths)
+    tags = version_tags(metrics, run_id, n_params, layout)
     tags["model_sha256"] = metrics["model_sha256"]
     tags["registration_key"] = registration_key(metrics, tags["training_run_id"])
     train_metrics = training_metrics(client, tags["training_run_id"])  # read before anything is registered
@@ -413,7 +404,7 @@ def register(params: RegistryParams, paths: Paths = Paths()) -> dict:
     version, model_uri = find_version(client, name, tags["registration_key"]), None
     if version is None:
         log(f"logging the pyfunc model to run {run_id}")
-        model_uri = log_pyfunc(paths.model, run_id, ["To be, or not to be"]).model_uri
+        model_uri = log_pyfunc(layout.model, run_id, ["To be, or not to be"]).model_uri
         reached("logged")
     else:
         log(f"{name} v{version.version} is this model's registration from an earlier run: finishing it")
@@ -421,13 +412,13 @@ def register(params: RegistryParams, paths: Paths = Paths()) -> dict:
     if version is not None and "promoted" in version.tags and "decision" in version.tags:
         decision = json.loads(version.tags["decision"])
     else:
-        version, decision = register_and_decide(client, run_id, model_uri, tags, metrics, params, paths)
+        version, decision = register_and_decide(client, run_id, model_uri, tags, metrics, params, layout)
     v = str(version.version)
     client.set_model_version_tag(name, v, "promotion_reason", decision["why"])
     client.set_model_version_tag(name, v, "forced", str(decision["forced"]).lower())
     client.set_model_version_tag(name, v, "promoted", str(decision["promoted"]).lower())  # last: decision complete
     reached("tagged")
-    write_card(client, name, v, run_id, tags, metrics, train_metrics, decision, paths)
+    write_card(client, name, v, run_id, tags, metrics, train_metrics, decision, layout)
 
     aliases = client.get_model_version(name, v).aliases
     result = {
@@ -440,19 +431,19 @@ def register(params: RegistryParams, paths: Paths = Paths()) -> dict:
         "test_bpb": metrics["test_bpb"],
         **decision,
     }
-    write_json(paths.out, result)
+    write_json(layout.registered, result)
     return result
 
 
-def summarize(params: Params) -> str:
+def summarize(params: Params, layout: Layout) -> str:
     """Register artifacts/model and decide on the champion; the line printed on success."""
-    result = register(params.registry)
+    result = register(params.registry, layout)
     return (
         f"{result['model_name']} v{result['version']} {result['aliases']}: "
         f"{'promoted' if result['promoted'] else 'not promoted'} ({result['why']})"
     )
 
 
-def main() -> int:
-    """`python -m pipelines.register`: the exit status (pipelines/common/runner.py)."""
-    return run_stage("register", summarize)
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pipelines.register [--root DIR]`: the exit status (pipelines/common/runner.py)."""
+    return run_stage("register", summarize, argv)

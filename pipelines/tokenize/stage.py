@@ -27,13 +27,10 @@ from tqdm import tqdm
 from pipelines.common.atomic import atomic_dir, write_json
 from pipelines.common.clean_split import iter_texts
 from pipelines.common.hashing import sha256_file
+from pipelines.common.layout import PROJECT, Layout
 from pipelines.common.params import Params, TokenizerParams
 from pipelines.common.runner import StageError, run_stage
 
-CLEAN_DIR = Path("data/clean")
-TOKENIZER_DIR = Path("data/tokenizer")
-TOKENS_DIR = Path("data/tokens")
-METRICS_FILE = Path("metrics/tokenize.json")
 SPLITS = ("train", "val", "test")
 
 EOT = "<|endoftext|>"  # separates documents; also bos/eos/pad for Hugging Face tools
@@ -131,10 +128,10 @@ def encode_split(
 
 def tokenize_corpus(
     params: TokenizerParams,
-    clean_dir: Path = CLEAN_DIR,
-    tokenizer_dir: Path = TOKENIZER_DIR,
-    tokens_dir: Path = TOKENS_DIR,
-    metrics_file: Path = METRICS_FILE,
+    clean_dir: Path = PROJECT.clean,
+    tokenizer_dir: Path = PROJECT.tokenizer,
+    tokens_dir: Path = PROJECT.tokens,
+    metrics_file: Path = PROJECT.tokenize_metrics,
 ) -> dict:
     """Train the tokenizer on train, encode every split, write outputs atomically; return the metrics."""
     sources = {split: clean_dir / f"{split}.jsonl" for split in SPLITS}
@@ -193,15 +190,15 @@ def tokenize_corpus(
     return metrics
 
 
-def summarize(params: Params) -> str:
+def summarize(params: Params, layout: Layout) -> str:
     """Run the stage on data/clean; the line printed on success."""
-    metrics = tokenize_corpus(params.tokenizer)
+    metrics = tokenize_corpus(params.tokenizer, layout.clean, layout.tokenizer, layout.tokens, layout.tokenize_metrics)
     return (
         f"vocab {metrics['vocab_size']}, tokens {metrics['tokens']}, "
         f"{metrics['bytes_per_token']} bytes/token, {metrics['encode_mb_per_s']} MB/s"
     )
 
 
-def main() -> int:
-    """`python -m pipelines.tokenize`: the exit status (pipelines/common/runner.py)."""
-    return run_stage("tokenize", summarize)
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pipelines.tokenize [--root DIR]`: the exit status (pipelines/common/runner.py)."""
+    return run_stage("tokenize", summarize, argv)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -40,6 +39,7 @@ from model import save_pretrained
 from model.transformer import Block
 from pipelines.common import tracking
 from pipelines.common.atomic import write_json
+from pipelines.common.layout import PROJECT, Layout
 from pipelines.common.params import Params, TrainParams
 from pipelines.common.runner import StageError, run_stage, stage_log
 from pipelines.common.tracking import RUN_FILE
@@ -50,17 +50,6 @@ from pipelines.train.log import StepProgressBar, TrainLog
 from pipelines.train.resume import fingerprint, incompatibilities, settle_other_runs, shard_digests
 
 SIGTERM_EXIT = 143  # 128 + SIGTERM: the stage did not finish, so DVC must not record its outputs
-
-
-@dataclass(frozen=True)
-class Paths:
-    tokens: Path = Path("data/tokens")
-    tokenizer: Path = Path("data/tokenizer")
-    checkpoints: Path = Path("checkpoints")
-    model_out: Path = Path("artifacts/model")
-    metrics: Path = Path("metrics/train.json")
-    plots: Path = Path("plots/train")
-    lock_file: Path = Path("dvc.lock")
 
 
 class TrainError(StageError):
@@ -139,7 +128,7 @@ def build_trainer(
 # --- MLflow -------------------------------------------------------------------------------------
 
 
-def start_run(client, run_id: str | None, params: Params, run_info: dict, extra: dict, paths: Paths) -> str:
+def start_run(client, run_id: str | None, params: Params, run_info: dict, extra: dict, layout: Layout) -> str:
     """Continue `run_id` if the store still has it, else create a run with every param that shaped it."""
     if run_id is not None:
         try:
@@ -163,7 +152,9 @@ def start_run(client, run_id: str | None, params: Params, run_info: dict, extra:
     logged.update(extra)
     logged["git_commit"] = tracking.git_commit()
     logged["tokenizer_sha256"] = run_info["tokenizer_sha256"]
-    for path, digest in tracking.input_hashes([str(paths.tokens), str(paths.tokenizer)], paths.lock_file).items():
+    for path, digest in tracking.input_hashes(
+        [layout.key(layout.tokens), layout.key(layout.tokenizer)], layout.dvc_lock, layout.root
+    ).items():
         logged[f"dvc.{Path(path).name}"] = digest  # dvc.tokens, dvc.tokenizer
     items = [Param(k, str(v)) for k, v in logged.items()]
     for i in range(0, len(items), 100):  # the store takes at most 100 params per batch
@@ -174,10 +165,10 @@ def start_run(client, run_id: str | None, params: Params, run_info: dict, extra:
 # --- the stage ----------------------------------------------------------------------------------
 
 
-def plan_run(params: Params, paths: Paths, data: TokenData):
+def plan_run(params: Params, layout: Layout, data: TokenData):
     """The model config and what identifies this run (run_info: config, tokenizer, shards, train.*, fingerprint)."""
-    if not (paths.tokenizer / "tokenizer.json").is_file():
-        raise DataError(f"{paths.tokenizer / 'tokenizer.json'} not found: run dvc repro tokenize first")
+    if not (layout.tokenizer / "tokenizer.json").is_file():
+        raise DataError(f"{layout.tokenizer / 'tokenizer.json'} not found: run dvc repro tokenize first")
     try:
         config = params.model.config(data.vocab_size)
     except ValueError as exc:
@@ -185,7 +176,7 @@ def plan_run(params: Params, paths: Paths, data: TokenData):
     run_info = {
         "model_config": config.to_dict(),
         "tokenizer_sha256": data.tokenizer_sha256,
-        "shards": shard_digests(paths.tokens),
+        "shards": shard_digests(layout.tokens),
         "world_size": None,  # and total_steps: known once the trainer is built
         "train": params.train.model_dump(),
         "mlflow_run_id": None,
@@ -239,17 +230,17 @@ def fit(
 
 
 def train(
-    params: Params, paths: Paths = Paths(), *, fast_dev_run: bool = False, tracking_uri: str | None = None
+    params: Params, layout: Layout = PROJECT, *, fast_dev_run: bool = False, tracking_uri: str | None = None
 ) -> dict:
     """Train (or resume, or re-export a finished run) and write every output; return metrics/train.json's dict."""
     t = params.train
-    data = TokenData.open(paths.tokens)
-    config, run_info = plan_run(params, paths, data)
+    data = TokenData.open(layout.tokens)
+    config, run_info = plan_run(params, layout, data)
     cuda = uses_cuda(t.accelerator)
     precision = resolve_precision(t.precision, cuda, cuda and torch.cuda.is_bf16_supported())
     if cuda:
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls that remain
-    run_dir = paths.checkpoints / run_info["fingerprint"]  # this configuration's checkpoints (resume.py)
+    run_dir = layout.checkpoints / run_info["fingerprint"]  # this configuration's checkpoints (resume.py)
     found = None if fast_dev_run else latest_valid(run_dir)
     checkpoint_io = SafeCheckpointIO({str(found[0]): found[1]} if found else None)
     step_ckpt = StepCheckpoint(run_dir, t.checkpoint_every, t.keep_checkpoints)
@@ -267,7 +258,7 @@ def train(
         trainer.fit_loop.epoch_loop.max_steps = steps  # a token budget needs the world size, known only now
     run_info.update(world_size=world_size, total_steps=steps)
     if trainer.is_global_zero and not fast_dev_run:
-        for line in settle_other_runs(paths.checkpoints, run_info, run_info["fingerprint"]):
+        for line in settle_other_runs(layout.checkpoints, run_info, run_info["fingerprint"]):
             say(line)
     resumed_from = resume_step(found, run_info, t, steps, run_dir)
 
@@ -284,7 +275,7 @@ def train(
             "params": lit.model.num_params(),
             "vocab_size": data.vocab_size,
         }
-        run_info["mlflow_run_id"] = start_run(client, run_info["mlflow_run_id"], params, run_info, extra, paths)
+        run_info["mlflow_run_id"] = start_run(client, run_info["mlflow_run_id"], params, run_info, extra, layout)
     lit.run_info = run_info
     log = TrainLog(
         tokens_per_step,
@@ -312,16 +303,16 @@ def train(
     }
     if fast_dev_run or not trainer.is_global_zero:
         return metrics
-    export(lit, log, metrics, run_info, paths, client, tracking_uri)
+    export(lit, log, metrics, run_info, layout, client, tracking_uri)
     return metrics
 
 
-def export(lit: LitGPT, log: TrainLog, metrics: dict, run_info: dict, paths: Paths, client, tracking_uri) -> None:
+def export(lit: LitGPT, log: TrainLog, metrics: dict, run_info: dict, layout: Layout, client, tracking_uri) -> None:
     """Write the model folder, metrics and plots, and attach them to the MLflow run (rank 0 only)."""
-    save_pretrained(lit.model, paths.model_out, tokenizer_dir=paths.tokenizer)
+    save_pretrained(lit.model, layout.model, tokenizer_dir=layout.tokenizer)
     run_id = run_info["mlflow_run_id"]
     write_json(
-        paths.model_out / RUN_FILE,
+        layout.model / RUN_FILE,
         {
             "mlflow_run_id": run_id,
             "mlflow_tracking_uri": tracking_uri or tracking.tracking_uri(),
@@ -330,8 +321,8 @@ def export(lit: LitGPT, log: TrainLog, metrics: dict, run_info: dict, paths: Pat
             "tokenizer_sha256": run_info["tokenizer_sha256"],
         },
     )
-    write_json(paths.metrics, metrics)
-    png = log.write_plots(paths.plots)
+    write_json(layout.train_metrics, metrics)
+    png = log.write_plots(layout.train_plots)
     if client is not None:
         final = [
             Metric(f"final_{k}", float(v), 0, metrics["steps"])
@@ -340,10 +331,10 @@ def export(lit: LitGPT, log: TrainLog, metrics: dict, run_info: dict, paths: Pat
         ]
         client.log_batch(run_id, metrics=final, synchronous=True)
         client.log_artifact(run_id, str(png), artifact_path="plots")
-        for csv_file in sorted(paths.plots.glob("*.csv")):
+        for csv_file in sorted(layout.train_plots.glob("*.csv")):
             client.log_artifact(run_id, str(csv_file), artifact_path="plots")
-        client.log_artifact(run_id, str(paths.metrics), artifact_path="metrics")
-        client.log_artifacts(run_id, str(paths.model_out), artifact_path="model")
+        client.log_artifact(run_id, str(layout.train_metrics), artifact_path="metrics")
+        client.log_artifacts(run_id, str(layout.model), artifact_path="model")
         _end_run(client, run_info, "FINISHED")
 
 
@@ -352,15 +343,15 @@ def _end_run(client, run_info: dict, status: str) -> None:
         client.set_terminated(run_info["mlflow_run_id"], status=status)
 
 
-def summarize(params: Params) -> str:
+def summarize(params: Params, layout: Layout) -> str:
     """Train (or resume); the line printed on success."""
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # no GPU/TPU banner lines
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning 2.6 on torch 2.13, harmless
-    metrics = train(params)
+    metrics = train(params, layout)
     return json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
 
 
-def main() -> int:
-    """`python -m pipelines.train`: the exit status (pipelines/common/runner.py)."""
-    return run_stage("train", summarize)
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pipelines.train [--root DIR]`: the exit status (pipelines/common/runner.py)."""
+    return run_stage("train", summarize, argv)

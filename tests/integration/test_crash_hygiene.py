@@ -23,7 +23,7 @@ import pipelines.{stage}.stage as stage
 def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
 stage.{step} = die
-sys.exit(stage.main())
+sys.exit(stage.main([]))
 """
 
 

@@ -270,7 +270,7 @@ def _main(module) -> tuple[int, str]:
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        code = module.main()
+        code = module.main([])
     return code, err.getvalue()
 
 
@@ -286,7 +286,7 @@ def reached(point):
     if point == sys.argv[1]:
         os.kill(os.getpid(), signal.SIGKILL)
 stage.reached = reached
-sys.exit(stage.main())
+sys.exit(stage.main([]))
 """
 
 

@@ -381,7 +381,7 @@ def run_main(module) -> tuple[int, str]:
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        code = module.main()
+        code = module.main([])
     return code, err.getvalue()
 
 

@@ -17,13 +17,13 @@ import torch
 from tqdm import tqdm
 
 from model import GPT, GPTConfig, load_pretrained
+from pipelines.common.layout import Layout
 from pipelines.common.params import TrainParams, parse_params
 from pipelines.train import checkpoints as ckpt
 from pipelines.train.data import DataError, TokenData, TrainWindows, bits_per_byte, val_offsets, window_offsets
 from pipelines.train.lit_gpt import LitGPT, lr_at, param_groups
 from pipelines.train.resume import fingerprint, incompatibilities, stored_runs
 from pipelines.train.stage import (
-    Paths,
     TrainError,
     resolve_precision,
     resolve_strategy,
@@ -50,20 +50,11 @@ def make_params(**train):
 
 
 @pytest.fixture
-def work(tmp_path: Path, shards: Path, mlflow_uri: str) -> tuple[Paths, str]:
-    """Paths for one run (inputs are copies, outputs in tmp_path) and a fresh MLflow store."""
+def work(tmp_path: Path, shards: Path, mlflow_uri: str) -> tuple[Layout, str]:
+    """The layout of one run (inputs are copies, outputs in tmp_path) and a fresh MLflow store."""
     shutil.copytree(shards / "tokens", tmp_path / "data" / "tokens")
     shutil.copytree(shards / "tokenizer", tmp_path / "data" / "tokenizer")
-    paths = Paths(
-        tokens=tmp_path / "data" / "tokens",
-        tokenizer=tmp_path / "data" / "tokenizer",
-        checkpoints=tmp_path / "checkpoints",
-        model_out=tmp_path / "artifacts" / "model",
-        metrics=tmp_path / "metrics" / "train.json",
-        plots=tmp_path / "plots" / "train",
-        lock_file=tmp_path / "dvc.lock",
-    )
-    return paths, mlflow_uri
+    return Layout().under(tmp_path), mlflow_uri
 
 
 # --- pure pieces --------------------------------------------------------------------------------
@@ -285,7 +276,7 @@ def test_fast_dev_run_trains_one_step_and_writes_nothing(work):
     paths, uri = work
     metrics = train(make_params(), paths, fast_dev_run=True, tracking_uri=uri)
     assert metrics["steps"] == 1 and math.isfinite(metrics["train_loss"]) and metrics["mfu"] is None
-    assert not paths.checkpoints.exists() and not paths.model_out.exists() and not paths.metrics.exists()
+    assert not paths.checkpoints.exists() and not paths.model.exists() and not paths.train_metrics.exists()
 
 
 def test_training_lowers_the_loss_and_fills_the_mlflow_run(work):
@@ -295,7 +286,7 @@ def test_training_lowers_the_loss_and_fills_the_mlflow_run(work):
     metrics = train(make_params(max_steps=40, val_every=20, checkpoint_every=20), paths, tracking_uri=uri)
 
     # metrics/train.json: the documented keys, and learning happened
-    saved = json.loads(paths.metrics.read_text())
+    saved = json.loads(paths.train_metrics.read_text())
     assert set(saved) == {
         "steps",
         "tokens_seen",
@@ -310,7 +301,7 @@ def test_training_lowers_the_loss_and_fills_the_mlflow_run(work):
     assert saved == pytest.approx(metrics)
     assert saved["steps"] == 40 and saved["tokens_seen"] == 40 * 4 * 64 and saved["resumed_from_step"] == 0
     assert saved["mfu"] is None and saved["tokens_per_s"] > 0
-    rows = list(csv_rows(paths.plots / "train.csv"))
+    rows = list(csv_rows(paths.train_plots / "train.csv"))
     first_loss = float(rows[0]["train_loss"])
     assert abs(first_loss - math.log(512)) < 0.5  # starts near uniform over the vocabulary
     assert saved["train_loss"] < first_loss - 0.8 and saved["val_loss"] < math.log(512) - 0.8
@@ -320,12 +311,12 @@ def test_training_lowers_the_loss_and_fills_the_mlflow_run(work):
 
     # curves for dvc plots, checkpoints, and the model folder
     assert [int(r["step"]) for r in rows] == list(range(2, 41, 2))
-    assert [int(r["step"]) for r in csv_rows(paths.plots / "val.csv")] == [20, 40]
-    assert (paths.plots / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert [int(r["step"]) for r in csv_rows(paths.train_plots / "val.csv")] == [20, 40]
+    assert (paths.train_plots / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert [s for s, _ in ckpt.list_checkpoints(run_dir(paths))] == [40, 20]
-    model = load_pretrained(paths.model_out)
+    model = load_pretrained(paths.model)
     assert model.config.vocab_size == 512 and model.config.n_layer == 2
-    run_file = json.loads((paths.model_out / "quill_run.json").read_text())
+    run_file = json.loads((paths.model / "quill_run.json").read_text())
     assert run_file["mlflow_tracking_uri"] == uri and run_file["steps"] == 40
 
     # the MLflow run, read back from the store
@@ -350,10 +341,10 @@ def test_training_lowers_the_loss_and_fills_the_mlflow_run(work):
     # running again with nothing changed re-exports from the final checkpoint without training
     again = train(make_params(max_steps=40, val_every=20, checkpoint_every=20), paths, tracking_uri=uri)
     assert again["resumed_from_step"] == 40 and again["val_loss"] == pytest.approx(saved["val_loss"])
-    assert json.loads((paths.model_out / "quill_run.json").read_text())["mlflow_run_id"] == run.info.run_id
+    assert json.loads((paths.model / "quill_run.json").read_text())["mlflow_run_id"] == run.info.run_id
 
 
-def run_dir(paths: Paths) -> Path:
+def run_dir(paths: Layout) -> Path:
     """The one configuration folder under checkpoints/."""
     [folder] = [p for p in paths.checkpoints.iterdir() if p.is_dir()]
     return folder
@@ -366,25 +357,25 @@ def csv_rows(path: Path):
         yield from csv.DictReader(f)
 
 
-def meta_sha(paths: Paths) -> str:
+def meta_sha(paths: Layout) -> str:
     return json.loads((paths.tokens / "meta.json").read_text())["tokenizer_sha256"]
 
 
 def test_resume_from_a_torn_checkpoint_falls_back_and_matches(work):
     paths, uri = work
     train(make_params(), paths, tracking_uri=uri)
-    reference = load_pretrained(paths.model_out).state_dict()
+    reference = load_pretrained(paths.model).state_dict()
     newest = ckpt.list_checkpoints(run_dir(paths))[0][1]  # step 16
-    shutil.rmtree(paths.model_out)
+    shutil.rmtree(paths.model)
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     with pytest.warns(UserWarning, match="skipping checkpoint"):
         metrics = train(make_params(), paths, tracking_uri=uri)
     assert metrics["resumed_from_step"] == 12 and metrics["steps"] == 16
-    resumed = load_pretrained(paths.model_out).state_dict()
+    resumed = load_pretrained(paths.model).state_dict()
     assert all(torch.equal(reference[k], resumed[k]) for k in reference)
 
 
-def interrupt(paths: Paths, at: int) -> Path:
+def interrupt(paths: Layout, at: int) -> Path:
     """Make the finished run under checkpoints/ look killed after step `at`: drop its newer checkpoints."""
     folder = run_dir(paths)
     for step, path in ckpt.list_checkpoints(folder):
@@ -418,7 +409,7 @@ def test_a_finished_run_never_blocks_another_configuration(work, capsys):
     finished = run_dir(paths)
     metrics = train(with_model(n_layer=3), paths, tracking_uri=uri)
     assert metrics["resumed_from_step"] == 0 and metrics["steps"] == 4
-    assert load_pretrained(paths.model_out).config.n_layer == 3
+    assert load_pretrained(paths.model).config.n_layer == 3
     assert not finished.exists() and f"removed {finished}/: a finished run" in capsys.readouterr().err
     meta = json.loads((paths.tokens / "meta.json").read_text())
     meta["tokenizer_sha256"] = "f" * 64  # what `-S tokenizer.vocab_size=8192` changes
@@ -444,7 +435,7 @@ def test_an_interrupted_run_of_another_configuration_is_kept_and_resumes_later(w
 
     metrics = train(make_params(), paths, tracking_uri=uri)  # the old params again: it resumes
     assert metrics["resumed_from_step"] == 12 and metrics["steps"] == 16
-    assert json.loads((paths.model_out / "quill_run.json").read_text())["mlflow_run_id"] == first_run
+    assert json.loads((paths.model / "quill_run.json").read_text())["mlflow_run_id"] == first_run
 
 
 def test_changing_max_steps_starts_a_new_run_instead_of_reshaping_the_schedule(work, capsys):
@@ -460,7 +451,7 @@ def test_changing_max_steps_starts_a_new_run_instead_of_reshaping_the_schedule(w
     runs = mlflow_runs(uri)
     assert [r.data.params["train.max_steps"] for r in runs] == ["16", "24"]
     assert runs[1].data.params["total_steps"] == "24"
-    lr = {int(r["step"]): float(r["lr"]) for r in csv_rows(paths.plots / "train.csv")}
+    lr = {int(r["step"]): float(r["lr"]) for r in csv_rows(paths.train_plots / "train.csv")}
     assert lr[16] > 2 * 3e-4 and lr[24] < 1.1 * 3e-4  # the floor (min_lr) comes at the new last step, not at 16
 
 
@@ -504,7 +495,7 @@ def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(work,
     ):
         train(make_params(), paths, tracking_uri=uri)
     assert [s for s, _ in ckpt.list_checkpoints(run_dir(paths))] == [4]
-    assert not paths.model_out.exists()
+    assert not paths.model.exists()
     assert not [bar for bar in tqdm._instances if bar.desc.startswith("train")]  # closed, not reprinted at exit
     run = MlflowClient(tracking_uri=uri).search_runs(
         [MlflowClient(tracking_uri=uri).get_experiment_by_name("quill").experiment_id]
@@ -512,16 +503,15 @@ def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(work,
     assert run.info.status == "FAILED"
 
 
-def test_missing_shards_and_bad_keys_fail_in_one_line(tmp_path, monkeypatch, capsys):
+def test_missing_shards_and_bad_keys_fail_in_one_line(tmp_path, capsys):
     from pipelines.train.stage import main
 
-    monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text("data:\n  sources: [{type: local, path: x}]\nmodel: {preset: tiny}\n")
-    assert main() == 1
+    assert main(["--root", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "run dvc repro tokenize first" in err and "Traceback" not in err
     (tmp_path / "params.yaml").write_text("data:\n  sources: [{type: local, path: x}]\ntrain: {max_step: 3}\n")
-    assert main() == 1
+    assert main(["--root", str(tmp_path)]) == 1
     assert "unknown key 'train.max_step' (did you mean 'max_steps'?)" in capsys.readouterr().err
 
 
