@@ -46,7 +46,7 @@ from model import Engine, load_pretrained
 from pipelines.common import tracking
 from pipelines.common.atomic import write_json
 from pipelines.common.clean_split import read_texts
-from pipelines.common.contracts import CHALLENGER, CHAMPION, HEADLINE_METRICS, HF_MODEL_PATH
+from pipelines.common.contracts import CHALLENGER, CHAMPION, HEADLINE_METRICS, HF_MODEL_PATH, Tag
 from pipelines.common.hashing import content_hash
 from pipelines.common.heldout import SCORER, held_out
 from pipelines.common.layout import PROJECT, Layout
@@ -131,13 +131,13 @@ def scored_differently(champion_tags: dict, metrics: dict) -> str:
     test split, another window stride (a smaller one gives every token more context: a lower bits per byte for the
     same model), or another version of the scorer."""
     reasons = []
-    if champion_tags.get("test_data_sha256") != metrics["test_data_sha256"]:
+    if champion_tags.get(Tag.TEST_DATA) != metrics["test_data_sha256"]:
         reasons.append("the test split changed")
     stride = str(metrics.get("test_window_stride"))
-    if champion_tags.get("test_window_stride") != stride:
-        reasons.append(f"window stride {champion_tags.get('test_window_stride', 'unrecorded')}, now {stride}")
-    if champion_tags.get("test_scorer") != SCORER:
-        reasons.append(f"scorer {champion_tags.get('test_scorer', 'unrecorded')}, now {SCORER}")
+    if champion_tags.get(Tag.STRIDE) != stride:
+        reasons.append(f"window stride {champion_tags.get(Tag.STRIDE, 'unrecorded')}, now {stride}")
+    if champion_tags.get(Tag.SCORER) != SCORER:
+        reasons.append(f"scorer {champion_tags.get(Tag.SCORER, 'unrecorded')}, now {SCORER}")
     return "; ".join(reasons)
 
 
@@ -187,17 +187,17 @@ def version_tags(metrics: dict, run_id: str, n_params: int, layout: Layout) -> d
     tags = {
         "git_commit": git_commit() or "unknown",
         "run_id": run_id,
-        "training_run_id": training_run_id(layout.model) or "unknown",
+        Tag.TRAINING_RUN: training_run_id(layout.model) or "unknown",
         "parameters": str(n_params),
-        "tokenizer_sha256": str(metrics.get("tokenizer_sha256")),
-        "test_data_sha256": metrics["test_data_sha256"],
-        "test_window_stride": str(metrics.get("test_window_stride")),
-        "test_scorer": SCORER,  # with the two above: how test_bpb was measured (scored_differently)
+        Tag.TOKENIZER: str(metrics.get("tokenizer_sha256")),
+        Tag.TEST_DATA: metrics["test_data_sha256"],
+        Tag.STRIDE: str(metrics.get("test_window_stride")),
+        Tag.SCORER: SCORER,  # with the two above: how test_bpb was measured (scored_differently)
     }
     for path, digest in input_hashes(
         [layout.key(p) for p in (layout.clean, layout.tokenizer, layout.tokens)], layout.dvc_lock, layout.root
     ).items():
-        tags[f"dvc_hash.{path}"] = digest
+        tags[f"{Tag.DVC_HASH}{path}"] = digest
     flat = flat_metrics(metrics)
     for key, value in flat.items():
         if key in HEADLINE_METRICS or ".0shot." in key:
@@ -260,7 +260,7 @@ def registration_key(metrics: dict, training_run: str) -> str:
 def find_version(client, name: str, key: str):
     """The version registered earlier with this registration key (the oldest, should there be two), or None."""
     try:
-        found = client.search_model_versions(f"name = '{name}' and tags.registration_key = '{key}'")
+        found = client.search_model_versions(f"name = '{name}' and tags.{Tag.REGISTRATION_KEY} = '{key}'")
     except MlflowException as exc:
         if "RESOURCE_DOES_NOT_EXIST" in error_code(exc):
             return None
@@ -292,13 +292,13 @@ def settle(client, lock: RegistrationLock, version, metrics: dict, params: Regis
     `challenger` is the newest version not promoted: it moves only forward, and promotion removes an older one.
     """
     name, v = params.model_name, str(version.version)
-    pending = json.loads(version.tags["decision"]) if "decision" in version.tags else None
+    pending = json.loads(version.tags[Tag.DECISION]) if Tag.DECISION in version.tags else None
     if pending and pending["promoted"] and alias_version(client, name, CHAMPION) == int(v):
         decision = pending
     else:
         decision = decide(client, name, v, metrics, params, layout)
         lock.ensure()
-        client.set_model_version_tag(name, v, "decision", json.dumps(decision))
+        client.set_model_version_tag(name, v, Tag.DECISION, json.dumps(decision))
         reached("decided")
     challenger = alias_version(client, name, CHALLENGER)
     if decision["promoted"]:
@@ -330,7 +330,7 @@ def register_and_decide(
     for _attempt in range(3):
         try:
             with RegistrationLock(client, name, params.lock_timeout_s) as lock:
-                version = find_version(client, name, tags["registration_key"])
+                version = find_version(client, name, tags[Tag.REGISTRATION_KEY])
                 if version is None:  # not yet registered (or deleted since): register under the lock
                     model_uri = model_uri or log_pyfunc(layout.model, run_id, ["To be, or not to be"]).model_uri
                     version = create_version(client, lock, name, model_uri, tags)
@@ -362,7 +362,7 @@ def write_card(
         k: v
         for k, v in tags.items()
         if k in ("git_commit", "training_run_id", "tokenizer_sha256", "test_data_sha256", "model_sha256")
-        or k.startswith("dvc_hash.")
+        or k.startswith(Tag.DVC_HASH)
     }
     card = render_card(
         name, version, config, int(tags["parameters"]), metrics, train_metrics, lineage, samples, decision
@@ -398,10 +398,10 @@ def register(params: RegistryParams, layout: Layout = PROJECT) -> dict:
 
     tags = version_tags(metrics, run_id, n_params, layout)
     tags["model_sha256"] = metrics["model_sha256"]
-    tags["registration_key"] = registration_key(metrics, tags["training_run_id"])
-    train_metrics = training_metrics(client, tags["training_run_id"])  # read before anything is registered
+    tags[Tag.REGISTRATION_KEY] = registration_key(metrics, tags[Tag.TRAINING_RUN])
+    train_metrics = training_metrics(client, tags[Tag.TRAINING_RUN])  # read before anything is registered
 
-    version, model_uri = find_version(client, name, tags["registration_key"]), None
+    version, model_uri = find_version(client, name, tags[Tag.REGISTRATION_KEY]), None
     if version is None:
         log(f"logging the pyfunc model to run {run_id}")
         model_uri = log_pyfunc(layout.model, run_id, ["To be, or not to be"]).model_uri
@@ -409,8 +409,8 @@ def register(params: RegistryParams, layout: Layout = PROJECT) -> dict:
     else:
         log(f"{name} v{version.version} is this model's registration from an earlier run: finishing it")
 
-    if version is not None and "promoted" in version.tags and "decision" in version.tags:
-        decision = json.loads(version.tags["decision"])
+    if version is not None and "promoted" in version.tags and Tag.DECISION in version.tags:
+        decision = json.loads(version.tags[Tag.DECISION])
     else:
         version, decision = register_and_decide(client, run_id, model_uri, tags, metrics, params, layout)
     v = str(version.version)

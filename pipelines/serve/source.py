@@ -16,7 +16,7 @@ from pathlib import Path
 import mlflow
 from mlflow import MlflowClient
 
-from pipelines.common.contracts import HF_MODEL_PATH
+from pipelines.common.contracts import HF_MODEL_PATH, Tag
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def resolve(model: str, tracking_uri: str) -> ModelSource:
             mv = max(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
     except Exception as exc:  # MlflowException or an empty registry: one line for the CLI
         raise ValueError(f"{model}: not found in the registry at {tracking_uri} ({exc})") from None
-    sha = mv.tags.get("tokenizer_sha256")
+    sha = mv.tags.get(Tag.TOKENIZER)
     return ModelSource(f"models:/{mv.name}/{mv.version}", mv.name, str(mv.version), sha if sha != "None" else None)
 
 
