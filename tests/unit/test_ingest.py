@@ -215,6 +215,35 @@ def test_hf_source_from_a_local_dataset_folder(tmp_path: Path, monkeypatch: pyte
         ingest([source.model_copy(update={"text_field": "text"})], tmp_path / "raw")
 
 
+def test_hf_source_without_max_docs_stops_at_max_file_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A streamed dataset can be terabytes: with no max_docs, docs.jsonl stops at data.max_file_bytes, reported."""
+    import datasets
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    folder = tmp_path / "big-dataset"
+    (folder / "data").mkdir(parents=True)
+    rows = [json.dumps({"text": f"row {i} " + "x" * 100}) for i in range(50)]
+    (folder / "data" / "train.jsonl").write_text("\n".join(rows) + "\n")
+    manifest = ingest([HfSource(type="hf", name=str(folder))], tmp_path / "raw", max_file_bytes=1000)
+    [entry] = manifest["files"]
+    assert 0 < entry["bytes"] <= 1000
+    [skipped] = manifest["skipped"]
+    assert "stopped after 8 rows at data.max_file_bytes (1000)" in skipped["reason"]
+
+
+def test_local_files_over_max_file_bytes_are_skipped_and_reported(tmp_path: Path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "small.txt").write_text("a" * 100)
+    (folder / "big.txt").write_text("b" * 5000)
+    manifest = ingest([LocalSource(type="local", path=str(folder))], tmp_path / "raw", max_file_bytes=4096)
+    assert [f["file"].split("/")[-1] for f in manifest["files"]] == ["small.txt"]
+    [skipped] = manifest["skipped"]
+    assert skipped["file"].endswith("/big.txt") and "larger than data.max_file_bytes (4096)" in skipped["reason"]
+    assert not list((tmp_path / "raw").rglob("big.txt"))
+
+
 def test_stage_cli_reports_errors_without_traceback(tmp_path: Path):
     (tmp_path / "params.yaml").write_text("data:\n  sources:\n    - {type: local, path: does-not-exist}\n")
     result = run_module("pipelines.ingest", tmp_path)
