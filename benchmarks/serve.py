@@ -1,18 +1,33 @@
-"""Serving: continuous batching vs one request at a time and vs static batching, HTTP overhead, a load run.
+"""Served sampling against served greedy, quill's engine in-process, and `transformers serve` as the peer.
 
-    python -m benchmarks.serve [--quick] [--stream-interval N] [--dtype bfloat16] [--compile] [--no-high-throughput]
+    python -m benchmarks.serve               # about 3 minutes on 2 cores
+    python -m benchmarks.serve --num-cpus 2  # serve.num_cpus_per_replica (torch threads of the replica's engine)
+    python -m benchmarks.serve --quick       # smaller, for a smoke run
 
-One run, one machine: a random-weight model of the `cpu` preset (4 layers, 256 wide, 256-token context) behind
-three apps on one local Ray Serve: `cb` (continuous batching, 16 slots), `off` (one sequence at a time) and
-`static` (a batch runs to completion, like `@serve.batch`). Each replica has Ray's default of one CPU (so one
-torch thread). Ray starts the way `python -m pipelines.serve` starts it: in Ray Serve's high-throughput mode
-(HAProxy ingress straight to the replicas) unless --no-high-throughput. Prints one JSON line; `ours`/`baseline`
-are generated tokens/s of 16 streaming clients against `cb` / `off`, counted by the clients (the streams' usage)
-and by the replica (/stats).
+One model folder for every endpoint: the model `make run` trains (params.yaml's `model` section and tokenizer
+vocab), random init, exported with save_pretrained beside a word-level tokenizer (`w<id>` is token <id>, so a
+prompt is the same tokens for both servers). One load for every endpoint: 16 clients (httpx, async) share 64
+completions of a 32-token prompt, 64 new tokens each, non-streaming; greedy (temperature 0) or sampled
+(temperature 0.8, top_p 0.95, each request its own seed). The endpoints, one at a time:
 
-The HTTP overhead compares a 1-token completion over HTTP with the same engine call (same model, prompt and
-torch threads as a replica) measured first, in this process before Ray starts, so nothing else competes for
-the CPU while it is timed.
+- quill's engine in-process: `Engine.generate` in batches of 16 (benchmarks/sampling.py's `engine_run`: one seed
+  per batch), with the torch threads the replica's engine gets, timed first while nothing else runs.
+- quill served, started as a user starts it: `python -m pipelines.serve --model <folder>` (its own local Ray and
+  HAProxy ingress, in a scratch directory with a copy of params.yaml: a free serve.port, --num-cpus), with
+  QUILL_API_KEY set; stopped with `python -m pipelines.serve shutdown`. Greedy and sampled rounds alternate.
+- `transformers serve --continuous-batching` on the same folder (forced model, a free port, torch threads as the
+  replica's). It cannot sample: under continuous batching its generation config is the first request's, for
+  every request (temperature and top_p of later requests are ignored, `seed` only seeds the process once), so
+  it runs greedy only. It has no ignore_eos: a `generation_config` without an eos_token_id turns EOS off there.
+
+Per endpoint: tokens/s of the load (completion tokens from the responses' usage over the wall time; the best of
+the rounds), p50 request latency under that load (the same round), and p50 idle latency of one 16-token
+completion. The peer's rounds come after quill's (one endpoint at a time), so slow spells of a shared VM can
+weigh on one side; served sampled/greedy is the median of back-to-back pairs.
+
+Ends with one JSON line: {"benchmark": "serve", "ours": served sampled tok/s, "baseline": served greedy tok/s,
+"ratio": sampled / greedy (target >= 0.8), "greedy_vs_peer": quill served greedy / peer greedy (target >= 1.5),
+...}. benchmarks/serve_batching.py measures continuous against static batching, HTTP overhead and a load run.
 """
 
 from __future__ import annotations
@@ -20,143 +35,52 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime
 import json
 import os
+import platform
+import re
+import secrets
 import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import ray
 import torch
+import transformers
 import yaml
-from ray import serve
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from model import GPT, Engine, GPTConfig, SamplingParams, save_pretrained
-from pipelines.common.params import ServeParams
-from pipelines.serve import AppArgs, app, ray_start_env
-from pipelines.serve.engine_process import compile_settings
+from benchmarks.generate import bench_config, word_tokenizer
+from benchmarks.sampling import PROMPT_TOKENS, SAMPLED, engine_run
+from model import GPT, Engine, save_pretrained
+from pipelines.common.params import load_params
 
 REPO = Path(__file__).resolve().parents[1]
-REPLICA_CPUS = 1  # serve.num_cpus_per_replica of every app (Ray gives its torch that many threads)
-TEXT = ["To be, or not to be, that is the question.", "All the world's a stage, and all the men and women players."]
-PROMPT = "To be, or not to be"
+CLIENTS, COMPLETIONS, NEW_TOKENS, IDLE_TOKENS = 16, 64, 64, 16
+PEER = "transformers serve --continuous-batching"
+# the peer's body for a greedy request with EOS off: a generation_config given in the body replaces the model's
+# (and with it eos_token_id; continuous batching then sets -1, disabled); max_tokens still applies
+PEER_GREEDY = {"temperature": 0.0, "generation_config": json.dumps({"do_sample": False})}
 
 
-def make_model(root: Path) -> Path:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tok.train_from_iterator(
-        TEXT * 3,
-        trainers.BpeTrainer(
-            vocab_size=400,
-            special_tokens=specials,
-            show_progress=False,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
-    )
-    (root / "tok").mkdir(parents=True)
-    tok.save(str(root / "tok" / "tokenizer.json"))
+def make_model(work: Path) -> tuple[Path, list[list[int]]]:
+    """The Hugging Face folder every endpoint serves, and COMPLETIONS prompts of PROMPT_TOKENS token ids."""
     torch.manual_seed(0)
-    cfg = GPTConfig.from_preset("cpu", vocab_size=tok.get_vocab_size())
-    return save_pretrained(GPT(cfg).eval(), root / "model", tokenizer_dir=root / "tok")
+    cfg = bench_config("params")
+    folder = save_pretrained(
+        GPT(cfg).eval(), work / "model", tokenizer_dir=word_tokenizer(cfg.vocab_size, work / "tok")
+    )
+    g = torch.Generator().manual_seed(1)
+    return folder, torch.randint(1, cfg.vocab_size, (COMPLETIONS, PROMPT_TOKENS), generator=g).tolist()
 
 
-def params_file(root: Path, name: str, **serve) -> str:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["serve"].update(serve)
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(params))
-    return str(path)
-
-
-async def stream_tokens(c: httpx.AsyncClient, prefix: str, max_tokens: int) -> tuple[int, float]:
-    """(tokens, seconds) of one streaming completion; tokens from its usage (an event may hold several)."""
-    t0, n = time.perf_counter(), 0
-    body = {
-        "prompt": PROMPT,
-        "max_tokens": max_tokens,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "ignore_eos": True,
-        "temperature": 0.8,
-    }
-    async with c.stream("POST", f"{prefix}/v1/completions", json=body) as r:
-        async for line in r.aiter_lines():
-            if line.startswith('data: {"') and '"usage"' in line:
-                n = json.loads(line[6:])["usage"]["completion_tokens"]
-    return n, time.perf_counter() - t0
-
-
-async def throughput(c, prefix: str, clients: int, max_tokens: int) -> tuple[float, float]:
-    """Generated tokens/s of concurrent streaming clients: (as the clients count, as the replica counts)."""
-    before = (await c.get(f"{prefix}/stats")).json()["generated_tokens"]
-    t0 = time.perf_counter()
-    results = await asyncio.gather(*(stream_tokens(c, prefix, max_tokens) for _ in range(clients)))
-    dt = time.perf_counter() - t0
-    after = (await c.get(f"{prefix}/stats")).json()["generated_tokens"]
-    return sum(n for n, _ in results) / dt, (after - before) / dt
-
-
-async def short_latency_mixed(c, prefix: str, pairs: int, long_tokens: int, rounds: int = 3) -> tuple[float, float]:
-    """p50 latency of 8-token requests on the idle server and sent while as many long ones run: (idle, mixed).
-
-    Each round times `pairs` short requests alone, then a mixed round, so that the machine's speed, which drifts
-    over minutes on a shared VM, weighs on both alike."""
-
-    async def short(delay):
-        await asyncio.sleep(delay)
-        return (await stream_tokens(c, prefix, 8))[1]
-
-    idle: list[float] = []
-    mixed: list[float] = []
-    for _ in range(rounds):
-        idle += [await short(0) for _ in range(pairs)]
-        longs = [stream_tokens(c, prefix, long_tokens) for _ in range(pairs)]
-        results = await asyncio.gather(*longs, *(short(0.05 + 0.02 * i) for i in range(pairs)))
-        mixed += results[pairs:]
-    return statistics.median(idle), statistics.median(mixed)
-
-
-async def load(c, clients: int, total: int) -> int:
-    errors, left = 0, total
-
-    async def worker():
-        nonlocal errors, left
-        while left > 0:
-            left -= 1
-            r = await c.post("/cb/v1/completions", json={"prompt": PROMPT, "max_tokens": 4})
-            errors += r.status_code != 200
-
-    await asyncio.gather(*(worker() for _ in range(clients)))
-    return errors
-
-
-def percentile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
-
-
-def direct_one_token(folder: Path, threads: int, dtype: str, compile: bool, n: int = 200) -> list[float]:
-    """Seconds per 1-token completion called on the engine directly, with a replica's torch threads, dtype and
-    compilation (the warm-up calls compile)."""
-    torch.set_num_threads(threads)
-    engine = Engine.from_pretrained(folder, dtype=dtype, compile=compile)
-    sp = SamplingParams(max_tokens=1, temperature=0)
-    times = []
-    with compile_settings() if compile else contextlib.nullcontext():  # as in the engine process
-        for _ in range(20):
-            engine.generate([PROMPT], sp)
-        for _ in range(n):
-            t0 = time.perf_counter()
-            engine.generate([PROMPT], sp)
-            times.append(time.perf_counter() - t0)
-    return times
+def text(ids: list[int]) -> str:
+    return " ".join(f"w{i}" for i in ids)  # word_tokenizer's vocabulary: w<id> is token <id>
 
 
 def free_port() -> int:
@@ -165,119 +89,282 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="smaller runs (a smoke test of the benchmark)")
-    ap.add_argument("--stream-interval", type=int, default=1, help="serve.stream_interval of every app")
-    ap.add_argument("--dtype", default="auto", help="serve.dtype of every app (auto: float32, as saved)")
-    ap.add_argument("--compile", action="store_true", help="serve.compile of every app")
-    ap.add_argument(
-        "--no-high-throughput", action="store_true", help="serve.high_throughput: false (Ray's Python proxy)"
-    )
-    opts = ap.parse_args()
-    quick = opts.quick
-    long_tokens, load_total = (64, 200) if quick else (200, 2000)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        folder = make_model(root)
-        # before Ray starts: a quiet process
-        direct = direct_one_token(folder, threads=REPLICA_CPUS, dtype=opts.dtype, compile=opts.compile)
-        port = free_port()
-        high_throughput = not opts.no_high_throughput
-        os.environ.update(ray_start_env(ServeParams(high_throughput=high_throughput)))  # as the CLI starts Ray
-        ray.init(
-            address="local",  # never someone else's Ray on this machine
-            num_cpus=6,
-            include_dashboard=False,
-            logging_level="ERROR",
-            log_to_driver=False,
-            runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
+# -- the endpoints ----------------------------------------------------------------------------------------------
+def engine_inprocess(
+    folder: Path, prompts: list[list[int]], new_tokens: int, threads: int, rounds: int, idle_n: int
+) -> dict:
+    """Engine.generate in batches of CLIENTS: per mode, the best round's tokens/s and its p50 batch time (every
+    completion of a batch ends with it), the idle p50 of one IDLE_TOKENS completion, and the ratios per round."""
+    torch.set_num_threads(threads)
+    engine = Engine.from_pretrained(folder)
+    batches = [prompts[i : i + CLIENTS] for i in range(0, len(prompts), CLIENTS)]
+    for sampled in (False, True):  # warm-up
+        engine_run(engine, batches[0], 8, sampled)
+    runs: dict[str, list[tuple[float, list[float]]]] = {"greedy": [], "sampled": []}
+    for r in range(rounds):
+        for mode in ("greedy", "sampled")[:: 1 if r % 2 == 0 else -1]:
+            times = [engine_run(engine, b, new_tokens, mode == "sampled") for b in batches]
+            runs[mode].append((len(prompts) * new_tokens / sum(times), times))
+    idle = {"greedy": [], "sampled": []}
+    for _ in range(idle_n):
+        for mode in idle:
+            idle[mode].append(engine_run(engine, prompts[:1], IDLE_TOKENS, mode == "sampled"))
+    return summarize(runs, idle)
+
+
+@contextlib.contextmanager
+def quill_served(folder: Path, work: Path, num_cpus: float) -> Iterator[tuple[str, dict]]:
+    """`python -m pipelines.serve --model <folder>` in a scratch directory (its params.yaml, its .quill/ state: its
+    own local Ray, never the project's), yields (url, auth headers); `python -m pipelines.serve shutdown` after."""
+    run = work / "quill-serve"
+    run.mkdir()
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["serve"].update(port=free_port(), num_cpus_per_replica=num_cpus)
+    (run / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    key = secrets.token_hex(16)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of its own
+    env.update(QUILL_API_KEY=key, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+    cli = [sys.executable, "-m", "pipelines.serve"]
+    try:
+        out = subprocess.run(
+            [*cli, "--model", str(folder)], cwd=run, env=env, capture_output=True, text=True, timeout=600
         )
+        lines = (out.stdout + out.stderr).strip().splitlines()
+        url = next((m[1] for line in lines if (m := re.search(r" at (http://\S+)/v1$", line))), None)
+        if out.returncode != 0 or url is None:
+            raise RuntimeError(f"python -m pipelines.serve failed ({out.returncode}): {' | '.join(lines[-5:])}")
+        yield url, {"Authorization": f"Bearer {key}"}
+    finally:
+        done = subprocess.run([*cli, "shutdown"], cwd=run, env=env, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            print(f"warning: python -m pipelines.serve shutdown failed: {done.stderr.strip()[-300:]}", flush=True)
+
+
+@contextlib.contextmanager
+def peer_served(folder: Path, work: Path, threads: int) -> Iterator[str]:
+    """`transformers serve --continuous-batching <folder>` on a free port with `threads` torch threads; its url."""
+    port = free_port()
+    log = work / "peer.log"
+    cmd = [str(Path(sys.executable).parent / "transformers"), "serve", "--continuous-batching", "--device", "cpu"]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), str(folder)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = " | ".join(log.read_text().strip().splitlines()[-5:])
+                why = f"exited ({proc.returncode})" if proc.poll() is not None else "no /health answer in 300 s"
+                raise RuntimeError(f"{PEER} on port {port}: {why}: {tail}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
         try:
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
-            for name, kw, static in (
-                ("cb", {"max_batch_size": 16}, False),
-                ("off", {"max_batch_size": 1}, False),
-                ("static", {"max_batch_size": 16}, True),
-            ):
-                kw.update(
-                    num_cpus_per_replica=REPLICA_CPUS,
-                    stream_interval=opts.stream_interval,
-                    dtype=opts.dtype,
-                    compile=opts.compile,
-                )
-                args = AppArgs(model=str(folder), params_file=params_file(root, name, **kw), static_batching=static)
-                serve.run(app(args), name=name, route_prefix=f"/{name}")
-            result = asyncio.run(measure(f"http://127.0.0.1:{port}", long_tokens, load_total, direct))
-            result.update(
-                stream_interval=opts.stream_interval,
-                dtype=opts.dtype,
-                compile=opts.compile,
-                high_throughput=high_throughput,
-            )
-        finally:
-            serve.shutdown()
-            ray.shutdown()
-    print(json.dumps(result))
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
-async def measure(url: str, long_tokens: int, load_total: int, direct: list[float]) -> dict:
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as c:
-        for prefix in ("/cb", "/off", "/static"):  # warm-up: first requests pay for lazy initialisation
-            await throughput(c, prefix, 2, 8)
-        threads = (await c.get("/cb/stats")).json()["torch_threads"]
-        ours, ours_server = await throughput(c, "/cb", 16, 64)
-        baseline, baseline_server = await throughput(c, "/off", 16, 64)
+# -- the clients ------------------------------------------------------------------------------------------------
+async def complete(c: httpx.AsyncClient, body: dict) -> tuple[int, float]:
+    """(completion tokens from usage, seconds) of one non-streaming completion."""
+    t0 = time.perf_counter()
+    r = await c.post("/v1/completions", json=body)
+    dt = time.perf_counter() - t0
+    if r.status_code != 200:
+        raise RuntimeError(f"/v1/completions answered {r.status_code}: {r.text[:200]}")
+    return r.json()["usage"]["completion_tokens"], dt
 
-        idle, mixed_cb = await short_latency_mixed(c, "/cb", 8, long_tokens)
-        _, mixed_static = await short_latency_mixed(c, "/static", 8, long_tokens)
 
-        http = []
-        for _ in range(len(direct)):
-            t0 = time.perf_counter()
-            r = await c.post("/cb/v1/completions", json={"prompt": PROMPT, "max_tokens": 1, "temperature": 0})
-            http.append(time.perf_counter() - t0)
-            r.raise_for_status()
+async def load(c: httpx.AsyncClient, bodies: list[dict]) -> tuple[float, list[float], int]:
+    """CLIENTS concurrent clients, each sending the next body while any are left: (tokens/s, request latencies,
+    the fewest tokens a completion got)."""
+    queue = list(reversed(bodies))
+    results: list[tuple[int, float]] = []
 
-        await load(c, 32, 200)  # warm-up for the memory baseline
-        warm = (await c.get("/cb/stats")).json()
+    async def client():
+        while queue:
+            results.append(await complete(c, queue.pop()))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(CLIENTS)))
+    dt = time.perf_counter() - t0
+    return sum(n for n, _ in results) / dt, [s for _, s in results], min(n for n, _ in results)
+
+
+def bodies(prompts: list[list[int]], new_tokens: int, mode: str, seed0: int, peer: bool) -> list[dict]:
+    """One request body per prompt; sampled requests carry seeds seed0, seed0 + 1, ..."""
+    out = []
+    for i, p in enumerate(prompts):
+        body = {"prompt": text(p), "max_tokens": new_tokens}
+        if peer:
+            body |= PEER_GREEDY
+        elif mode == "sampled":
+            body |= {**SAMPLED, "seed": seed0 + i, "ignore_eos": True}
+        else:
+            body |= {"temperature": 0.0, "ignore_eos": True}
+        out.append(body)
+    return out
+
+
+async def measure_served(
+    url: str, headers: dict, prompts: list[list[int]], new_tokens: int, rounds: int, idle_n: int, peer: bool = False
+) -> tuple[dict, int]:
+    """Rounds of the load per mode (greedy and sampled alternating, in turn forwards and backwards; the peer:
+    greedy), then idle latencies; the summary, and the fewest tokens any completion got (all should have
+    new_tokens)."""
+    modes = ("greedy",) if peer else ("greedy", "sampled")
+    limits = httpx.Limits(max_connections=CLIENTS * 2, max_keepalive_connections=CLIENTS * 2)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600, limits=limits) as c:
+        for mode in modes:  # warm-up (the peer's first request also sets its generation config for all)
+            await load(c, bodies(prompts[:CLIENTS], 8, mode, 0, peer))
+        runs: dict[str, list] = {m: [] for m in modes}
+        fewest = new_tokens
+        for r in range(rounds):
+            for mode in modes[:: 1 if r % 2 == 0 else -1]:
+                tps, latencies, least = await load(c, bodies(prompts, new_tokens, mode, r * len(prompts), peer))
+                runs[mode].append((tps, latencies))
+                fewest = min(fewest, least)
+        idle: dict[str, list[float]] = {m: [] for m in modes}
+        for i in range(idle_n):
+            for mode in modes:
+                idle[mode].append((await complete(c, bodies(prompts[i : i + 1], IDLE_TOKENS, mode, i, peer)[0]))[1])
+    return summarize(runs, idle), fewest
+
+
+def summarize(runs: dict[str, list[tuple[float, list[float]]]], idle: dict[str, list[float]]) -> dict:
+    """Per mode: the best round's tokens/s and p50 latency, the idle p50; with both modes, sampled/greedy as the
+    median of the rounds' own ratios (a round runs both back to back, so a slow spell hits both alike)."""
+    out = {}
+    for mode, rs in runs.items():
+        tps, latencies = max(rs, key=lambda x: x[0])
+        out[mode] = {
+            "tokens_per_s": round(tps, 1),
+            "p50_ms": round(statistics.median(latencies) * 1000, 1),
+            "idle_p50_ms": round(statistics.median(idle[mode]) * 1000, 1),
+        }
+    if len(runs) == 2:
+        out["ratio"] = round(statistics.median(s[0] / g[0] for g, s in zip(runs["greedy"], runs["sampled"])), 2)
+    return out
+
+
+# -- the run ----------------------------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer completions, tokens and rounds (a smoke run)")
+    ap.add_argument(
+        "--num-cpus",
+        type=float,
+        default=load_params(REPO / "params.yaml").serve.num_cpus_per_replica,
+        help="serve.num_cpus_per_replica (default: params.yaml's); the engine's torch threads, in-process and peer",
+    )
+    args = ap.parse_args()
+    completions, new_tokens, rounds, idle_n = (CLIENTS, 16, 1, 3) if args.quick else (COMPLETIONS, NEW_TOKENS, 5, 20)
+    threads = max(1, int(args.num_cpus))  # what Ray gives the replica: OMP_NUM_THREADS = its whole CPUs
+
+    start = time.perf_counter()
+
+    def took(t0: float) -> str:
+        return f"{time.perf_counter() - t0:.0f} s"
+
+    with tempfile.TemporaryDirectory(prefix="quill-bench-serve-") as tmp:
+        work = Path(tmp)
+        folder, prompts = make_model(work)
+        prompts = prompts[:completions]
         t0 = time.perf_counter()
-        errors = await load(c, 32, load_total)
-        load_s = time.perf_counter() - t0
-        after = (await c.get("/cb/stats")).json()
-    ms = 1000
-    return {
-        "benchmark": "serve",
-        "ours": round(ours, 1),
-        "baseline": round(baseline, 1),
-        "unit": "generated tokens/s, 16 streaming clients (continuous batching vs one at a time)",
-        "ratio": round(ours / baseline, 2),
-        "server_tokens_per_s": round(ours_server, 1),
-        "server_tokens_per_s_baseline": round(baseline_server, 1),
-        "short_p50_idle_ms": round(idle * ms, 1),
-        "short_p50_mixed_continuous_ms": round(mixed_cb * ms, 1),
-        "short_p50_mixed_static_ms": round(mixed_static * ms, 1),
-        "mixed_continuous_vs_idle": round(mixed_cb / idle, 2),
-        "mixed_static_vs_idle": round(mixed_static / idle, 2),
-        "long_max_tokens": long_tokens,
-        "one_token_http_p50_ms": round(statistics.median(http) * ms, 2),
-        "one_token_http_p99_ms": round(percentile(http, 0.99) * ms, 2),
-        "one_token_direct_p50_ms": round(statistics.median(direct) * ms, 2),
-        "one_token_direct_p99_ms": round(percentile(direct, 0.99) * ms, 2),
-        "http_overhead_p50_ms": round((statistics.median(http) - statistics.median(direct)) * ms, 2),
-        "http_overhead_p99_ms": round((percentile(http, 0.99) - percentile(direct, 0.99)) * ms, 2),
-        "load_requests": load_total,
-        "load_clients": 32,
-        "load_errors": errors,
-        "load_s": round(load_s, 1),
-        "rss_warm_mb": round(warm["rss_bytes"] / 2**20, 1),
-        "rss_after_mb": round(after["rss_bytes"] / 2**20, 1),
-        "rss_drift": round(after["rss_bytes"] / warm["rss_bytes"] - 1, 3),
-        "pss_warm_mb": round(warm["pss_bytes"] / 2**20, 1),  # shared pages counted once
-        "pss_drift": round(after["pss_bytes"] / warm["pss_bytes"] - 1, 3),
-        "machine": f"{os.cpu_count()} CPUs, {threads} torch thread(s) per replica, torch {torch.__version__}",
-    }
+        print(f"engine in-process ({threads} torch threads) ...", flush=True)
+        engine = engine_inprocess(folder, prompts, new_tokens, threads, rounds, idle_n)
+        print(f"  measured in {took(t0)}", flush=True)
+        t0 = time.perf_counter()
+        print(f"quill served (python -m pipelines.serve, num_cpus_per_replica {args.num_cpus:g}) ...", flush=True)
+        with quill_served(folder, work, args.num_cpus) as (url, headers):
+            print(f"  serving after {took(t0)}", flush=True)
+            t0 = time.perf_counter()
+            served, fewest = asyncio.run(measure_served(url, headers, prompts, new_tokens, rounds, idle_n))
+            served_threads = httpx.get(f"{url}/stats", headers=headers, timeout=10).json().get("torch_threads")
+            print(f"  measured in {took(t0)}", flush=True)
+        t0 = time.perf_counter()
+        print(f"{PEER} ({threads} torch threads) ...", flush=True)
+        with peer_served(folder, work, threads) as url:
+            print(f"  serving after {took(t0)}", flush=True)
+            t0 = time.perf_counter()
+            peer, peer_fewest = asyncio.run(measure_served(url, {}, prompts, new_tokens, rounds, idle_n, peer=True))
+            print(f"  measured in {took(t0)} (its first request sets up continuous batching)", flush=True)
+
+    greedy_vs_peer = round(served["greedy"]["tokens_per_s"] / peer["greedy"]["tokens_per_s"], 2)
+    engine_vs_served = round(engine["greedy"]["tokens_per_s"] / served["greedy"]["tokens_per_s"], 2)
+    rows = [
+        ("quill served, greedy", served["greedy"]),
+        ("quill served, sampled", served["sampled"]),
+        ("quill engine in-process, greedy", engine["greedy"]),
+        ("quill engine in-process, sampled", engine["sampled"]),
+        (f"{PEER}, greedy", peer["greedy"]),
+    ]
+    print(
+        f"\n{completions} completions of {new_tokens} tokens, {CLIENTS} clients (in-process: batches of {CLIENTS}); "
+        f"sampled = temperature {SAMPLED['temperature']}, top_p {SAMPLED['top_p']}, a seed per request; "
+        f"torch threads: replica {served_threads}, in-process and peer {threads}"
+    )
+    print(f"{'endpoint':48} {'tok/s':>8} {'p50 under load':>15} {'idle p50, 16 tok':>17}")
+    for name, r in rows:
+        print(f"{name:48} {r['tokens_per_s']:8.0f} {r['p50_ms']:12.1f} ms {r['idle_p50_ms']:14.1f} ms")
+    print(
+        f"{PEER + ', sampled':48} cannot sample: under continuous batching each request gets the first one's settings"
+    )
+    print(
+        f"served sampled / greedy {served['ratio']} (target >= 0.8); in-process sampled / greedy {engine['ratio']}; "
+        f"served greedy / peer greedy {greedy_vs_peer} (target >= 1.5); in-process greedy / served {engine_vs_served}"
+    )
+    print(f"{took(start)} in all")
+    if served_threads != threads:
+        print(
+            f"note: the replica's engine runs {served_threads} torch threads, the in-process engine and peer {threads}"
+        )
+    if min(fewest, peer_fewest) < new_tokens:
+        print(f"note: some completions ended early (fewest tokens: quill {fewest}, peer {peer_fewest})")
+
+    flat = {f"{e}_{m}_{k}": v for e, r in (("served", served), ("engine", engine), ("peer", peer)) for m, x in r.items()
+            if isinstance(x, dict) for k, v in x.items()}  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "benchmark": "serve",
+                "ours": served["sampled"]["tokens_per_s"],
+                "baseline": served["greedy"]["tokens_per_s"],
+                "unit": f"tokens/s, {CLIENTS} clients, quill served sampled vs greedy",
+                "ratio": served["ratio"],
+                "greedy_vs_peer": greedy_vs_peer,
+                "engine_ratio": engine["ratio"],
+                "engine_vs_served_greedy": engine_vs_served,
+                **flat,
+                "peer": f"{PEER} (greedy only), transformers {transformers.__version__}",
+                "fewest_tokens": min(fewest, peer_fewest),
+                "sampling": SAMPLED,
+                "clients": CLIENTS,
+                "completions": completions,
+                "new_tokens": new_tokens,
+                "idle_tokens": IDLE_TOKENS,
+                "prompt_tokens": PROMPT_TOKENS,
+                "rounds": rounds,
+                "num_cpus_per_replica": args.num_cpus,
+                "torch_threads_served": served_threads,
+                "torch_threads_engine_and_peer": threads,
+                "date": datetime.date.today().isoformat(),
+                "cpus": os.cpu_count(),
+                "machine": platform.processor() or platform.machine(),
+                "torch": torch.__version__,
+                "quick": args.quick,
+                "wall_s": round(time.perf_counter() - start),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
