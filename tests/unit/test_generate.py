@@ -7,13 +7,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 
 from model import GPT, Engine, GPTConfig, SamplingParams
 from model.beam import beam_search
 from model.sampling import apply_penalties, sampling_probs
 from model.scheduler import Scheduler
 from model.sequence import Detokenizer
+from tests.helpers.tokenizers import byte_bpe
 
 SENTENCES = [
     "To be, or not to be, that is the question.",
@@ -26,17 +27,7 @@ EOT = "<|endoftext|>"
 
 def make_tokenizer(vocab_size: int = 320) -> Tokenizer:
     """A byte-level BPE trained on a few sentences (multi-byte characters span several tokens)."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOT],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(SENTENCES * 3, trainer)
-    return tok
+    return byte_bpe(SENTENCES * 3, vocab_size, specials=[EOT])
 
 
 @pytest.fixture(scope="module")

@@ -8,23 +8,18 @@ import stat
 import pytest
 import torch
 import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 
 from model import GPT, Engine, GPTConfig, SamplingParams, load_pretrained, save_pretrained
 from model.hf import SHA_KEY, TokenizerMismatchError, file_sha256
+from tests.helpers.tokenizers import byte_bpe
 
 EOT = "<|endoftext|>"
 
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    tok.train_from_iterator(["To be, or not to be, that is the question.", "Émoji 🙂 and 中文 text."] * 5, trainer)
+    tok = byte_bpe(["To be, or not to be, that is the question.", "Émoji 🙂 and 中文 text."] * 5, specials=[EOT])
     d = tmp_path_factory.mktemp("tokenizer")
     tok.save(str(d / "tokenizer.json"))
     (d / "tokenizer_config.json").write_text(

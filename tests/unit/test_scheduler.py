@@ -7,31 +7,21 @@ from dataclasses import replace
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from model import GPT, Engine, GPTConfig, SamplingParams
 from model.scheduler import Scheduler
+from tests.helpers.tokenizers import byte_bpe
 
 TEXT = [
     "To be, or not to be, that is the question.",
     "All the world's a stage, and all the men and women merely players.",
     "Émoji 🙂 and 中文 text; naïve café.",
 ]
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 @pytest.fixture(scope="module")
 def engine() -> Engine:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(TEXT * 3, trainer)
+    tok = byte_bpe(TEXT * 3)
     torch.manual_seed(0)
     cfg = GPTConfig.from_preset("tiny", vocab_size=tok.get_vocab_size(), block_size=64, n_embd=32)
     return Engine(GPT(cfg).eval(), tok)
