@@ -21,10 +21,11 @@ from ray.serve import Application
 from ray.serve.config import BackpressureConfig
 
 from pipelines.common.contracts import CHAMPION
-from pipelines.common.params import PARAMS_FILE, ServeParams, load_params
+from pipelines.common.params import PARAMS_FILE, Params, ServeParams, load_params
 from pipelines.common.tracking import tracking_uri
 from pipelines.serve.edge import key_digest
-from pipelines.serve.server import RETRY_AFTER_S, QuillServer
+from pipelines.serve.responses import RETRY_AFTER_S
+from pipelines.serve.server import QuillServer
 from pipelines.serve.source import resolve
 
 APP_NAME = "quill"
@@ -49,15 +50,18 @@ class AppArgs(BaseModel):
 
 
 def app(args: AppArgs) -> Application:
-    """The typed Ray Serve app builder: pins the model's registry version and sizes the deployment."""
+    """The typed Ray Serve app builder: reads args.params_file, then `build`."""
     args = AppArgs.model_validate(args) if isinstance(args, dict) else args
-    params = load_params(args.params_file)
-    model = args.model or params.serve.model or f"models:/{params.registry.model_name}@{CHAMPION}"
     uri = args.tracking_uri or tracking_uri()
+    return build(load_params(args.params_file), args.model, uri, args.static_batching)
+
+
+def build(params: Params, model: str | None, uri: str, static_batching: bool = False) -> Application:
+    """The application from params already read (the serve CLI reads params.yaml once per command): pins the
+    model's registry version, sizes the deployment, and hands each replica serve.* as the ServeParams it is."""
+    model = model or params.serve.model or f"models:/{params.registry.model_name}@{CHAMPION}"
     source = resolve(model, uri)
-    return QuillServer.options(**deployment_options(params.serve)).bind(
-        source.__dict__, uri, params.serve.model_dump(), args.static_batching
-    )
+    return QuillServer.options(**deployment_options(params.serve)).bind(source, uri, params.serve, static_batching)
 
 
 def deployment_options(p: ServeParams) -> dict:
@@ -117,6 +121,7 @@ def port_or_free(preferred: int, host: str = "127.0.0.1") -> int:
 
 __all__ = [
     "app",
+    "build",
     "AppArgs",
     "APP_NAME",
     "HAPROXY_PORTS",

@@ -35,7 +35,7 @@ from ray._raylet import AuthenticationTokenLoader, Config
 from pipelines.common.contracts import CHAMPION
 from pipelines.common.params import ParamsError, ServeParams, load_params
 from pipelines.common.tracking import tracking_uri
-from pipelines.serve import APP_NAME, HIGH_THROUGHPUT_ENV, AppArgs, app, port_or_free, ray_start_env
+from pipelines.serve import APP_NAME, HIGH_THROUGHPUT_ENV, build, port_or_free, ray_start_env
 
 REPO = Path(__file__).resolve().parents[2]
 # present while a Ray this project's CLI started runs: the project's own, so that another checkout (or another user,
@@ -172,7 +172,7 @@ def stop_local_ray(pgid: int, timeout: float = 5) -> None:
 def deploy(model: str | None) -> int:
     params = load_params()
     p = params.serve
-    application = app(AppArgs(model=model, tracking_uri=tracking_uri()))  # a bad model fails before Ray starts
+    application = build(params, model, tracking_uri())  # a bad model fails before Ray starts
     local = _local_ray()
     if local and not os.environ.get("RAY_ADDRESS") and local.get("high_throughput") != p.high_throughput:
         print(

@@ -5,7 +5,7 @@ one process runs Python on one core at a time (the GIL): under streaming load th
 stretched to twice their length waiting for it. Here the decode loop has a process, and so a core, of its own,
 as vLLM's engine core does; the replica and this process talk over a pipe.
 
-    proc = EngineProcess(EngineSpec(folder, max_batch_size=16, dtype="bfloat16"), on_message)
+    proc = EngineProcess(EngineSpec(folder, max_batch_size=16, dtype="bfloat16", threads=1), on_message)
     proc.add(token, [(prompt_ids, params), ...])   # answered by on_message(("added", token, rids))
     proc.cancel([rid, ...])                         #   or ("refused", token, message)
     # every step: on_message(("step", updates, running, waiting)); a failed step: ("failed", text);
@@ -32,6 +32,10 @@ class EngineFailure(RuntimeError):
     """A decode step failed in the engine process, or the process is gone: the requests it held fail with it."""
 
 
+class EngineStopped(EngineFailure):
+    """The engine process is gone: it answers nothing more (Ray's health check replaces its replica)."""
+
+
 @dataclass(frozen=True)
 class EngineSpec:
     """What the engine process loads and how it batches."""
@@ -43,6 +47,7 @@ class EngineSpec:
     dtype: str = "auto"  # the weights' dtype in memory (model.engine.DTYPES); auto: as saved
     compile: bool = False
     static: bool = False  # a batch runs to completion (the benchmark's @serve.batch-like baseline)
+    threads: int | None = None  # torch threads: the replica's CPUs (engine_client.torch_threads); None: torch's default
 
 
 class EngineProcess:
@@ -76,13 +81,13 @@ class EngineProcess:
             ) from None
 
     def add(self, token: int, sequences: list[tuple[list[int], SamplingParams]]) -> None:
-        """Raises EngineFailure if the engine process is gone."""
+        """Raises EngineStopped if the engine process is gone."""
         self._send(("add", token, sequences))
 
     def cancel(self, rids) -> None:
         try:
             self._send(("cancel", list(rids)))
-        except EngineFailure:
+        except EngineStopped:
             pass  # a stopped engine holds nothing to cancel
 
     def alive(self) -> bool:
@@ -93,7 +98,7 @@ class EngineProcess:
         self._closing = True
         try:
             self._send(("stop",))
-        except EngineFailure:
+        except EngineStopped:
             pass  # already gone
         self.process.join(5)
         if self.process.is_alive():
@@ -106,7 +111,7 @@ class EngineProcess:
             with self._send_lock:
                 self._conn.send(msg)
         except OSError as exc:  # the child is gone (BrokenPipeError) or the pipe was closed
-            raise EngineFailure(f"the engine process stopped ({type(exc).__name__})") from None
+            raise EngineStopped(f"the engine process stopped ({type(exc).__name__})") from None
 
     def _read(self) -> None:
         while True:
@@ -144,6 +149,8 @@ def _serve(conn, spec: EngineSpec) -> None:
 
     from model import Engine, Scheduler
 
+    if spec.threads is not None:  # before the model loads: the replica's CPUs, not every core of the machine
+        torch.set_num_threads(spec.threads)
     try:
         engine = Engine.from_pretrained(spec.folder, spec.tokenizer_sha256, spec.device, spec.compile, spec.dtype)
         scheduler = Scheduler(engine, spec.max_batch_size, static=spec.static)

@@ -1,17 +1,50 @@
-"""OpenAI's response shapes: usage, logprobs in the completions and the chat format, and server-sent events
-(how a stream groups its tokens into events, and how it ends)."""
+"""OpenAI's response shapes: usage, logprobs in the completions and the chat format, the engine's failures as
+OpenAI's errors, and server-sent events (how a stream groups its tokens into events, and how it ends)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 
 from fastapi.responses import StreamingResponse
 
 from model.scheduler import RowUpdate
 from model.sequence import Completion, TokenLogprob
 from pipelines.serve import metrics
+from pipelines.serve.engine_client import Busy, Refused
+from pipelines.serve.engine_process import EngineFailure, EngineStopped
 from pipelines.serve.schemas import APIError
+
+RETRY_AFTER_S = 1  # what a client refused with 429 waits before retrying
+ENGINE_ERRORS = (Busy, Refused, EngineFailure)  # what the engine client raises for a request
+
+
+def param_of(message: str) -> str | None:
+    """The parameter a model-layer ValueError names first ("max_tokens must be ...", "prompt (12 tokens) ...")."""
+    word = message.split(" ", 1)[0]
+    return word if word.isidentifier() else None
+
+
+def openai_error(exc: Busy | Refused | EngineFailure) -> APIError:
+    """An engine client's exception in OpenAI's shape: 429 with Retry-After for a full replica, 400 naming the
+    parameter for what the scheduler refuses, 503 once the engine process is gone, 500 for a failure."""
+    if isinstance(exc, Busy):
+        retry = {"Retry-After": str(RETRY_AFTER_S)}
+        message = f"{exc}; retry in {RETRY_AFTER_S} s"
+        return APIError(429, message, None, "rate_limit_error", "server_busy", headers=retry)
+    if isinstance(exc, Refused):
+        return APIError(400, str(exc), param_of(str(exc)))
+    return APIError(503 if isinstance(exc, EngineStopped) else 500, str(exc), None, "server_error")
+
+
+@contextmanager
+def engine_errors() -> Iterator[None]:
+    """Raises what the engine client raises inside as OpenAI's errors (openai_error)."""
+    try:
+        yield
+    except ENGINE_ERRORS as exc:
+        raise openai_error(exc) from None
 
 
 def sse(events: AsyncIterator[dict]) -> StreamingResponse:
@@ -24,7 +57,9 @@ def sse(events: AsyncIterator[dict]) -> StreamingResponse:
                 yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
         except APIError as exc:
             yield f"data: {json.dumps(exc.body())}\n\n"
-        except Exception as exc:  # the engine failed mid-stream
+        except ENGINE_ERRORS as exc:  # the engine failed mid-stream: its reason, named
+            yield f"data: {json.dumps(openai_error(exc).body())}\n\n"
+        except Exception as exc:  # a fault of ours mid-stream
             metrics.ERRORS.inc(tags={"kind": "stream"})
             err = APIError(500, f"generation failed: {type(exc).__name__}", None, "server_error")
             yield f"data: {json.dumps(err.body())}\n\n"

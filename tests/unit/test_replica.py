@@ -11,10 +11,10 @@ import json
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 
 import pytest
 
+from pipelines.common.params import ServeParams
 from pipelines.serve.schemas import APIError, CompletionRequest
 from pipelines.serve.server import QuillServer
 from pipelines.serve.source import resolve
@@ -31,13 +31,13 @@ def folder(tmp_path_factory):
 async def start(folder) -> QuillServer:
     cls = QuillServer.func_or_class
     replica = cls.__new__(cls)
-    await replica.__init__(asdict(resolve(str(folder), "sqlite:///unused.db")), "sqlite:///unused.db", {})
+    await replica.__init__(resolve(str(folder), "sqlite:///unused.db"), "sqlite:///unused.db", ServeParams())
     return replica
 
 
 def fail_once(replica, at_call: int) -> None:
     """The replica's step delivery raises on its at_call-th call, then works again."""
-    real, calls = replica._deliver, []
+    real, calls = replica.engine._deliver, []
 
     def deliver(*args):
         calls.append(1)
@@ -45,7 +45,7 @@ def fail_once(replica, at_call: int) -> None:
             raise RuntimeError("injected fault")
         real(*args)
 
-    replica._deliver = deliver
+    replica.engine._deliver = deliver
 
 
 class EngineWatch:
@@ -60,8 +60,8 @@ class EngineWatch:
         self.handled: list[tuple] = []  # (kind, updates, running, waiting) of each handled message, in order
         self.cancel_sent = threading.Event()
         self.hold_timed_out = False
-        engine = replica.engine_process
-        on_message, cancel, handle = engine._on_message, engine.cancel, replica._handle
+        engine = replica.engine.process
+        on_message, cancel, handle = engine._on_message, engine.cancel, replica.engine._handle
         held = False
 
         def read(msg: tuple) -> None:  # on the reader thread
@@ -82,7 +82,7 @@ class EngineWatch:
             else:
                 self.handled.append((msg[0], [], None, None))
 
-        engine._on_message, engine.cancel, replica._handle = read, cancel_and_release, record
+        engine._on_message, engine.cancel, replica.engine._handle = read, cancel_and_release, record
 
     def engine_idle(self) -> bool:
         """The last message handled is a step after which the engine holds no row, running or waiting."""
@@ -133,7 +133,7 @@ def test_a_fault_handling_a_step_fails_the_requests_and_frees_their_rows(folder)
             fail_once(replica, at_call=5)
             response = await replica.completions(long_request(stream=True))
             # a slow client: tokens, then the failure, wait in its queue (the replica then forgets the queues)
-            await wait_until(lambda: not replica._queues, "the fault to fail the stream")
+            await wait_until(lambda: not replica.engine._queues, "the fault to fail the stream")
             events = [e async for e in response.body_iterator]
             assert events[-1] == "data: [DONE]\n\n"
             last = json.loads(events[-2].removeprefix("data: "))
@@ -147,7 +147,7 @@ def test_a_fault_handling_a_step_fails_the_requests_and_frees_their_rows(folder)
             stats = await replica.stats()  # the memory of the actor and its engine process together
             assert 0 < stats["pss_bytes"] < stats["rss_bytes"]  # their shared libraries counted once in PSS
         finally:
-            replica.engine_process.close()
+            replica.engine.close()
 
     asyncio.run(scenario())
 
@@ -159,8 +159,8 @@ def test_an_unknown_engine_message_fails_what_is_in_flight_and_the_replica_serve
             # the engine waits from its answer to the add until the replica cancels the request
             watch = EngineWatch(replica, hold_after=lambda msg: msg[0] == "added")
             request = asyncio.ensure_future(replica.completions(long_request()))
-            await wait_until(lambda: replica._queues, "the request to be admitted")
-            replica._handle(("from a newer engine",))
+            await wait_until(lambda: replica.engine._queues, "the request to be admitted")
+            replica.engine._handle(("from a newer engine",))
             with pytest.raises(APIError) as err:
                 await asyncio.wait_for(request, 30)
             assert err.value.status == 500
@@ -171,6 +171,6 @@ def test_an_unknown_engine_message_fails_what_is_in_flight_and_the_replica_serve
             done = await replica.completions(CompletionRequest(prompt="To be", max_tokens=3, temperature=0))
             assert done["choices"][0]["finish_reason"] == "length"
         finally:
-            replica.engine_process.close()
+            replica.engine.close()
 
     asyncio.run(scenario())
