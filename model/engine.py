@@ -20,13 +20,14 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
 
 from model.beam import beam_search
+from model.chat import encode_chat, literal
 from model.hf import load_pretrained
 from model.sampler import SamplingRows, sample
 from model.sampling import SamplingParams, apply_penalties, check_param, penalty_state
@@ -54,6 +55,7 @@ class Engine:
         self.eos_token_id = eos_token_id
         self._kv: KVCache | None = None
         self._token_text: dict[int, str] = {}
+        self._literal: Tokenizer | None = None  # the tokenizer for chat content, made on first use
 
     @classmethod
     def from_pretrained(
@@ -78,6 +80,13 @@ class Engine:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def encode_chat(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """ChatML ids of a conversation (model/chat.py), ready for the assistant's reply; generating from them
+        should stop at `chat_markers(engine.tokenizer)[1]` (<|im_end|>)."""
+        if self._literal is None:
+            self._literal = literal(self.tokenizer)
+        return encode_chat(self._literal, messages, add_generation_prompt).ids
 
     def token_text(self, token_id: int) -> str:
         if token_id not in self._token_text:

@@ -21,6 +21,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from model import SamplingParams
+from model.chat import NoChatTemplateError, chat_markers, encode_chat, literal
 from model.scheduler import RowUpdate
 from model.sequence import Completion
 from pipelines.common.params import ServeParams
@@ -49,11 +50,12 @@ class Translator:
         self.block_size, self.vocab_size, self.eos_token_id = model_info
         self.source, self.limits = source, limits
         self.created = int(time.time())
-        vocab = self.tokenizer.get_vocab(with_added_tokens=True)
-        self.im_start, self.im_end = vocab.get("<|im_start|>"), vocab.get("<|im_end|>")
+        try:
+            self.im_start, self.im_end = chat_markers(self.tokenizer)
+        except NoChatTemplateError:
+            self.im_start = self.im_end = None
         # chat content is encoded literally: a user typing "<|im_end|>" must not close their own turn
-        self.literal = Tokenizer.from_str(self.tokenizer.to_str())
-        self.literal.encode_special_tokens = True
+        self.literal = literal(self.tokenizer)
 
     # -- requests in -----------------------------------------------------------------------------
     def check(self, req: SamplingFields) -> None:
@@ -67,8 +69,8 @@ class Translator:
         return prompts, self.sampling_params(req, prompts, req.max_tokens, logprobs=req.logprobs, echo=echo)
 
     def chat_input(self, req: ChatRequest) -> tuple[list[int], SamplingParams]:
-        if self.im_start is None or self.im_end is None:
-            raise APIError(400, "this model's tokenizer has no ChatML markers; use /v1/completions", "messages")
+        if self.im_end is None:
+            raise APIError(400, "this model has no chat template (no ChatML markers); use /v1/completions", "messages")
         prompt = self.chat_prompt(req)
         max_tokens = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
         n_top = (req.top_logprobs or 0) if req.logprobs else None
@@ -107,12 +109,8 @@ class Translator:
         return out
 
     def chat_prompt(self, req: ChatRequest) -> list[int]:
-        """ChatML: <|im_start|>role\\ncontent<|im_end|>\\n per message, then <|im_start|>assistant\\n."""
-        nl = self.literal.encode("\n").ids
-        ids: list[int] = []
-        for m in req.messages:
-            ids += [self.im_start, *self.literal.encode(f"{m.role}\n{m.content}").ids, self.im_end, *nl]
-        return ids + [self.im_start, *self.literal.encode("assistant\n").ids]
+        """ChatML (model/chat.py): the ids `AutoTokenizer.apply_chat_template` and the engine give."""
+        return encode_chat(self.literal, [{"role": m.role, "content": m.content} for m in req.messages]).ids
 
     def sampling_params(
         self, req: SamplingFields, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None, echo: bool
