@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import os
 
 from fastapi import FastAPI, Request
@@ -17,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from pipelines.serve.schemas import APIError
+from pipelines.serve.schemas import APIError, short
 
 OPEN_PATHS = ("/health",)  # answered without an API key (load balancers and Ray's health checks)
 
@@ -115,10 +114,10 @@ def install_error_handlers(api: FastAPI) -> None:
         if first.get("type") == "json_invalid":
             return error_response(APIError(400, f"request body is not valid JSON: {first.get('msg', '')}", None))
         param = loc[0] if loc else None
-        where = ".".join(loc) or "body"
+        where = short(".".join(loc), quoted=False) or "body"  # a dict key in the path is the client's text
         msg = f"{where}: {first.get('msg', 'invalid value')}"
         if "input" in first and first.get("type") != "missing":
-            msg += f" (got {_short(first['input'])})"
+            msg += f" (got {short(first['input'])})"
         return error_response(APIError(400, msg, param))
 
     @api.exception_handler(HTTPException)
@@ -129,8 +128,3 @@ def install_error_handlers(api: FastAPI) -> None:
     @api.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception):  # a bug of ours: still answered in OpenAI's shape
         return error_response(APIError(500, f"internal error: {type(exc).__name__}", None, "server_error"))
-
-
-def _short(value) -> str:
-    text = json.dumps(value, default=str)
-    return text if len(text) <= 80 else text[:77] + "..."

@@ -34,6 +34,7 @@ from pipelines.serve.schemas import (
     SamplingFields,
     TokenizeRequest,
     check_caps,
+    short,
 )
 from pipelines.serve.source import ModelSource
 
@@ -81,7 +82,7 @@ class Translator:
         if model is not None and model not in (self.source.name, self.source.uri):
             raise APIError(
                 404,
-                f"model {model!r} does not exist; this server serves {self.source.name!r}",
+                f"model {short(model)} does not exist; this server serves {self.source.name!r}",
                 "model",
                 code="model_not_found",
             )

@@ -7,6 +7,7 @@ stop_token_ids, ignore_eos). Unknown fields are rejected (OpenAI answers 400 for
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
@@ -14,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_
 from pipelines.common.params import ServeParams
 
 TokenIds = list[Annotated[StrictInt, Field(ge=0)]]
+MAX_LOGIT_BIAS = 300  # entries in logit_bias, as OpenAI allows
+MAX_STOP_TOKEN_IDS = 256  # ids in stop_token_ids: each is checked against every generated token
 
 
 class StreamOptions(BaseModel):
@@ -35,7 +38,9 @@ class SamplingFields(BaseModel):
     seed: StrictInt | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    logit_bias: (
+        Annotated[dict[str, Annotated[float, Field(ge=-100, le=100)]], Field(max_length=MAX_LOGIT_BIAS)] | None
+    ) = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -43,7 +48,7 @@ class SamplingFields(BaseModel):
     top_k: Annotated[StrictInt, Field(ge=-1)] = 0
     min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
     repetition_penalty: Annotated[float, Field(gt=0, le=10)] = 1.0
-    stop_token_ids: TokenIds | None = None
+    stop_token_ids: Annotated[TokenIds, Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     ignore_eos: StrictBool = False
 
     @field_validator("stop")
@@ -134,3 +139,9 @@ def check_caps(req: SamplingFields, limits: ServeParams) -> None:
     if n_logprobs is not None and n_logprobs > limits.max_logprobs:
         param = "top_logprobs" if isinstance(req, ChatRequest) else "logprobs"
         raise APIError(400, f"{param} must be <= {limits.max_logprobs}, got {n_logprobs}", param)
+
+
+def short(value, quoted: bool = True) -> str:
+    """What a client sent, quoted back in an error at most 80 characters long, escaped as JSON."""
+    text = json.dumps(value, default=str) if quoted else json.dumps(str(value))[1:-1]
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -163,3 +163,9 @@ def test_a_stream_that_fails_after_its_first_event_ends_with_an_error_event_and_
     assert json.loads(sent[0].removeprefix("data: ")) == {"choices": [{"text": "a"}]} and sent[-1] == "data: [DONE]\n\n"
     error = json.loads(sent[1].removeprefix("data: "))["error"]
     assert error["type"] == "server_error" and "engine process stopped" in error["message"]
+
+
+def test_an_unknown_model_name_is_quoted_short(openai):
+    with pytest.raises(APIError) as refused:
+        openai.check_model("m" * 100_000)
+    assert refused.value.status == 404 and len(refused.value.message) < 200
