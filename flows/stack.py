@@ -5,9 +5,11 @@
     python -m flows.stack status   list them
 
 `run` starts a Prefect server (PREFECT_API_URL, default http://127.0.0.1:4200/api; its database under
-.quill/prefect/) unless one answers there, and `python -m flows.deploy` so the flows have Run buttons in the UI;
-then runs train_and_deploy (through DVC: a second run with nothing changed retrains nothing) which deploys the
-champion with the serve CLI (it starts or joins Ray). The services stay up; logs are in .quill/logs/.
+.quill/prefect/) unless one answers there, `python -m flows.deploy` so the flows have Run buttons in the UI, and
+the MLflow UI: `mlflow server` on the stages' own store (MLFLOW_TRACKING_URI, default the project's mlflow.db with
+artifacts in mlartifacts/) at http://127.0.0.1:5000, or the next free port; a tracking server is its own UI. Then it
+runs train_and_deploy (through DVC: a second run with nothing changed retrains nothing) which deploys the champion
+with the serve CLI (it starts or joins Ray). The services stay up; logs are in .quill/logs/.
 """
 
 from __future__ import annotations
@@ -29,16 +31,17 @@ import psutil
 
 from flows.lock import WorkspaceBusy, workspace_lock
 from flows.overrides import check, recover
-from flows.report import mlflow_ui
 from flows.serving import endpoint, serve_cli
 from pipelines.common.params import ParamsError
-from pipelines.common.tracking import tracking_uri
+from pipelines.common.tracking import TrackingError, artifact_root, check_tracking, tracking_uri
 from pipelines.summary import main as print_summary
 
 STATE = Path(".quill")
 PIDS = STATE / "pids"
 LOGS = STATE / "logs"
 DEFAULT_PREFECT_API = "http://127.0.0.1:4200/api"
+LOOPBACK = "127.0.0.1"
+MLFLOW_UI_PORT = 5000  # MLflow's own default; the next free port above it when taken (macOS's AirPlay takes 5000)
 
 
 class StackError(RuntimeError):
@@ -118,6 +121,19 @@ def start(name: str, cmd: list[str], env: dict[str, str], url: str) -> tuple[dic
     return entry, proc
 
 
+def wait_until_up(name: str, what: str, entry: dict, proc: subprocess.Popen, url: str, timeout: float = 180) -> None:
+    """Poll `url` until it answers; a process that exits or never answers is stopped, its record dropped, and named
+    with its log."""
+    deadline = time.time() + timeout
+    while not answers(url):
+        if proc.poll() is not None or time.time() > deadline:  # (its /proc cmdline lags until it has exec'd)
+            why = f"exited with {proc.returncode}" if proc.returncode is not None else f"no answer in {timeout:.0f} s"
+            terminate(entry, timeout=10)
+            (PIDS / f"{name}.json").unlink(missing_ok=True)
+            raise StackError(f"{what} did not start at {url} ({why}); see {entry['log']}")
+        time.sleep(1)
+
+
 def terminate(entry: dict, timeout: float = 30) -> None:
     """SIGTERM the process group, then SIGKILL what is left after `timeout`."""
     pid = entry["pid"]
@@ -174,11 +190,7 @@ def ensure_prefect() -> str:
         env,
         api.removesuffix("/api"),
     )
-    deadline = time.time() + 180
-    while not answers(f"{api}/health"):
-        if proc.poll() is not None or time.time() > deadline:  # (its /proc cmdline lags until it has exec'd)
-            raise StackError(f"the Prefect server did not start; see {entry['log']}")
-        time.sleep(1)
+    wait_until_up("prefect-server", "the Prefect server", entry, proc, f"{api}/health")
     print(f"started the Prefect server (pid {entry['pid']}) at {entry['url']}")
     return api
 
@@ -197,6 +209,49 @@ def ensure_deployments(api: str) -> None:
     print(f"serving the flows' deployments (pid {entry['pid']})")
 
 
+def local_store(uri: str) -> str:
+    """The tracking URI with a SQLite file's path made absolute (the same store from any folder)."""
+    return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}" if uri.startswith("sqlite:///") else uri
+
+
+def first_free_port(host: str, first: int, count: int = 100) -> int:
+    """`first`, or the next port above it that nothing holds on `host`."""
+    for port in range(first, first + count):
+        if not port_taken(host, port):
+            return port
+    raise StackError(f"ports {first} to {first + count - 1} on {host} are all taken; free one for the MLflow UI")
+
+
+def ensure_mlflow_ui() -> str:
+    """The MLflow UI's URL for the store the stages log to (MLFLOW_TRACKING_URI). A tracking server is its own UI
+    (checked to answer); a local store gets `mlflow server` on it, started here unless the one recorded for that
+    store still runs, on 127.0.0.1:5000 or the next free port."""
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        try:
+            return check_tracking().rstrip("/")
+        except TrackingError as exc:
+            raise StackError(str(exc)) from None
+    store = local_store(uri)
+    entry = recorded().get("mlflow-ui")
+    if entry and alive(entry):
+        if store in entry["cmd"]:
+            return entry["url"]
+        terminate(entry)  # MLFLOW_TRACKING_URI names another store since
+        print(f"stopped the MLflow UI of another store (pid {entry['pid']})")
+    port = first_free_port(LOOPBACK, MLFLOW_UI_PORT)
+    mlflow = str(Path(sys.executable).with_name("mlflow"))
+    cmd = [mlflow, "server", "--backend-store-uri", store, "--host", LOOPBACK, "--port", str(port), "--workers", "1"]
+    if artifacts := artifact_root(store):  # mlartifacts/ beside the SQLite file, as the stages' experiments have it
+        cmd += ["--artifacts-destination", artifacts]
+    # no job runner: nothing but the stages and this UI touches the SQLite file
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    entry, proc = start("mlflow-ui", cmd, env, f"http://{LOOPBACK}:{port}")
+    wait_until_up("mlflow-ui", "the MLflow UI", entry, proc, f"{entry['url']}/health")
+    print(f"started the MLflow UI (pid {entry['pid']}) at {entry['url']}")
+    return entry["url"]
+
+
 def check_serve_port(url: str, host: str, port: int) -> None:
     if port_taken(host, port) and not answers(f"{url}/health"):
         raise StackError(
@@ -213,6 +268,7 @@ def run(args: argparse.Namespace) -> int:
         check_serve_port(url, params.serve.host, params.serve.port)
     api = ensure_prefect()
     ensure_deployments(api)
+    mlflow_url = ensure_mlflow_ui()
     cmd = [sys.executable, "-m", "flows.train_and_deploy", *(["--no-deploy"] if not deploy else [])]
     if not deploy:
         print("pipelines/serve has no CLI in this checkout yet: running the pipeline without deploying")
@@ -224,7 +280,6 @@ def run(args: argparse.Namespace) -> int:
         (PIDS / "serving.json").write_text(json.dumps({"url": url, "stop": "python -m pipelines.serve shutdown"}))
     print_summary([])
     ui = api.removesuffix("/api")
-    base, how = mlflow_ui(tracking_uri())
     auth = ' -H "Authorization: Bearer $QUILL_API_KEY"' if os.environ.get("QUILL_API_KEY") else ""
     print(f"\ntrain_and_deploy finished in {time.monotonic() - started:.0f} s. Where things are:")
     if deploy:
@@ -239,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
             f"{params.registry.model_name}', prompt='ROMEO:', max_tokens=40).choices[0].text)\""
         )
     print(f"  Prefect UI  {ui}  (flow runs; deployments with Run buttons)")
-    print(f"  MLflow UI   {how} open {base}")
+    print(f"  MLflow UI   {mlflow_url}  (runs, metrics, registered models)")
     print("  compare with the last commit: .venv/bin/dvc metrics diff; plots: .venv/bin/dvc plots show")
     print("  make status lists the services; make stop stops them")
     return 0

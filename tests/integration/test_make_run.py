@@ -108,6 +108,12 @@ def test_make_run_twice_then_the_serve_cli_then_stop(workspace, tmp_path):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     out = first.stdout + first.stderr
     assert "Prefect UI" in out and "MLflow UI" in out and "started the Prefect server" in out
+    # the MLflow UI is up on the workspace's own store: it shows the registered champion
+    mlflow_ui = re.search(r"MLflow UI +(http://127\.0\.0\.1:\d+) ", out)
+    assert mlflow_ui and "started the MLflow UI" in out, out
+    assert httpx.get(f"{mlflow_ui[1]}/health", timeout=10).text == "OK"
+    model = httpx.get(f"{mlflow_ui[1]}/api/2.0/mlflow/registered-models/get", params={"name": "quill-test"}, timeout=30)
+    assert model.status_code == 200 and "champion" in model.text, model.text
     assert "Stage 'register' didn't change, skipping" in out and "Running stage" not in out
     port = yaml.safe_load((root / "params.yaml").read_text())["serve"]["port"]
     url = f"http://127.0.0.1:{port}"
@@ -119,7 +125,7 @@ def test_make_run_twice_then_the_serve_cli_then_stop(workspace, tmp_path):
     answer = httpx.post(f"{url}/v1/completions", json={"prompt": "The", "max_tokens": 4}, timeout=60)
     assert answer.status_code == 200, answer.text
     pids = {p.stem: json.loads(p.read_text()) for p in (root / ".quill" / "pids").glob("*.json")}
-    assert {"prefect-server", "flows-deploy", "serving"} <= set(pids)
+    assert {"prefect-server", "flows-deploy", "mlflow-ui", "serving"} <= set(pids)
     # the local Ray takes only clients with its token, which only this user can read
     token = root / ".quill" / "ray-auth-token"
     assert token.stat().st_mode & 0o777 == 0o600
@@ -142,10 +148,12 @@ def test_make_run_twice_then_the_serve_cli_then_stop(workspace, tmp_path):
     out = second.stdout + second.stderr
     assert "Stage 'train' didn't change, skipping" in out and "Running stage" not in out
     assert "already serves quill-test v1" in out  # no redeploy
-    assert "started the Prefect server" not in out  # reused
+    assert "started the Prefect server" not in out and "started the MLflow UI" not in out  # reused
+    assert f"MLflow UI   {mlflow_ui[1]} " in out
 
     status = make(root, env, "status", timeout=120)
     assert "prefect-server" in status.stdout and "running, pid" in status.stdout
+    assert re.search(rf"mlflow-ui +running, pid \d+ +{mlflow_ui[1]}", status.stdout), status.stdout
 
     # the serve CLI joins the local Ray that `make run` started (its record is in the workspace's .quill/): a rolling
     # update to another model folder; a mode the running Ray was not started with is named, not applied
@@ -170,7 +178,7 @@ def test_make_run_twice_then_the_serve_cli_then_stop(workspace, tmp_path):
 
     stop = make(root, env, "stop", timeout=180)
     assert stop.returncode == 0 and "stopped prefect-server" in stop.stdout, stop.stdout + stop.stderr
-    assert "serving: shut down" in stop.stdout, stop.stdout
+    assert "serving: shut down" in stop.stdout and "stopped mlflow-ui" in stop.stdout, stop.stdout
     for entry in (e for e in pids.values() if "pid" in e):
         assert (
             not Path(f"/proc/{entry['pid']}").exists() or "zombie" in Path(f"/proc/{entry['pid']}/status").read_text()
@@ -185,5 +193,6 @@ def test_make_run_twice_then_the_serve_cli_then_stop(workspace, tmp_path):
     r = cli(root, env, "status")
     assert r.returncode == 1 and "not running" in r.stdout, r.stdout + r.stderr
     assert "nothing" in make(root, env, "status", timeout=60).stdout
-    with pytest.raises(httpx.TransportError):
-        httpx.get(f"{url}/health", timeout=5)
+    for stopped in (url, mlflow_ui[1]):
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{stopped}/health", timeout=5)
