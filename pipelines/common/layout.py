@@ -40,6 +40,10 @@ class Layout:
     eval_metrics: Path = Path("metrics/eval.json")
     eval_plots: Path = Path("plots/eval")
     registered: Path = Path("artifacts/registered.json")  # register: the version and the promotion decision
+    # fine-tuning stages
+    chat: Path = Path("data/chat")  # chat_data: {train,val,test}.jsonl, a conversation ({"messages": [...]}) a line
+    chat_reports: Path = Path("reports/chat")
+    chat_metrics: Path = Path("metrics/chat.json")
 
     @property
     def eval_samples(self) -> Path:
@@ -71,6 +75,7 @@ STAGE_IO: dict[str, dict[str, tuple[str, ...]]] = {
         "reads": ("model", "eval_metrics", "eval_samples", "evaluated", "clean"),
         "writes": ("registered",),
     },
+    "chat_data": {"reads": ("raw",), "writes": ("chat", "chat_reports", "chat_metrics")},
 }
 
 PROJECT = Layout()  # the project's own layout, relative to the folder a stage runs in

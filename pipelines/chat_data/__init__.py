@@ -1,0 +1,1 @@
+"""The chat_data stage (`python -m pipelines.chat_data`): see stage.py."""
