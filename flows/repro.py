@@ -1,7 +1,13 @@
-"""`dvc repro <stage>` as a subprocess: its output goes to the task's log, progress bars to a callback.
+"""`dvc repro <stage>` as a subprocess: its output goes to the task's log, its progress to a callback.
 
 DVC decides whether a stage runs (its deps, params and outs against dvc.lock); this module only starts it
 and reads what happened from its output, so a flow never re-declares what dvc.yaml owns.
+
+The log keeps what tells the story: DVC's "Running stage" / "didn't change, skipping" for the stage and the
+stage's own lines. Left out are DVC's "didn't change" for each stage upstream of it, what DVC says after every
+stage for a person at a terminal (`git add` and `dvc push` hints, lock file updates) and progress bars that
+other libraries draw (tqdm and Lightning redraws, one line each once written to a pipe). The stage's progress
+lines (pipelines/common/progress.py: a line per 10 %) are logged and passed to the callback as (what, percent).
 """
 
 from __future__ import annotations
@@ -17,8 +23,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-# tqdm's line from the train stage's StepProgressBar: "train:  40%|████      | 4/10 [00:07<...]"
-PROGRESS = re.compile(r"^train:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+)")
+from pipelines.common.progress import LINE
+
+# a tqdm redraw: "train:  40%|████  | 4/10 [00:07<00:09, 1.2it/s]", "Generating split: 4 examples [00:00, 67/s]"
+TQDM = re.compile(r" \[(\d+:)?\d+:\d\d[<,]")
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # colours, and tqdm's cursor moves between nested bars
+# DVC's notes for a person at a terminal, printed after every stage that changed files
+DVC_NOTES = re.compile(
+    r"^(To track the changes with git, run:|To enable auto staging, run:|git add |dvc config core\.autostage"
+    r"|Use `dvc push` to send your updates|(Generating|Updating) lock file )"
+)
+UNCHANGED = re.compile(r"^Stage '(?P<stage>[^']+)' didn't change, skipping$")
 
 
 @dataclass(frozen=True)
@@ -38,7 +53,15 @@ def dvc_bin() -> str:
     return str(local) if local.exists() else "dvc"
 
 
-def repro(stage: str, log: Callable[[str], None], progress: Callable[[int, int], None] | None = None) -> Repro:
+def shown(line: str, stage: str) -> bool:
+    """Whether a line of `dvc repro <stage>`'s output (ANSI codes removed, stripped) belongs in the task's log."""
+    unchanged = UNCHANGED.match(line)
+    if unchanged:
+        return unchanged["stage"] == stage  # each stage upstream says so too: its own task said it already
+    return bool(line) and not TQDM.search(line) and not DVC_NOTES.match(line)
+
+
+def repro(stage: str, log: Callable[[str], None], progress: Callable[[str, float], None] | None = None) -> Repro:
     """Run `dvc repro <stage>` in the current directory; raise StageFailed with its output's tail on failure."""
     env = {
         **os.environ,
@@ -57,14 +80,12 @@ def repro(stage: str, log: Callable[[str], None], progress: Callable[[int, int],
         pending += chunk
         *parts, pending = re.split(rb"[\r\n]", pending)
         for raw in parts:
-            line = raw.decode("utf-8", "replace").strip()
-            if not line:
+            line = ANSI.sub("", raw.decode("utf-8", "replace")).strip()
+            if not shown(line, stage):
                 continue
-            match = PROGRESS.match(line)
-            if match:
-                if progress is not None:
-                    progress(int(match.group(1)), int(match.group(2)))
-                continue
+            match = LINE.match(line)
+            if match and progress is not None:
+                progress(match["desc"], float(match["percent"]))
             if line.startswith(f"Running stage '{stage}'"):
                 ran = True
             tail.append(line)

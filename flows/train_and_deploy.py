@@ -2,8 +2,10 @@
 
 Each task is one `dvc repro <stage>`, so DVC skips what is up to date and keeps every output versioned; the
 flow adds what DVC does not do: typed overrides from the Prefect UI (checked before any work), retries (train
-resumes from its last checkpoint), a progress artifact during training, an optional approval pause before
-the registry decides, a Markdown summary, and the deploy. One run per workspace (flows/lock.py).
+resumes from its last checkpoint), progress artifacts (`<stage>-progress`: train's from its start, another
+stage's once it reports progress), an optional approval pause before the registry decides, a Markdown summary,
+and the deploy. One run per workspace (flows/lock.py). Each stage's task ends with one line saying what the
+stage did (pipelines/summary.py's), or that DVC found it up to date.
 
     python -m flows.train_and_deploy [--set train.max_steps=200 ...] [--require-approval] [--no-deploy]
 
@@ -16,7 +18,6 @@ import argparse
 import json
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +34,13 @@ from flows.lock import workspace_lock
 from flows.overrides import Overrides, check, overridden, parse_sets, recover
 from flows.registry import move_champion
 from flows.report import mlflow_ui, registered, summary_markdown
-from flows.repro import StageFailed, repro, stale
+from flows.repro import Repro, StageFailed, repro, stale
 from flows.serving import endpoint, serve_cli, served_version, smoke_test
 from pipelines.common.contracts import CHAMPION, HEADLINE_METRICS
 from pipelines.common.layout import PROJECT
 from pipelines.common.params import ParamsError, ServeParams
 from pipelines.common.tracking import RUN_FILE, mlflow_client, tracking_uri, version_by_alias
+from pipelines.summary import headline
 
 NO_OVERRIDES = Overrides()
 PAUSE_GRACE_S = 120  # Prefect's pause timeout past the approval deadline (see wait_for_approval)
@@ -58,29 +60,45 @@ def stages() -> list[str]:
     return list(yaml.safe_load(Path("dvc.yaml").read_text(encoding="utf-8"))["stages"])
 
 
+def what_it_did(result: Repro) -> str:
+    """One line: whether the stage ran (and how long) or was up to date, and what its outputs hold."""
+    line = headline(Path("."), result.stage)
+    did = f"ran in {result.seconds:.0f} s" if result.ran else "up to date (DVC skipped it)"
+    return f"{result.stage}: {did}" + (f"; {line}" if line else "")
+
+
+def repro_with_progress(stage: str, overrides: dict[str, Any], artifact_at_start: bool = False) -> bool:
+    """`dvc repro <stage>` with the run's overrides, its progress lines in the `<stage>-progress` artifact (made at
+    the first line, or at the start), then what_it_did; True if it ran, False if DVC found it up to date."""
+    logger = get_run_logger()
+    key = f"{stage}-progress"
+    artifact = create_progress_artifact(0.0, key=key, description=f"{stage} stage") if artifact_at_start else None
+
+    def progress(what: str, percent: float) -> None:
+        nonlocal artifact
+        if artifact is None:
+            artifact = create_progress_artifact(percent, key=key, description=f"{stage} stage: {what}")
+        else:
+            update_progress_artifact(artifact, percent, description=f"{stage} stage: {what}")
+
+    with overridden(overrides):
+        result = repro(stage, logger.info, progress)
+    if artifact is not None:
+        update_progress_artifact(artifact, 100.0, description=f"{stage} stage")
+    logger.info(what_it_did(result))
+    return result.ran
+
+
 @task(retries=1, retry_delay_seconds=10, task_run_name="{stage}")
 def run_stage(stage: str, overrides: dict[str, Any]) -> bool:
     """`dvc repro <stage>` with the run's overrides; True if it ran, False if DVC found it up to date."""
-    with overridden(overrides):
-        return repro(stage, get_run_logger().info).ran
+    return repro_with_progress(stage, overrides)
 
 
 @task(retries=2, retry_delay_seconds=5)
 def train(overrides: dict[str, Any]) -> bool:
-    """`dvc repro train`, its step count in a progress artifact; a retry resumes from the last checkpoint."""
-    artifact = create_progress_artifact(0.0, key="train-progress", description="train stage: optimizer steps")
-    last = [0.0, 0.0]  # percent shown, when
-
-    def progress(step: int, total: int) -> None:
-        percent = 100.0 * step / max(total, 1)
-        if percent == 100.0 or (percent - last[0] >= 1 and time.monotonic() - last[1] >= 2):
-            update_progress_artifact(artifact, percent)
-            last[:] = [percent, time.monotonic()]
-
-    with overridden(overrides):
-        ran = repro("train", get_run_logger().info, progress).ran
-    update_progress_artifact(artifact, 100.0)
-    return ran
+    """`dvc repro train`, its optimizer steps in a progress artifact; a retry resumes from the last checkpoint."""
+    return repro_with_progress("train", overrides, artifact_at_start=True)
 
 
 @task(retries=0)

@@ -1,8 +1,9 @@
-"""What the last pipeline run made, in a dozen lines: the end of `make run`.
+"""What the last pipeline run made, in a dozen lines: the end of `make run`, and each stage's line in a flow run.
 
 Reads the DVC metrics files (metrics/{clean,tokenize,train,eval}.json) and artifacts/registered.json;
-a stage that has not run yet shows as such. `dvc metrics show` prints the same numbers as one row per
-file with a column per metric, too wide for a terminal; `dvc metrics diff` stays the tool to compare runs.
+a stage that has not run yet shows as such; the train_and_deploy flow ends each stage's task with that stage's
+line (`headline`). `dvc metrics show` prints the same numbers as one row per file with a column per metric,
+too wide for a terminal; `dvc metrics diff` stays the tool to compare runs.
 
     python -m pipelines.summary [--root .]
 """
@@ -30,6 +31,9 @@ def _read(path: Path) -> dict | None:
 
 def _millions(n: float) -> str:
     return f"{n / 1e6:.2f}M"
+
+
+NOT_RUN = "not run yet (dvc repro)"
 
 
 def summary_rows(root: Path) -> list[tuple[str, str]]:
@@ -102,8 +106,15 @@ def summary_rows(root: Path) -> list[tuple[str, str]]:
         rows.append(("register", f"{reg['model_name']} v{reg['version']} -> {', '.join(reg['aliases'])}: {reg['why']}"))
     for stage, present in (("clean", clean), ("tokenize", tok), ("train", train), ("evaluate", ev), ("register", reg)):
         if present is None:
-            rows.append((stage, "not run yet (dvc repro)"))
+            rows.append((stage, NOT_RUN))
     return rows
+
+
+def headline(root: Path, stage: str) -> str | None:
+    """The stage's line of summary_rows (what its outputs hold now); None for a stage without one (ingest) or
+    with no outputs yet."""
+    line = dict(summary_rows(root)).get(stage)
+    return None if line == NOT_RUN else line
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,6 @@ import gzip
 import hashlib
 import itertools
 import json
-import sys
 import time
 import zlib
 from collections import Counter
@@ -38,8 +37,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import BinaryIO
-
-from tqdm import tqdm
 
 from pipelines.clean import dedup
 from pipelines.clean.textclean import (
@@ -54,6 +51,7 @@ from pipelines.clean.textclean import (
 from pipelines.common.atomic import atomic_dir, is_out_of_space, out_of_space_stops_stage, scratch_dir, write_json
 from pipelines.common.layout import Layout
 from pipelines.common.params import DataParams, Params
+from pipelines.common.progress import track
 from pipelines.common.runner import StageError, run_stage
 
 SPLITS = ("train", "val", "test")
@@ -346,7 +344,7 @@ def read_documents(raw_dir: Path, params: DataParams, spill: BinaryIO) -> list[D
     manifest = _load_manifest(raw_dir)
     docs: list[Doc] = []
     entries = sorted(manifest["files"], key=lambda e: e["file"])
-    for entry in tqdm(entries, desc="clean: read", unit="file", disable=None, file=sys.stderr):
+    for entry in track(entries, "clean: read", "file"):
         name = entry["file"]
         first = len(docs)
         try:
@@ -397,7 +395,7 @@ def deduplicate(docs: list[Doc], params: DataParams, spill: BinaryIO) -> None:
     d = params.dedup
     sketches = [
         dedup.sketch(_read_spill(spill, doc), d.shingle_words, d.num_perm)
-        for doc in tqdm(unique, desc="clean: minhash", unit="doc", disable=None, file=sys.stderr)
+        for doc in track(unique, "clean: minhash", "doc")
     ]
     for i, (kept, similarity) in dedup.near_duplicates(sketches, d.jaccard_threshold, d.num_perm).items():
         doc = unique[i]
@@ -415,7 +413,7 @@ def write_splits(docs: list[Doc], params: DataParams, spill: BinaryIO, out: Path
     files = {name: open(out / f"{name}.jsonl", "w", encoding="utf-8") for name in SPLITS}
     try:
         kept = [doc for doc in docs if doc.outcome == "kept"]
-        for doc in tqdm(kept, desc="clean: write", unit="doc", disable=None, file=sys.stderr):
+        for doc in track(kept, "clean: write", "doc"):
             for passage in cut_passages(_read_spill(spill, doc), params.split.passage_chars):
                 data = passage.encode("utf-8")
                 digest = hashlib.sha256(data).digest()

@@ -17,12 +17,17 @@ A server that wants the folder itself (to run `model.Engine` directly):
 Input (the signature's unnamed string column): a list of prompts, one string, {"prompt": [...]} or a
 one-column DataFrame. Params (the signature's `params` schema, every one optional, defaults in PARAMS):
 the per-request controls of `model.SamplingParams`; `stop` is one stop string ("" = none) and `seed` -1
-means unseeded. Output: a DataFrame with OUTPUT_COLUMNS, one row per prompt.
+means unseeded. Output: a DataFrame with OUTPUT_COLUMNS, one row per prompt. `predict` is typed with a
+DataFrame, the form MLflow hands it under the signature; MLflow then neither warns that type hints are missing
+nor validates the input against them (it does against the signature).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import mlflow
+import pandas as pd  # mlflow.pyfunc imports it anyway; predict's type hints name it
 from mlflow.pyfunc import PythonModel
 
 from pipelines.common.contracts import HF_ARTIFACT, HF_MODEL_PATH  # noqa: F401  (part of this module's face)
@@ -45,8 +50,8 @@ OUTPUT_COLUMNS = ["prompt", "text", "finish_reason", "prompt_tokens", "completio
 
 def sampling_params(params: dict | None):
     """The request's params (unknown names are refused) as model.SamplingParams."""
-    # this file is stored with each registered model and imported by MLflow at load: torch (via model) and
-    # pandas are imported when a model is used, not when MLflow merely reads the file
+    # this file is stored with each registered model and imported by MLflow at load: torch (via model) is
+    # imported when a model is used, not when MLflow merely reads the file
     from model import SamplingParams
 
     params = dict(params or {})
@@ -64,8 +69,6 @@ def sampling_params(params: dict | None):
 
 
 def prompts_of(model_input) -> list[str]:
-    import pandas as pd  # lazily, as in sampling_params()
-
     if isinstance(model_input, str):
         return [model_input]
     if isinstance(model_input, pd.DataFrame):
@@ -88,9 +91,9 @@ class QuillPyfunc(PythonModel):
 
         self.engine = Engine.from_pretrained(context.artifacts[HF_ARTIFACT])
 
-    def predict(self, context, model_input, params: dict | None = None):
-        import pandas as pd  # lazily, as in sampling_params()
-
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """Completions of the prompts in `model_input` (a DataFrame, or a list, a string or {"prompt": [...]}
+        when called directly)."""
         prompts = prompts_of(model_input)
         completions = self.engine.generate(prompts, sampling_params(params))
         return pd.DataFrame(

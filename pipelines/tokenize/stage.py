@@ -29,6 +29,7 @@ from pipelines.common.clean_split import iter_texts
 from pipelines.common.hashing import sha256_file
 from pipelines.common.layout import PROJECT, Layout
 from pipelines.common.params import Params, TokenizerParams
+from pipelines.common.progress import reporter
 from pipelines.common.runner import StageError, run_stage
 
 SPLITS = ("train", "val", "test")
@@ -157,7 +158,7 @@ def tokenize_corpus(
         total_bytes = sum(p.stat().st_size for p in sources.values())
         splits = {}
         started = time.perf_counter()
-        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", disable=None) as progress:
+        with reporter(total_bytes, "tokenize", "B", unit_scale=True) as progress:
             for split, source in sources.items():
                 splits[split] = encode_split(
                     tokenizer, source, tokens_tmp / f"{split}.bin", params.encode_batch_size, dtype, progress

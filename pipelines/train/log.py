@@ -2,7 +2,8 @@
 
 One Lightning callback keeps the history (saved in every checkpoint, so a resumed run's curves
 continue), sends each row to MLflow as it comes, shows loss and tokens/s on the progress bar, and at
-the end writes the same curves as CSV for `dvc plots show` and a PNG for MLflow.
+the end writes the same curves as CSV for `dvc plots show` and a PNG for MLflow. The progress of the
+optimizer steps is a tqdm bar on a terminal and a line per 10 % anywhere else (`step_progress`).
 
     plots/train/train.csv   step, tokens, train_loss, lr, grad_norm, tokens_per_s, mfu
     plots/train/val.csv     step, tokens, val_loss, val_bpb
@@ -18,9 +19,10 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.callbacks import ProgressBar, TQDMProgressBar
 
 from pipelines.common.atomic import atomic_file
+from pipelines.common.progress import ProgressLines, on_terminal
 from pipelines.train.data import bits_per_byte
 
 TRAIN_COLUMNS = ("step", "tokens", "train_loss", "lr", "grad_norm", "tokens_per_s", "mfu")
@@ -232,3 +234,32 @@ class StepProgressBar(TQDMProgressBar):
         for bar in (self._train_progress_bar, self._val_progress_bar):
             if bar is not None:
                 bar.close()
+
+
+class StepLines(ProgressBar):
+    """Optimizer steps as plain lines (pipelines/common/progress.py) where stderr is no terminal: a flow run's log
+    gets a line per 10 %, not a bar redrawn line after line. A ProgressBar, so Lightning adds no tqdm bar."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enabled = True  # Lightning disables the bar on every rank but the first
+        self.lines: ProgressLines | None = None
+
+    def disable(self) -> None:
+        self.enabled = False
+
+    def enable(self) -> None:
+        self.enabled = True
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.enabled:
+            self.lines = ProgressLines(trainer.max_steps, "train", "step", initial=trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.lines is not None:
+            self.lines.update(trainer.global_step - self.lines.n)
+
+
+def step_progress() -> ProgressBar:
+    """The train stage's progress: a tqdm bar over optimizer steps on a terminal, lines anywhere else."""
+    return StepProgressBar() if on_terminal() else StepLines()

@@ -46,7 +46,7 @@ from pipelines.common.tracking import RUN_FILE
 from pipelines.train.checkpoints import SafeCheckpointIO, StepCheckpoint, latest_valid, list_checkpoints
 from pipelines.train.data import DataError, TokenData, TokenDataModule
 from pipelines.train.lit_gpt import LitGPT, NonFiniteLossError
-from pipelines.train.log import StepProgressBar, TrainLog
+from pipelines.train.log import TrainLog, step_progress
 from pipelines.train.resume import fingerprint, incompatibilities, settle_other_runs, shard_digests
 
 SIGTERM_EXIT = 143  # 128 + SIGTERM: the stage did not finish, so DVC must not record its outputs
@@ -247,7 +247,7 @@ def train(
     trainer = build_trainer(
         t,
         precision,
-        callbacks=[StepProgressBar()] + ([] if fast_dev_run else [step_ckpt]),
+        callbacks=[step_progress()] + ([] if fast_dev_run else [step_ckpt]),
         plugins=[checkpoint_io],
         fast_dev_run=fast_dev_run,
     )

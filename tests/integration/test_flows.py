@@ -63,7 +63,9 @@ def test_run_button_runs_the_pipeline_and_registers_a_champion(champion, flow_st
     api, run, root = flow_stack["api"], champion["run"], champion["snapshot"]
     text = logs(api, run["id"])
     for stage in ("ingest", "clean", "tokenize", "train", "evaluate", "register"):
-        assert f"Running stage '{stage}'" in text, stage
+        assert f"Running stage '{stage}'" in text and f"\n{stage}: ran in " in text, stage
+    assert "To track the changes with git" not in text and "%|" not in text  # no DVC hints, no redrawn bars
+    assert "Add type hints" not in text  # MLflow's warning about the pyfunc model's predict
     version = mlflow(root).get_model_version_by_alias(MODEL, "champion")
     assert str(version.version) == "1"
     registered = json.loads((root / "artifacts" / "registered.json").read_text())
