@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from flows.overrides import check
+from pipelines.common.params import ParamsError
 from pipelines.summary import summary_rows
 
 REGISTERED = Path("artifacts/registered.json")  # the register stage's output (dvc.yaml)
@@ -28,6 +30,21 @@ def registered() -> dict[str, Any] | None:
 
 def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def params_values(keys: list[str]) -> dict[str, Any]:
+    """params.yaml's value of each dotted key (its default where the file leaves it out); "?" where it has none."""
+    try:
+        tree = check({}).model_dump(mode="json")
+    except (ParamsError, OSError):
+        return dict.fromkeys(keys, "?")
+    values = {}
+    for key in keys:
+        node: Any = tree
+        for part in key.split("."):
+            node = node.get(part, "?") if isinstance(node, dict) else "?"
+        values[key] = node
+    return values
 
 
 def summary_markdown(
@@ -51,7 +68,11 @@ def summary_markdown(
     lines += [f"| {stage} | {status(stage)} | {_cell(text)} |" for stage, text in rows]
     lines += ["", "## Overrides of params.yaml for this run", ""]
     if overrides:
-        lines += ["| key | value |", "|---|---|"] + [f"| `{k}` | `{json.dumps(v)}` |" for k, v in overrides.items()]
+        # the Run form sends every knob (at params.yaml's value unless changed): the third column tells them apart
+        file = params_values(list(overrides))
+        lines += ["| key | this run | params.yaml |", "|---|---|---|"]
+        for k, v in overrides.items():
+            lines.append(f"| `{k}` | `{json.dumps(v)}` | {'same' if file[k] == v else f'`{json.dumps(file[k])}`'} |")
         lines += ["", "Recorded in dvc.lock with each output they made; params.yaml itself is unchanged."]
     else:
         lines.append("none: params.yaml as committed")

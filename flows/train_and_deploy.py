@@ -19,7 +19,7 @@ import json
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from prefect import flow, get_run_logger, task
@@ -38,11 +38,29 @@ from flows.repro import Repro, StageFailed, repro, stale
 from flows.serving import endpoint, serve_cli, served_version, smoke_test
 from pipelines.common.contracts import CHAMPION, HEADLINE_METRICS
 from pipelines.common.layout import PROJECT
-from pipelines.common.params import ParamsError, ServeParams
+from pipelines.common.params import ParamsError, ServeParams, _model_config_module
 from pipelines.common.tracking import RUN_FILE, mlflow_client, tracking_uri, version_by_alias
 from pipelines.summary import headline
 
-NO_OVERRIDES = Overrides()
+# model/config.py's preset names, read without importing torch as params.py reads them (it checks the name)
+PRESETS = tuple(_model_config_module().PRESETS)
+_ModelKnobs = Overrides.model_fields["model"].annotation
+
+
+class ModelKnobs(_ModelKnobs):
+    """The model's size: one of model/config.py's presets."""
+
+    preset: Literal[PRESETS] | None = Field(default=None, description=_ModelKnobs.model_fields["preset"].description)
+
+
+class RunOverrides(Overrides):
+    """Values that replace params.yaml's for one run; unset fields keep params.yaml's. (flows/overrides.py's
+    Overrides, with model.preset a choice of the presets.)"""
+
+    model: ModelKnobs = Field(default_factory=ModelKnobs, description="model knobs")
+
+
+NO_OVERRIDES = RunOverrides()
 PAUSE_GRACE_S = 120  # Prefect's pause timeout past the approval deadline (see wait_for_approval)
 TRAIN_RUN = PROJECT.model / RUN_FILE  # the train stage's MLflow run id (pipelines/common/tracking.py)
 
@@ -214,7 +232,7 @@ def review(reg: dict, timeout_s: int) -> str:
 
 @flow(name="train_and_deploy", log_prints=True)
 def train_and_deploy(
-    overrides: Overrides = NO_OVERRIDES,
+    overrides: RunOverrides = NO_OVERRIDES,
     require_approval: bool = False,
     approval_timeout_s: int = Field(default=3600, ge=10, description="seconds to wait for a reviewer"),
     deploy: bool = True,
@@ -281,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-deploy", dest="deploy", action="store_false", help="stop after register")
     args = parser.parse_args(argv)
     try:
-        overrides = Overrides.from_dotted(parse_sets(args.sets))
+        overrides = RunOverrides.from_dotted(parse_sets(args.sets))
         check(overrides.dotted())
     except (ParamsError, ValueError) as exc:
         print(f"train_and_deploy: refused before any work: {exc}", file=sys.stderr)

@@ -11,7 +11,9 @@ TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
 def deployment_id(api: httpx.Client, flow: str) -> str:
-    return api.get(f"/deployments/name/{flow}/quill").json()["id"]
+    from flows.deploy import DEPLOYMENTS  # heavy (Prefect): only the tests that press Run import it
+
+    return api.get(f"/deployments/name/{flow}/{DEPLOYMENTS[flow]}").json()["id"]
 
 
 def post(api: httpx.Client, url: str, body: dict) -> httpx.Response:

@@ -35,6 +35,7 @@ from tests.helpers.prefect_api import (
     task_runs,
     wait,
 )
+from tests.helpers.services import wait_for
 
 # end to end: the first test here may also wait for the session's services and the Run button's first run
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -80,6 +81,28 @@ def test_run_button_runs_the_pipeline_and_registers_a_champion(champion, flow_st
     # the override lives in dvc.lock, not in the user's params.yaml
     assert subprocess.run(["git", "diff", "--quiet", "params.yaml"], cwd=root).returncode == 0
     assert "max_steps: 8" in (root / "dvc.lock").read_text()
+
+
+def test_the_run_form_shows_params_yaml_and_follows_the_file(flow_stack):
+    """train_and_deploy's deployment offers params.yaml's values (model.preset a choice of the presets), and
+    `flows.deploy` renews them when the file changes."""
+    api, params = flow_stack["api"], flow_stack["root"] / "params.yaml"
+
+    def deployment() -> dict:
+        return api.get("/deployments/name/train_and_deploy/train-and-deploy").json()
+
+    found = deployment()
+    assert found["parameters"]["overrides"]["model"] == {"preset": "tiny"}
+    assert found["parameters"]["overrides"]["train"]["seed"] == 7
+    preset = found["parameter_openapi_schema"]["definitions"]["ModelKnobs"]["properties"]["preset"]
+    assert {"tiny", "cpu"} <= set(preset["anyOf"][0]["enum"])
+    original = params.read_bytes()
+    try:
+        params.write_text(params.read_text().replace("  seed: 7\n", "  seed: 8\n"))
+        wait_for(lambda: deployment()["parameters"]["overrides"]["train"]["seed"] == 8, 30, "the form at seed 8")
+    finally:
+        params.write_bytes(original)
+    wait_for(lambda: deployment()["parameters"]["overrides"]["train"]["seed"] == 7, 30, "the form back at seed 7")
 
 
 @pytest.mark.parametrize(
