@@ -98,11 +98,30 @@ def deploy_model(model: str) -> str:
     return endpoint(check({}).serve)
 
 
+def registry_uri(model: str, name: str) -> str:
+    """The models:/ URI of a version of the configured registered model `name` that `model` names (a version
+    number, an alias, or a models:/ URI of that model); ValueError for anything else. A run's parameters never
+    make the server load a folder or another model: that is the command line's (python -m pipelines.serve)."""
+    if model.startswith("models:/"):
+        rest = model.removeprefix("models:/")
+        if rest.split("/")[0].split("@")[0] == name:
+            return model
+    elif model.isdigit() or model.replace("-", "").replace("_", "").isalnum():
+        return f"models:/{name}/{model}" if model.isdigit() else f"models:/{name}@{model}"
+    raise ValueError(
+        f"model {model[:80]!r}: a run serves versions of the registered model {name!r} only (a version number, an "
+        f"alias or models:/{name}/<version>); serve a folder or another model with python -m pipelines.serve --model"
+    )
+
+
 @flow(name="serve_model", log_prints=True)
 def serve_model(
-    model: str | None = Field(default=None, description="registry URI or local folder; empty: the champion"),
+    model: str | None = Field(
+        default=None, description="a version number, an alias or models:/<registry.model_name>/...; empty: champion"
+    ),
 ) -> str | None:
-    """Deploy a model on Ray Serve (the champion by default) and smoke-test the live endpoint."""
+    """Deploy a version of the registered model on Ray Serve (the champion by default) and smoke-test it."""
     params = check({})
-    url = deploy_model(model) if model else deploy_champion({}, params.serve, params.registry.model_name)
+    name = params.registry.model_name
+    url = deploy_model(registry_uri(model, name)) if model else deploy_champion({}, params.serve, name)
     return smoke(url) if url else None

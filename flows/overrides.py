@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 from ruamel.yaml import YAML
 
 from pipelines.common.params import (
@@ -32,7 +32,6 @@ from pipelines.common.params import (
     ModelParams,
     Params,
     ParamsError,
-    RegistryParams,
     TokenizerParams,
     TrainParams,
     parse_params,
@@ -59,14 +58,23 @@ KNOBS: dict[str, tuple[type[BaseModel], dict[str, str]]] = {
         EvalParams,
         {"num_fewshot": "few-shot counts, each task runs once per entry", "tasks": "lm-eval task names"},
     ),
-    "registry": (
-        RegistryParams,
-        {
-            "min_improvement": "test_bpb gain (bits/byte) a challenger needs to be promoted",
-            "force_promote": "promote whatever the metrics say (recorded as forced)",
-        },
-    ),
 }
+
+# Where the data comes from and the promotion policy change only through params.yaml in git, where a change is
+# reviewed: a run's parameters (the Run form, the API, `--set`) that could point data.sources at any folder the
+# worker can read, or turn registry.force_promote on, would have whatever it liked promoted and served.
+REVIEWED_IN_GIT = ("data.sources", "finetune.sources", "registry")
+
+
+def refuse_reviewed(keys) -> None:
+    """ParamsError naming the first dotted key that only params.yaml in git may change."""
+    for key in keys:
+        for reviewed in REVIEWED_IN_GIT:
+            if key == reviewed or key.startswith(reviewed + ".") or reviewed.startswith(key + "."):
+                raise ParamsError(
+                    f"override '{key}': {reviewed} changes only through params.yaml in git (a reviewed change), "
+                    "not from a run's parameters or --set; edit params.yaml and commit it"
+                )
 
 
 def _knob_model(section: str, model: type[BaseModel], fields: dict[str, str]) -> type[BaseModel]:
@@ -84,6 +92,14 @@ _SECTIONS = {section: _knob_model(section, model, fields) for section, (model, f
 
 class _Base(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="after")
+    def _not_reviewed_keys(self):
+        try:
+            refuse_reviewed(self.other)
+        except ParamsError as exc:
+            raise ValueError(str(exc)) from None
+        return self
 
     def dotted(self) -> dict[str, Any]:
         """{'section.key': value} for every value set (the form's knobs, then `other`)."""
@@ -146,6 +162,7 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
         if not sep:
             raise ValueError(f"--set {item}: expected KEY=VALUE, e.g. train.max_steps=200")
         values[key.strip()] = read_yaml(value)
+    refuse_reviewed(values)
     return values
 
 

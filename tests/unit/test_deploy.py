@@ -51,7 +51,6 @@ def test_the_run_form_shows_params_yaml_values_and_set_defaults(workspace):
         "model": {"preset": "tiny"},
         "train": {"max_steps": 77, "checkpoint_every": 100, "val_every": 100, "seed": 9},
         "eval": {"num_fewshot": [0], "tasks": ["quill_cloze", "quill_nextline", "quill_perplexity"]},
-        "registry": {"min_improvement": 0.01, "force_promote": False},
         "other": {"serve.host": "0.0.0.0"},
     }
 

@@ -8,9 +8,10 @@ import shutil
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from flows import deploy, train_and_deploy
-from flows.overrides import check, parse_sets
+from flows.overrides import Overrides, check, parse_sets
 from flows.report import summary_markdown
 from pipelines.common.params import ParamsError, read_yaml
 from tests.helpers.paths import REPO
@@ -55,3 +56,20 @@ def test_the_summary_tells_the_run_forms_values_from_changes(tmp_path, monkeypat
     text = summary_markdown({}, {"train.max_steps": 50, "train.lr": 0.002}, None, None, "sqlite:///x.db", None, None)
     assert "| `train.max_steps` | `50` | same |" in text
     assert "| `train.lr` | `0.002` | `0.004` |" in text
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["data.sources", "data", "registry.force_promote", "registry.min_improvement", "registry", "finetune.sources"],
+)
+def test_where_data_comes_from_and_the_promotion_policy_are_refused_as_overrides(key):
+    """Only a reviewed params.yaml in git changes them: the Run form's model, the API and --set refuse them."""
+    with pytest.raises(ParamsError, match=f"override '{key}'.*only through params.yaml in git"):
+        parse_sets([f"{key}=true"])
+    with pytest.raises(ValidationError, match="only through params.yaml in git"):
+        Overrides(other={key: True})
+    assert "registry" not in Overrides.model_fields  # the form offers no promotion knob
+    assert Overrides(other={"data.split.val": 0.1, "serve.port": 8001}).dotted() == {
+        "data.split.val": 0.1,
+        "serve.port": 8001,
+    }
