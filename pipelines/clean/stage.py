@@ -53,8 +53,8 @@ from pipelines.common.layout import Layout
 from pipelines.common.params import DataParams, Params
 from pipelines.common.progress import track
 from pipelines.common.runner import StageError, run_stage
+from pipelines.common.splits import SPLITS, split_of
 
-SPLITS = ("train", "val", "test")
 CHUNK_BYTES = 1 << 20  # raw bytes read at a time
 SCRATCH = ".clean-scratch-"  # the spill file's folder beside data/clean; one left by a killed run is removed
 
@@ -269,12 +269,6 @@ def cut_passages(chunks: Iterable[str], target: int) -> Iterator[str]:
     passage = buf[start:].strip("\n")
     if passage.strip():
         yield passage
-
-
-def split_of(passage_hash: bytes, val: float, test: float) -> str:
-    """The split of a passage, from the first 8 bytes of its SHA-256 read as a fraction of 2**64."""
-    u = int.from_bytes(passage_hash[:8], "big") / 2**64
-    return "val" if u < val else "test" if u < val + test else "train"
 
 
 def _read_spill(spill: BinaryIO, doc: Doc) -> Iterator[str]:
