@@ -13,7 +13,6 @@ evenly spaced windows of val.bin, the same at every evaluation.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,16 +64,6 @@ class TokenData:
         """UTF-8 bytes per token of text in `split` (EOT separators carry no bytes, so they are not counted)."""
         s = self.meta["splits"][split]
         return s["bytes"] / max(s["tokens"] - s["docs"], 1)
-
-
-def bits_per_byte(loss_nats: float, bytes_per_token: float) -> float:
-    """Bits per UTF-8 byte of raw text from a mean cross-entropy in nats per token.
-
-        bpb = loss / ln 2 * tokens_text / bytes,   tokens_text = tokens - docs (EOT tokens hold no bytes)
-
-    It does not depend on the tokenizer, so models with different vocabularies compare.
-    """
-    return loss_nats / math.log(2) / bytes_per_token
 
 
 def window_offsets(

@@ -1,4 +1,5 @@
-"""Which checkpoints a training run resumes from: one folder per configuration, checkpoints/<fingerprint>/.
+"""Which checkpoints a training run resumes from: one folder per configuration, checkpoints/<fingerprint>/
+(the folders themselves: pipelines/common/training/resume.py).
 
 The fingerprint hashes everything that shapes the weights a run ends with: the model config, the tokenizer,
 the token shards training reads (meta.json, train.bin, val.bin: their sizes and sha256), and every `train.*`
@@ -21,14 +22,11 @@ A new value is a new run with its own MLflow run.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.common.hashing import sha256_file
-from pipelines.train.checkpoints import CheckpointError, list_checkpoints, read_metadata
+from pipelines.common.training.resume import digest
+from pipelines.common.training.resume import settle_other_runs as settle
 
 # train.* keys that may change between an interrupted run and its resumption without changing its weights
 # (beyond float rounding on other hardware); any other key is part of the configuration's fingerprint
@@ -62,7 +60,7 @@ def fingerprint(run_info: dict) -> str:
         "shards": run_info["shards"],
         "train": {k: v for k, v in run_info["train"].items() if k not in RESUMABLE_CHANGES},
     }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(identity)
 
 
 def incompatibilities(saved: dict, current: dict, allow_world_size_change: bool) -> list[str]:
@@ -97,59 +95,10 @@ def incompatibilities(saved: dict, current: dict, allow_world_size_change: bool)
     return problems
 
 
-@dataclass(frozen=True)
-class StoredRun:
-    """A configuration's folder under checkpoints/, as its newest readable checkpoint describes it."""
-
-    directory: Path
-    step: int
-    total_steps: int | None  # None: written before runs recorded it
-    info: dict  # the checkpoint's quill run info
-
-    @property
-    def finished(self) -> bool:
-        return self.total_steps is not None and self.step >= self.total_steps
-
-
-def stored_runs(root: Path) -> list[StoredRun]:
-    """Every configuration folder under `root` holding a readable checkpoint (headers only: cheap)."""
-    found = []
-    for directory in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
-        for step, path in list_checkpoints(directory):
-            try:
-                skeleton = read_metadata(path)
-            except CheckpointError:
-                continue  # torn: the previous one describes the run
-            info = skeleton.get("quill") or {}
-            found.append(StoredRun(directory, step, info.get("total_steps"), info))
-            break
-    return found
-
-
 def settle_other_runs(root: Path, current: dict, current_fingerprint: str) -> list[str]:
     """Keep interrupted runs of other configurations, remove finished ones; the log lines saying what was done."""
-    lines = []
-    for run in stored_runs(root):
-        if run.directory.name == current_fingerprint:
-            continue
-        if run.finished:
-            shutil.rmtree(run.directory, ignore_errors=True)
-            lines.append(
-                f"removed {run.directory}/: a finished run of another configuration (its model was "
-                "exported), never resumed"
-            )
-            continue
-        differs = "; ".join(incompatibilities(run.info, current, True)[:4]) if run.info.get("model_config") else ""
-        of = f" of {run.total_steps}" if run.total_steps else ""
-        lines.append(
-            f"kept {run.directory}/: an interrupted run (step {run.step}{of}) of another configuration"
-            f"{f' ({differs})' if differs else ''}; it resumes when its params are restored, "
-            "or delete the folder"
-        )
-    legacy = list_checkpoints(root)
-    if legacy:
-        lines.append(
-            f"ignored {len(legacy)} checkpoint(s) directly in {root}/ (the layout before per-configuration "
-            "folders); kept, delete them when no longer needed"
-        )
-    return lines
+
+    def describe(info: dict) -> list[str]:
+        return incompatibilities(info, current, True) if info.get("model_config") else []
+
+    return settle(root, current_fingerprint, describe)

@@ -29,24 +29,28 @@ import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
-from pytorch_lightning.strategies import FSDPStrategy
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from model import save_pretrained
-from model.transformer import Block
 from pipelines.common import tracking
 from pipelines.common.atomic import write_json
 from pipelines.common.layout import PROJECT, Layout
 from pipelines.common.params import Params, TrainParams
 from pipelines.common.runner import StageError, run_stage, stage_log
 from pipelines.common.tracking import RUN_FILE
-from pipelines.train.checkpoints import SafeCheckpointIO, StepCheckpoint, latest_valid, list_checkpoints
+from pipelines.common.training.checkpoints import SafeCheckpointIO, StepCheckpoint, latest_valid, list_checkpoints
+from pipelines.common.training.log import TrainLog
+from pipelines.common.training.trainer import (  # noqa: F401 - benchmarks/train.py imports the last two here
+    lightning_trainer,
+    precision_for,
+    resolve_precision,
+    uses_cuda,
+)
 from pipelines.train.data import DataError, TokenData, TokenDataModule
 from pipelines.train.lit_gpt import LitGPT, NonFiniteLossError
-from pipelines.train.log import TrainLog, step_progress
+from pipelines.train.log import step_progress
 from pipelines.train.resume import fingerprint, incompatibilities, settle_other_runs, shard_digests
 
 SIGTERM_EXIT = 143  # 128 + SIGTERM: the stage did not finish, so DVC must not record its outputs
@@ -65,26 +69,7 @@ class Preempted(StageError):
     exit_code = SIGTERM_EXIT  # the stage did not finish, so DVC must not record its outputs
 
 
-# --- resolving the hardware knobs -----------------------------------------------------------------
-
-
-def uses_cuda(accelerator: str) -> bool:
-    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-
-
-def resolve_precision(precision: str, cuda: bool, bf16_supported: bool) -> str:
-    """Lightning's precision string: auto is bf16-mixed on a GPU that has bf16, else 32-bit."""
-    if precision == "auto":
-        return "bf16-mixed" if cuda and bf16_supported else "32-true"
-    return "32-true" if precision == "32" else precision
-
-
-def resolve_strategy(strategy: str):
-    """auto lets Lightning choose (one device: none; several: DDP); fsdp shards whole transformer blocks."""
-    if strategy != "fsdp":
-        return strategy
-    # "full" state dicts: the checkpoint is one file, loadable on any world size
-    return FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full", sharding_strategy="FULL_SHARD")
+# --- the length and the Trainer -------------------------------------------------------------------
 
 
 def total_steps(train: TrainParams, tokens_per_step: int) -> int:
@@ -103,26 +88,20 @@ def build_trainer(
     **overrides,
 ) -> pl.Trainer:
     """The Lightning Trainer for `t` (the stage and benchmarks/train.py build it here, the same way)."""
-    kwargs = dict(
+    return lightning_trainer(
+        max_steps=t.max_steps,
+        val_every=t.val_every,
+        precision=precision,
         accelerator=t.accelerator,
+        callbacks=callbacks,
+        grad_accum=t.grad_accum,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=resolve_strategy(t.strategy),
-        precision=precision,
-        max_steps=t.max_steps,
-        accumulate_grad_batches=t.grad_accum,
-        val_check_interval=t.val_every * t.grad_accum,
-        check_val_every_n_epoch=None,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        fast_dev_run=fast_dev_run,
+        strategy=t.strategy,
         plugins=plugins,
-        callbacks=callbacks,
+        fast_dev_run=fast_dev_run,
+        **overrides,
     )
-    return pl.Trainer(**{**kwargs, **overrides})
 
 
 # --- MLflow -------------------------------------------------------------------------------------
@@ -236,10 +215,7 @@ def train(
     t = params.train
     data = TokenData.open(layout.tokens)
     config, run_info = plan_run(params, layout, data)
-    cuda = uses_cuda(t.accelerator)
-    precision = resolve_precision(t.precision, cuda, cuda and torch.cuda.is_bf16_supported())
-    if cuda:
-        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls that remain
+    precision = precision_for(t.precision, t.accelerator)
     run_dir = layout.checkpoints / run_info["fingerprint"]  # this configuration's checkpoints (resume.py)
     found = None if fast_dev_run else latest_valid(run_dir)
     checkpoint_io = SafeCheckpointIO({str(found[0]): found[1]} if found else None)

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from pipelines.train.checkpoints import list_checkpoints
+from pipelines.common.training.checkpoints import list_checkpoints
 from tests.helpers.paths import REPO, VENV_BIN
 from tests.helpers.projects import TINY_TRAIN, build_shards
 from tests.helpers.services import copy_store

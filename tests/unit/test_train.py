@@ -19,17 +19,15 @@ from tqdm import tqdm
 from model import GPT, GPTConfig, load_pretrained
 from pipelines.common.layout import Layout
 from pipelines.common.params import TrainParams, parse_params
-from pipelines.train import checkpoints as ckpt
-from pipelines.train.data import DataError, TokenData, TrainWindows, bits_per_byte, val_offsets, window_offsets
-from pipelines.train.lit_gpt import LitGPT, lr_at, param_groups
-from pipelines.train.resume import fingerprint, incompatibilities, stored_runs
-from pipelines.train.stage import (
-    TrainError,
-    resolve_precision,
-    resolve_strategy,
-    total_steps,
-    train,
-)
+from pipelines.common.training import checkpoints as ckpt
+from pipelines.common.training.log import bits_per_byte
+from pipelines.common.training.resume import stored_runs
+from pipelines.common.training.schedule import lr_at, param_groups
+from pipelines.common.training.trainer import resolve_precision, resolve_strategy
+from pipelines.train.data import DataError, TokenData, TrainWindows, val_offsets, window_offsets
+from pipelines.train.lit_gpt import LitGPT
+from pipelines.train.resume import fingerprint, incompatibilities
+from pipelines.train.stage import TrainError, total_steps, train
 from tests.helpers.paths import REPO
 from tests.helpers.projects import TINY_TRAIN, build_shards
 

@@ -10,6 +10,8 @@ in favour of the previous one.
 
     checkpoints/<fingerprint>/step-00000200.ckpt   <- newest two kept (train.keep_checkpoints),
     checkpoints/<fingerprint>/step-00000300.ckpt      one folder per configuration (resume.py)
+
+The train and finetune stages both checkpoint this way (each under its own folder, pipelines/common/layout.py).
 """
 
 from __future__ import annotations
