@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.overrides import check
+from flows.stack import alive, recorded
 from pipelines.common.params import ParamsError
 from pipelines.summary import summary_rows
 
@@ -18,10 +19,15 @@ REGISTERED = Path("artifacts/registered.json")  # the register stage's output (d
 
 
 def mlflow_ui(tracking_uri: str) -> tuple[str, str]:
-    """(base URL of the MLflow UI for this store, how to open it)."""
+    """(base URL of the MLflow UI for this store, how to open it: "open <url>", after starting it if need be)."""
     if tracking_uri.startswith(("http://", "https://")):
-        return tracking_uri.rstrip("/"), f"open {tracking_uri}"
-    return "http://127.0.0.1:5000", f"`.venv/bin/mlflow ui --backend-store-uri {tracking_uri}`, then"
+        url = tracking_uri.rstrip("/")
+    elif (running := recorded().get("mlflow-ui")) and alive(running):
+        url = running["url"]  # the UI `make run` started (flows/stack.py), on the port it found free
+    else:
+        url = "http://127.0.0.1:5000"
+        return url, f"`.venv/bin/mlflow ui --backend-store-uri {tracking_uri}`, then open {url}"
+    return url, f"open {url}"
 
 
 def registered() -> dict[str, Any] | None:
@@ -98,7 +104,7 @@ def summary_markdown(
         lines.append(f"- MLflow model version: [{reg['model_name']} v{reg['version']}]({version_link})")
         if experiment_id is not None:
             lines.append(f"- MLflow run: [{reg['run_id']}]({base}/#/experiments/{experiment_id}/runs/{reg['run_id']})")
-        lines.append(f"- MLflow UI: {how} open {base}")
+        lines.append(f"- MLflow UI: {how}")
     else:
         lines += ["", "## Registry", "", "not registered in this run"]
     lines += ["", f"**Endpoint:** {served}" if served else "**Endpoint:** not deployed by this run"]

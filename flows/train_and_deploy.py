@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     if reg:
         print(f"registered {reg['model_name']} v{reg['version']} ({', '.join(reg['aliases'])}): {reg['why']}")
     print(f"served: {result['served'] or 'not deployed'}")
-    print(f"MLflow: {mlflow_ui(tracking_uri())[1]} open {mlflow_ui(tracking_uri())[0]}")
+    print(f"MLflow: {mlflow_ui(tracking_uri())[1]}")
     return 0
 
 
