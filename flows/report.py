@@ -12,10 +12,11 @@ from typing import Any
 
 from flows.overrides import check
 from flows.stack import alive, recorded
+from pipelines.common.layout import PROJECT
 from pipelines.common.params import ParamsError
 from pipelines.summary import summary_rows
 
-REGISTERED = Path("artifacts/registered.json")  # the register stage's output (dvc.yaml)
+REGISTERED = PROJECT.registered  # the register stage's output
 
 
 def mlflow_ui(tracking_uri: str) -> tuple[str, str]:

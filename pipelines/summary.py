@@ -17,6 +17,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from pipelines.common.layout import PROJECT
 from pipelines.common.report import fmt_value
 
 
@@ -38,11 +39,12 @@ NOT_RUN = "not run yet (dvc repro)"
 
 def summary_rows(root: Path) -> list[tuple[str, str]]:
     """(stage, one line about it) for every stage of the pipeline, in order."""
-    clean = _read(root / "metrics/clean.json")
-    tok = _read(root / "metrics/tokenize.json")
-    train = _read(root / "metrics/train.json")
-    ev = _read(root / "metrics/eval.json")
-    reg = _read(root / "artifacts/registered.json")
+    layout = PROJECT.under(root)
+    clean = _read(layout.clean_metrics)
+    tok = _read(layout.tokenize_metrics)
+    train = _read(layout.train_metrics)
+    ev = _read(layout.eval_metrics)
+    reg = _read(layout.registered)
     rows = []
     if clean:
         dropped = sum(clean.get("dropped", {}).values()) + clean.get("quarantined", 0)
