@@ -44,6 +44,14 @@ class Layout:
     chat: Path = Path("data/chat")  # chat_data: {train,val,test}.jsonl, a conversation ({"messages": [...]}) a line
     chat_reports: Path = Path("reports/chat")
     chat_metrics: Path = Path("metrics/chat.json")
+    # finetune: the chat model (a plain Hugging Face folder, LoRA merged in, ChatML chat_template in its tokenizer
+    # files), peft's adapter files alone (method lora; a README saying there is none for method full), resumable
+    # checkpoints beside the train stage's (DVC refuses an output inside another stage's `checkpoints`)
+    chat_model: Path = Path("artifacts/chat_model")
+    chat_adapter: Path = Path("artifacts/chat_adapter")
+    finetune_checkpoints: Path = Path("checkpoints_finetune")
+    finetune_metrics: Path = Path("metrics/finetune.json")
+    finetune_plots: Path = Path("plots/finetune")
 
     @property
     def eval_samples(self) -> Path:
@@ -76,6 +84,10 @@ STAGE_IO: dict[str, dict[str, tuple[str, ...]]] = {
         "writes": ("registered",),
     },
     "chat_data": {"reads": ("raw",), "writes": ("chat", "chat_reports", "chat_metrics")},
+    "finetune": {
+        "reads": ("chat", "model"),
+        "writes": ("chat_model", "chat_adapter", "finetune_checkpoints", "finetune_plots", "finetune_metrics"),
+    },
 }
 
 PROJECT = Layout()  # the project's own layout, relative to the folder a stage runs in

@@ -276,11 +276,56 @@ class ChatSplitParams(Section):
         return self
 
 
+LoraTarget = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class LoraParams(Section):
+    """LoRA through peft on quill's own projections (model/transformer.py's module names, Hugging Face's too)."""
+
+    rank: int = Field(default=8, gt=0, le=1024)  # r: the adapters' inner width
+    alpha: float = Field(default=16.0, gt=0)  # the update is scaled by alpha / rank
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)  # on the adapters' input
+    targets: list[LoraTarget] = Field(default=["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
+
+
 class FinetuneParams(Section):
-    """Fine-tuning for chat. So far the chat data (chat_data stage); the training knobs come with its stage."""
+    """Fine-tuning for chat: its data (the chat_data stage: sources, split) and its training (the finetune stage,
+    pipelines/finetune/). Tokens per step = batch_size * grad_accum * the batch's longest conversation window."""
 
     sources: list[ChatSource] = Field(min_length=1)
     split: ChatSplitParams = ChatSplitParams()
+    # the model fine-tuned: artifacts/model (the train stage's), a registry URI (models:/quill-gpt@champion,
+    # models:/quill-gpt/3) or a local Hugging Face folder of a Llama-layout model whose tokenizer has ChatML markers
+    base: str = Field(default="artifacts/model", min_length=1)
+    method: Literal["full", "lora"] = "lora"  # full: every weight trains; lora: low-rank adapters, merged on export
+    lora: LoraParams = LoraParams()
+    # length and batch, in optimizer steps and conversation windows
+    max_steps: int = Field(default=300, gt=0)
+    batch_size: int = Field(default=16, gt=0)  # windows per micro-batch, right-padded to the longest
+    grad_accum: int = Field(default=1, gt=0)
+    max_length: int | None = Field(default=None, gt=1)  # tokens per window; None = the base's block_size
+    # AdamW, linear warmup then cosine to min_lr (pipelines/common/training/schedule.py)
+    lr: float = Field(default=2e-3, gt=0)
+    min_lr: float = Field(default=2e-4, ge=0)
+    warmup_steps: int = Field(default=20, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    grad_clip: float = Field(default=1.0, ge=0)  # max global gradient norm; 0 disables clipping
+    seed: int = Field(default=1337, ge=0, le=2**32 - 1)  # LoRA init, data order and dropout
+    # cadence, in optimizer steps
+    val_every: int = Field(default=100, gt=0)
+    val_batches: int = Field(default=4, gt=0)  # validation windows = val_batches * batch_size (the first ones)
+    log_every: int = Field(default=10, gt=0)
+    checkpoint_every: int = Field(default=100, gt=0)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    # hardware (one device): auto picks bf16-mixed on a GPU that supports it, 32-bit otherwise
+    precision: Literal["auto", "32", "bf16-mixed", "16-mixed"] = "auto"
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
+
+    @model_validator(mode="after")
+    def _min_lr_below_lr(self) -> FinetuneParams:
+        if self.min_lr > self.lr:
+            raise ValueError(f"finetune.min_lr ({self.min_lr}) must not exceed finetune.lr ({self.lr})")
+        return self
 
 
 # --- eval -------------------------------------------------------------------------------------
