@@ -32,6 +32,9 @@ GROUPS = {
     "tests/integration/test_compose.py::test_the_mlflow_service_command_serves_artifacts_behind_basic_auth": (
         "mlflow-server"
     ),
+    "tests/integration/test_compose.py::test_the_mlflow_users_one_shot_lets_the_worker_write_and_the_ray_head_only_read": (
+        "mlflow-server"
+    ),
 }
 
 # the longest groups start first, so that no worker is left with one at the end
