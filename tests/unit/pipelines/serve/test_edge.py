@@ -1,29 +1,16 @@
-"""The endpoint's API key: the replicas get only its sha256 (Ray's dashboard and Serve API show a replica's
-runtime_env), and the edge middleware accepts exactly `Authorization: Bearer <key>`. End to end over Ray Serve:
-tests/integration/test_serve.py (`auth`)."""
+"""The endpoint's API key at the edge (pipelines/serve/edge.py): the digest the replicas expect, and the middleware
+accepts exactly `Authorization: Bearer <key>`. That the replicas get only its sha256: test_init.py. End to end over
+Ray Serve: tests/integration/test_serve.py (`auth`)."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from pipelines.common.params import ServeParams
-from pipelines.serve import deployment_options
 from pipelines.serve.edge import EdgeGuard, expected_key_digest, key_digest
 
 KEY = "sk-quill-test-4f1c"
-
-
-def test_the_replicas_get_the_keys_digest_never_the_key(monkeypatch):
-    monkeypatch.setenv("QUILL_API_KEY", KEY)
-    options = deployment_options(ServeParams())
-    assert options["ray_actor_options"]["runtime_env"] == {"env_vars": {"QUILL_API_KEY_SHA256": key_digest(KEY)}}
-    assert KEY not in json.dumps(options, default=str)
-    monkeypatch.delenv("QUILL_API_KEY")
-    assert "runtime_env" not in deployment_options(ServeParams())["ray_actor_options"]
 
 
 def test_the_expected_digest_comes_from_the_digest_or_the_key():

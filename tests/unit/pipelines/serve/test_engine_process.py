@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import queue
 import time
-from typing import get_args
 
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
 from model import Engine, SamplingParams, Scheduler
-from model.engine import DTYPES
-from pipelines.common.params import ServeParams
 from pipelines.serve.engine_process import EngineFailure, EngineProcess, EngineSpec, compile_settings, warm_up
 from tests.helpers.serving import tiny_model_folder
 
@@ -120,11 +117,6 @@ def test_the_engine_holds_the_weights_in_the_dtype_asked_for(running, folder):
         assert [done[r].token_ids for r in rids] == [ref[i].token_ids for i in ids]
     finally:
         half.close()
-
-
-def test_serve_dtype_names_the_dtypes_the_engine_knows():
-    # params.py must not import torch (the data stages read it), so it lists the names itself
-    assert set(get_args(ServeParams.model_fields["dtype"].annotation)) == {"auto", *DTYPES}
 
 
 def test_a_tokenizer_hash_mismatch_fails_the_start_and_names_the_folder(folder):

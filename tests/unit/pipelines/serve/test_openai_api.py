@@ -1,11 +1,10 @@
-"""OpenAI's API over the engine (pipelines/serve/openai_api.py, responses.py), without an engine or HTTP: prompts in
-every form OpenAI accepts, ChatML with literal content, sampling parameters within the context, response bodies and
-stream chunks from completions, and the engine client's exceptions as OpenAI's errors and stream events."""
+"""OpenAI's API over the engine (pipelines/serve/openai_api.py), without an engine or HTTP: prompts in every form
+OpenAI accepts, ChatML with literal content, sampling parameters within the context, response bodies and stream
+chunks from completions. The engine client's exceptions as OpenAI's errors and stream events: test_responses.py."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 
 import pytest
 
@@ -13,10 +12,7 @@ from model import Engine
 from model.scheduler import RowUpdate
 from model.sequence import Completion, StreamChunk
 from pipelines.common.params import ServeParams
-from pipelines.serve.engine_client import Busy, Refused
-from pipelines.serve.engine_process import EngineFailure, EngineStopped
 from pipelines.serve.openai_api import Translator
-from pipelines.serve.responses import openai_error, sse
 from pipelines.serve.schemas import APIError, ChatRequest, CompletionRequest
 from pipelines.serve.source import resolve
 from tests.helpers.serving import tiny_model_folder
@@ -131,38 +127,6 @@ def test_completion_chunks_echo_then_stream_then_report_usage(openai):
     assert [e["choices"][0]["text"] for e in events[:-1]] == ["To be", "a", "b"]
     assert events[-2]["choices"][0]["finish_reason"] == "length" and len({e["id"] for e in events}) == 1
     assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 2
-
-
-@pytest.mark.parametrize(
-    ("exc", "status", "kind", "param"),
-    [
-        (Busy(64, 64), 429, "rate_limit_error", None),
-        (Refused("max_tokens must be an integer >= 0, got -1"), 400, "invalid_request_error", "max_tokens"),
-        (EngineStopped("the engine process stopped; the replica restarts"), 503, "server_error", None),
-        (EngineFailure("generation failed: RuntimeError: boom"), 500, "server_error", None),
-    ],
-    ids=["busy", "refused", "stopped", "failed"],
-)
-def test_the_engine_clients_exceptions_are_openai_errors(exc, status, kind, param):
-    err = openai_error(exc)
-    assert (err.status, err.type, err.param) == (status, kind, param)
-    assert err.message.startswith(str(exc))
-    if status == 429:
-        assert err.headers == {"Retry-After": "1"} and err.code == "server_busy" and "retry in 1 s" in err.message
-
-
-def test_a_stream_that_fails_after_its_first_event_ends_with_an_error_event_and_done():
-    async def events():
-        yield {"choices": [{"text": "a"}]}
-        raise EngineFailure("generation failed: the engine process stopped (exit code -9)")
-
-    async def body():
-        return [chunk async for chunk in sse(events()).body_iterator]
-
-    sent = asyncio.run(body())
-    assert json.loads(sent[0].removeprefix("data: ")) == {"choices": [{"text": "a"}]} and sent[-1] == "data: [DONE]\n\n"
-    error = json.loads(sent[1].removeprefix("data: "))["error"]
-    assert error["type"] == "server_error" and "engine process stopped" in error["message"]
 
 
 def test_an_unknown_model_name_is_quoted_short(openai):

@@ -1,65 +1,27 @@
-"""The generation engine: KV-cache decoding, batching, every sampling control, streaming, scoring."""
+"""The generation engine (model/engine.py): KV-cache decoding, batching, every sampling control through generate,
+stop strings, logprobs and log-likelihoods, streaming, validation and resources, loading a Hugging Face folder."""
 
 import math
 import random
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from tokenizers import Tokenizer
 
-from model import GPT, Engine, GPTConfig, SamplingParams
-from model.beam import beam_search
-from model.sampling import apply_penalties, sampling_probs
-from model.scheduler import Scheduler
-from model.sequence import Detokenizer
-from tests.helpers.tokenizers import byte_bpe
-
-SENTENCES = [
-    "To be, or not to be, that is the question.",
-    "Whether 'tis nobler in the mind to suffer the slings and arrows.",
-    "Émoji 🙂🎭 and 中文 text, 日本語 too; naïve café.",
-    "All the world's a stage, and all the men and women merely players.",
-]
-EOT = "<|endoftext|>"
+from model import Engine, SamplingParams, load_pretrained, save_pretrained
+from tests.helpers.generation import (
+    EOT,
+    GREEDY,
+    PENALTY_CASES,
+    A,
+    B,
+    C,
+    fixed_logits_engine,
+    reference_greedy,
+)
+from tests.helpers.models import make_model
 
 
-def make_tokenizer(vocab_size: int = 320) -> Tokenizer:
-    """A byte-level BPE trained on a few sentences (multi-byte characters span several tokens)."""
-    return byte_bpe(SENTENCES * 3, vocab_size, specials=[EOT])
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return make_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    torch.manual_seed(0)
-    cfg = GPTConfig.from_preset("tiny", vocab_size=tokenizer.get_vocab_size(), block_size=96, n_embd=32)
-    return GPT(cfg).eval()
-
-
-@pytest.fixture(scope="module")
-def engine(model, tokenizer):
-    return Engine(model, tokenizer)
-
-
-GREEDY = dict(temperature=0.0, ignore_eos=True)
-
-
-def reference_greedy(model, ids, n):
-    """Greedy decoding by recomputing the full context each step (no cache)."""
-    ids = list(ids)
-    for _ in range(n):
-        logits, _ = model(torch.tensor([ids]))
-        ids.append(int(logits[0, -1].argmax()))
-    return ids
-
-
-# -- decoding ------------------------------------------------------------------------------------
+# -- decoding ------------------------------------------------------------------------------------------------------
 def test_eos_detected(engine, tokenizer):
     assert engine.eos_token_id == tokenizer.token_to_id(EOT)
 
@@ -145,74 +107,6 @@ def test_top_k_1_equals_greedy(engine):
     assert [c.token_ids for c in top1] == [c.token_ids for c in greedy]
 
 
-# -- the sampling distribution -------------------------------------------------------------------
-def entropy(p):
-    return -(p * p.clamp_min(1e-30).log()).sum(-1)
-
-
-@pytest.fixture
-def logits():
-    torch.manual_seed(0)
-    return torch.randn(4, 50) * 3
-
-
-def test_temperature_scales_entropy(logits):
-    h = [entropy(sampling_probs(logits, SamplingParams(temperature=t))) for t in (0.3, 1.0, 3.0)]
-    assert torch.all(h[0] < h[1]) and torch.all(h[1] < h[2])
-    torch.testing.assert_close(sampling_probs(logits, SamplingParams(temperature=1.0)), logits.softmax(-1))
-
-
-def test_top_k_keeps_k_tokens(logits):
-    p = sampling_probs(logits, SamplingParams(top_k=5))
-    assert torch.all((p > 0).sum(-1) == 5)
-    assert torch.equal(p.topk(5).indices.sort().values, logits.topk(5).indices.sort().values)
-
-
-@pytest.mark.parametrize("top_p", [0.1, 0.5, 0.9, 0.999])
-def test_top_p_keeps_the_smallest_nucleus(logits, top_p):
-    p = sampling_probs(logits, SamplingParams(top_p=top_p))
-    full = logits.softmax(-1)
-    for row in range(4):
-        kept = p[row] > 0
-        k = int(kept.sum())
-        order = full[row].argsort(descending=True)
-        assert kept[order[:k]].all()  # the kept set is a prefix of the sorted tokens
-        assert full[row][order[:k]].sum() >= top_p - 1e-6  # holding at least top_p ...
-        assert k == 1 or full[row][order[: k - 1]].sum() < top_p  # ... and minimal
-
-
-@pytest.mark.parametrize("min_p", [0.05, 0.3, 1.0])
-def test_min_p_drops_unlikely_tokens(logits, min_p):
-    p = sampling_probs(logits, SamplingParams(min_p=min_p))
-    full = logits.softmax(-1)
-    threshold = min_p * full.max(-1, keepdim=True).values
-    assert torch.equal(p > 0, full >= threshold)
-
-
-def test_penalties_lower_the_repeated_tokens_probability(logits):
-    seen = torch.zeros(4, 50, dtype=torch.bool)
-    seen[:, 7] = True
-    counts = seen.float() * 3
-    base = logits.softmax(-1)[:, 7]
-    for params, kw in [
-        (SamplingParams(repetition_penalty=1.5), dict(seen=seen)),
-        (SamplingParams(presence_penalty=1.0), dict(counts=counts)),
-        (SamplingParams(frequency_penalty=0.5), dict(counts=counts)),
-    ]:
-        p = apply_penalties(logits, params, **kw).softmax(-1)
-        assert torch.all(p[:, 7] < base)
-        others = torch.ones(50, dtype=torch.bool)
-        others[7] = False
-        assert torch.all(p[:, others] >= logits.softmax(-1)[:, others] - 1e-7)
-    # frequency penalty scales with the count, presence penalty does not
-    f1 = apply_penalties(logits, SamplingParams(frequency_penalty=0.5), counts=seen.float())
-    f3 = apply_penalties(logits, SamplingParams(frequency_penalty=0.5), counts=counts)
-    assert torch.all(f3[:, 7] < f1[:, 7])
-    p1 = apply_penalties(logits, SamplingParams(presence_penalty=0.5), counts=seen.float())
-    p3 = apply_penalties(logits, SamplingParams(presence_penalty=0.5), counts=counts)
-    torch.testing.assert_close(p1, p3)
-
-
 def test_penalties_reduce_repetition_end_to_end(engine):
     plain = engine.generate(["To be"], SamplingParams(max_tokens=30, **GREEDY))[0].token_ids
     penal = engine.generate(["To be"], SamplingParams(max_tokens=30, frequency_penalty=2.0, **GREEDY))[0].token_ids
@@ -220,52 +114,7 @@ def test_penalties_reduce_repetition_end_to_end(engine):
     assert len(set(penal)) > len(set(plain))  # ... and the penalty makes it repeat less
 
 
-# -- every control changes what generate produces, on a model whose logits are known -----------------
-A, B, C = 100, 101, 102  # three ordinary token ids
-
-
-def fixed_logits_model(vocab_size: int, logits: dict[int, float]) -> GPT:
-    """A model whose next-token logits are `logits` (-20 for every other id) whatever the context: every
-    token embeds to the same vector, attention and MLP add nothing (zero weights), and the head reads the
-    logits off the normed vector (all ones)."""
-    cfg = GPTConfig.from_preset("tiny", vocab_size=vocab_size, n_embd=8, n_head=2, tie_embeddings=False)
-    model = GPT(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-        model.model.embed_tokens.weight.fill_(1.0)
-        model.model.norm.weight.fill_(1.0)
-        row = torch.full((vocab_size,), -20.0)
-        row[list(logits)] = torch.tensor(list(logits.values()))
-        model.lm_head.weight.copy_(row[:, None].expand(-1, cfg.n_embd) / cfg.n_embd)
-    return model
-
-
-def fixed_logits_engine(tokenizer, logits: dict[int, float]) -> Engine:
-    engine = Engine(fixed_logits_model(tokenizer.get_vocab_size(), logits), tokenizer)
-    with torch.no_grad():  # what the cases below reason from
-        got = engine.model(torch.tensor([[C, A, B, A]]))[0][0]
-    assert torch.allclose(got[:, list(logits)], torch.tensor(list(logits.values())).expand(4, -1), atol=1e-3)
-    return engine
-
-
-TOP_TWO = {A: 5.0, B: 4.0}
-# (logits, prompt, penalty, greedy tokens): worked out by hand from the logits
-PENALTY_CASES = [
-    (TOP_TWO, [C], {}, [A, A, A, A, A, A]),  # no penalty: the top token for ever
-    # frequency: A pays 0.6 per time it was generated: 5, 4.4, then 3.8 < 4 and the two take turns
-    (TOP_TWO, [C], dict(frequency_penalty=0.6), [A, A, B, A, B, A]),
-    # presence: A pays 1.5 once (3.5 < 4), then B pays once (2.5 < 3.5) and A leads for good
-    (TOP_TWO, [C], dict(presence_penalty=1.5), [A, B, A, A, A, A]),
-    # presence and frequency count generated tokens only: an A in the prompt changes nothing
-    (TOP_TWO, [A], dict(presence_penalty=1.5), [A, B, A, A, A, A]),
-    (TOP_TWO, [A], dict(frequency_penalty=0.6), [A, A, B, A, B, A]),
-    # repetition (CTRL/HF): every token seen, the prompt's too, has its positive logit divided: 5 / 1.5 < 4
-    (TOP_TWO, [C], dict(repetition_penalty=1.5), [A, B, A, A, A, A]),
-    (TOP_TWO, [A], dict(repetition_penalty=1.5), [B, A, A, A, A, A]),
-    # ... and its negative logit multiplied: -1 * 1.5 < -1.2 (dividing would raise it to -0.67)
-    ({A: -1.0, B: -1.2}, [A], dict(repetition_penalty=1.5), [B, A, A, A, A, A]),
-]
+# -- every control changes what generate produces, on a model whose logits are known (tests/helpers/generation.py) ---
 
 
 PENALTY_IDS = [
@@ -303,23 +152,6 @@ def test_each_filter_narrows_what_is_sampled(tokenizer, sampling_filter, kept):
     assert set(c.token_ids) == kept  # never a dropped token; every kept one drawn in 60 (seeded) samples
 
 
-def test_scheduler_rows_apply_their_own_penalties_and_filters(tokenizer):
-    """The same hand-worked cases as rows of one continuous batch, each with its own parameters."""
-    engine = fixed_logits_engine(tokenizer, TOP_TWO)
-    sched = Scheduler(engine, max_batch_size=8)
-    cases = [(p, penalty, tokens) for logits, p, penalty, tokens in PENALTY_CASES if logits is TOP_TWO]
-    rids = [sched.add(p, SamplingParams(max_tokens=6, **penalty, **GREEDY)) for p, penalty, _ in cases]
-    # p(A, B) = softmax(5, 4) = (0.73, 0.27): top_p 0.7 keeps A alone
-    nucleus = sched.add([C], SamplingParams(max_tokens=6, temperature=1.0, top_p=0.7, seed=0, ignore_eos=True))
-    done = {}
-    while sched.has_work():
-        for u in sched.step():
-            if u.completion is not None:
-                done[u.rid] = u.completion
-    assert [done[rid].token_ids for rid in rids] == [tokens for _, _, tokens in cases]
-    assert done[nucleus].token_ids == [A] * 6
-
-
 @pytest.mark.parametrize("size", [1, 2, 3])
 def test_no_repeat_ngram_size(engine, size):
     prompt = engine.encode("To be, or not to be")
@@ -334,7 +166,7 @@ def test_no_repeat_ngram_size(engine, size):
         assert all(grams[: grams.index(g)].count(g) == 0 for g in generated)
 
 
-# -- stop strings --------------------------------------------------------------------------------
+# -- stop strings --------------------------------------------------------------------------------------------------
 def test_stop_string_cuts_at_first_match_and_excludes_it(engine):
     # seeded sampling: the random model's greedy text repeats one token, where every stop string matches early
     sampled = dict(temperature=1.0, seed=3, ignore_eos=True)
@@ -384,7 +216,7 @@ def test_stop_string_split_across_tokens(engine):
     assert len(c.token_ids) <= i + 2
 
 
-# -- logprobs and scoring ------------------------------------------------------------------------
+# -- logprobs and log-likelihoods ----------------------------------------------------------------------------------
 def test_logprobs_match_the_full_forward(engine, model):
     prompt = engine.encode("To be, or not")
     [c] = engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0.8, seed=5, logprobs=3, ignore_eos=True))
@@ -453,35 +285,7 @@ def test_loglikelihood_batches_several_shared_contexts(engine, model):
     assert [g for _, g in batched] == [g for _, g in alone]
 
 
-def test_beam_search_beats_greedy_on_total_logprob(engine):
-    prompts = ["To be", "Whether", "🙂 and"]
-    for p in prompts:
-        ids = engine.encode(p)
-        [g] = engine.generate([ids], SamplingParams(max_tokens=10, **GREEDY))
-        beams = engine.generate([ids], SamplingParams(max_tokens=10, num_beams=4, n=2, **GREEDY))
-        assert len(beams) == 2 and beams[0].cumulative_logprob >= beams[1].cumulative_logprob
-        [(lg, _), (lb, _)] = engine.loglikelihood([(ids, g.token_ids), (ids, beams[0].token_ids)])
-        assert beams[0].cumulative_logprob == pytest.approx(lb, abs=1e-3)
-        assert lb >= lg - 1e-4
-
-
-def test_beam_search_with_one_beam_is_greedy(engine, model):
-    ids = engine.encode("All the")
-    greedy = reference_greedy(model, ids, 6)[len(ids) :]
-    one_beam = SamplingParams(max_tokens=6, num_beams=1, **GREEDY)
-    # generate takes the sampling path for one beam, so call the beam search itself too
-    [b1] = beam_search(engine, 0, ids, one_beam)
-    [g1] = engine.generate([ids], one_beam)
-    assert b1.token_ids == g1.token_ids == greedy
-    [(lg, _)] = engine.loglikelihood([(ids, greedy)])
-    assert b1.cumulative_logprob == pytest.approx(lg, abs=1e-4)
-    # with two beams the best beam differs in general, but is never worse
-    [b2] = engine.generate([ids], SamplingParams(max_tokens=6, num_beams=2, **GREEDY))
-    [(lb, _)] = engine.loglikelihood([(ids, b2.token_ids)])
-    assert lb >= lg - 1e-4
-
-
-# -- streaming -----------------------------------------------------------------------------------
+# -- streaming -----------------------------------------------------------------------------------------------------
 STREAM_PROMPTS = ["To be", "🙂🎭", "中文 text, 日本語", "naïve café"]
 
 
@@ -506,58 +310,7 @@ def test_stream_with_stop_string_holds_back_a_possible_match(engine):
     assert chunks[-1].finish_reason == "stop"
 
 
-@pytest.mark.parametrize(
-    "text", ["", "plain ascii", "🙂🎭👩‍👩‍👧", "中文 text, 日本語", "naïve café", "\n\t mixed 🙂 中"]
-)
-def test_detokenizer_never_splits_characters(tokenizer, text):
-    ids = tokenizer.encode(text).ids
-    detok = Detokenizer(lambda x: tokenizer.decode(x, skip_special_tokens=True))
-    pieces = [detok.push(t) for t in ids] + [detok.flush()]
-    assert "".join(pieces) == text
-    assert not any("\ufffd" in p for p in pieces)
-
-
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.integers(0, 319), max_size=30))
-def test_detokenizer_concatenation_equals_decode(ids):
-    tok = _TOKENIZER
-    decode = lambda x: tok.decode(x, skip_special_tokens=True)  # noqa: E731
-    detok = Detokenizer(decode)
-    assert "".join([detok.push(t) for t in ids] + [detok.flush()]) == decode(ids)
-
-
-_TOKENIZER = make_tokenizer()
-
-
-# -- validation and resources --------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "kwargs, name",
-    [
-        (dict(temperature=-0.1), "temperature"),
-        (dict(top_p=0.0), "top_p"),
-        (dict(top_p=1.5), "top_p"),
-        (dict(top_k=-3), "top_k"),
-        (dict(min_p=1.2), "min_p"),
-        (dict(max_tokens=-1), "max_tokens"),
-        (dict(repetition_penalty=0.0), "repetition_penalty"),
-        (dict(presence_penalty=2.5), "presence_penalty"),
-        (dict(frequency_penalty=-3.0), "frequency_penalty"),
-        (dict(n=0), "n"),
-        (dict(logprobs=-1), "logprobs"),
-        (dict(num_beams=0), "num_beams"),
-        (dict(num_beams=2, temperature=1.0), "temperature"),
-        (dict(num_beams=2, n=3, temperature=0), "n"),
-        (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size"),
-        (dict(stop=[""]), "stop"),
-        (dict(seed=1.5), "seed"),
-        (dict(temperature=float("nan")), "temperature"),
-    ],
-)
-def test_bad_arguments_name_the_parameter(kwargs, name):
-    with pytest.raises(ValueError, match=rf"^{name} must"):
-        SamplingParams(**kwargs)
-
-
+# -- validation and resources --------------------------------------------------------------------------------------
 def test_too_long_request_is_refused(engine):
     with pytest.raises(ValueError, match="block_size"):
         engine.generate([[1] * 90], SamplingParams(max_tokens=7))
@@ -616,3 +369,32 @@ def test_entropy_is_finite_for_padded_batches(engine):
         ["x", "To be, or not to be, that is the question."], SamplingParams(max_tokens=4, logprobs=1, **GREEDY)
     )
     assert all(math.isfinite(r.logprob) for c in out for r in c.logprobs)
+
+
+# -- from a Hugging Face folder ------------------------------------------------------------------------------------
+def test_engine_from_pretrained(tmp_path, tokenizer_dir):
+    m = make_model()
+    out = save_pretrained(m, tmp_path / "m", tokenizer_dir=tokenizer_dir)
+    engine = Engine.from_pretrained(out)
+    assert engine.eos_token_id == 0
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    assert engine.generate(["To be"], params)[0].token_ids == Engine(m, out).generate(["To be"], params)[0].token_ids
+
+
+def test_an_engine_loads_in_the_dtype_it_is_asked_for(tmp_path, tokenizer_dir):
+    out = save_pretrained(make_model(), tmp_path / "m", tokenizer_dir=tokenizer_dir)
+    saved = Engine.from_pretrained(out, dtype="auto")
+    half = Engine.from_pretrained(out, dtype="bfloat16")
+    assert next(saved.model.parameters()).dtype == torch.float32
+    assert {p.dtype for p in half.model.parameters()} == {torch.bfloat16}
+    idx = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        full, low = saved.model(idx)[0], half.model(idx)[0]
+    assert low.dtype == torch.float32  # logits stay float32 whatever the weights are
+    torch.testing.assert_close(low, full, atol=0.1, rtol=0.05)
+    [c] = half.generate(["To be"], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    assert len(c.token_ids) == 5
+    with pytest.raises(ValueError, match="dtype must be one of auto, float32, bfloat16, float16, got 'bf16'"):
+        Engine.from_pretrained(out, dtype="bf16")
+    with pytest.raises(ValueError, match="floating-point"):
+        load_pretrained(out, dtype=torch.int8)

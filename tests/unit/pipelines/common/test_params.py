@@ -2,11 +2,21 @@
 
 import subprocess
 import sys
+from typing import get_args
 
 import pytest
 import yaml
 
-from pipelines.common.params import LocalSource, ParamsError, PypiSdistSource, load_params, parse_params, read_yaml
+from model.engine import DTYPES
+from pipelines.common.params import (
+    LocalSource,
+    ParamsError,
+    PypiSdistSource,
+    ServeParams,
+    load_params,
+    parse_params,
+    read_yaml,
+)
 from tests.helpers.paths import REPO
 
 
@@ -177,3 +187,8 @@ def test_the_data_stages_check_the_model_section_without_importing_torch():
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_serve_dtype_names_the_dtypes_the_engine_knows():
+    # params.py must not import torch (the data stages read it), so it lists the names itself
+    assert set(get_args(ServeParams.model_fields["dtype"].annotation)) == {"auto", *DTYPES}

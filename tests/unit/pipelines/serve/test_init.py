@@ -1,16 +1,21 @@
-"""serve.high_throughput: the environment quill starts Ray with (Ray Serve's HAProxy ingress and throughput
-options, HAProxy's stats and exporter ports), what a caller's own environment overrides, and a clear error where
-HAProxy is missing."""
+"""The serve package (pipelines/serve/__init__.py): the replicas' deployment options carry the API key's sha256,
+never the key (Ray's dashboard and Serve API show a replica's runtime_env); serve.high_throughput: the
+environment quill starts Ray with (Ray Serve's HAProxy ingress and throughput options, HAProxy's stats and
+exporter ports), what a caller's own environment overrides, and a clear error where HAProxy is missing."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import socket
 
 import pytest
 
 from pipelines.common.params import ServeParams
-from pipelines.serve import HAPROXY_PORTS, HIGH_THROUGHPUT_ENV, ray_start_env
+from pipelines.serve import HAPROXY_PORTS, HIGH_THROUGHPUT_ENV, deployment_options, ray_start_env
+from pipelines.serve.edge import key_digest
+
+KEY = "sk-quill-test-4f1c"
 
 
 @pytest.fixture(autouse=True)
@@ -61,3 +66,12 @@ def test_without_haproxy_the_error_says_what_to_install_or_set(monkeypatch):
         ray_start_env(ServeParams())
     monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", "/usr/sbin/haproxy")  # an operator's own binary
     assert ray_start_env(ServeParams())["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+
+
+def test_the_replicas_get_the_keys_digest_never_the_key(monkeypatch):
+    monkeypatch.setenv("QUILL_API_KEY", KEY)
+    options = deployment_options(ServeParams())
+    assert options["ray_actor_options"]["runtime_env"] == {"env_vars": {"QUILL_API_KEY_SHA256": key_digest(KEY)}}
+    assert KEY not in json.dumps(options, default=str)
+    monkeypatch.delenv("QUILL_API_KEY")
+    assert "runtime_env" not in deployment_options(ServeParams())["ray_actor_options"]

@@ -10,56 +10,16 @@ import random
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers.generation.logits_process import (
-    MinPLogitsWarper,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 
 from model import GPT, Engine, GPTConfig, SamplingParams
 from model.sampler import SamplingRows, kept_mask, sample
-from model.sampling import filter_logits
 from model.scheduler import Scheduler
-
-
-def hf_warped(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """What `generate(do_sample=True)` samples from: its warpers, in its order (transformers' _get_logits_processor)."""
-    x = TemperatureLogitsWarper(float(p.temperature))(None, logits)
-    if p.top_k:
-        x = TopKLogitsWarper(p.top_k)(None, x)
-    if p.top_p < 1:
-        x = TopPLogitsWarper(p.top_p)(None, x)
-    if p.min_p > 0:
-        x = MinPLogitsWarper(p.min_p)(None, x)
-    return x
+from tests.helpers.sampling import batches, hf_warped
 
 
 def hf_kept(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     return torch.cat([hf_warped(logits[r : r + 1], p) for r, p in enumerate(params)]) > float("-inf")
-
-
-# Logits on a coarse grid, so that equal logits are common (also at the top_p cut: a uniform row with top_p 0.5 cuts
-# a tie group in two), and thresholds where sums land exactly on them (0.25, 0.5, 0.75 of a few equal tokens).
-@st.composite
-def batches(draw):
-    n, vocab = draw(st.integers(1, 5)), draw(st.integers(1, 70))
-    grid = draw(st.sampled_from([0.25, 0.5, 1.0, 3.0]))
-    scale = draw(st.sampled_from([0.0, 0.5, 1.0, 2.0, 4.0]))
-    seed = draw(st.integers(0, 2**31))
-    logits = (torch.randn(n, vocab, generator=torch.Generator().manual_seed(seed)) * scale / grid).round() * grid
-    params = [
-        SamplingParams(
-            temperature=draw(st.sampled_from([0.5, 0.8, 1.0, 1.7])),
-            top_k=draw(st.sampled_from([0, 0, 1, 2, 3, 10, 100])),
-            top_p=draw(st.sampled_from([1.0, 0.95, 0.9, 0.75, 0.5, 0.25, 0.1]) | st.floats(0.01, 1.0)),
-            min_p=draw(st.sampled_from([0.0, 0.0, 0.05, 0.1, 0.5, 1.0]) | st.floats(0.0, 1.0)),
-        )
-        for _ in range(n)
-    ]
-    return logits, params
 
 
 @settings(max_examples=300, deadline=None)
@@ -67,16 +27,6 @@ def batches(draw):
 def test_kept_sets_equal_hugging_faces_warpers(batch):
     logits, params = batch  # each row with its own controls, as in a continuous batch
     assert torch.equal(kept_mask(logits, SamplingRows.of(params, "cpu")), hf_kept(logits, params))
-
-
-@settings(max_examples=200, deadline=None)
-@given(batches())
-def test_the_reference_filter_is_hugging_faces_bit_for_bit(batch):
-    # the sampler hands the rows it cannot decide to it, so ties split by the top_p cut fall as HF's sort puts them
-    logits, params = batch
-    for r, p in enumerate(params):
-        x = logits[r : r + 1]
-        assert torch.equal(filter_logits(x / p.temperature, p), hf_warped(x, p))
 
 
 def test_thresholds_exactly_at_a_cut_fall_as_hugging_faces_do():

@@ -10,6 +10,7 @@ import torch
 
 from model import GPT, Engine, GPTConfig, SamplingParams
 from model.scheduler import Scheduler
+from tests.helpers.generation import PENALTY_CASES, TOP_TWO, A, C, fixed_logits_engine
 from tests.helpers.tokenizers import byte_bpe
 
 TEXT = [
@@ -253,3 +254,21 @@ def test_prefill_is_capped_per_step_and_rows_still_match(engine):
     done, _ = run_all(sched)
     [alone] = engine.generate([long_prompt], SamplingParams(max_tokens=5, **GREEDY))
     assert all(done[rid].token_ids == alone.token_ids for rid in rids) and len(done[running].token_ids) == 10
+
+
+# the hand-worked penalty cases of tests/helpers/generation.py, on model/conftest.py's tokenizer
+def test_scheduler_rows_apply_their_own_penalties_and_filters(tokenizer):
+    """The same hand-worked cases as rows of one continuous batch, each with its own parameters."""
+    engine = fixed_logits_engine(tokenizer, TOP_TWO)
+    sched = Scheduler(engine, max_batch_size=8)
+    cases = [(p, penalty, tokens) for logits, p, penalty, tokens in PENALTY_CASES if logits is TOP_TWO]
+    rids = [sched.add(p, SamplingParams(max_tokens=6, **penalty, **GREEDY)) for p, penalty, _ in cases]
+    # p(A, B) = softmax(5, 4) = (0.73, 0.27): top_p 0.7 keeps A alone
+    nucleus = sched.add([C], SamplingParams(max_tokens=6, temperature=1.0, top_p=0.7, seed=0, ignore_eos=True))
+    done = {}
+    while sched.has_work():
+        for u in sched.step():
+            if u.completion is not None:
+                done[u.rid] = u.completion
+    assert [done[rid].token_ids for rid in rids] == [tokens for _, _, tokens in cases]
+    assert done[nucleus].token_ids == [A] * 6

