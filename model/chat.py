@@ -4,7 +4,7 @@
 
 The tokenize stage stores the same rendering as Jinja (`chat_template` in the tokenizer's files), so
 `AutoTokenizer.apply_chat_template` and `encode_chat` (the engine, the server, fine-tuning) give the same ids
-(tests/unit/test_chat_template.py compares them).
+(tests/unit/model/test_chat.py compares them).
 Content is encoded literally: a user who types "<|im_end|>" does not close their turn.
 
     >>> encode_chat(tokenizer, [{"role": "user", "content": "Hi"}]).ids[-3:]   # ... <|im_start|> assistant \n

@@ -1,6 +1,7 @@
 """The serving application over real HTTP: the session's Ray Serve (on loopback, high-throughput mode) with a tiny
 model registered in a temporary MLflow store (served as models:/tiny@champion), the official openai client, the
-validation matrix, auth, back-pressure, disconnects, continuous batching and a rolling update under load."""
+validation matrix, its OpenAPI document under schemathesis, auth, back-pressure, disconnects, continuous batching
+and a rolling update under load."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -15,27 +17,35 @@ import httpx
 import openai
 import psutil
 import pytest
+import schemathesis
 from mlflow import MlflowClient
 from ray import serve
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 from tokenizers import Tokenizer
 
 from model import Engine, SamplingParams, Scheduler
 from pipelines.serve import AppArgs, app
+from pipelines.serve.server import api
 from tests.helpers.services import copy_store, wait_for
 from tests.helpers.serving import NAME, delete_apps, listener, register, tiny_model_folder, write_params
 
 pytestmark = pytest.mark.integration
 
 
-APPS = ("quill", "auth", "tight", "held")
+APPS = ("quill", "auth", "tight")
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, mlflow_template, shared_ray):
-    """Four apps on the session's Ray Serve: `quill` at / (models:/tiny@champion), `auth` at /auth (QUILL_API_KEY
+    """Three apps on the session's Ray Serve: `quill` at / (models:/tiny@champion), `auth` at /auth (QUILL_API_KEY
     set, serve.stream_interval 4, serve.dtype bfloat16), `tight` at /tight (one sequence at a time, at most two
-    held, one queued in Ray: Ray's back-pressure), `held` at /held (the same bound in quill, Ray's queue left
-    roomy). Deleted when the module is done."""
+    held, three HTTP requests in flight: the back-pressure). Deleted when the module is done."""
     root = tmp_path_factory.mktemp("serve")
     tracking = copy_store(mlflow_template, root)
     v1 = tiny_model_folder(root / "v1", seed=0)
@@ -54,12 +64,8 @@ def server(tmp_path_factory, mlflow_template, shared_ray):
             del os.environ["QUILL_API_KEY"]
         tight = write_params(root / "tight.yaml", max_batch_size=1, max_ongoing_requests=2, max_queued_requests=1)
         serve.run(app(AppArgs(model=str(v1), params_file=str(tight))), name="tight", route_prefix="/tight")
-        # Ray counts a request as queued while it picks the replica: with one queue slot, the test's /stats polls
-        # would make Ray refuse the request that should fill quill's bound
-        held = write_params(root / "held.yaml", max_batch_size=1, max_ongoing_requests=2)
-        serve.run(app(AppArgs(model=str(v1), params_file=str(held))), name="held", route_prefix="/held")
         # serve.run returns once the replicas run; HAProxy takes up a new route a moment later
-        for prefix in ("", "/auth", "/tight", "/held"):
+        for prefix in ("", "/auth", "/tight"):
             url = f"{shared_ray['url']}{prefix}/health"
             wait_for(lambda url=url: httpx.get(url).status_code == 200, 60, f"{url} routed")
         yield {"url": shared_ray["url"], "tracking": tracking, "params": params, "v1": v1, "v2": v2}
@@ -220,9 +226,33 @@ def test_tokenize_round_trip(http):
         assert back == text.replace("<|im_start|>", "")  # special tokens are skipped when decoding
 
 
-def test_openapi_document_lists_the_routes(http):
-    paths = http.get("/openapi.json").json()["paths"]
-    assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/health"} <= set(paths)
+def test_the_served_openapi_document_is_the_apps(http):
+    served = http.get("/openapi.json").json()
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/health"} <= set(served["paths"])
+    assert served == json.loads(json.dumps(api.openapi()))  # what schemathesis reads below
+
+
+# schemathesis reads the app's own document, which the server sends as /openapi.json (test above); loaded here, at
+# collection, its operations are tests of their own. At most 50 requests per operation and phase, the same ones
+# every run (derandomized, no example database).
+OPENAPI = schemathesis.openapi.from_dict(json.loads(json.dumps(api.openapi())))
+OPENAPI.config.generation.update(max_examples=50, deterministic=True, database="none")
+CONFORMANCE = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+]
+
+
+@OPENAPI.parametrize()
+def test_every_answer_to_generated_requests_is_the_documented_one(case, server):
+    """schemathesis's requests to `auth` (with its API key), valid and invalid ones, streams among them: each
+    answer's status, content type, headers (Retry-After) and body (each event of a stream) are the ones the document
+    declares for it, and none is a server error."""
+    url, auth = f"{server['url']}/auth", {"Authorization": "Bearer sekret"}
+    case.call_and_validate(base_url=url, headers=auth, checks=CONFORMANCE, timeout=60)
 
 
 # -- validation ------------------------------------------------------------------------------------
@@ -297,29 +327,62 @@ def test_stream_interval_groups_tokens_after_the_first(http):
         events = [json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: {")]
     sizes = [len(e["choices"][0]["logprobs"]["tokens"]) for e in events]
     # the first event goes out with whatever its batch held (the admitting step gives two tokens, more when the
-    # event loop fell behind: tests/unit/test_stream_events.py pins the rule itself); then groups of the interval
+    # event loop fell behind: tests/unit/pipelines/serve/test_responses.py pins the rule itself); then groups of the interval
     assert sum(sizes) == 21 and all(n >= 4 for n in sizes[1:-1]) and len(sizes) <= 6, sizes
 
 
-def test_past_the_queue_bound_the_server_answers_429_with_retry_after(server):
+def test_a_burst_is_refused_by_quill_in_openai_shape_with_retry_after(server):
+    """32 requests at once on `tight`: some are served, the others refused by quill itself, 429 past its two
+    sequences or 503 past its three requests in flight, in OpenAI's shape with Retry-After; never by Ray, whose
+    refusal is plain text (its bounds sit above quill's: pipelines/serve/__init__.py, deployment_options)."""
+
     async def main():
         async with httpx.AsyncClient(base_url=server["url"], timeout=60) as c:
             body = {"prompt": "To be", "max_tokens": 100, "ignore_eos": True}
-            return await asyncio.gather(*(c.post("/tight/v1/completions", json=body) for _ in range(8)))
+            return await asyncio.gather(*(c.post("/tight/v1/completions", json=body) for _ in range(32)))
 
     responses = asyncio.run(main())
     codes = [r.status_code for r in responses]
-    rejected = [r for r in responses if r.status_code == 429]
-    assert 200 in codes and rejected and set(codes) <= {200, 429}, codes
-    assert all(r.headers["retry-after"] == "1" for r in rejected)
+    refused = [r for r in responses if r.status_code != 200]
+    assert 200 in codes and refused and set(codes) <= {200, 429, 503}, codes
+    for r in refused:
+        assert r.headers["content-type"] == "application/json" and r.headers["retry-after"] == "1", r.text
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_past_its_requests_in_flight_a_replica_answers_503_not_rays_plain_refusal(server):
+    """`tight` holds at most three HTTP requests (serve.max_ongoing_requests 2 + serve.max_queued_requests 1):
+    three uploads that never finish fill it, and the next request gets quill's 503 with Retry-After in OpenAI's
+    shape. (With Ray's bounds where they were, quill's + 16 requests in a replica and serve.max_queued_requests in
+    Ray's queue, such uploads filled Ray's slots and queue, and Ray refused with a plain-text 429.)"""
+    port = int(server["url"].rsplit(":", 1)[1])
+    head = b"POST /tight/v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    body = {"prompt": "To be", "max_tokens": 1}
+
+    def refused():
+        r = httpx.post(f"{server['url']}/tight/v1/completions", json=body, timeout=60)
+        return r.status_code != 200 and r
+
+    uploads = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+    try:
+        for s in uploads:
+            s.sendall(head + b"Content-Length: 64\r\n\r\n{")  # 63 bytes of the body never come
+        r = wait_for(refused, 60, "a request refused while three uploads hang", every=0.1)
+    finally:
+        for s in uploads:
+            s.close()
+    assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+    err = r.json()["error"]
+    assert (err["type"], err["code"], err["param"]) == ("server_error", "server_overloaded", None), err
+    wait_for(lambda: not refused(), 60, "`tight` serving again once the uploads are gone", every=0.1)
 
 
 def test_the_replica_refuses_past_its_bound_in_openai_shape(server):
-    """`held` holds at most serve.max_ongoing_requests = 2 sequences: an n=2 request fills it (one running,
+    """`tight` holds at most serve.max_ongoing_requests = 2 sequences: an n=2 request fills it (one running,
     one waiting), and the next request is refused by quill itself: 429, Retry-After, OpenAI's error shape."""
 
     async def main():
-        async with httpx.AsyncClient(base_url=server["url"] + "/held", timeout=60) as c:
+        async with httpx.AsyncClient(base_url=server["url"] + "/tight", timeout=60) as c:
             body = {"prompt": "To be", "max_tokens": 900, "ignore_eos": True}
             deadline = time.monotonic() + 60  # the replica is idle first (earlier rows retire at a step boundary)
             while (s := (await c.get("/stats")).json())["running"] + s["waiting"] and time.monotonic() < deadline:

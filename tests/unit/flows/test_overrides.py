@@ -1,18 +1,14 @@
-"""Flow parameters are read as params.yaml reads them: `1e-3` is a float, in the file and in an override; both
-command lines (flows.deploy, flows.train_and_deploy) read `--set KEY=VALUE` with one parser; the run's summary
-tells the overrides that change params.yaml from those that repeat it."""
+"""flows/overrides.py: a run's overrides, read from --set, checked over params.yaml, and what no run may override."""
 
 from __future__ import annotations
 
 import shutil
 
 import pytest
-import yaml
 from pydantic import ValidationError
 
 from flows import deploy, train_and_deploy
 from flows.overrides import Overrides, check, parse_sets
-from flows.report import summary_markdown
 from pipelines.common.params import ParamsError, read_yaml
 from tests.helpers.paths import REPO
 
@@ -45,17 +41,6 @@ def test_both_command_lines_refuse_a_set_without_a_value_before_any_work(main, c
     except SystemExit as exc:  # argparse's error exit
         code = exc.code
     assert code == 2 and "expected KEY=VALUE" in capsys.readouterr().err
-
-
-def test_the_summary_tells_the_run_forms_values_from_changes(tmp_path, monkeypatch):
-    """The Run form sends every knob at params.yaml's value unless changed: the summary says which differ."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["train"].update(max_steps=50, lr=0.004, min_lr=0.0004)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    monkeypatch.chdir(tmp_path)
-    text = summary_markdown({}, {"train.max_steps": 50, "train.lr": 0.002}, None, None, "sqlite:///x.db", None, None)
-    assert "| `train.max_steps` | `50` | same |" in text
-    assert "| `train.lr` | `0.002` | `0.004` |" in text
 
 
 @pytest.mark.parametrize(
