@@ -18,18 +18,16 @@ import socket
 
 from pydantic import BaseModel, ConfigDict
 from ray.serve import Application
-from ray.serve.config import BackpressureConfig
 
 from pipelines.common.contracts import CHAMPION
 from pipelines.common.params import PARAMS_FILE, Params, ServeParams, load_params
 from pipelines.common.tracking import tracking_uri
-from pipelines.serve.edge import key_digest
-from pipelines.serve.responses import RETRY_AFTER_S
+from pipelines.serve.edge import key_digest, max_in_flight
 from pipelines.serve.server import QuillServer
 from pipelines.serve.source import resolve
 
 APP_NAME = "quill"
-RAY_HEADROOM = 16  # concurrent HTTP requests Ray lets into a replica beyond quill's own bound, to be refused there
+RAY_HEADROOM = 16  # HTTP requests Ray lets into a replica beyond quill's bound (edge.max_in_flight): refused there
 # Ray Serve's high-throughput mode (serve.high_throughput): Ray's processes read these when they start, so they
 # belong in the environment of `ray start` (or of a RayService's pods), not in a deployment's options
 HIGH_THROUGHPUT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
@@ -67,11 +65,13 @@ def build(params: Params, model: str | None, uri: str, static_batching: bool = F
 def deployment_options(p: ServeParams) -> dict:
     """Replicas, autoscaling bounds, request bounds and resources from serve.*."""
     options: dict = {
-        # Ray's bound sits above quill's (which counts sequences, n included), so a burst is refused by quill's own
-        # 429 in OpenAI's error shape; Ray's plain-text 429 only answers past this headroom and its queue
-        "max_ongoing_requests": p.max_ongoing_requests + RAY_HEADROOM,
-        "max_queued_requests": p.max_queued_requests,
-        "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=RETRY_AFTER_S),
+        # quill refuses in OpenAI's shape with Retry-After: 429 past serve.max_ongoing_requests sequences (the
+        # engine client), 503 past max_in_flight HTTP requests (edge.EdgeGuard). Ray's refusal is plain text, so
+        # Ray never refuses: it lets RAY_HEADROOM more requests into a replica than quill holds, and its queue
+        # (which in high-throughput mode also counts each request of a burst until it has a slot) is unbounded;
+        # HAProxy's maxconn bounds the connections
+        "max_ongoing_requests": max_in_flight(p) + RAY_HEADROOM,
+        "max_queued_requests": -1,
         "graceful_shutdown_timeout_s": 120,  # a rolling update lets requests in flight finish
         "max_surge_percent": p.max_surge_percent,
         "ray_actor_options": {"num_cpus": p.num_cpus_per_replica, "num_gpus": p.num_gpus_per_replica},

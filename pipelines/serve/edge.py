@@ -1,5 +1,5 @@
-"""What every request passes before a route sees it: the API key, the body size and UTF-8, and errors turned
-into OpenAI's shape (so no client input yields a 5xx).
+"""What every request passes before a route sees it: the API key, the body size and UTF-8, the replica's bound on
+HTTP requests in flight, and errors turned into OpenAI's shape (so no client input yields a 5xx).
 
 A pure ASGI middleware (not BaseHTTPMiddleware): it checks the headers before the body is read, and counts the
 body as it streams in, so a chunked upload cannot pass the size limit either.
@@ -16,7 +16,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from pipelines.serve.schemas import APIError, short
+from pipelines.common.params import ServeParams
+from pipelines.serve.schemas import RETRY_AFTER_S, APIError, retry_after, short
 
 OPEN_PATHS = ("/health",)  # answered without an API key (load balancers and Ray's health checks)
 
@@ -34,17 +35,26 @@ def expected_key_digest(env=os.environ) -> str | None:
     return key_digest(env["QUILL_API_KEY"]) if env.get("QUILL_API_KEY") else None
 
 
+def max_in_flight(p: ServeParams) -> int:
+    """The HTTP requests a replica holds at once (reading a body, waiting for the engine, streaming): as many as it
+    holds sequences (serve.max_ongoing_requests; past those the engine client answers 429) and
+    serve.max_queued_requests more, for what holds no sequence (an upload, /tokenize, a request being refused)."""
+    return p.max_ongoing_requests + p.max_queued_requests
+
+
 def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
 class EdgeGuard:
-    """ASGI middleware: 401 without the right bearer key (when one is set), 413 past max_body_bytes,
-    400 for a body that is not UTF-8. `settings` ({"api_key_sha256", "max_body_bytes"}) is read per request: the
-    replica fills it in after the app is built."""
+    """ASGI middleware: 401 without the right bearer key (when one is set), 413 past max_body_bytes, 503 with
+    Retry-After past max_in_flight requests (/health aside), 400 for a body that is not UTF-8. `settings`
+    ({"api_key_sha256", "max_body_bytes", "max_in_flight"}: None = no bound) is read per request: the replica
+    fills it in after the app is built."""
 
     def __init__(self, app, settings: dict):
         self.app, self.settings = app, settings
+        self.in_flight = 0  # requests past this guard and not answered yet (a replica is one process)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -66,6 +76,20 @@ class EdgeGuard:
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > limit:
             return await error_response(_too_large(limit))(scope, receive, send)
+        if path in OPEN_PATHS:
+            return await self.body_checked(scope, receive, send)
+        bound = self.settings.get("max_in_flight")
+        if bound is not None and self.in_flight >= bound:
+            return await error_response(_overloaded(bound))(scope, receive, send)
+        self.in_flight += 1
+        try:
+            return await self.body_checked(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    async def body_checked(self, scope, receive, send):
+        """The body (read here, at most max_body_bytes) must be UTF-8; then the app gets it."""
+        limit = self.settings["max_body_bytes"]
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         # read the whole body here (bounded), check it, then replay it to the app
@@ -98,6 +122,11 @@ class EdgeGuard:
 
 def _too_large(limit: int) -> APIError:
     return APIError(413, f"request body exceeds {limit} bytes", None, code="request_too_large")
+
+
+def _overloaded(bound: int) -> APIError:
+    message = f"this replica holds {bound} HTTP requests, as many as it takes; retry in {RETRY_AFTER_S} s"
+    return APIError(503, message, None, "server_error", "server_overloaded", headers=retry_after())
 
 
 def install_error_handlers(api: FastAPI) -> None:

@@ -1,22 +1,24 @@
 """OpenAI's response shapes: usage, logprobs in the completions and the chat format, the engine's failures as
-OpenAI's errors, and server-sent events (how a stream groups its tokens into events, and how it ends)."""
+OpenAI's errors, and server-sent events (how a stream groups its tokens into events, and how it ends); at the end,
+the same shapes as pydantic models, which the OpenAPI document declares (schemas.documented)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from typing import Literal
 
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 
 from model.scheduler import RowUpdate
 from model.sequence import Completion, TokenLogprob
 from pipelines.serve import metrics
 from pipelines.serve.engine_client import Busy, Refused
 from pipelines.serve.engine_process import EngineFailure, EngineStopped
-from pipelines.serve.schemas import APIError
+from pipelines.serve.schemas import RETRY_AFTER_S, APIError, retry_after
 
-RETRY_AFTER_S = 1  # what a client refused with 429 waits before retrying
 ENGINE_ERRORS = (Busy, Refused, EngineFailure)  # what the engine client raises for a request
 
 
@@ -28,14 +30,16 @@ def param_of(message: str) -> str | None:
 
 def openai_error(exc: Busy | Refused | EngineFailure) -> APIError:
     """An engine client's exception in OpenAI's shape: 429 with Retry-After for a full replica, 400 naming the
-    parameter for what the scheduler refuses, 503 once the engine process is gone, 500 for a failure."""
+    parameter for what the scheduler refuses, 503 with Retry-After once the engine process is gone (Ray replaces
+    the replica), 500 for a failure."""
     if isinstance(exc, Busy):
-        retry = {"Retry-After": str(RETRY_AFTER_S)}
         message = f"{exc}; retry in {RETRY_AFTER_S} s"
-        return APIError(429, message, None, "rate_limit_error", "server_busy", headers=retry)
+        return APIError(429, message, None, "rate_limit_error", "server_busy", headers=retry_after())
     if isinstance(exc, Refused):
         return APIError(400, str(exc), param_of(str(exc)))
-    return APIError(503 if isinstance(exc, EngineStopped) else 500, str(exc), None, "server_error")
+    if isinstance(exc, EngineStopped):
+        return APIError(503, str(exc), None, "server_error", headers=retry_after())
+    return APIError(500, str(exc), None, "server_error")
 
 
 @contextmanager
@@ -129,3 +133,136 @@ async def coalesced(batches: AsyncIterator[list[tuple[int, RowUpdate]]], interva
             text = "".join(u.chunk.text for u in ups)
             recs = [u.chunk.logprob for u in ups if u.chunk.logprob is not None]
             yield i, text, recs, ups[-1].chunk.finish_reason, ups[-1].completion
+
+
+# -- the shapes above as the OpenAPI document declares them (the handlers build dicts; these are not run) -------
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Meta(BaseModel):
+    """What a completion, a chat completion and every event of their streams begin with."""
+
+    id: str
+    created: int
+    model: str
+    system_fingerprint: str
+
+
+FinishReason = Literal["stop", "length"] | None  # None in a stream's events before a choice's last
+
+
+class CompletionLogprobs(BaseModel):
+    """Parallel lists, one entry per token (an echoed prompt's first token has no logprob)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: FinishReason
+
+
+class CompletionResponse(Meta):
+    """A completion, and each event of a completions stream (the last has only `usage`, when asked for)."""
+
+    object: Literal["text_completion"]
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReason
+
+
+class ChatCompletionResponse(Meta):
+    object: Literal["chat.completion"]
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None  # the first event's
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReason
+
+
+class ChatCompletionChunk(Meta):
+    """An event of a chat stream: the role first, then the content; the last has only `usage`, when asked for."""
+
+    object: Literal["chat.completion.chunk"]
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    version: str  # the registry version, or "local"
+    uri: str
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class TokenizerInfo(BaseModel):
+    eos_token: str | None
+    bos_token: None
+    pad_token: str | None
+    model_max_length: int
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    model: str
+    version: str

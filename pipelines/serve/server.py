@@ -7,7 +7,8 @@ queue of the request it belongs to. A stream sends everything its queue holds as
 when the client or the proxy fell behind). The handlers here only adapt HTTP: openai_api.py translates between
 OpenAI's JSON and the engine, the engine client queues, cancels and refuses. A request whose client goes away is
 cancelled in the scheduler, which frees its KV-cache slot at the next step. Past serve.max_ongoing_requests
-sequences (running + waiting) a replica answers 429 in OpenAI's shape with Retry-After.
+sequences (running + waiting) a replica answers 429 in OpenAI's shape with Retry-After, past edge.max_in_flight
+HTTP requests 503. Each route's `documented(...)` is what the OpenAPI document says it answers.
 """
 
 import logging
@@ -17,19 +18,49 @@ from ray import serve
 
 from pipelines.common.params import ServeParams
 from pipelines.serve import metrics
-from pipelines.serve.edge import EdgeGuard, expected_key_digest, install_error_handlers
+from pipelines.serve.edge import EdgeGuard, expected_key_digest, install_error_handlers, max_in_flight
 from pipelines.serve.engine_client import EngineClient, engine_spec
 from pipelines.serve.openai_api import Translator
-from pipelines.serve.responses import engine_errors, sse
-from pipelines.serve.schemas import APIError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from pipelines.serve.responses import (
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    CompletionResponse,
+    DetokenizeResponse,
+    Health,
+    ModelList,
+    TokenizeResponse,
+    TokenizerInfo,
+    engine_errors,
+    sse,
+)
+from pipelines.serve.schemas import (
+    GUARDED,
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    complete_document,
+    documented,
+    retry_after,
+)
 from pipelines.serve.source import ModelSource, fetch
 
 log = logging.getLogger("ray.serve")
 
 api = FastAPI(title="quill", description="OpenAI-compatible completions from a quill model", version="1")
 install_error_handlers(api)
+fastapi_document = api.openapi
+
+
+def document() -> dict:
+    """/openapi.json: FastAPI's document (made on the first request for it, then kept), completed once."""
+    return api.openapi_schema or complete_document(fastapi_document(), (CompletionResponse, ChatCompletionChunk))
+
+
+api.openapi = document
 # settings the middleware reads; each replica (one process) fills them in from its config
-EDGE = {"api_key_sha256": None, "max_body_bytes": ServeParams().max_body_bytes}
+EDGE = {"api_key_sha256": None, "max_body_bytes": ServeParams().max_body_bytes, "max_in_flight": None}
 api.add_middleware(EdgeGuard, settings=EDGE)
 api.add_middleware(metrics.CountRequests)  # outermost: counts what the guard refuses too
 
@@ -47,7 +78,11 @@ class QuillServer:
         # model_dump(): Ray pickles a deployment's arguments, and the replica imports ServeParams from quill as the
         # builder does, so the typed object travels as it is. A dict would be validated again here, against
         # whatever defaults this node's code has, and the settings would go object -> dict -> object.
-        EDGE.update(api_key_sha256=expected_key_digest(), max_body_bytes=params.max_body_bytes)
+        EDGE.update(
+            api_key_sha256=expected_key_digest(),
+            max_body_bytes=params.max_body_bytes,
+            max_in_flight=max_in_flight(params),
+        )
         self.source = source
         folder = fetch(source, tracking_uri)
         spec = engine_spec(folder, params, source.tokenizer_sha256, static_batching)
@@ -64,35 +99,35 @@ class QuillServer:
         if hasattr(self, "engine"):
             self.engine.close()
 
-    @api.get("/health")
+    @api.get("/health", **documented(Health, 413, 503, 500))
     async def health(self) -> dict:
         if not self.engine.alive():
-            raise APIError(503, "the engine process stopped", None, "server_error")
+            raise APIError(503, "the engine process stopped", None, "server_error", headers=retry_after())
         return {"status": "ok", "model": self.source.name, "version": self.source.version}
 
-    @api.get("/v1/models")
+    @api.get("/v1/models", **documented(ModelList, *GUARDED))
     async def models(self) -> dict:
         return self.openai.models()
 
-    @api.get("/stats")
+    @api.get("/stats", **documented(None, *GUARDED))
     async def stats(self) -> dict:
         """The scheduler's occupancy, counters and the replica's memory (tests and operators)."""
         return self.engine.stats()
 
-    @api.post("/tokenize")
+    @api.post("/tokenize", **documented(TokenizeResponse, 400, 404, *GUARDED))
     async def tokenize(self, req: TokenizeRequest) -> dict:
         return self.openai.tokenize(req)
 
-    @api.get("/tokenizer_info")
+    @api.get("/tokenizer_info", **documented(TokenizerInfo, *GUARDED))
     async def tokenizer_info(self) -> dict:
         """vLLM's route: with it and /tokenize, lm-eval's `local-completions` tokenizes through the server."""
         return self.openai.tokenizer_info()
 
-    @api.post("/detokenize")
+    @api.post("/detokenize", **documented(DetokenizeResponse, 400, 404, *GUARDED))
     async def detokenize(self, req: DetokenizeRequest) -> dict:
         return self.openai.detokenize(req)
 
-    @api.post("/v1/completions")
+    @api.post("/v1/completions", **documented(CompletionResponse, 400, 404, 429, *GUARDED, stream=CompletionResponse))
     async def completions(self, req: CompletionRequest):
         self.openai.check(req)
         prompts, params = self.openai.completion_input(req)
@@ -103,7 +138,10 @@ class QuillServer:
             done = await self.engine.completions(request)
         return self.openai.completion_body(req, prompts, done)
 
-    @api.post("/v1/chat/completions")
+    @api.post(
+        "/v1/chat/completions",
+        **documented(ChatCompletionResponse, 400, 404, 429, *GUARDED, stream=ChatCompletionChunk),
+    )
     async def chat(self, req: ChatRequest):
         self.openai.check(req)
         prompt, params = self.openai.chat_input(req)
