@@ -300,8 +300,8 @@ class FinetuneParams(Section):
     method: Literal["full", "lora"] = "lora"  # full: every weight trains; lora: low-rank adapters, merged on export
     lora: LoraParams = LoraParams()
     # length and batch, in optimizer steps and conversation windows
-    max_steps: int = Field(default=300, gt=0)
-    batch_size: int = Field(default=16, gt=0)  # windows per micro-batch, right-padded to the longest
+    max_steps: int = Field(default=200, gt=0)
+    batch_size: int = Field(default=8, gt=0)  # windows per micro-batch, right-padded to the longest
     grad_accum: int = Field(default=1, gt=0)
     max_length: int | None = Field(default=None, gt=1)  # tokens per window; None = the base's block_size
     # AdamW, linear warmup then cosine to min_lr (pipelines/common/training/schedule.py)
@@ -312,10 +312,10 @@ class FinetuneParams(Section):
     grad_clip: float = Field(default=1.0, ge=0)  # max global gradient norm; 0 disables clipping
     seed: int = Field(default=1337, ge=0, le=2**32 - 1)  # LoRA init, data order and dropout
     # cadence, in optimizer steps
-    val_every: int = Field(default=100, gt=0)
+    val_every: int = Field(default=50, gt=0)
     val_batches: int = Field(default=4, gt=0)  # validation windows = val_batches * batch_size (the first ones)
     log_every: int = Field(default=10, gt=0)
-    checkpoint_every: int = Field(default=100, gt=0)
+    checkpoint_every: int = Field(default=50, gt=0)
     keep_checkpoints: int = Field(default=2, ge=1)
     # hardware (one device): auto picks bf16-mixed on a GPU that supports it, 32-bit otherwise
     precision: Literal["auto", "32", "bf16-mixed", "16-mixed"] = "auto"
@@ -391,7 +391,7 @@ class ServeParams(Section):
     # 0 = Ray's default, stop first (behind HAProxy the app then has no route until the replacement is up: 404s)
     max_surge_percent: int = Field(default=100, ge=0, le=100)
     max_ongoing_requests: int = Field(default=64, ge=1)  # per replica, running + waiting in the scheduler
-    max_queued_requests: int = Field(default=128, ge=0)  # Ray Serve's queue bound; past it: 429 + Retry-After
+    max_queued_requests: int = Field(default=128, ge=0)  # HTTP requests held beyond the sequences; past them: 503
     max_batch_size: int = Field(default=16, ge=1)  # KV-cache slots per replica (sequences decoded together)
     default_max_tokens: int = Field(default=128, ge=1)  # when a request names none
     max_tokens_cap: int = Field(default=1024, ge=1)  # the most a request may ask for

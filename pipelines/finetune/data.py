@@ -1,7 +1,7 @@
 """Conversations -> training windows: ChatML ids, the loss targets (the assistant's tokens only), padded batches.
 
-A conversation is encoded message by message with model.chat.encode_chat on the base's own tokenizer (`literal`:
-content never forges a marker). Each message is `<|im_start|>role\\ncontent<|im_end|>\\n`; the assistant's content
+A conversation is encoded by model.chat.encode_chat on the base's own tokenizer (`literal`: content never forges a
+marker) and cut into its messages at each <|im_start|>. Each message is `<|im_start|>role\\ncontent<|im_end|>\\n`; the assistant's content
 and the <|im_end|> closing its turn are in the loss (so the model learns to stop), everything else (system and user
 messages, every role header, the newline after <|im_end|>) is not.
 
@@ -77,50 +77,52 @@ def window_targets(ids: Sequence[int], assistant: Sequence[bool]) -> Window:
     return Window(list(ids[:-1]), [t if mine else IGNORE for t, mine in zip(ids[1:], assistant[1:])])
 
 
-def exchanges(messages: Sequence[Mapping[str, str]]) -> tuple[list[Mapping], list[list[Mapping]]]:
-    """(leading system messages, exchanges): each exchange is the turns up to and including a run of assistant
-    messages; turns after the last assistant message (nobody answers them) form a last exchange of their own."""
-    system = []
-    i = 0
-    while i < len(messages) and messages[i]["role"] == "system":
-        system.append(messages[i])
-        i += 1
-    out: list[list[Mapping]] = []
-    current: list[Mapping] = []
-    for j, m in enumerate(messages[i:], i):
-        current.append(m)
-        if m["role"] == "assistant" and (j + 1 == len(messages) or messages[j + 1]["role"] != "assistant"):
-            out.append(current)
-            current = []
-    if current:
-        out.append(current)
-    return system, out
+def exchanges(roles: Sequence[str]) -> tuple[int, list[range]]:
+    """(how many leading system messages, the exchanges as ranges of message indices): an exchange ends with a run
+    of assistant messages; turns after the last assistant message (nobody answers them) form a last one."""
+    first = next((i for i, role in enumerate(roles) if role != "system"), len(roles))
+    out, start = [], first
+    for i in range(first, len(roles)):
+        if roles[i] == "assistant" and (i + 1 == len(roles) or roles[i + 1] != "assistant"):
+            out.append(range(start, i + 1))
+            start = i + 1
+    if start < len(roles):
+        out.append(range(start, len(roles)))
+    return first, out
+
+
+def message_pieces(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]]) -> list[tuple[list[int], list[bool]]]:
+    """encode_chat's ids and assistant mask of a conversation, cut into one piece per message (each piece starts at
+    its <|im_start|>, which literal content cannot contain). One encode_chat call per conversation."""
+    e = encode_chat(tokenizer, messages, add_generation_prompt=False)
+    starts = [i for i, t in enumerate(e.ids) if t == e.ids[0]] if e.ids else []
+    if len(starts) != len(messages):
+        raise ValueError("message content holds a ChatML marker: encode with model.chat.literal(tokenizer)")
+    bounds = [*starts, len(e.ids)]
+    return [(e.ids[a:b], e.assistant[a:b]) for a, b in zip(bounds, bounds[1:])]
 
 
 def encode_conversation(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], max_length: int, tally: Encoded):
     """The windows of one conversation (appended to tally.windows), drops counted in tally.dropped."""
-
-    def encode(turns: Sequence[Mapping[str, str]]) -> tuple[list[int], list[bool]]:
-        e = encode_chat(tokenizer, turns, add_generation_prompt=False)
-        return e.ids, e.assistant
-
     tally.conversations += 1
-    system, parts = exchanges(messages)
-    head_ids, head_mask = encode(system) if system else ([], [])
+    pieces = message_pieces(tokenizer, messages)
+    n_system, parts = exchanges([m["role"] for m in messages])
+    head_ids = [t for ids, _ in pieces[:n_system] for t in ids]
+    head_mask = [m for _, mask in pieces[:n_system] for m in mask]
     made = 0
     ids, mask = list(head_ids), list(head_mask)
-    has_target = False
 
     def flush() -> None:
-        nonlocal ids, mask, has_target, made
-        if has_target:
-            end = len(ids) - next(i for i, m in enumerate(reversed(mask)) if m)  # stop after the last target
+        nonlocal ids, mask, made
+        if any(mask):
+            end = len(mask) - mask[::-1].index(True)  # stop after the last target
             tally.windows.append(window_targets(ids[:end], mask[:end]))
             made += 1
-        ids, mask, has_target = list(head_ids), list(head_mask), False
+        ids, mask = list(head_ids), list(head_mask)
 
     for part in parts:
-        part_ids, part_mask = encode(part)
+        part_ids = [t for i in part for t in pieces[i][0]]
+        part_mask = [m for i in part for m in pieces[i][1]]
         if not any(part_mask):
             tally.dropped["empty_mask"] += 1  # turns nobody answers: nothing to learn from
             continue
@@ -131,7 +133,6 @@ def encode_conversation(tokenizer: Tokenizer, messages: Sequence[Mapping[str, st
             flush()
         ids += part_ids
         mask += part_mask
-        has_target = True
     flush()
     tally.split_conversations += made > 1
 
