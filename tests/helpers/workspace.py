@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -46,6 +47,17 @@ TINY_PARAMS = {
         "sample_max_tokens": 4,
     },
     "registry": {"model_name": "quill-test"},
+    # the fine-tuning stages on a few conversations the workspace holds (no wheel download, no plays)
+    "finetune": {
+        "sources": [{"type": "jsonl", "path": "chat"}],
+        "max_steps": 4,
+        "batch_size": 2,
+        "warmup_steps": 1,
+        "val_every": 2,
+        "val_batches": 1,
+        "log_every": 1,
+        "checkpoint_every": 2,
+    },
 }
 COPIED = ("pipelines", "model", "flows")
 COPIED_FILES = ("dvc.yaml", ".dvcignore", "Makefile", ".gitignore", "requirements.lock")
@@ -75,6 +87,16 @@ def tiny_workspace(root: Path, store: Path, serve_port: int | None = None) -> Pa
     (root / "corpus").mkdir()
     for i in range(40):  # verse: the evaluate stage's cloze and next-line items need lines
         (root / "corpus" / f"verse_{i:03d}.txt").write_text(make_verse(rng), encoding="utf-8")
+    (root / "chat").mkdir()
+    with open(root / "chat" / "conversations.jsonl", "w", encoding="utf-8") as f:
+        for _ in range(40):
+            question, answer = make_verse(rng).splitlines()[:2]
+            f.write(
+                json.dumps(
+                    {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+                )
+                + "\n"
+            )
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     subprocess.run(["git", "add", "-A"], cwd=root, check=True)
