@@ -1,8 +1,4 @@
-"""train: the pure pieces (schedule, data order, checkpoint format, knob resolution) and whole runs on a tiny model.
-
-Whole runs use the `tiny` preset on shards built here from a tiny corpus; each test gets its own
-MLflow SQLite store. The subprocess tests (SIGKILL, SIGTERM) are in tests/integration/test_train_resume.py.
-"""
+"""pipelines/train/stage.py: the train stage on tiny shards, resumed, interrupted, refused; its dvc.yaml entry."""
 
 from __future__ import annotations
 
@@ -16,17 +12,12 @@ import pytest
 import torch
 from tqdm import tqdm
 
-from model import GPT, GPTConfig, load_pretrained
+from model import load_pretrained
 from pipelines.common.layout import Layout
 from pipelines.common.params import TrainParams, parse_params
 from pipelines.common.training import checkpoints as ckpt
-from pipelines.common.training.log import bits_per_byte
 from pipelines.common.training.resume import stored_runs
-from pipelines.common.training.schedule import lr_at, param_groups
-from pipelines.common.training.trainer import resolve_precision, resolve_strategy
-from pipelines.train.data import DataError, TokenData, TrainWindows, val_offsets, window_offsets
 from pipelines.train.lit_gpt import LitGPT
-from pipelines.train.resume import fingerprint, incompatibilities
 from pipelines.train.stage import TrainError, total_steps, train
 from tests.helpers.paths import REPO
 from tests.helpers.projects import TINY_TRAIN, build_shards
@@ -55,219 +46,10 @@ def work(tmp_path: Path, shards: Path, mlflow_uri: str) -> tuple[Layout, str]:
     return Layout().under(tmp_path), mlflow_uri
 
 
-# --- pure pieces --------------------------------------------------------------------------------
-
-
-def test_lr_schedule_at_key_steps():
-    kw = dict(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
-    assert lr_at(0, **kw) == pytest.approx(1e-4)  # first warmup step: lr / warmup_steps
-    assert lr_at(4, **kw) == pytest.approx(5e-4)
-    assert lr_at(9, **kw) == pytest.approx(1e-3)  # warmup ends at the peak
-    assert lr_at(10, **kw) == pytest.approx(1e-3)  # cosine starts at the peak
-    assert lr_at(60, **kw) == pytest.approx(5.5e-4)  # halfway: the midpoint of lr and min_lr
-    assert lr_at(110, **kw) == pytest.approx(1e-4)
-    assert lr_at(500, **kw) == pytest.approx(1e-4)  # past the end: the floor
-    decay = [lr_at(s, **kw) for s in range(10, 111)]
-    assert all(a >= b for a, b in zip(decay, decay[1:]))
-    assert lr_at(0, lr=1e-3, min_lr=0.0, warmup_steps=0, max_steps=10) == pytest.approx(1e-3)  # no warmup
-
-
 def test_token_budget_caps_the_steps():
     assert total_steps(TrainParams(max_steps=100), 1000) == 100
     assert total_steps(TrainParams(max_steps=100, max_tokens=25_500), 1000) == 26  # ceil
     assert total_steps(TrainParams(max_steps=10, max_tokens=10**9), 1000) == 10
-
-
-def test_data_order_is_a_pure_function_of_step_micro_and_rank():
-    args = dict(n_tokens=100_000, block_size=64, batch_size=8, seed=3)
-    a = window_offsets(**args, step=5, micro=1, rank=0)
-    assert np.array_equal(a, window_offsets(**args, step=5, micro=1, rank=0))
-    for other in (dict(step=6, micro=1, rank=0), dict(step=5, micro=0, rank=0), dict(step=5, micro=1, rank=1)):
-        assert not np.array_equal(a, window_offsets(**args, **other))
-    assert not np.array_equal(a, window_offsets(**{**args, "seed": 4}, step=5, micro=1, rank=0))
-    assert a.min() >= 0 and a.max() <= 100_000 - 65
-
-
-def test_a_stream_resumed_mid_run_reads_exactly_what_an_uninterrupted_one_reads():
-    tokens = np.arange(5000, dtype=np.uint16)
-    full = TrainWindows(tokens, block_size=16, batch_size=3, grad_accum=2, seed=1, rank=0)
-    resumed = TrainWindows(tokens, block_size=16, batch_size=3, grad_accum=2, seed=1, rank=0, start=6)
-    it_full, it_resumed = iter(full), iter(resumed)
-    uninterrupted = [next(it_full) for _ in range(10)]
-    for k in range(6, 10):
-        assert torch.equal(uninterrupted[k], next(it_resumed))
-    batch = uninterrupted[0]
-    assert batch.shape == (3, 17) and batch.dtype == torch.int64
-    assert torch.equal(batch[:, 1:] - batch[:, :-1], torch.ones(3, 16, dtype=torch.int64))  # contiguous windows
-
-
-def test_val_windows_are_fixed_and_span_the_split():
-    offsets = val_offsets(10_000, 64, 8)
-    assert np.array_equal(offsets, val_offsets(10_000, 64, 8))
-    assert offsets[0] == 0 and offsets[-1] == 10_000 - 65
-
-
-def test_too_little_data_is_a_clear_error():
-    with pytest.raises(DataError, match="fewer than one window"):
-        window_offsets(50, 64, 2, 0, 0, 0, 0)
-
-
-def test_bits_per_byte_formula():
-    # 1 nat/token at 2 bytes per text token = 1 / ln 2 / 2 bits per byte
-    assert bits_per_byte(1.0, 2.0) == pytest.approx(1 / math.log(2) / 2)
-    data = TokenData(Path("."), {"splits": {"val": {"tokens": 110, "docs": 10, "bytes": 300}}})
-    assert data.bytes_per_text_token("val") == pytest.approx(3.0)  # EOT tokens carry no bytes
-
-
-def test_weight_decay_skips_norms_and_embeddings():
-    for tie in (True, False):
-        model = GPT(GPTConfig.from_preset("tiny", tie_embeddings=tie))
-        decay, rest = param_groups(model, 0.1)
-        assert decay["weight_decay"] == 0.1 and rest["weight_decay"] == 0.0
-        decayed = {id(p) for p in decay["params"]}
-        names = {n for n, p in model.named_parameters() if id(p) in decayed}
-        assert not any("norm" in n or "embed_tokens" in n for n in names)
-        assert any("q_proj" in n for n in names) and any("down_proj" in n for n in names)
-        assert ("lm_head.weight" in names) == (not tie)  # an untied head is a linear layer
-        assert len(decay["params"]) + len(rest["params"]) == len(list(model.parameters()))
-
-
-@pytest.mark.parametrize(
-    "precision, cuda, bf16, expected",
-    [
-        ("auto", False, False, "32-true"),
-        ("auto", True, True, "bf16-mixed"),
-        ("auto", True, False, "32-true"),
-        ("32", True, True, "32-true"),
-        ("bf16-mixed", False, False, "bf16-mixed"),
-        ("16-mixed", True, False, "16-mixed"),
-    ],
-)
-def test_precision_resolution(precision, cuda, bf16, expected):
-    assert resolve_precision(precision, cuda, bf16) == expected
-
-
-def test_strategy_resolution():
-    from pytorch_lightning.strategies import FSDPStrategy
-
-    from model.transformer import Block
-
-    assert resolve_strategy("auto") == "auto"
-    assert resolve_strategy("ddp") == "ddp"
-    fsdp = resolve_strategy("fsdp")
-    assert isinstance(fsdp, FSDPStrategy)
-    assert fsdp._state_dict_type == "full"
-    assert Block in fsdp.kwargs["auto_wrap_policy"]._module_classes
-
-
-# --- checkpoint format --------------------------------------------------------------------------
-
-
-def test_checkpoint_round_trip_keeps_types_and_shared_tensors(tmp_path):
-    w = torch.randn(4, 3)
-    obj = {
-        "state_dict": {"a": w, "b": w, "bf16": torch.ones(2, dtype=torch.bfloat16)},
-        "optimizer_states": [
-            {
-                "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(2)}},
-                "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.95), "params": [0, 1]}],
-            }
-        ],
-        "loops": {"x": {"n": 3, "flag": True, "none": None, "nan": float("nan")}},
-        "rng": np.arange(5, dtype=np.uint32),
-        "empty": torch.empty(0),
-    }
-    path = tmp_path / "step-00000001.ckpt"
-    ckpt.save(obj, path)
-    back = ckpt.load(path)
-    assert torch.equal(back["state_dict"]["a"], w) and back["state_dict"]["a"] is back["state_dict"]["b"]
-    assert back["state_dict"]["bf16"].dtype == torch.bfloat16
-    state = back["optimizer_states"][0]
-    assert list(state["state"]) == [0] and torch.equal(state["state"][0]["step"], torch.tensor(3.0))
-    assert state["param_groups"][0]["betas"] == (0.9, 0.95)
-    assert back["loops"]["x"]["n"] == 3 and back["loops"]["x"]["flag"] is True and back["loops"]["x"]["none"] is None
-    assert math.isnan(back["loops"]["x"]["nan"])
-    assert np.array_equal(back["rng"], np.arange(5)) and back["empty"].numel() == 0
-    assert not list(tmp_path.glob("*.tmp"))
-    with pytest.raises(TypeError, match="cannot store object"):
-        ckpt.save({"bad": object()}, tmp_path / "x.ckpt")
-
-
-def test_torn_or_corrupt_checkpoints_are_skipped_with_a_warning(tmp_path):
-    for step in (4, 8, 12):
-        ckpt.save({"global_step": step, "w": torch.full((1000,), float(step))}, ckpt.checkpoint_path(tmp_path, step))
-    newest, middle = ckpt.checkpoint_path(tmp_path, 12), ckpt.checkpoint_path(tmp_path, 8)
-    newest.write_bytes(newest.read_bytes()[:-100])  # truncated
-    data = bytearray(middle.read_bytes())
-    data[-10] ^= 0xFF  # one flipped byte in the tensor data
-    middle.write_bytes(bytes(data))
-    with pytest.warns(UserWarning, match="skipping checkpoint") as record:
-        path, content = ckpt.latest_valid(tmp_path)
-    assert path == ckpt.checkpoint_path(tmp_path, 4) and content["global_step"] == 4
-    assert len(record) == 2 and "CRC" in str(record[1].message)
-    (tmp_path / "step-00000016.ckpt").write_bytes(b"garbage")
-    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [16, 12, 8, 4]
-    (tmp_path / ".step-00000020.ckpt.abc.tmp").write_bytes(b"half")
-    ckpt.prune(tmp_path, keep=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000012.ckpt", "step-00000016.ckpt"]
-
-
-SHARDS = {name: {"bytes": 100, "sha256": name * 8} for name in ("meta.json", "train.bin", "val.bin")}
-
-
-def test_incompatibilities_name_what_changed():
-    base = {
-        "model_config": {"n_layer": 2, "n_embd": 64},
-        "tokenizer_sha256": "a" * 64,
-        "shards": SHARDS,
-        "world_size": 1,
-        "train": TrainParams().model_dump(),
-        "total_steps": 1000,
-    }
-    assert incompatibilities(base, base, False) == []
-    changed = {**base, "model_config": {"n_layer": 3, "n_embd": 64}}
-    assert incompatibilities(base, changed, False) == ["model.n_layer changed from 2 to 3"]
-    assert "the tokenizer changed" in incompatibilities(base, {**base, "tokenizer_sha256": "b" * 64}, False)[0]
-    shard = {**base, "shards": {**SHARDS, "train.bin": {"bytes": 100, "sha256": "x" * 64}}}  # same meta.json
-    assert incompatibilities(base, shard, False) == ["the token shards changed (train.bin in data/tokens)"]
-    more = {**base, "world_size": 4}
-    assert "world size changed from 1 to 4" in incompatibilities(base, more, False)[0]
-    assert incompatibilities(base, more, True) == []
-    hardware = {**base, "train": {**base["train"], "val_every": 7, "compile": True, "devices": 2}}
-    assert incompatibilities(base, hardware, False) == []  # may change on resume
-    lr = {**base, "train": {**base["train"], "lr": 0.5}}
-    assert incompatibilities(base, lr, False) == ["train.lr changed from 0.001 to 0.5"]
-    longer = {**base, "train": {**base["train"], "max_steps": 5000}, "total_steps": 5000}
-    assert incompatibilities(base, longer, False)[0] == "train.max_steps changed from 1000 to 5000"  # the schedule
-
-
-def test_the_fingerprint_covers_what_shapes_the_weights_and_nothing_else():
-    base = {
-        "model_config": {"n_layer": 2},
-        "tokenizer_sha256": "a",
-        "shards": SHARDS,
-        "train": TrainParams().model_dump(),
-        "world_size": 1,
-        "mlflow_run_id": "r1",
-    }
-    same = [
-        {**base, "world_size": 2, "mlflow_run_id": "r2"},
-        {**base, "train": {**base["train"], "compile": True, "val_every": 5, "devices": 2, "precision": "32"}},
-    ]
-    assert {fingerprint(r) for r in same} == {fingerprint(base)}
-    other = [
-        {**base, "model_config": {"n_layer": 3}},
-        {**base, "tokenizer_sha256": "b"},
-        {**base, "shards": {**SHARDS, "val.bin": {"bytes": 100, "sha256": "y"}}},
-        {**base, "shards": {**SHARDS, "train.bin": {"bytes": 101, "sha256": "train.bin" * 8}}},
-        {**base, "train": {**base["train"], "max_steps": 7}},
-        {**base, "train": {**base["train"], "seed": 1}},
-        {**base, "train": {**base["train"], "max_tokens": 10**6}},
-    ]
-    assert len({fingerprint(r) for r in other} | {fingerprint(base)}) == len(other) + 1
-
-
-# --- whole runs on the tiny model ---------------------------------------------------------------
 
 
 def test_fast_dev_run_trains_one_step_and_writes_nothing(work):
