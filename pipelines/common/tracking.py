@@ -17,6 +17,7 @@ import os
 import subprocess
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -66,6 +67,39 @@ def version_by_alias(client: MlflowClient, name: str, alias: str):
         return client.get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
+
+
+def registered_version(client: MlflowClient, uri: str):
+    """The ModelVersion a models:/ URI names: models:/<name>@<alias>, models:/<name>/<version>, or models:/<name>
+    (its newest version); ValueError saying what was not found."""
+    ref = uri.removeprefix("models:/")
+    try:
+        if "@" in ref:
+            return client.get_model_version_by_alias(*ref.split("@", 1))
+        if "/" in ref:
+            return client.get_model_version(*ref.split("/", 1))
+        return max(client.search_model_versions(f"name='{ref}'"), key=lambda v: int(v.version))
+    except Exception as exc:  # MlflowException, or no version at all (max of nothing)
+        raise ValueError(f"{uri}: not found in the registry at {client.tracking_uri} ({exc})") from None
+
+
+def continue_run(client: MlflowClient, run_id: str | None) -> str | None:
+    """`run_id` marked running again when the store still has it (a resumed stage logs on into its run), else
+    None with a warning: the caller creates a new run."""
+    from mlflow.exceptions import MlflowException  # lazily, as above
+
+    if run_id is None:
+        return None
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        warnings.warn(
+            f"MLflow run {run_id} from the checkpoint is not in {client.tracking_uri}; logging to a new run",
+            stacklevel=3,
+        )
+        return None
+    client.update_run(run_id, status="RUNNING")
+    return run_id
 
 
 def artifact_root(uri: str) -> str | None:

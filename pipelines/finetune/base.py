@@ -24,11 +24,11 @@ from tokenizers import Tokenizer
 from model import GPT, GPTConfig, load_pretrained
 from model.chat import NoChatTemplateError, chat_markers
 from model.hf import config_from_hf
-from pipelines.common.contracts import HF_MODEL_PATH
+from pipelines.common.contracts import HF_MODEL_PATH, Tag
 from pipelines.common.errors import StageError
 from pipelines.common.hashing import sha256_file
 from pipelines.common.layout import Layout
-from pipelines.common.tracking import training_run_id
+from pipelines.common.tracking import registered_version, training_run_id
 
 REGISTRY = "models:/"
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
@@ -103,22 +103,14 @@ def _from_registry(spec: str, scratch: Path, tracking_uri: str) -> tuple[Path, s
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    ref = spec.removeprefix(REGISTRY)
     try:
-        if "@" in ref:
-            name, alias = ref.split("@", 1)
-            mv = client.get_model_version_by_alias(name, alias)
-        elif "/" in ref:
-            name, number = ref.split("/", 1)
-            mv = client.get_model_version(name, number)
-        else:
-            mv = max(client.search_model_versions(f"name='{ref}'"), key=lambda v: int(v.version))
-    except Exception as exc:  # MlflowException, or no version at all
-        raise BaseModelError(f"finetune.base {spec}: not found in the registry at {tracking_uri} ({exc})") from None
+        mv = registered_version(client, spec)
+    except ValueError as exc:
+        raise BaseModelError(f"finetune.base {exc}") from None
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     local = mlflow.artifacts.download_artifacts(f"{REGISTRY}{mv.name}/{mv.version}", dst_path=str(scratch))
-    run_id = mv.tags.get("training_run_id") or mv.run_id
+    run_id = mv.tags.get(Tag.TRAINING_RUN) or mv.run_id
     return Path(local) / HF_MODEL_PATH, mv.name, str(mv.version), run_id
 
 

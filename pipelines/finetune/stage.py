@@ -31,7 +31,6 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 from mlflow.entities import Metric, Param
-from mlflow.exceptions import MlflowException
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from model.chat import literal
@@ -145,17 +144,8 @@ def base_tags(base: Base) -> dict[str, str]:
 
 def start_run(client, run_info: dict, f: FinetuneParams, base: Base, extra: dict, layout: Layout) -> str:
     """Continue the checkpoint's MLflow run if the store still has it, else create one linked to the base."""
-    run_id = run_info["mlflow_run_id"]
-    if run_id is not None:
-        try:
-            client.get_run(run_id)
-            client.update_run(run_id, status="RUNNING")
-            return run_id
-        except MlflowException:
-            warnings.warn(
-                f"MLflow run {run_id} from the checkpoint is not in {client.tracking_uri}; logging to a new run",
-                stacklevel=2,
-            )
+    if run_id := tracking.continue_run(client, run_info["mlflow_run_id"]):
+        return run_id
     run = client.create_run(
         tracking.get_or_create_experiment(client),
         run_name=f"finetune-{f.method}",

@@ -17,6 +17,7 @@ import mlflow
 from mlflow import MlflowClient
 
 from pipelines.common.contracts import HF_MODEL_PATH, Tag
+from pipelines.common.tracking import registered_version
 
 
 @dataclass(frozen=True)
@@ -34,20 +35,7 @@ def resolve(model: str, tracking_uri: str) -> ModelSource:
         if not (folder / "config.json").is_file():
             raise ValueError(f"{model}: not a model folder (no config.json) and not a models:/ URI")
         return ModelSource(str(folder), folder.name, "local")
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    ref = model.removeprefix("models:/")
-    try:
-        if "@" in ref:
-            name, alias = ref.split("@", 1)
-            mv = client.get_model_version_by_alias(name, alias)
-        elif "/" in ref:
-            name, version = ref.split("/", 1)
-            mv = client.get_model_version(name, version)
-        else:
-            name = ref
-            mv = max(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
-    except Exception as exc:  # MlflowException or an empty registry: one line for the CLI
-        raise ValueError(f"{model}: not found in the registry at {tracking_uri} ({exc})") from None
+    mv = registered_version(MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri), model)
     sha = mv.tags.get(Tag.TOKENIZER)
     return ModelSource(f"models:/{mv.name}/{mv.version}", mv.name, str(mv.version), sha if sha != "None" else None)
 

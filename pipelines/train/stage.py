@@ -30,7 +30,6 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 from mlflow.entities import Metric, Param
-from mlflow.exceptions import MlflowException
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from model import save_pretrained
@@ -109,16 +108,8 @@ def build_trainer(
 
 def start_run(client, run_id: str | None, params: Params, run_info: dict, extra: dict, layout: Layout) -> str:
     """Continue `run_id` if the store still has it, else create a run with every param that shaped it."""
-    if run_id is not None:
-        try:
-            client.get_run(run_id)
-            client.update_run(run_id, status="RUNNING")
-            return run_id
-        except MlflowException:
-            warnings.warn(
-                f"MLflow run {run_id} from the checkpoint is not in {client.tracking_uri}; logging to a new run",
-                stacklevel=2,
-            )
+    if tracking.continue_run(client, run_id):
+        return run_id
     experiment_id = tracking.get_or_create_experiment(client)
     run = client.create_run(
         experiment_id,
