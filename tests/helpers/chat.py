@@ -24,6 +24,14 @@ TINY_FINETUNE = dict(
     checkpoint_every=4,
     seed=7,
 )
+# one conversation with a system message and two exchanges (masking, templates)
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Who is there?"},
+    {"role": "assistant", "content": "Nay, answer me."},
+    {"role": "user", "content": "Long live the king!"},
+    {"role": "assistant", "content": "Bernardo?"},
+]
 SOURCES = [{"type": "jsonl", "path": "chats"}]  # what chat_data would read; the tests write data/chat directly
 
 

@@ -10,15 +10,8 @@ from model.chat import IM_END, encode_chat, literal
 from pipelines.common.training.lit import Optimization
 from pipelines.finetune.data import IGNORE, Encoded, collate, encode_conversation, pad_id, sample_indices
 from pipelines.finetune.lit_chat import LitChat
+from tests.helpers.chat import CHAT
 from tests.helpers.tokenizers import byte_bpe
-
-CHAT = [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Who is there?"},
-    {"role": "assistant", "content": "Nay, answer me."},
-    {"role": "user", "content": "Long live the king!"},
-    {"role": "assistant", "content": "Bernardo?"},
-]
 
 
 @pytest.fixture(scope="module")

@@ -17,17 +17,9 @@ from pipelines.common.layout import Layout
 from pipelines.common.params import FinetuneParams, ParamsError, load_params, parse_params
 from pipelines.common.training import checkpoints as ckpt
 from pipelines.finetune.stage import finetune, main
-from tests.helpers.chat import TINY_FINETUNE, llama_folder, write_chats, write_params
+from tests.helpers.chat import CHAT, TINY_FINETUNE, llama_folder, write_chats, write_params
 from tests.helpers.paths import REPO, run_module
 from tests.helpers.projects import make_project
-
-CHAT = [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Who is there?"},
-    {"role": "assistant", "content": "Nay, answer me."},
-    {"role": "user", "content": "Long live the king!"},
-    {"role": "assistant", "content": "Bernardo?"},
-]
 
 
 @pytest.fixture(scope="module")
