@@ -217,6 +217,7 @@ def train_and_export(
     )
     pl.seed_everything(f.seed, workers=False, verbose=False)  # LoRA's initial A matrices
     gpt = base.load()
+    base_params = gpt.num_params()  # before LoRA adds its adapters to `gpt` in place; the export merges them away
     model = lora.wrap(gpt, f.lora) if f.method == "lora" else gpt
     lit = LitChat(model, Optimization.of(f), f.max_steps, wrapped=f.method == "lora")
     train_windows = data["train"].windows
@@ -225,7 +226,7 @@ def train_and_export(
 
     client = tracking.mlflow_client(uri)
     extra = {
-        "base_params": gpt.num_params(),
+        "base_params": base_params,
         "trainable_params": lit.trainable_params(),
         "max_length": run_info["max_length"],
         "precision_resolved": precision,
@@ -265,7 +266,7 @@ def train_and_export(
         "train_loss": log.train_rows[-1]["train_loss"] if log.train_rows else None,
         "val_loss": log.val_rows[-1]["val_loss"] if log.val_rows else None,
         "tokens_per_s": log.tokens_per_s,
-        "params": gpt.num_params(),
+        "params": base_params,
         "trainable_params": extra["trainable_params"],
         "resumed_from_step": resumed_from,
         "max_length": run_info["max_length"],

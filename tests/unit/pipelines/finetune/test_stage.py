@@ -135,6 +135,10 @@ def test_the_cli_runs_on_another_root(work):
     assert summary["steps"] == 4 and summary["trainable_params"] < summary["params"]
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "quill_run.json"):
         assert (root / "artifacts/chat_model" / name).is_file()
+    # LoRA is merged into the weights it adapted: the exported model has the base's parameters, no more
+    base, chat = (load_pretrained(root / "artifacts" / m).num_params() for m in ("model", "chat_model"))
+    metrics = json.loads((root / "metrics/finetune.json").read_text())
+    assert metrics["params"] == base == chat
     assert "chat_template" in json.loads((root / "artifacts/chat_model/tokenizer_config.json").read_text())
     assert (root / "mlflow.db").is_file()  # --root's own store
 
