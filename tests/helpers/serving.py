@@ -26,7 +26,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from model import GPT, GPTConfig, save_pretrained
 from pipelines.common.contracts import HF_ARTIFACT
-from pipelines.register import pyfunc_model
+from pipelines.common.registration import pyfunc_model
 from tests.helpers.paths import REPO, VENV_BIN, free_port
 from tests.helpers.services import kill, ray_processes, wait_for
 
@@ -37,17 +37,18 @@ TEXT = [
 ]
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 NAME = "tiny"
+CHAT_NAME = "tiny-chat"  # registry.chat_model_name in write_params' params
 
 
-def tiny_model_folder(root: Path, seed: int, name: str = "model") -> Path:
+def tiny_model_folder(root: Path, seed: int, name: str = "model", chat: bool = True) -> Path:
     """A random tiny model (2 layers x 32) with a byte-level BPE tokenizer of TEXT, in root/<name>; served under
-    that folder name."""
+    that folder name. chat=False: its tokenizer has no ChatML markers, so the model has no chat template."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=300,
-        special_tokens=SPECIALS,
+        special_tokens=SPECIALS if chat else SPECIALS[:1],
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
@@ -59,15 +60,15 @@ def tiny_model_folder(root: Path, seed: int, name: str = "model") -> Path:
     return save_pretrained(GPT(cfg).eval(), root / name, tokenizer_dir=root / "tok")
 
 
-def register(folder: Path, tracking: str) -> str:
-    """Log the folder as quill's pyfunc model, register a version of NAME, make it champion; its version. MLflow's
+def register(folder: Path, tracking: str, name: str = NAME) -> str:
+    """Log the folder as quill's pyfunc model, register a version of `name`, make it champion; its version. MLflow's
     fluent API points at `tracking` only meanwhile: the process's URIs (and their variables) are put back."""
     saved = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     previous = tracking_utils._tracking_uri, registry_utils._registry_uri
     mlflow.set_tracking_uri(tracking)
     mlflow.set_registry_uri(tracking)
     try:
-        return _register(folder, tracking)
+        return _register(folder, tracking, name)
     finally:
         tracking_utils._tracking_uri, registry_utils._registry_uri = previous
         for key, value in saved.items():
@@ -77,7 +78,7 @@ def register(folder: Path, tracking: str) -> str:
                 os.environ[key] = value
 
 
-def _register(folder: Path, tracking: str) -> str:
+def _register(folder: Path, tracking: str, name: str) -> str:
     root = Path(tracking.removeprefix("sqlite:///")).parent
     if mlflow.get_experiment_by_name(NAME) is None:  # artifacts in the test's folder, not the repository
         mlflow.create_experiment(NAME, artifact_location=(root / "mlartifacts").as_uri())
@@ -90,22 +91,23 @@ def _register(folder: Path, tracking: str) -> str:
             python_model=pyfunc_model.__file__,
             artifacts={HF_ARTIFACT: str(staged)},
             pip_requirements=[],
-            registered_model_name=NAME,
+            registered_model_name=name,
         )
     client = MlflowClient(tracking, tracking)
     version = str(info.registered_model_version)
     sha = json.loads((folder / "config.json").read_text()).get("tokenizer_sha256")
     if sha:
-        client.set_model_version_tag(NAME, version, "tokenizer_sha256", sha)
-    client.set_registered_model_alias(NAME, "champion", version)
+        client.set_model_version_tag(name, version, "tokenizer_sha256", sha)
+    client.set_registered_model_alias(name, "champion", version)
     return version
 
 
 def write_params(path: Path, **serve_overrides) -> Path:
-    """The repository's params.yaml with serve.* overridden and registry.model_name = NAME."""
+    """The repository's params.yaml with serve.* overridden, registry.model_name = NAME and chat_model_name =
+    CHAT_NAME."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["serve"].update(serve_overrides)
-    params["registry"]["model_name"] = NAME
+    params["registry"].update(model_name=NAME, chat_model_name=CHAT_NAME)
     path.write_text(yaml.safe_dump(params))
     return path
 

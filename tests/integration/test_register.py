@@ -227,7 +227,7 @@ def test_pyfunc_model_round_trips_and_generates(proj):
     import mlflow
 
     from model import Engine, SamplingParams
-    from pipelines.register.pyfunc_model import HF_MODEL_PATH
+    from pipelines.common.registration.pyfunc_model import HF_MODEL_PATH
     from pipelines.register.stage import register
 
     write_eval(3.0, new_run())
@@ -278,14 +278,15 @@ def _main(module) -> tuple[int, str]:
 
 LOCK_S = 2.0  # registry.lock_timeout_s in these tests: a killed holder's lock is taken over after 2 s of silence
 
-# `python -m pipelines.register`, SIGKILLed when it reaches the named point (pipelines.register.stage.reached)
+# `python -m pipelines.register`, SIGKILLed when it reaches the named point (registration/versions.py's `reached`)
 KILL_AT = """
 import os, signal, sys
+from pipelines.common.registration import versions
 from pipelines.register import stage
 def reached(point):
     if point == sys.argv[1]:
         os.kill(os.getpid(), signal.SIGKILL)
-stage.reached = reached
+versions.reached = reached
 sys.exit(stage.main([]))
 """
 
@@ -308,13 +309,14 @@ def registry_params_yaml(min_improvement: float, lock_s: float = LOCK_S) -> str:
 
 
 def test_crash_points_are_reached_in_order(proj, monkeypatch):
+    from pipelines.common.registration import versions
     from pipelines.register import stage
 
     seen = []
-    monkeypatch.setattr(stage, "reached", seen.append)
+    monkeypatch.setattr(versions, "reached", seen.append)
     write_eval(3.0, new_run())
     stage.register(RegistryParams(model_name=NAME))
-    assert tuple(seen) == stage.CRASH_POINTS  # the crash test below covers every point there is
+    assert tuple(seen) == versions.CRASH_POINTS  # the crash test below covers every point there is
 
 
 def test_registering_the_same_evaluated_model_again_finds_its_version(proj):
@@ -390,7 +392,7 @@ def test_lock_is_renewed_owned_and_expires_on_one_clock(proj, monkeypatch):
     The waiter's monotonic clock is the test's: it advances by what the waiter sleeps, and the holder renews
     once per timeout_s / 4 of it (as its heartbeat thread does), so no real clock decides the outcome."""
     from pipelines.common.tracking import mlflow_client
-    from pipelines.register import lock
+    from pipelines.common.registration import lock
 
     client = mlflow_client()
     a = lock.RegistrationLock(client, NAME, timeout_s=LOCK_S).__enter__()
@@ -426,7 +428,7 @@ def test_lock_is_renewed_owned_and_expires_on_one_clock(proj, monkeypatch):
 HOLD_LOCK = """
 import sys, time
 from pipelines.common.tracking import mlflow_client
-from pipelines.register.lock import RegistrationLock
+from pipelines.common.registration.lock import RegistrationLock
 RegistrationLock(mlflow_client(), sys.argv[1], timeout_s=600).__enter__()
 print("held", flush=True)
 time.sleep(600)
@@ -437,8 +439,8 @@ def test_a_lock_whose_holder_exited_on_this_machine_is_taken_over_at_once(proj, 
     """A registration SIGKILLed while holding the lock (renewal every 150 s, expiry after 600 s) holds up the
     next one on the same machine for no longer than it takes to see that the process is gone."""
     from pipelines.common.tracking import mlflow_client
-    from pipelines.register import lock as lock_module
-    from pipelines.register.lock import RegistrationLock
+    from pipelines.common.registration import lock as lock_module
+    from pipelines.common.registration.lock import RegistrationLock
 
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD_LOCK, NAME],

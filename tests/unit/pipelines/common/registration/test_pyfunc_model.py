@@ -8,7 +8,7 @@ import sys
 
 from tests.helpers.paths import REPO
 
-DEFINE = "import warnings; warnings.simplefilter('always'); import pipelines.register.pyfunc_model"
+DEFINE = "import warnings; warnings.simplefilter('always'); import pipelines.common.registration.pyfunc_model"
 
 
 def test_defining_the_pyfunc_model_gives_no_type_hint_warning():
