@@ -1,6 +1,7 @@
-"""`python -m pipelines.serve`: deploy (or roll over to) a model on Ray Serve, report on it, stop it.
+"""`python -m pipelines.serve`: deploy (or roll over to) the models on Ray Serve, report on them, stop them.
 
-    python -m pipelines.serve [--model URI|PATH]   # start or join Ray, deploy quill, print the endpoint, return
+    python -m pipelines.serve [--model URI|PATH] [--chat-model URI|PATH]   # start or join Ray, deploy quill, print
+                                                    # the endpoint, return
     python -m pipelines.serve status                # what is deployed; exit 0 when healthy
     python -m pipelines.serve shutdown              # delete the app; stop Ray too if this command started it
     python -m pipelines.serve config [--model ...]  # a Serve config file for `serve deploy` / a KubeRay RayService
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import secrets
 import signal
@@ -169,10 +171,10 @@ def stop_local_ray(pgid: int, timeout: float = 5) -> None:
     psutil.wait_procs(alive, timeout=5)
 
 
-def deploy(model: str | None) -> int:
+def deploy(model: str | None, chat_model: str | None = None) -> int:
     params = load_params()
     p = params.serve
-    application = build(params, model, tracking_uri())  # a bad model fails before Ray starts
+    application = build(params, model, tracking_uri(), chat_model=chat_model)  # a bad model fails before Ray starts
     local = _local_ray()
     if local and not os.environ.get("RAY_ADDRESS") and local.get("high_throughput") != p.high_throughput:
         print(
@@ -199,14 +201,17 @@ def deploy(model: str | None) -> int:
     serve.start(http_options={"host": p.host, "port": p.port})
     running = APP_NAME in serve.status().applications
     print(
-        f"serve: {'rolling update of' if running else 'deploying'} {model or p.model or 'the champion'} ...", flush=True
+        f"serve: {'rolling update of' if running else 'deploying'} {model or p.model or 'the champions'} ...",
+        flush=True,
     )
     if p.compile:
         print("serve: serve.compile is on: each replica compiles before it takes requests (a minute or more on CPU)")
     serve.run(application, name=APP_NAME, route_prefix="/")
-    card = _models(p)
+    base, *chat = _models(p)
     url = f"http://{p.host}:{p.port}"
-    print(f"serve: {card['id']} (version {card['version']}, {card['uri']}) at {url}/v1")
+    print(f"serve: {base['id']} (version {base['version']}, {base['uri']}) at {url}/v1")
+    for card in chat:
+        print(f"serve: {card['id']} (version {card['version']}, {card['uri']}) for /v1/chat/completions")
     print(
         f"  curl {url}/v1/completions -H 'Content-Type: application/json' "
         f"""-d '{{"prompt": "To be, or", "max_tokens": 32}}'"""
@@ -228,12 +233,13 @@ def status() -> int:
         return 1
     state = str(getattr(apps[APP_NAME].status, "value", apps[APP_NAME].status))
     try:
-        card = _models(params.serve)
+        cards = _models(params.serve)
     except (httpx.HTTPError, KeyError) as exc:
         print(f"serve: {state}, endpoint not answering ({exc})")
         return 1
     p = params.serve
-    print(f"serve: {state}: {card['id']} version {card['version']} ({card['uri']}) at http://{p.host}:{p.port}/v1")
+    served = ", ".join(f"{card['id']} version {card['version']} ({card['uri']})" for card in cards)
+    print(f"serve: {state}: {served} at http://{p.host}:{p.port}/v1")
     return 0 if state == "RUNNING" else 1
 
 
@@ -254,12 +260,13 @@ def shutdown() -> int:
     return 0
 
 
-def config(model: str | None) -> int:
+def config(model: str | None, chat_model: str | None = None) -> int:
     """A Serve config for `serve deploy` (or a RayService's serveConfigV2), pinned like a deploy would be."""
     params = load_params()
     p = params.serve
     args = {
         "model": model or p.model or f"models:/{params.registry.model_name}@{CHAMPION}",
+        "chat_model": chat_model or p.chat_model,  # None: the chat model's champion when it has one
         "tracking_uri": tracking_uri(),
     }
     doc = {
@@ -274,23 +281,31 @@ def config(model: str | None) -> int:
     return 0
 
 
-def _models(p: ServeParams) -> dict:
+def _models(p: ServeParams) -> list[dict]:
+    """The served models' cards, the base model's first."""
     headers = {"Authorization": f"Bearer {os.environ['QUILL_API_KEY']}"} if os.environ.get("QUILL_API_KEY") else {}
     r = httpx.get(f"http://{p.host}:{p.port}/v1/models", headers=headers, timeout=10)
     r.raise_for_status()
-    return r.json()["data"][0]
+    return r.json()["data"]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", nargs="?", default="deploy", choices=["deploy", "status", "shutdown", "config"])
     parser.add_argument("--model", help="registry URI (models:/name@alias, models:/name/3) or a local model folder")
+    parser.add_argument(
+        "--chat-model", help="the same for the chat model (default: serve.chat_model, else its champion, if any)"
+    )
     a = parser.parse_args(argv)
+    say = logging.StreamHandler(sys.stdout)  # what the app builder says (e.g. that no chat model is served yet)
+    say.setFormatter(logging.Formatter("serve: %(message)s"))
+    logging.getLogger("pipelines.serve").addHandler(say)
+    logging.getLogger("pipelines.serve").setLevel(logging.INFO)
     try:
         if a.command == "deploy":
-            return deploy(a.model)
+            return deploy(a.model, a.chat_model)
         if a.command == "config":
-            return config(a.model)
+            return config(a.model, a.chat_model)
         return status() if a.command == "status" else shutdown()
     except ParamsError as exc:  # names every bad key, one per line
         print(f"serve: error: {exc}", file=sys.stderr)

@@ -45,11 +45,19 @@ class Translator:
     """The served model as OpenAI's API sees it (its name and version, tokenizer, context and the server's caps):
     turns requests into the engine's inputs and completions into OpenAI's responses."""
 
-    def __init__(self, folder: Path, model_info: tuple[int, int, int | None], source: ModelSource, limits: ServeParams):
+    def __init__(
+        self,
+        folder: Path,
+        model_info: tuple[int, int, int | None],
+        source: ModelSource,
+        limits: ServeParams,
+        served: tuple[str, ...] = (),
+    ):
         # the model's text side; the engine process checked the tokenizer's hash before loading the weights
         self.tokenizer = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
         self.block_size, self.vocab_size, self.eos_token_id = model_info
         self.source, self.limits = source, limits
+        self.served = served or (source.name,)  # the names of every model the app serves, for a 404's message
         self.created = int(time.time())
         try:
             self.im_start, self.im_end = chat_markers(self.tokenizer)
@@ -71,7 +79,12 @@ class Translator:
 
     def chat_input(self, req: ChatRequest) -> tuple[list[int], SamplingParams]:
         if self.im_end is None:
-            raise APIError(400, "this model has no chat template (no ChatML markers); use /v1/completions", "messages")
+            raise APIError(
+                400,
+                f"model {self.source.name!r} has no chat template (its tokenizer has no ChatML markers): "
+                "use /v1/completions with it, or a chat model",
+                "model",
+            )
         prompt = self.chat_prompt(req)
         max_tokens = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
         n_top = (req.top_logprobs or 0) if req.logprobs else None
@@ -80,9 +93,10 @@ class Translator:
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model not in (self.source.name, self.source.uri):
+            served = ", ".join(repr(name) for name in self.served)
             raise APIError(
                 404,
-                f"model {short(model)} does not exist; this server serves {self.source.name!r}",
+                f"model {short(model)} does not exist; this server serves {served}",
                 "model",
                 code="model_not_found",
             )

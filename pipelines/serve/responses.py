@@ -52,24 +52,33 @@ def engine_errors() -> Iterator[None]:
 
 
 def sse(events: AsyncIterator[dict]) -> StreamingResponse:
+    """A stream's events as a text/event-stream response (sse_lines)."""
+    return event_stream(sse_lines(events))
+
+
+def event_stream(lines: AsyncIterator[str]) -> StreamingResponse:
+    """A text/event-stream response of sse_lines' lines (this replica's, or relayed from another model's)."""
+    return StreamingResponse(lines, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def sse_lines(events: AsyncIterator[dict]) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's format, ending with [DONE]; a failure after the first event is sent as
     an error event (the status line is already out), never as a silent cut."""
+    try:
+        async for event in events:
+            yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+    except APIError as exc:
+        yield f"data: {json.dumps(exc.body())}\n\n"
+    except ENGINE_ERRORS as exc:  # the engine failed mid-stream: its reason, named
+        yield f"data: {json.dumps(openai_error(exc).body())}\n\n"
+    except Exception as exc:  # a fault of ours mid-stream
+        metrics.ERRORS.inc(tags={"kind": "stream"})
+        yield f"data: {json.dumps(stream_failure(exc).body())}\n\n"
+    yield "data: [DONE]\n\n"
 
-    async def body():
-        try:
-            async for event in events:
-                yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
-        except APIError as exc:
-            yield f"data: {json.dumps(exc.body())}\n\n"
-        except ENGINE_ERRORS as exc:  # the engine failed mid-stream: its reason, named
-            yield f"data: {json.dumps(openai_error(exc).body())}\n\n"
-        except Exception as exc:  # a fault of ours mid-stream
-            metrics.ERRORS.inc(tags={"kind": "stream"})
-            err = APIError(500, f"generation failed: {type(exc).__name__}", None, "server_error")
-            yield f"data: {json.dumps(err.body())}\n\n"
-        yield "data: [DONE]\n\n"
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+def stream_failure(exc: Exception) -> APIError:
+    return APIError(500, f"generation failed: {type(exc).__name__}", None, "server_error")
 
 
 def usage(prompts: list[list[int]], done: list[Completion]) -> dict:

@@ -153,6 +153,9 @@ class APIError(Exception):
         self.status, self.message, self.param, self.type, self.code = status, message, param, type_, code
         self.headers = headers
 
+    def __reduce__(self):  # pickled whole: another model's deployment hands it to the ingress (peers.py)
+        return APIError, (self.status, self.message, self.param, self.type, self.code, self.headers)
+
     def body(self) -> dict:
         detail = ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code)
         return ErrorResponse(error=detail).model_dump()
@@ -167,7 +170,8 @@ def retry_after() -> dict[str, str]:
 REF = "#/components/schemas/"
 RETRY_HEADER = {"description": "seconds to wait", "required": True, "schema": {"type": "integer", "minimum": 0}}
 ERRORS = {
-    400: "malformed JSON, a body that is not UTF-8, an unknown field, a value out of range or past a server cap",
+    400: "malformed JSON, a body that is not UTF-8, an unknown field, a value out of range or past a server cap, "
+    "a chat with a model that has no chat template",
     401: "no or a wrong `Authorization: Bearer <key>`, when the server has an API key (QUILL_API_KEY)",
     404: "a model this server does not serve",
     413: "a body over serve.max_body_bytes",

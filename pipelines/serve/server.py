@@ -9,18 +9,25 @@ OpenAI's JSON and the engine, the engine client queues, cancels and refuses. A r
 cancelled in the scheduler, which frees its KV-cache slot at the next step. Past serve.max_ongoing_requests
 sequences (running + waiting) a replica answers 429 in OpenAI's shape with Retry-After, past edge.max_in_flight
 HTTP requests 503. Each route's `documented(...)` is what the OpenAPI document says it answers.
+
+An app serves the base model and, beside it, the chat model, each its own deployment of this class (so a promotion
+rolls only the promoted model's replicas). The base model's is the ingress: HTTP comes to its replicas (straight
+from HAProxy) and they answer its requests themselves, the common case no slower than with one model. A request for
+the chat model (its `model`, or none on /v1/chat/completions) takes one hop more: the ingress hands it to the chat
+model's deployment through its handle and relays the answer (peers.py).
 """
 
-import logging
+import asyncio
 
 from fastapi import FastAPI
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from pipelines.common.params import ServeParams
 from pipelines.serve import metrics
 from pipelines.serve.edge import EdgeGuard, expected_key_digest, install_error_handlers, max_in_flight
-from pipelines.serve.engine_client import EngineClient, engine_spec
-from pipelines.serve.openai_api import Translator
+from pipelines.serve.peers import call, relayed, served_name
+from pipelines.serve.replica import ModelReplica
 from pipelines.serve.responses import (
     ChatCompletionChunk,
     ChatCompletionResponse,
@@ -30,23 +37,18 @@ from pipelines.serve.responses import (
     ModelList,
     TokenizeResponse,
     TokenizerInfo,
-    engine_errors,
     sse,
 )
 from pipelines.serve.schemas import (
     GUARDED,
-    APIError,
     ChatRequest,
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
     complete_document,
     documented,
-    retry_after,
 )
-from pipelines.serve.source import ModelSource, fetch
-
-log = logging.getLogger("ray.serve")
+from pipelines.serve.source import ModelSource
 
 api = FastAPI(title="quill", description="OpenAI-compatible completions from a quill model", version="1")
 install_error_handlers(api)
@@ -70,84 +72,89 @@ api.add_middleware(metrics.CountRequests)  # outermost: counts what the guard re
 
 @serve.deployment(name="QuillServer")
 @serve.ingress(api)
-class QuillServer:
-    """One replica: loads the model (safetensors, tokenizer hash checked) and serves it."""
+class QuillServer(ModelReplica):
+    """The app's ingress: the base model's replica (replica.py), and the HTTP routes of the app's models. A request
+    that names another model of the app (`peers`: the chat model's deployment), or a chat that names none when
+    there is a chat model, is handed to that model's deployment (peers.py)."""
 
-    def __init__(self, source: ModelSource, tracking_uri: str, params: ServeParams, static_batching: bool = False):
-        # `params` arrives as the ServeParams the app builder read from params.yaml and validated, not as a
-        # model_dump(): Ray pickles a deployment's arguments, and the replica imports ServeParams from quill as the
-        # builder does, so the typed object travels as it is. A dict would be validated again here, against
-        # whatever defaults this node's code has, and the settings would go object -> dict -> object.
+    def __init__(
+        self,
+        source: ModelSource,
+        tracking_uri: str,
+        params: ServeParams,
+        static_batching: bool = False,
+        peers: dict[str, DeploymentHandle] | None = None,
+        chat: str | None = None,
+        served: tuple[str, ...] = (),
+    ):
+        self.peers = peers or {}  # the app's other models' deployments, by served name
+        self.default_chat = chat  # the model /v1/chat/completions answers with when a request names none (None: this)
         EDGE.update(
             api_key_sha256=expected_key_digest(),
             max_body_bytes=params.max_body_bytes,
-            max_in_flight=max_in_flight(params),
+            max_in_flight=max_in_flight(params) * (1 + len(self.peers)),  # the peers' HTTP requests come here too
         )
-        self.source = source
-        folder = fetch(source, tracking_uri)
-        spec = engine_spec(folder, params, source.tokenizer_sha256, static_batching)
-        self.engine = EngineClient(spec, params.max_ongoing_requests)
-        self.openai = Translator(folder, self.engine.process.model_info, source, params)
-        log.info("quill: serving %s (version %s) from %s", source.name, source.version, folder)
+        ModelReplica.__init__(self, source, tracking_uri, params, static_batching, served)
 
-    def check_health(self) -> None:
-        """Ray Serve calls this periodically: a replica whose engine process is gone is replaced."""
-        if not self.engine.alive():
-            raise RuntimeError("the engine process stopped")
+    def peer(self, model: str | None, default: str | None = None) -> DeploymentHandle | None:
+        """The deployment of the other model that `model` (None: `default`) names; None for this replica's own,
+        which checks the name itself (404 for a model the app does not serve)."""
+        name = default if model is None else served_name(model)
+        return self.peers.get(name) if name else None
 
-    def __del__(self):  # Ray Serve calls it when the replica shuts down
-        if hasattr(self, "engine"):
-            self.engine.close()
-
-    @api.get("/health", **documented(Health, 413, 503, 500))
-    async def health(self) -> dict:
-        if not self.engine.alive():
-            raise APIError(503, "the engine process stopped", None, "server_error", headers=retry_after())
-        return {"status": "ok", "model": self.source.name, "version": self.source.version}
+    @api.get("/health", **documented(Health, 404, 413, 503, 500))
+    async def health(self, model: str | None = None) -> dict:
+        """200 while the engine of this replica's model (or of the one `model` names) runs."""
+        if (peer := self.peer(model)) is not None:
+            return await call(peer, "health", model)
+        return await ModelReplica.health(self, model)
 
     @api.get("/v1/models", **documented(ModelList, *GUARDED))
     async def models(self) -> dict:
-        return self.openai.models()
+        listing = await ModelReplica.models(self)
+        for theirs in await asyncio.gather(*(call(peer, "models") for peer in self.peers.values())):
+            listing["data"] += theirs["data"]
+        return listing
 
-    @api.get("/stats", **documented(None, *GUARDED))
-    async def stats(self) -> dict:
+    @api.get("/stats", **documented(None, 404, *GUARDED))
+    async def stats(self, model: str | None = None) -> dict:
         """The scheduler's occupancy, counters and the replica's memory (tests and operators)."""
-        return self.engine.stats()
+        if (peer := self.peer(model)) is not None:
+            return await call(peer, "stats", model)
+        return await ModelReplica.stats(self, model)
 
     @api.post("/tokenize", **documented(TokenizeResponse, 400, 404, *GUARDED))
     async def tokenize(self, req: TokenizeRequest) -> dict:
-        return self.openai.tokenize(req)
+        if (peer := self.peer(req.model)) is not None:
+            return await call(peer, "tokenize", req)
+        return await ModelReplica.tokenize(self, req)
 
-    @api.get("/tokenizer_info", **documented(TokenizerInfo, *GUARDED))
-    async def tokenizer_info(self) -> dict:
+    @api.get("/tokenizer_info", **documented(TokenizerInfo, 404, *GUARDED))
+    async def tokenizer_info(self, model: str | None = None) -> dict:
         """vLLM's route: with it and /tokenize, lm-eval's `local-completions` tokenizes through the server."""
-        return self.openai.tokenizer_info()
+        if (peer := self.peer(model)) is not None:
+            return await call(peer, "tokenizer_info", model)
+        return await ModelReplica.tokenizer_info(self, model)
 
     @api.post("/detokenize", **documented(DetokenizeResponse, 400, 404, *GUARDED))
     async def detokenize(self, req: DetokenizeRequest) -> dict:
-        return self.openai.detokenize(req)
+        if (peer := self.peer(req.model)) is not None:
+            return await call(peer, "detokenize", req)
+        return await ModelReplica.detokenize(self, req)
 
     @api.post("/v1/completions", **documented(CompletionResponse, 400, 404, 429, *GUARDED, stream=CompletionResponse))
     async def completions(self, req: CompletionRequest):
-        self.openai.check(req)
-        prompts, params = self.openai.completion_input(req)
-        with engine_errors():
-            request = await self.engine.submit(prompts, params, req.n)
-            if req.stream:
-                return sse(self.openai.completion_chunks(req, prompts, self.engine.updates(request)))
-            done = await self.engine.completions(request)
-        return self.openai.completion_body(req, prompts, done)
+        if (peer := self.peer(req.model)) is not None:
+            return await (relayed if req.stream else call)(peer, "completion", req)
+        out = await self.completion(req)
+        return sse(out) if req.stream else out
 
     @api.post(
         "/v1/chat/completions",
         **documented(ChatCompletionResponse, 400, 404, 429, *GUARDED, stream=ChatCompletionChunk),
     )
     async def chat(self, req: ChatRequest):
-        self.openai.check(req)
-        prompt, params = self.openai.chat_input(req)
-        with engine_errors():
-            request = await self.engine.submit([prompt], params, req.n)
-            if req.stream:
-                return sse(self.openai.chat_chunks(req, prompt, self.engine.updates(request)))
-            done = await self.engine.completions(request)
-        return self.openai.chat_body(req, prompt, done)
+        if (peer := self.peer(req.model, default=self.default_chat)) is not None:
+            return await (relayed if req.stream else call)(peer, "chat_completion", req)
+        out = await self.chat_completion(req)
+        return sse(out) if req.stream else out

@@ -1,7 +1,8 @@
 """The serving application over real HTTP: the session's Ray Serve (on loopback, high-throughput mode) with a tiny
-model registered in a temporary MLflow store (served as models:/tiny@champion), the official openai client, the
-validation matrix, its OpenAPI document under schemathesis, auth, back-pressure, disconnects, continuous batching
-and a rolling update under load."""
+model and a tiny chat model registered in a temporary MLflow store (served as models:/tiny@champion and
+models:/tiny-chat@champion), the official openai client, the validation matrix, its OpenAPI document under
+schemathesis, auth, back-pressure, disconnects, continuous batching, which model answers which request, a rolling
+update under load, and a promotion that rolls only the promoted model's replicas."""
 
 from __future__ import annotations
 
@@ -33,7 +34,15 @@ from model import Engine, SamplingParams, Scheduler
 from pipelines.serve import AppArgs, app
 from pipelines.serve.server import api
 from tests.helpers.services import copy_store, wait_for
-from tests.helpers.serving import NAME, delete_apps, listener, register, tiny_model_folder, write_params
+from tests.helpers.serving import (
+    CHAT_NAME,
+    NAME,
+    delete_apps,
+    listener,
+    register,
+    tiny_model_folder,
+    write_params,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -43,14 +52,20 @@ APPS = ("quill", "auth", "tight")
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, mlflow_template, shared_ray):
-    """Three apps on the session's Ray Serve: `quill` at / (models:/tiny@champion), `auth` at /auth (QUILL_API_KEY
-    set, serve.stream_interval 4, serve.dtype bfloat16), `tight` at /tight (one sequence at a time, at most two
-    held, three HTTP requests in flight: the back-pressure). Deleted when the module is done."""
+    """Three apps on the session's Ray Serve: `quill` at / (models:/tiny@champion, and models:/tiny-chat@champion
+    beside it), `auth` at /auth (QUILL_API_KEY set, serve.stream_interval 4, serve.dtype bfloat16), `tight` at
+    /tight (a model without a chat template; one sequence at a time, at most two held, three HTTP requests in
+    flight: the back-pressure). `auth` and `tight` serve a folder and find no registry: each its model alone.
+    Deleted when the module is done."""
     root = tmp_path_factory.mktemp("serve")
     tracking = copy_store(mlflow_template, root)
     v1 = tiny_model_folder(root / "v1", seed=0)
     v2 = tiny_model_folder(root / "v2", seed=1)
+    chat = [tiny_model_folder(root / f"chat{i}", seed=2 + i, name=CHAT_NAME) for i in (1, 2)]
+    plain = tiny_model_folder(root / "plain", seed=4, name="plain", chat=False)
     register(v1, tracking)
+    register(chat[0], tracking, CHAT_NAME)
+    nowhere = f"sqlite:///{root / 'no-registry.db'}"  # no store: no chat model's champion to serve
     try:
         params = write_params(root / "params.yaml", max_batch_size=8, default_max_tokens=16, max_tokens_cap=1000)
         serve.run(app(AppArgs(params_file=str(params), tracking_uri=tracking)), name="quill", route_prefix="/")
@@ -59,16 +74,18 @@ def server(tmp_path_factory, mlflow_template, shared_ray):
         )
         os.environ["QUILL_API_KEY"] = "sekret"
         try:
-            serve.run(app(AppArgs(model=str(v1), params_file=str(grouped))), name="auth", route_prefix="/auth")
+            auth = AppArgs(model=str(v1), params_file=str(grouped), tracking_uri=nowhere)
+            serve.run(app(auth), name="auth", route_prefix="/auth")
         finally:
             del os.environ["QUILL_API_KEY"]
         tight = write_params(root / "tight.yaml", max_batch_size=1, max_ongoing_requests=2, max_queued_requests=1)
-        serve.run(app(AppArgs(model=str(v1), params_file=str(tight))), name="tight", route_prefix="/tight")
+        tight = AppArgs(model=str(plain), params_file=str(tight), tracking_uri=nowhere)
+        serve.run(app(tight), name="tight", route_prefix="/tight")
         # serve.run returns once the replicas run; HAProxy takes up a new route a moment later
         for prefix in ("", "/auth", "/tight"):
             url = f"{shared_ray['url']}{prefix}/health"
             wait_for(lambda url=url: httpx.get(url).status_code == 200, 60, f"{url} routed")
-        yield {"url": shared_ray["url"], "tracking": tracking, "params": params, "v1": v1, "v2": v2}
+        yield {"url": shared_ray["url"], "tracking": tracking, "params": params, "v1": v1, "v2": v2, "chat": chat}
     finally:
         delete_apps(*APPS)
 
@@ -108,9 +125,11 @@ def test_high_throughput_mode_puts_haproxy_on_the_port_and_replicas_on_loopback(
 # -- the openai client -----------------------------------------------------------------------------
 
 
-def test_models_names_the_registry_version(client):
-    [m] = client.models.list().data
-    assert m.id == NAME and m.model_extra["version"] == "1" and m.model_extra["uri"] == "models:/tiny/1"
+def test_models_lists_both_champions_by_their_registry_versions(client, server):
+    base, chat = client.models.list().data
+    assert base.id == NAME and base.model_extra["version"] == "1" and base.model_extra["uri"] == "models:/tiny/1"
+    champion = MlflowClient(server["tracking"], server["tracking"]).get_model_version_by_alias(CHAT_NAME, "champion")
+    assert chat.id == CHAT_NAME and chat.model_extra["uri"] == f"models:/{CHAT_NAME}/{champion.version}"
 
 
 def test_greedy_completion_equals_the_offline_engine(client, engine):
@@ -193,6 +212,82 @@ def test_chat_and_streaming(client, server, engine):
     )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == r.choices[0].message.content and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+
+# -- two models: which one answers ----------------------------------------------------------------------------
+
+
+def im_end_bias(server, bias: float) -> dict[str, float]:
+    end = Tokenizer.from_file(str(server["chat"][0] / "tokenizer.json")).token_to_id("<|im_end|>")
+    return {str(end): bias}
+
+
+def test_without_a_model_completions_get_the_base_and_chats_the_chat_model(http, server):
+    """<|im_end|> made the likeliest token: the chat model's chat stops at it at once, a completion of the same model
+    runs on (only a chat ends with the assistant's turn); the base model answers completions and, named, chats."""
+    end = im_end_bias(server, 100)
+    chat = http.post("/v1/chat/completions", json={**CHAT, "max_tokens": 8, "logit_bias": end}).json()
+    assert chat["model"] == CHAT_NAME and chat["choices"][0]["finish_reason"] == "stop", chat
+    assert chat["usage"]["completion_tokens"] == 1 and chat["choices"][0]["message"]["content"] == ""
+    body = {"prompt": "To be", "max_tokens": 8, "logit_bias": end}
+    assert http.post("/v1/completions", json=body).json()["model"] == NAME
+    theirs = http.post("/v1/completions", json={**body, "model": CHAT_NAME}).json()
+    assert theirs["model"] == CHAT_NAME and theirs["choices"][0]["finish_reason"] == "length", theirs
+    assert theirs["usage"]["completion_tokens"] == 8
+    assert http.post("/v1/chat/completions", json={**CHAT, "model": NAME}).json()["model"] == NAME
+    # the other routes that name a model reach the chat model's replica too
+    assert http.post("/tokenize", json={"prompt": "To be", "model": CHAT_NAME}).json()["count"] > 0
+    assert http.get("/health", params={"model": CHAT_NAME}).json()["model"] == CHAT_NAME
+    unknown = http.get("/stats", params={"model": "gpt-4"})
+    assert unknown.status_code == 404 and f"{NAME!r}, {CHAT_NAME!r}" in unknown.json()["error"]["message"]
+
+
+def test_the_chat_models_stream_comes_through_the_ingress_whole(client):
+    msgs = [{"role": "user", "content": "Who is there? 🙂"}]
+    r = client.chat.completions.create(model=CHAT_NAME, messages=msgs, max_tokens=12, temperature=0)
+    chunks = list(
+        client.chat.completions.create(
+            model=CHAT_NAME,
+            messages=msgs,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert {c.model for c in chunks} == {CHAT_NAME} and r.model == CHAT_NAME
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+
+def test_leaving_a_chat_stream_early_frees_its_slot_in_the_chat_models_replica(http, server):
+    def chat_stats() -> dict:
+        return http.get("/stats", params={"model": CHAT_NAME}).json()
+
+    before = chat_stats()["cancelled"]
+    # <|im_end|> banned, so it cannot end before the client leaves
+    body = {**CHAT, "max_tokens": 900, "stream": True, "ignore_eos": True, "logit_bias": im_end_bias(server, -100)}
+    with (
+        httpx.Client(base_url=server["url"], timeout=60) as c,
+        c.stream("POST", "/v1/chat/completions", json=body) as r,
+    ):
+        for line in r.iter_lines():
+            if line.startswith("data: {") and '"content": ""' not in line:  # after the role: a token
+                break
+
+    def freed():
+        s = chat_stats()
+        return s["running"] == 0 and s["cancelled"] == before + 1
+
+    wait_for(freed, 30, "the chat model's replica to cancel the stream its client left", every=0.05)
+
+
+def test_a_chat_with_a_model_without_a_chat_template_is_refused_naming_it(http):
+    assert [m["id"] for m in http.get("/tight/v1/models").json()["data"]] == ["plain"]  # no chat model: alone
+    r = http.post("/tight/v1/chat/completions", json=CHAT)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "model" and "'plain' has no chat template" in err["message"], err
 
 
 def test_stream_never_splits_a_character_and_ends_with_done(http):
@@ -284,7 +379,9 @@ BAD = [
     ("/v1/completions", {"prompt": "x" * 1_100_000}, 413, None),
     ("/v1/chat/completions", {**CHAT, "messages": []}, 400, "messages"),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages"),
-    ("/v1/chat/completions", {**CHAT, "top_logprobs": 50, "logprobs": True}, 400, "top_logprobs"),
+    ("/v1/chat/completions", {**CHAT, "top_logprobs": 50, "logprobs": True}, 400, "top_logprobs"),  # the chat model's
+    ("/v1/chat/completions", {**CHAT, "model": f"models:/{CHAT_NAME}/99"}, 404, "model"),  # ... replica refuses
+    ("/v1/chat/completions", {**CHAT, "model": "gpt-4"}, 404, "model"),
     ("/detokenize", {"tokens": [5, 99999]}, 400, "tokens"),
 ]
 
@@ -460,11 +557,19 @@ def test_short_request_finishes_while_a_long_one_runs(server):
 # -- rollout ---------------------------------------------------------------------------------------
 
 
+def replica(http, model: str) -> tuple[int, str]:
+    """The engine process serving `model` (a new replica has a new one) and the version it serves."""
+    s = http.get("/stats", params={"model": model}).json()
+    return s["engine_pid"], s["version"]
+
+
 def test_rolling_update_under_load_fails_no_request(server, http):
-    """`quill` (at /, as a deployment is) is rolled over to v2, the new champion, while four clients keep sending
-    requests: every request succeeds and v2 serves afterwards. Then it is rolled back to v1 for the other tests."""
+    """`quill`'s base model (at /, as a deployment is) is rolled over to v2, the new champion, while four clients
+    keep sending requests: every request succeeds, v2 serves afterwards, and the chat model's replica is the one it
+    was. Then it is rolled back to v1 for the other tests."""
     client = MlflowClient(server["tracking"], server["tracking"])
     args = AppArgs(params_file=str(server["params"]), tracking_uri=server["tracking"])
+    chat = replica(http, CHAT_NAME)
     version = register(server["v2"], server["tracking"])  # a promotion: champion is now the new version
     results, stop = [], threading.Event()
 
@@ -495,6 +600,27 @@ def test_rolling_update_under_load_fails_no_request(server, http):
         client.set_registered_model_alias(NAME, "champion", "1")
         serve.run(app(args), name="quill", route_prefix="/")
     assert http.get("/v1/models").json()["data"][0]["version"] == "1"
+    assert replica(http, CHAT_NAME) == chat  # two redeploys of the app, neither of them the chat model's
+
+
+def test_promoting_the_chat_model_rolls_its_replicas_only(server, http):
+    """The chat model's champion moves to its other version and the app is deployed again, as after any
+    registration: Ray Serve replaces the chat model's replica (a new engine process, serving the new version) and
+    leaves the base model's running (the same engine process)."""
+    client = MlflowClient(server["tracking"], server["tracking"])
+    versions = {v.version for v in client.search_model_versions(f"name='{CHAT_NAME}'")}
+    if len(versions) == 1:
+        promoted = register(server["chat"][1], server["tracking"], CHAT_NAME)
+    else:  # this test ran before in the session
+        current = client.get_model_version_by_alias(CHAT_NAME, "champion").version
+        promoted = next(v for v in versions if v != current)
+        client.set_registered_model_alias(CHAT_NAME, "champion", promoted)
+    base, chat = replica(http, NAME), replica(http, CHAT_NAME)
+    args = AppArgs(params_file=str(server["params"]), tracking_uri=server["tracking"])
+    serve.run(app(args), name="quill", route_prefix="/")
+    # serve.run returns once the new replica runs; the ingress's handle learns of it a moment later
+    wait_for(lambda: replica(http, CHAT_NAME)[1] == promoted, 60, f"{CHAT_NAME} v{promoted} answering")
+    assert replica(http, CHAT_NAME)[0] != chat[0] and replica(http, NAME) == base
 
 
 # -- a crashed engine ------------------------------------------------------------------------------

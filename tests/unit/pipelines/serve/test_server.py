@@ -208,10 +208,10 @@ def test_an_unknown_engine_message_fails_what_is_in_flight_and_the_replica_serve
 
 GUARDED = {401, 413, 500, 503}  # the API key, the body size, the requests in flight; a fault
 ANSWERS = {
-    ("get", "/health"): {200, 413, 500, 503},
+    ("get", "/health"): {200, 404, 413, 500, 503},  # 404: ?model= names a model the app does not serve
     ("get", "/v1/models"): {200, *GUARDED},
-    ("get", "/stats"): {200, *GUARDED},
-    ("get", "/tokenizer_info"): {200, *GUARDED},
+    ("get", "/stats"): {200, 404, *GUARDED},
+    ("get", "/tokenizer_info"): {200, 404, *GUARDED},
     ("post", "/tokenize"): {200, 400, 404, *GUARDED},
     ("post", "/detokenize"): {200, 400, 404, *GUARDED},
     ("post", "/v1/completions"): {200, 400, 404, 429, *GUARDED},
