@@ -81,10 +81,10 @@ def record_requests(engine, params, max_items: int) -> dict[str, list]:
     import contextlib
     import io
 
+    from pipelines.common.benchmarks import run_lm_eval
     from pipelines.common.clean_split import read_texts
-    from pipelines.evaluate.lm_eval_adapter import QuillLM
-    from pipelines.evaluate.stage import run_lm_eval
-    from pipelines.evaluate.task_pack import build_task_pack
+    from pipelines.common.lm_eval_adapter import QuillLM
+    from pipelines.common.task_pack import build_task_pack
 
     clean = Path("data/clean")
     if (clean / "test.jsonl").is_file() and (clean / "val.jsonl").is_file():
@@ -122,8 +122,8 @@ def record_requests(engine, params, max_items: int) -> dict[str, list]:
 
 
 def main() -> int:
+    from pipelines.common.lm_eval_adapter import QuillLM
     from pipelines.common.params import load_params
-    from pipelines.evaluate.lm_eval_adapter import QuillLM
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)

@@ -14,7 +14,7 @@ Out: metrics/eval.json                 test_loss, test_ppl, test_bpb, test_token
      reports/eval/report.md            everything above as tables, with the generated samples
      reports/eval/lm_eval/<k>shot.json lm-eval's results JSON per few-shot setting
      reports/eval/samples.json         prompt, reference, generation, BLEU, ROUGE-L per sample
-     reports/eval/tasks/               the local task pack (pipelines/evaluate/task_pack.py)
+     reports/eval/tasks/               the local task pack (pipelines/common/task_pack.py)
      plots/eval/attention.png          attention heatmaps for the first sample prompt
      plots/eval/bpb.csv                bits per byte: uniform, byte n-gram, this model (`dvc plots show`)
      the training run in MLflow        the same metrics, the files above, a samples table (log_table)
@@ -33,15 +33,12 @@ import json
 import math
 import random
 import time
-import warnings
 from dataclasses import replace
 from pathlib import Path
 
-import lm_eval
 import numpy as np
 import sacrebleu
 import torch
-from lm_eval.tasks import TaskManager, get_task_dict
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from rouge_score import rouge_scorer
@@ -49,19 +46,19 @@ from rouge_score import rouge_scorer
 from model import Engine, SamplingParams, hf
 from pipelines.common import tracking
 from pipelines.common.atomic import atomic_file, write_json, write_text
+from pipelines.common.benchmarks import build_pack, check_tasks, task_scores
 from pipelines.common.clean_split import read_texts
 from pipelines.common.hashing import content_hash, sha256_file
 from pipelines.common.heldout import held_out
 from pipelines.common.layout import PROJECT, Layout
+from pipelines.common.lm_eval_adapter import split_documents
 from pipelines.common.model_folder import check_model_dir
 from pipelines.common.params import EvalParams, Params
 from pipelines.common.report import fmt_value, table_cell
 from pipelines.common.runner import StageError, run_in, stage_arguments, stage_log
 from pipelines.common.tracking import check_tracking, flat_metrics, training_run_id
 from pipelines.evaluate.attention_plot import plot_attention
-from pipelines.evaluate.lm_eval_adapter import QuillLM, split_documents
 from pipelines.evaluate.ngram import ByteNgram, uniform_bpb
-from pipelines.evaluate.task_pack import TASKS, build_task_pack
 
 IDENTITY = ("model_sha256", "tokenizer_sha256", "test_data_sha256", "test_window_stride", "mlflow_run_id")
 
@@ -96,76 +93,6 @@ def read_meta(tokens_dir: Path) -> dict:
     if not meta_file.is_file() or not (tokens_dir / "test.bin").is_file():
         raise EvalError(f"{tokens_dir}/meta.json or test.bin missing: run the tokenize stage (dvc repro tokenize)")
     return json.loads(meta_file.read_text())
-
-
-def check_tasks(tasks: list[str]) -> None:
-    """Every eval.tasks name is in the local pack or known to lm-eval."""
-    unknown = [t for t in tasks if t not in TASKS]
-    if not unknown:
-        return
-    known = set(TaskManager().all_tasks)
-    unknown = [t for t in unknown if t not in known]
-    if unknown:
-        raise EvalError(
-            f"unknown lm-eval task(s) in eval.tasks: {', '.join(unknown)}; the local pack has "
-            f"{', '.join(TASKS)} and `lm-eval ls tasks` lists the standard ones"
-        )
-
-
-# --- lm-eval ---------------------------------------------------------------------------------------
-
-
-def run_lm_eval(
-    lm, tasks: list[str], fewshots: list[int], pack_dir: Path, limit: int | None, seed: int, out_dir: Path
-) -> dict:
-    """Each task at each few-shot setting ({task: {"<k>shot": {metric: value}}}); raw results to out_dir."""
-    if not tasks:
-        return {}
-    manager = TaskManager(include_path=str(pack_dir))
-    try:
-        task_dict = get_task_dict(tasks, manager)
-    except Exception as exc:  # a standard task whose dataset needs the network, a broken YAML, ...
-        raise EvalError(
-            f"lm-eval could not load tasks {tasks}: {exc}. Standard tasks download their data; "
-            "without network use the local quill_* tasks"
-        ) from None
-    rolling = {
-        name for name, task in task_dict.items() if getattr(task, "OUTPUT_TYPE", None) == "loglikelihood_rolling"
-    }
-    scores: dict[str, dict] = {}
-    for k in fewshots:
-        names = [t for t in tasks if k == 0 or t not in rolling]  # perplexity tasks have no few-shot form
-        if not names:
-            continue
-        log(f"lm-eval {k}-shot: {', '.join(names)}")
-        seen, cut = lm.loglikelihood_requests, lm.truncated_requests
-        results = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=names,
-            num_fewshot=k,
-            task_manager=manager,
-            limit=limit,
-            log_samples=False,
-            bootstrap_iters=1000,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
-        )
-        seen, cut = lm.loglikelihood_requests - seen, lm.truncated_requests - cut
-        if cut:
-            log(
-                f"  {cut} of {seen} {k}-shot loglikelihood requests were longer than the model's context "
-                f"({lm.max_length} tokens) and lost their start, as lm-eval's Hugging Face model does"
-            )
-        with atomic_file(out_dir / f"{k}shot.json") as tmp:
-            tmp.write_text(json.dumps(results, indent=2, default=str, sort_keys=True) + "\n")
-        for task, values in results["results"].items():
-            for key, value in values.items():
-                metric, _, _filter = key.partition(",")
-                if _filter and not metric.endswith("_stderr") and isinstance(value, (int, float)):
-                    scores.setdefault(task, {}).setdefault(f"{k}shot", {})[metric] = float(value)
-    return scores
 
 
 # --- samples and reference models ------------------------------------------------------------------
@@ -369,25 +296,10 @@ def benchmark_scores(
     engine: Engine, test_texts: list[str], params: EvalParams, layout: Layout, rolling_cache: dict
 ) -> dict:
     """The lm-eval tasks (the local pack built from the test and val splits, or standard ones)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        build_task_pack(
-            test_texts,
-            read_texts(layout.clean / "val.jsonl"),
-            layout.eval_reports / "tasks",
-            params.max_items,
-            params.seed,
-        )
-        lm = QuillLM(engine=engine, batch_size=params.batch_size, stride=params.stride, rolling_cache=rolling_cache)
-        return run_lm_eval(
-            lm,
-            params.tasks,
-            params.num_fewshot,
-            layout.eval_reports / "tasks",
-            params.limit,
-            params.seed,
-            layout.eval_reports / "lm_eval",
-        )
+    build_pack(test_texts, read_texts(layout.clean / "val.jsonl"), layout.eval_reports / "tasks", params)
+    return task_scores(
+        engine, params, layout.eval_reports / "tasks", layout.eval_reports / "lm_eval", rolling_cache, log=log
+    )
 
 
 def write_outputs(metrics: dict, samples: list[dict], params: EvalParams, layout: Layout) -> dict:

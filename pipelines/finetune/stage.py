@@ -36,6 +36,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from model.chat import literal
 from pipelines.common import tracking
 from pipelines.common.atomic import scratch_dir, write_json
+from pipelines.common.base_model import Base, resolve_base
 from pipelines.common.errors import StageError
 from pipelines.common.hashing import sha256_file
 from pipelines.common.layout import PROJECT, Layout
@@ -48,7 +49,6 @@ from pipelines.common.training.log import TrainLog, step_progress
 from pipelines.common.training.resume import differences, digest, settle_other_runs
 from pipelines.common.training.trainer import lightning_trainer, precision_for
 from pipelines.finetune import lora
-from pipelines.finetune.base import Base, resolve_base
 from pipelines.finetune.data import ChatDataError, ChatDataModule, Encoded, encode_split, pad_id, read_split
 from pipelines.finetune.export import save_chat_model
 from pipelines.finetune.lit_chat import LitChat

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from model.scoring import rolling_windows
-from pipelines.evaluate.lm_eval_adapter import split_documents
+from pipelines.common.lm_eval_adapter import split_documents
 
 
 def held_out_docs(project) -> list[list[int]]:

@@ -23,8 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 from ray.util.state import list_workers
 
-from pipelines.evaluate.lm_eval_adapter import QuillLM
-from pipelines.evaluate.task_pack import build_task_pack
+from pipelines.common.lm_eval_adapter import QuillLM
+from pipelines.common.task_pack import build_task_pack
 from pipelines.serve import AppArgs, app
 from pipelines.serve.metrics import LATENCY_BUCKETS
 from tests.helpers.paths import VENV_BIN, run_module

@@ -1,4 +1,5 @@
-"""The base model of `finetune.base`: found (a folder, or a registry version downloaded), checked, loaded.
+"""The base model of `finetune.base`: found (a folder, or a registry version downloaded), checked, loaded. The
+finetune stage fine-tunes it; chat_eval scores the chat model next to it.
 
     artifacts/model              the train stage's folder (the default, a DVC dependency)
     models:/quill-gpt@champion   a registered version (by alias, models:/name/3 by number, models:/name the newest)

@@ -1,4 +1,4 @@
-"""The lm-eval adapter (pipelines/evaluate/lm_eval_adapter.py): loglikelihood, loglikelihood_rolling and
+"""The lm-eval adapter (pipelines/common/lm_eval_adapter.py): loglikelihood, loglikelihood_rolling and
 generate_until against direct computations, and lm-eval's own command line running a quill model."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from lm_eval.utils import get_rolling_token_windows
 
 from model import GPT, Engine, GPTConfig
 from model.scoring import rolling_loglikelihood
-from pipelines.evaluate.lm_eval_adapter import QuillLM
-from pipelines.evaluate.task_pack import build_task_pack
+from pipelines.common.lm_eval_adapter import QuillLM
+from pipelines.common.task_pack import build_task_pack
 from tests.helpers.evaluation import read_split
 from tests.helpers.paths import REPO
 
@@ -133,7 +133,7 @@ def test_adapter_generate_until_stops_at_until_and_at_max_gen_toks(project):
 def test_lm_eval_command_line_runs_a_quill_model(project, tmp_path):
     """`--model quill` from lm-eval's own CLI (which asks for device cuda by default) on a CPU-only machine."""
     build_task_pack(read_split(project, "test"), read_split(project, "val"), tmp_path / "tasks", max_items=5, seed=7)
-    code = "import sys, pipelines.evaluate.lm_eval_adapter, lm_eval.__main__ as m; sys.argv[0] = 'lm_eval'; m.cli_evaluate()"
+    code = "import sys, pipelines.common.lm_eval_adapter, lm_eval.__main__ as m; sys.argv[0] = 'lm_eval'; m.cli_evaluate()"
     out = tmp_path / "cli-out"
     result = subprocess.run(
         [

@@ -1,10 +1,10 @@
-"""pipelines/finetune/base.py: which bases quill can represent exactly."""
+"""pipelines/common/base_model.py: which bases quill can represent exactly."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipelines.finetune.base import BaseModelError, check_config
+from pipelines.common.base_model import BaseModelError, check_config
 
 
 @pytest.mark.parametrize(

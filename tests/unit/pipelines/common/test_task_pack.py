@@ -1,4 +1,4 @@
-"""The task pack (pipelines/evaluate/task_pack.py): deterministic, well-formed items, and its perplexity task run
+"""The task pack (pipelines/common/task_pack.py): deterministic, well-formed items, and its perplexity task run
 through lm-eval gives the held-out bits per byte."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from pipelines.evaluate.lm_eval_adapter import QuillLM
-from pipelines.evaluate.task_pack import TASKS, build_task_pack
+from pipelines.common.lm_eval_adapter import QuillLM
+from pipelines.common.task_pack import TASKS, build_task_pack
 from tests.helpers.evaluation import held_out_docs, read_split
 
 
@@ -54,7 +54,7 @@ def test_rolling_task_agrees_with_held_out_metric(engine, project, tmp_path):
         tasks=["quill_perplexity"],
         num_fewshot=0,
         log_samples=False,
-        task_manager=TaskManager(include_path=str(tmp_path / "pack")),
+        task_manager=TaskManager(include_path=str(tmp_path / "pack"), include_defaults=False),  # the pack alone: fast
         bootstrap_iters=0,
     )
     task = res["results"]["quill_perplexity"]
