@@ -1,7 +1,7 @@
 """`python -m pipelines.serve`: deploy (or roll over to) the models on Ray Serve, report on them, stop them.
 
-    python -m pipelines.serve [--model URI|PATH] [--chat-model URI|PATH]   # start or join Ray, deploy quill, print
-                                                    # the endpoint, return
+    python -m pipelines.serve [--model URI|PATH]   # start or join Ray, deploy quill, print the endpoint, return
+        [--chat-model URI|PATH]                     # the chat model beside it (default: its champion, if any)
     python -m pipelines.serve status                # what is deployed; exit 0 when healthy
     python -m pipelines.serve shutdown              # delete the app; stop Ray too if this command started it
     python -m pipelines.serve config [--model ...]  # a Serve config file for `serve deploy` / a KubeRay RayService

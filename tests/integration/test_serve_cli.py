@@ -1,5 +1,5 @@
-"""`python -m pipelines.serve` refusing a bad model before it starts anything, as a user runs it from a project
-folder with a private TMPDIR (so any Ray it started would be found: its processes all inherit TMPDIR).
+"""`python -m pipelines.serve` refusing a bad model (or chat model) before it starts anything, as a user runs it from a
+project folder with a private TMPDIR (so any Ray it started would be found: its processes all inherit TMPDIR).
 
 Deploying, status, a rolling redeploy of other model folders, the metrics and HAProxy URLs it prints and
 shutdown run against the local Ray that `make run` starts: tests/integration/test_make_run.py."""
@@ -12,16 +12,18 @@ import pytest
 
 from tests.helpers.paths import free_port, run_module
 from tests.helpers.services import copy_store, ray_processes
-from tests.helpers.serving import ray_env, ray_tmpdir, write_params
+from tests.helpers.serving import ray_env, ray_tmpdir, tiny_model_folder, write_params
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, mlflow_template):
-    """A project folder with params.yaml (a free serve.port), an empty migrated MLflow store, the CLI's environment."""
+    """A project folder with params.yaml (a free serve.port), a model folder, an empty migrated MLflow store, the CLI's
+    environment."""
     root = tmp_path_factory.mktemp("serve-cli")
     write_params(root / "params.yaml", port=free_port(), max_batch_size=4)
+    tiny_model_folder(root, seed=0, name="base")
     with ray_tmpdir() as tmp:
         env = {**ray_env(tmp), "MLFLOW_TRACKING_URI": copy_store(mlflow_template, root)}
         yield {"root": root, "tmp": tmp, "env": env}
@@ -36,15 +38,16 @@ def mine(w) -> list:
 
 
 @pytest.mark.parametrize(
-    ("model", "message"),
+    ("args", "message"),
     [
-        ("no/such/folder", "no/such/folder: not a model folder (no config.json) and not a models:/ URI"),
-        ("models:/nope@champion", "models:/nope@champion: not found in the registry"),
+        (["--model", "no/such/folder"], "no/such/folder: not a model folder (no config.json) and not a models:/ URI"),
+        (["--model", "models:/nope@champion"], "models:/nope@champion: not found in the registry"),
+        (["--model", "base", "--chat-model", "models:/nope/2"], "models:/nope/2: not found in the registry"),
     ],
-    ids=["folder", "registry"],
+    ids=["folder", "registry", "chat"],
 )
-def test_a_bad_model_is_one_error_line_and_starts_nothing(workdir, model, message):
-    r = cli(workdir, "--model", model)
+def test_a_bad_model_is_one_error_line_and_starts_nothing(workdir, args, message):
+    r = cli(workdir, *args)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "Traceback" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("serve: error:")]
