@@ -27,6 +27,7 @@ from prefect import get_client, serve
 from prefect.client.schemas.actions import DeploymentUpdate
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
+from flows.finetune_and_deploy import FinetuneOverrides, finetune_and_deploy
 from flows.models import evaluate_model, promote_model, serve_model
 from flows.overrides import KNOBS, ORIGINAL, check, parse_sets
 from flows.train_and_deploy import RunOverrides, train_and_deploy
@@ -35,6 +36,7 @@ from pipelines.common.params import PARAMS_FILE, ParamsError
 # flow name -> its deployment's name, which the UI's deployment list shows beside the flow's
 DEPLOYMENTS = {
     "train_and_deploy": "train-and-deploy",
+    "finetune_and_deploy": "finetune-and-deploy",
     "evaluate_model": "evaluate-version",
     "promote_model": "promote-version",
     "serve_model": "serve-model",
@@ -42,17 +44,27 @@ DEPLOYMENTS = {
 WATCH_EVERY_S = 2.0
 
 
-def form_defaults(sets: dict[str, Any] | None = None) -> dict[str, Any]:
-    """train_and_deploy's `overrides` as the Run form shows them: every knob at params.yaml's value (the user's
-    file: the original while a run holds its overrides in it), `sets` on top, other `sets` keys in `other`."""
+# flow name -> the model of its `overrides` parameter (its Run form's knobs)
+FORMS = {"train_and_deploy": RunOverrides, "finetune_and_deploy": FinetuneOverrides}
+
+
+def form_defaults(sets: dict[str, Any] | None = None, flow: str = "train_and_deploy") -> dict[str, Any]:
+    """A flow's `overrides` as its Run form shows them: every knob at params.yaml's value (the user's file: the
+    original while a run holds its overrides in it), `sets` on top, other `sets` keys in `other`."""
     sets = sets or {}
     params = check(sets, ORIGINAL if ORIGINAL.is_file() else PARAMS_FILE)
+    form = FORMS[flow]
     knobs = {
         f"{section}.{name}": getattr(getattr(params, section), name)
         for section, (_, names) in KNOBS.items()
+        if section in form.model_fields and getattr(params, section) is not None  # finetune may be absent
         for name in names
     }
-    return RunOverrides.from_dotted({**knobs, **sets}).model_dump(mode="json")
+    return form.from_dotted({**knobs, **sets}).model_dump(mode="json")
+
+
+def all_form_defaults(sets: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    return {flow: form_defaults(sets, flow) for flow in FORMS}
 
 
 def deployments(cron: str | None = None, defaults: dict | None = None) -> list:
@@ -64,7 +76,14 @@ def deployments(cron: str | None = None, defaults: dict | None = None) -> list:
             concurrency_limit=one_at_a_time,
             tags=["quill"],
             parameters={"overrides": form_defaults(defaults)},
-            description="data -> train -> evaluate -> register through DVC, then deploy the champion",
+            description="data -> train -> evaluate -> register, then fine-tune for chat, through DVC; deploy",
+        ),
+        finetune_and_deploy.to_deployment(
+            DEPLOYMENTS["finetune_and_deploy"],
+            concurrency_limit=one_at_a_time,
+            tags=["quill"],
+            parameters={"overrides": form_defaults(defaults, "finetune_and_deploy")},
+            description="chat data -> finetune -> chat_eval -> chat_register through DVC, then deploy",
         ),
         evaluate_model.to_deployment(
             DEPLOYMENTS["evaluate_model"], tags=["quill"], description="evaluate a registered version"
@@ -78,27 +97,29 @@ def deployments(cron: str | None = None, defaults: dict | None = None) -> list:
     ]
 
 
-def push_form_defaults(overrides: dict[str, Any]) -> None:
-    """Give train_and_deploy's deployment these Run-form defaults (its other parameters keep theirs)."""
+def push_form_defaults(forms: dict[str, dict[str, Any]]) -> None:
+    """Give each flow's deployment its Run-form defaults, {flow: overrides} (its other parameters keep theirs)."""
     with get_client(sync_client=True) as client:
-        deployment = client.read_deployment_by_name(f"train_and_deploy/{DEPLOYMENTS['train_and_deploy']}")
-        parameters = {**deployment.parameters, "overrides": overrides}
-        client.update_deployment(deployment.id, DeploymentUpdate(parameters=parameters))
+        for flow, overrides in forms.items():
+            deployment = client.read_deployment_by_name(f"{flow}/{DEPLOYMENTS[flow]}")
+            parameters = {**deployment.parameters, "overrides": overrides}
+            client.update_deployment(deployment.id, DeploymentUpdate(parameters=parameters))
 
 
 def watch(
     sets: dict[str, Any],
-    push: Callable[[dict[str, Any]], None] = push_form_defaults,
+    push: Callable[[dict[str, dict[str, Any]]], None] = push_form_defaults,
     every_s: float = WATCH_EVERY_S,
     stop: threading.Event | None = None,
 ) -> None:
-    """Every `every_s`, push form_defaults(sets) when they differ from the last ones pushed (params.yaml changed).
-    A params.yaml that does not validate (half edited) keeps the last defaults; a failed push is tried again."""
+    """Every `every_s`, push all_form_defaults(sets) when they differ from the last ones pushed (params.yaml
+    changed). A params.yaml that does not validate (half edited) keeps the last defaults; a failed push is tried
+    again."""
     stop = stop or threading.Event()
-    last = form_defaults(sets)
+    last = all_form_defaults(sets)
     while not stop.wait(every_s):
         try:
-            now = form_defaults(sets)
+            now = all_form_defaults(sets)
         except (ParamsError, OSError):
             continue
         if now == last:

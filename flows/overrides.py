@@ -29,6 +29,7 @@ from ruamel.yaml import YAML
 from pipelines.common.params import (
     PARAMS_FILE,
     EvalParams,
+    FinetuneParams,
     ModelParams,
     Params,
     ParamsError,
@@ -58,12 +59,21 @@ KNOBS: dict[str, tuple[type[BaseModel], dict[str, str]]] = {
         EvalParams,
         {"num_fewshot": "few-shot counts, each task runs once per entry", "tasks": "lm-eval task names"},
     ),
+    "finetune": (
+        FinetuneParams,
+        {
+            "method": "lora: low-rank adapters | full: every weight",
+            "max_steps": "fine-tuning optimizer steps",
+            "lr": "peak learning rate (LoRA; full wants ~10x less)",
+        },
+    ),
 }
 
-# Where the data comes from and the promotion policy change only through params.yaml in git, where a change is
-# reviewed: a run's parameters (the Run form, the API, `--set`) that could point data.sources at any folder the
-# worker can read, or turn registry.force_promote on, would have whatever it liked promoted and served.
-REVIEWED_IN_GIT = ("data.sources", "finetune.sources", "registry")
+# Where the data and the fine-tuned base come from and the promotion policy change only through params.yaml in git,
+# where a change is reviewed: a run's parameters (the Run form, the API, `--set`) that could point data.sources or
+# finetune.base at any folder the worker can read, or turn registry.force_promote on, would have whatever it liked
+# promoted and served.
+REVIEWED_IN_GIT = ("data.sources", "finetune.sources", "finetune.base", "registry")
 
 
 def refuse_reviewed(keys) -> None:
@@ -106,6 +116,7 @@ class _Base(BaseModel):
         out = {
             f"{section}.{k}": v
             for section in _SECTIONS
+            if section in type(self).model_fields
             for k, v in getattr(self, section).model_dump().items()
             if v is not None
         }
@@ -118,28 +129,33 @@ class _Base(BaseModel):
         other = {}
         for key, value in values.items():
             section, _, name = key.partition(".")
-            if section in KNOBS and name in KNOBS[section][1]:
+            if section in cls.model_fields and section in KNOBS and name in KNOBS[section][1]:
                 sections.setdefault(section, {})[name] = value
             else:
                 other[key] = value
         return cls(**sections, other=other)
 
 
-Overrides = create_model(
-    "Overrides",
-    __base__=_Base,
-    **{
-        section: (model, Field(default_factory=model, description=f"{section} knobs"))
-        for section, model in _SECTIONS.items()
-    },
-    other=(
-        dict[str, Any],
-        Field(
-            default_factory=dict,
-            description='any other params.yaml key, dotted, e.g. {"train.lr": 0.002, "data.split.val": 0.1}',
+def overrides_model(name: str, sections: tuple[str, ...]) -> type[_Base]:
+    """A Run form: the knobs of `sections`, and `other` for any other dotted key."""
+    return create_model(
+        name,
+        __base__=_Base,
+        **{
+            section: (_SECTIONS[section], Field(default_factory=_SECTIONS[section], description=f"{section} knobs"))
+            for section in sections
+        },
+        other=(
+            dict[str, Any],
+            Field(
+                default_factory=dict,
+                description='any other params.yaml key, dotted, e.g. {"train.lr": 0.002, "data.split.val": 0.1}',
+            ),
         ),
-    ),
-)
+    )
+
+
+Overrides = overrides_model("Overrides", tuple(_SECTIONS))
 Overrides.__doc__ = "Values that replace params.yaml's for one run; unset fields keep params.yaml's."
 
 

@@ -9,8 +9,8 @@ from prefect.runtime import flow_run
 
 from flows.overrides import check
 from pipelines.common.contracts import CHALLENGER, CHAMPION
-from pipelines.common.tracking import mlflow_client, version_by_alias
 from pipelines.common.registration.lock import RegistrationLock
+from pipelines.common.tracking import mlflow_client, version_by_alias
 
 
 def resolve(name: str, model: str) -> Any:

@@ -62,6 +62,7 @@ def summary_markdown(
     tracking_uri: str,
     approval: str | None,
     served: str | None,
+    chat: dict[str, Any] | None = None,
 ) -> str:
     """The run's summary: stages (ran or skipped), overrides, evaluation, registry decision, links, endpoint."""
 
@@ -108,5 +109,16 @@ def summary_markdown(
         lines.append(f"- MLflow UI: {how}")
     else:
         lines += ["", "## Registry", "", "not registered in this run"]
+    if chat:
+        base, _ = mlflow_ui(tracking_uri)
+        verdict = "promoted to **champion**" if chat["promoted"] else "kept as **challenger**"
+        link = f"{base}/#/models/{chat['model_name']}/versions/{chat['version']}"
+        lines += [
+            "",
+            "## Chat model",
+            "",
+            f"[{chat['model_name']} v{chat['version']}]({link}) (response_bpb {chat['response_bpb']:.4f}) {verdict}: "
+            f"{chat['why']}",
+        ]
     lines += ["", f"**Endpoint:** {served}" if served else "**Endpoint:** not deployed by this run"]
     return "\n".join(lines) + "\n"

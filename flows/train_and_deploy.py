@@ -23,24 +23,25 @@ from typing import Any, Literal
 
 import yaml
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.artifacts import create_markdown_artifact
 from prefect.exceptions import FlowPauseTimeout, NotPausedError
 from prefect.flow_runs import pause_flow_run, resume_flow_run
 from prefect.input import RunInput
 from prefect.runtime import flow_run
 from pydantic import Field
 
+from flows.chat import chat_registered, chat_stages
 from flows.lock import workspace_lock
 from flows.overrides import Overrides, check, overridden, parse_sets, recover
 from flows.registry import move_champion
 from flows.report import mlflow_ui, registered, summary_markdown
-from flows.repro import Repro, StageFailed, repro, stale
+from flows.repro import StageFailed, stale
 from flows.serving import endpoint, serve_cli, served_version, smoke_test
+from flows.tasks import run_stage, train
 from pipelines.common.contracts import CHAMPION, HEADLINE_METRICS
 from pipelines.common.layout import PROJECT
 from pipelines.common.params import ParamsError, ServeParams, _model_config_module
 from pipelines.common.tracking import RUN_FILE, mlflow_client, tracking_uri, version_by_alias
-from pipelines.summary import headline
 
 # model/config.py's preset names, read without importing torch as params.py reads them (it checks the name)
 PRESETS = tuple(_model_config_module().PRESETS)
@@ -76,47 +77,6 @@ class Approval(RunInput):
 def stages() -> list[str]:
     """The stage names of dvc.yaml, in its order (ingest, clean, tokenize, train, evaluate, register)."""
     return list(yaml.safe_load(Path("dvc.yaml").read_text(encoding="utf-8"))["stages"])
-
-
-def what_it_did(result: Repro) -> str:
-    """One line: whether the stage ran (and how long) or was up to date, and what its outputs hold."""
-    line = headline(Path("."), result.stage)
-    did = f"ran in {result.seconds:.0f} s" if result.ran else "up to date (DVC skipped it)"
-    return f"{result.stage}: {did}" + (f"; {line}" if line else "")
-
-
-def repro_with_progress(stage: str, overrides: dict[str, Any], artifact_at_start: bool = False) -> bool:
-    """`dvc repro <stage>` with the run's overrides, its progress lines in the `<stage>-progress` artifact (made at
-    the first line, or at the start), then what_it_did; True if it ran, False if DVC found it up to date."""
-    logger = get_run_logger()
-    key = f"{stage}-progress"
-    artifact = create_progress_artifact(0.0, key=key, description=f"{stage} stage") if artifact_at_start else None
-
-    def progress(what: str, percent: float) -> None:
-        nonlocal artifact
-        if artifact is None:
-            artifact = create_progress_artifact(percent, key=key, description=f"{stage} stage: {what}")
-        else:
-            update_progress_artifact(artifact, percent, description=f"{stage} stage: {what}")
-
-    with overridden(overrides):
-        result = repro(stage, logger.info, progress)
-    if artifact is not None:
-        update_progress_artifact(artifact, 100.0, description=f"{stage} stage")
-    logger.info(what_it_did(result))
-    return result.ran
-
-
-@task(retries=1, retry_delay_seconds=10, task_run_name="{stage}")
-def run_stage(stage: str, overrides: dict[str, Any]) -> bool:
-    """`dvc repro <stage>` with the run's overrides; True if it ran, False if DVC found it up to date."""
-    return repro_with_progress(stage, overrides)
-
-
-@task(retries=2, retry_delay_seconds=5)
-def train(overrides: dict[str, Any]) -> bool:
-    """`dvc repro train`, its optimizer steps in a progress artifact; a retry resumes from the last checkpoint."""
-    return repro_with_progress("train", overrides, artifact_at_start=True)
 
 
 @task(retries=0)
@@ -179,9 +139,11 @@ def deploy_champion(overrides: dict[str, Any], serve: ServeParams, model_name: s
 
 @task(retries=3, retry_delay_seconds=5)
 def smoke(url: str) -> str:
-    """The live endpoint answers /health, /v1/models and a completion; a line saying what it served."""
+    """The live endpoint answers /health, /v1/models, a completion (and a chat reply, with a chat model served
+    beside the base); a line saying what it served."""
     result = smoke_test(url)
-    return f"{result.model} (version {result.version}) at {url} completed 'The king' with {result.completion!r}"
+    line = f"{result.model} (version {result.version}) at {url} completed 'The king' with {result.completion!r}"
+    return line + (f"; {result.chat_model} answered it with {result.chat!r}" if result.chat_model else "")
 
 
 def wait_for_approval(reg: dict, timeout_s: int) -> tuple[Approval, bool]:
@@ -236,8 +198,10 @@ def train_and_deploy(
     require_approval: bool = False,
     approval_timeout_s: int = Field(default=3600, ge=10, description="seconds to wait for a reviewer"),
     deploy: bool = True,
+    finetune: bool = Field(default=True, description="then fine-tune, evaluate and register the chat model"),
 ) -> dict[str, Any]:
-    """The dvc.yaml pipeline through DVC with this run's overrides, then deploy the champion and smoke-test it."""
+    """The dvc.yaml pipeline through DVC with this run's overrides (the base model's stages, then the chat model's
+    unless finetune is off or params.yaml has no finetune section), then deploy the champions and smoke-test."""
     logger = get_run_logger()
     dotted = overrides.dotted()
     params = check(dotted)  # bad keys, types and ranges stop the run here, before any work
@@ -249,7 +213,7 @@ def train_and_deploy(
             if stage == "train":
                 ran[stage] = train(dotted)
             elif stage == "register":
-                break
+                break  # the chat model's stages follow register in dvc.yaml: below
             else:
                 ran[stage] = run_stage(stage, dotted)
         if ran.get("train"):
@@ -263,6 +227,10 @@ def train_and_deploy(
         else:
             ran["register"] = run_stage("register", dotted)
         reg = registered()
+        chat = None
+        if finetune and params.finetune is not None:
+            ran.update(chat_stages(dotted))
+            chat = chat_registered()
         served = None
         if deploy and (approval is None or approval.startswith("approved")):
             url = deploy_champion(dotted, params.serve, params.registry.model_name)
@@ -277,11 +245,12 @@ def train_and_deploy(
                 tracking_uri(),
                 approval,
                 served,
+                chat,
             ),
             key="train-and-deploy-summary",
             description="stages, evaluation, registry decision, endpoint",
         )
-    return {"ran": ran, "registered": reg, "approval": approval, "served": served}
+    return {"ran": ran, "registered": reg, "chat_registered": chat, "approval": approval, "served": served}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,7 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--require-approval", action="store_true", help="pause after evaluate for a reviewer")
     parser.add_argument("--approval-timeout-s", type=int, default=3600)
-    parser.add_argument("--no-deploy", dest="deploy", action="store_false", help="stop after register")
+    parser.add_argument("--no-deploy", dest="deploy", action="store_false", help="stop after the registrations")
+    parser.add_argument(
+        "--no-finetune", dest="finetune", action="store_false", help="skip the chat model's stages (after register)"
+    )
     args = parser.parse_args(argv)
     try:
         overrides = RunOverrides.from_dotted(parse_sets(args.sets))
@@ -305,13 +277,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train_and_deploy: refused before any work: {exc}", file=sys.stderr)
         return 2
     try:
-        result = train_and_deploy(overrides, args.require_approval, args.approval_timeout_s, args.deploy)
+        result = train_and_deploy(overrides, args.require_approval, args.approval_timeout_s, args.deploy, args.finetune)
     except (StageFailed, RuntimeError, OSError) as exc:
         print(f"train_and_deploy failed: {exc}", file=sys.stderr)
         return 1
-    reg = result["registered"]
-    if reg:
-        print(f"registered {reg['model_name']} v{reg['version']} ({', '.join(reg['aliases'])}): {reg['why']}")
+    for reg in (result["registered"], result["chat_registered"]):
+        if reg:
+            print(f"registered {reg['model_name']} v{reg['version']} ({', '.join(reg['aliases'])}): {reg['why']}")
     print(f"served: {result['served'] or 'not deployed'}")
     print(f"MLflow: {mlflow_ui(tracking_uri())[1]}")
     return 0

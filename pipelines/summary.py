@@ -1,6 +1,7 @@
 """What the last pipeline run made, in a dozen lines: the end of `make run`, and each stage's line in a flow run.
 
-Reads the DVC metrics files (metrics/{clean,tokenize,train,eval}.json) and artifacts/registered.json;
+Reads the DVC metrics files (metrics/{clean,tokenize,train,eval}.json, and the fine-tuning stages' chat,
+finetune and chat_eval) and artifacts/{registered,chat_registered}.json;
 a stage that has not run yet shows as such; the train_and_deploy flow ends each stage's task with that stage's
 line (`headline`). `dvc metrics show` prints the same numbers as one row per file with a column per metric,
 too wide for a terminal; `dvc metrics diff` stays the tool to compare runs.
@@ -107,6 +108,40 @@ def summary_rows(root: Path) -> list[tuple[str, str]]:
     if reg:
         rows.append(("register", f"{reg['model_name']} v{reg['version']} -> {', '.join(reg['aliases'])}: {reg['why']}"))
     for stage, present in (("clean", clean), ("tokenize", tok), ("train", train), ("evaluate", ev), ("register", reg)):
+        if present is None:
+            rows.append((stage, NOT_RUN))
+    return rows + chat_rows(layout)
+
+
+def chat_rows(layout) -> list[tuple[str, str]]:
+    """The fine-tuning stages' lines, once chat_data has run (a project without a finetune section has none)."""
+    chat = _read(layout.chat_metrics)
+    if chat is None:
+        return []
+    ft, ev, reg = _read(layout.finetune_metrics), _read(layout.chat_eval_metrics), _read(layout.chat_registered)
+    rows = [("chat_data", f"{chat['conversations_out']} of {chat['conversations_in']} conversations kept")]
+    if ft:
+        trainable = f" ({_millions(ft['trainable_params'])} trainable)" if "trainable_params" in ft else ""
+        rows.append(
+            (
+                "finetune",
+                f"{ft.get('method', '?')}{trainable}, {ft['steps']} steps at {ft.get('tokens_per_s', 0):,.0f} tok/s; "
+                f"val_loss {fmt_value(ft.get('val_loss'))} (assistant tokens)",
+            )
+        )
+    if ev:
+        rows.append(
+            (
+                "chat_eval",
+                f"response_bpb {ev['response_bpb']:.3f} vs base {ev['base_response_bpb']:.3f}; end-of-turn rate "
+                f"{ev['eot_rate']:.2f} vs base {ev['base_eot_rate']:.2f} ({ev['conversations']} conversations)",
+            )
+        )
+    if reg:
+        rows.append(
+            ("chat_register", f"{reg['model_name']} v{reg['version']} -> {', '.join(reg['aliases'])}: {reg['why']}")
+        )
+    for stage, present in (("finetune", ft), ("chat_eval", ev), ("chat_register", reg)):
         if present is None:
             rows.append((stage, NOT_RUN))
     return rows

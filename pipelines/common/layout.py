@@ -52,10 +52,23 @@ class Layout:
     finetune_checkpoints: Path = Path("checkpoints_finetune")
     finetune_metrics: Path = Path("metrics/finetune.json")
     finetune_plots: Path = Path("plots/finetune")
+    # chat_eval: report.md, samples.json (both models' responses), evaluated.json (which chat model, base and test
+    # conversations the metrics describe); metrics: response bits per byte, end-of-turn rate, tasks, for both
+    chat_eval_reports: Path = Path("reports/chat_eval")
+    chat_eval_metrics: Path = Path("metrics/chat_eval.json")
+    chat_registered: Path = Path("artifacts/chat_registered.json")  # chat_register: as registered.json
 
     @property
     def eval_samples(self) -> Path:
         return self.eval_reports / "samples.json"
+
+    @property
+    def chat_samples(self) -> Path:
+        return self.chat_eval_reports / "samples.json"
+
+    @property
+    def chat_evaluated(self) -> Path:
+        return self.chat_eval_reports / "evaluated.json"
 
     @property
     def evaluated(self) -> Path:
@@ -87,6 +100,15 @@ STAGE_IO: dict[str, dict[str, tuple[str, ...]]] = {
     "finetune": {
         "reads": ("chat", "model"),
         "writes": ("chat_model", "chat_adapter", "finetune_checkpoints", "finetune_plots", "finetune_metrics"),
+    },
+    # chat_eval: data/clean holds the task pack's items; model is the default base (finetune.base)
+    "chat_eval": {
+        "reads": ("chat", "chat_model", "model", "clean"),
+        "writes": ("chat_eval_reports", "chat_eval_metrics"),
+    },
+    "chat_register": {
+        "reads": ("chat_model", "chat_eval_metrics", "chat_eval_reports", "chat"),
+        "writes": ("chat_registered",),
     },
 }
 

@@ -288,6 +288,16 @@ class LoraParams(Section):
     targets: list[LoraTarget] = Field(default=["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
 
 
+class ChatEvalParams(Section):
+    """The chat_eval stage (pipelines/chat_eval/): the chat model next to its base on held-out conversations."""
+
+    max_conversations: int = Field(default=200, gt=0)  # of data/chat/test.jsonl, a stable-hash sample when more
+    temperature: float = Field(default=0.7, gt=0)  # sampling for the end-of-turn rate
+    max_tokens: int = Field(default=64, gt=0)  # a response must end with <|im_end|> within this many tokens
+    samples: int = Field(default=4, ge=0)  # conversations whose responses (both models) go to the report and MLflow
+    seed: int = Field(default=1234, ge=0, le=2**32 - 1)
+
+
 class FinetuneParams(Section):
     """Fine-tuning for chat: its data (the chat_data stage: sources, split) and its training (the finetune stage,
     pipelines/finetune/). Tokens per step = batch_size * grad_accum * the batch's longest conversation window."""
@@ -320,6 +330,7 @@ class FinetuneParams(Section):
     # hardware (one device): auto picks bf16-mixed on a GPU that supports it, 32-bit otherwise
     precision: Literal["auto", "32", "bf16-mixed", "16-mixed"] = "auto"
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
+    eval: ChatEvalParams = ChatEvalParams()  # the chat_eval stage; its lm-eval tasks are eval.tasks
 
     @model_validator(mode="after")
     def _min_lr_below_lr(self) -> FinetuneParams:
@@ -330,7 +341,7 @@ class FinetuneParams(Section):
 
 # --- eval -------------------------------------------------------------------------------------
 
-LOCAL_TASKS = ["quill_cloze", "quill_nextline", "quill_perplexity"]  # the pack pipelines/evaluate/task_pack.py builds
+LOCAL_TASKS = ["quill_cloze", "quill_nextline", "quill_perplexity"]  # the pack pipelines/common/task_pack.py builds
 
 
 class EvalParams(Section):
@@ -362,6 +373,9 @@ class RegistryParams(Section):
     """The register stage (pipelines/register/): MLflow model name and the champion rule."""
 
     model_name: str = Field(default="quill-gpt", min_length=1)  # registered model name in MLflow
+    # the chat model (finetune stage), registered by chat_register; its champion gate is on held-out response bits
+    # per byte (chat_eval), with the same min_improvement, force_promote and promotion as the base model's
+    chat_model_name: str = Field(default="quill-gpt-chat", min_length=1)
     min_improvement: float = Field(default=0.01, ge=0)  # test_bpb must drop by at least this (bits/byte) to promote
     force_promote: bool = False  # make this version champion whatever its metrics (recorded as forced)
     # auto: the rule moves `champion`; manual: the version stays `challenger` with the rule's verdict recorded
@@ -381,6 +395,9 @@ class ServeParams(Section):
     host: str = "127.0.0.1"  # loopback unless you mean to expose it
     port: int = Field(default=8000, ge=1, le=65535)
     model: str | None = None  # registry URI or local folder; None = models:/<registry.model_name>@champion
+    # the chat model served beside it (the default of /v1/chat/completions): registry URI or local folder; None =
+    # models:/<registry.chat_model_name>@champion when that model has a champion, else the base model alone
+    chat_model: str | None = None
     num_replicas: int = Field(default=1, ge=1)  # fixed replica count (ignored when autoscaling is set)
     min_replicas: int | None = Field(default=None, ge=0)  # autoscaling bounds (both set = autoscaling on)
     max_replicas: int | None = Field(default=None, ge=1)

@@ -59,6 +59,7 @@ SCRATCH = ".finetune-scratch-"  # a downloaded registry base and the chat tokeni
 # sources and split shape the data, which the fingerprint covers by the files' hashes
 RESUMABLE_CHANGES = {
     *("sources", "split"),
+    "eval",  # the chat_eval stage's settings
     *("precision", "accelerator"),
     *("val_every", "val_batches", "log_every", "checkpoint_every", "keep_checkpoints"),
 }

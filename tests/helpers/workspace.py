@@ -46,7 +46,7 @@ TINY_PARAMS = {
         "samples_from_test": 1,
         "sample_max_tokens": 4,
     },
-    "registry": {"model_name": "quill-test"},
+    "registry": {"model_name": "quill-test", "chat_model_name": "quill-test-chat"},
     # the fine-tuning stages on a few conversations the workspace holds (no wheel download, no plays)
     "finetune": {
         "sources": [{"type": "jsonl", "path": "chat"}],
@@ -57,6 +57,8 @@ TINY_PARAMS = {
         "val_batches": 1,
         "log_every": 1,
         "checkpoint_every": 2,
+        "split": {"val": 0.15, "test": 0.15},  # a few held-out conversations for chat_eval
+        "eval": {"max_tokens": 8, "samples": 1},
     },
 }
 COPIED = ("pipelines", "model", "flows")

@@ -154,7 +154,7 @@ def test_the_next_run_puts_params_back_and_a_failed_evaluate_is_retried_without_
     original = entry.read_text()
     entry.write_text('raise SystemExit("injected failure in evaluate")\n')
     try:
-        response = run_button(api, {"overrides": {"train": {"max_steps": 9}}, "deploy": False})
+        response = run_button(api, {"overrides": {"train": {"max_steps": 9}}, "deploy": False, "finetune": False})
         run = wait(api, response.json()["id"], set())
     finally:
         entry.write_text(original)
@@ -206,7 +206,7 @@ def test_a_killed_train_is_retried_by_the_task_and_resumes_its_checkpoint(champi
     train_runs = len(mlflow(root).search_runs([experiment]))
     overrides = {"train": {"max_steps": 12, "checkpoint_every": 2}}
     earlier = set((root / "checkpoints").glob("*/step-*.ckpt"))  # finished runs of other configurations
-    run_id = run_button(api, {"overrides": overrides, "deploy": False}).json()["id"]
+    run_id = run_button(api, {"overrides": overrides, "deploy": False, "finetune": False}).json()["id"]
     deadline = time.monotonic() + 240
     while True:
         proc = workspace_process(root, "pipelines.train")
@@ -219,7 +219,7 @@ def test_a_killed_train_is_retried_by_the_task_and_resumes_its_checkpoint(champi
     steps = sorted(p.name for p in (root / "checkpoints").glob("*/step-*.ckpt") if p not in earlier)
     assert steps and steps[-1] < "step-00000012", steps  # frozen mid-run, before its last step
     # a second click while this run trains: it waits for the deployment's one slot
-    queued = run_button(api, {"overrides": overrides, "deploy": False}).json()["id"]
+    queued = run_button(api, {"overrides": overrides, "deploy": False, "finetune": False}).json()["id"]
     proc.kill()
     run = wait(api, run_id, set())
     assert run["state"]["type"] == "COMPLETED", logs(api, run_id)
@@ -239,7 +239,7 @@ def test_a_killed_train_is_retried_by_the_task_and_resumes_its_checkpoint(champi
 def test_approval_pause_is_resumed_through_the_api_and_holds_the_workspace(champion, flow_stack):
     root, env, api = flow_stack["root"], flow_stack["env"], flow_stack["api"]
     versions_before = len(mlflow(root).search_model_versions(f"name='{MODEL}'"))
-    response = run_button(api, {"overrides": {"train": {"max_steps": 10}}, "require_approval": True, "deploy": False})
+    response = run_button(api, {"overrides": {"train": {"max_steps": 10}}, "require_approval": True, "deploy": False, "finetune": False})
     run = wait(api, response.json()["id"], {"PAUSED"})
     assert run["state"]["type"] == "PAUSED", logs(api, run["id"])
     paused = json.loads((root / "artifacts/registered.json").read_text())  # registered, waiting as challenger
@@ -250,7 +250,7 @@ def test_approval_pause_is_resumed_through_the_api_and_holds_the_workspace(champ
     )
 
     # a second run meanwhile is refused with a message (the paused run holds the workspace)
-    second = cli(root, env, "--no-deploy", timeout=300)
+    second = cli(root, env, "--no-deploy", "--no-finetune", timeout=300)
     assert second.returncode == 1 and "another pipeline run holds this workspace" in second.stderr, second.stderr
 
     # the reviewer's form, submitted as the UI does
@@ -282,6 +282,7 @@ def test_an_unanswered_approval_leaves_the_version_challenger(champion, flow_sta
             "require_approval": True,
             "approval_timeout_s": 10,
             "deploy": False,
+            "finetune": False,
         },
     )
     run = wait(api, response.json()["id"], set())

@@ -97,3 +97,80 @@ def render_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def render_chat_card(
+    name: str,
+    version: str,
+    config: dict,
+    n_params: int,
+    metrics: dict,
+    finetune: dict,
+    lineage: dict,
+    samples: list[dict],
+    decision: dict,
+) -> str:
+    """Markdown for one version of the chat model: what it was fine-tuned from and how, next to its base."""
+    base = (
+        f"{lineage.get('base_model_name', '')} v{lineage['base_model_version']}"
+        if lineage.get("base_model_version")
+        else lineage.get("base", "its base")
+    )
+    lines = [
+        f"# {name} v{version}",
+        "",
+        f"A chat model: {base} fine-tuned on conversations in ChatML (`<|im_start|>` / `<|im_end|>`, the template "
+        "in its tokenizer files) by the quill pipeline, the loss on the assistant's tokens only.",
+        "",
+        f"Architecture: the base's ({fmt_value(config.get('n_layer'))} layers, width {fmt_value(config.get('n_embd'))}, "
+        f"context {fmt_value(config.get('block_size'))} tokens), {n_params:,} parameters.",
+        "",
+        "## Data and lineage",
+        "",
+        *(f"- {k}: `{v}`" for k, v in sorted(lineage.items())),
+        "",
+        "## Fine-tuning",
+        "",
+        *(f"- {k}: {fmt_value(v)}" for k, v in sorted(finetune.items())),
+        "",
+        "## Evaluation (held-out conversations)",
+        "",
+        f"| model | response bits per byte | end-of-turn rate (T {fmt_value(lineage.get('eot_temperature'))}) |",
+        "|---|---|---|",
+        f"| base | {fmt_value(metrics.get('base_response_bpb'))} | {fmt_value(metrics.get('base_eot_rate'))} |",
+        f"| **{name} v{version}** | **{fmt_value(metrics.get('response_bpb'))}** | "
+        f"**{fmt_value(metrics.get('eot_rate'))}** |",
+        "",
+        f"{fmt_value(metrics.get('conversations'))} conversations. Task pack (what fine-tuning cost in language "
+        "modelling):",
+        "",
+        "| task | metric | chat | base |",
+        "|---|---|---|---|",
+    ]
+    tasks = metrics.get("tasks", {})
+    chat, base_tasks = tasks.get("chat", {}), tasks.get("base", {})
+    lines += [
+        f"| {k.rsplit('.', 1)[0]} | {k.rsplit('.', 1)[-1]} | {fmt_value(v)} | {fmt_value(base_tasks.get(k))} |"
+        for k, v in sorted(chat.items())
+        if isinstance(v, int | float)
+    ]
+    lines += ["", "## Samples", "", "| prompt | chat model | base | reference |", "|---|---|---|---|"]
+    lines += [
+        f"| {table_cell(r.get('prompt'))} | {table_cell(r.get('chat'))} | {table_cell(r.get('base'))} | "
+        f"{table_cell(r.get('reference'))} |"
+        for r in samples
+    ]
+    lines += [
+        "",
+        "## Promotion",
+        "",
+        f"{'Promoted to champion' if decision['promoted'] else 'Not promoted'}: {decision['why']}",
+        "",
+        "## Limitations",
+        "",
+        "- As small as its base, with its base's knowledge: it answers in turn and stops, it does not know facts.",
+        "- Fine-tuned on open-domain small talk and play dialogue by default, in English; no safety tuning.",
+        "- The response bits per byte compare it with its base on the same conversations, not with published models.",
+        "",
+    ]
+    return "\n".join(lines)

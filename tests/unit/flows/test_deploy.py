@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from flows.deploy import DEPLOYMENTS, deployments, form_defaults, watch
+from flows.finetune_and_deploy import FinetuneOverrides
 from flows.overrides import ORIGINAL
 from pipelines.common.params import _model_config_module
 from tests.helpers.paths import REPO
@@ -38,6 +39,7 @@ def test_each_deployment_is_named_for_what_it_does(workspace):
     assert {flow: d.name for flow, d in built.items()} == DEPLOYMENTS
     assert DEPLOYMENTS == {
         "train_and_deploy": "train-and-deploy",
+        "finetune_and_deploy": "finetune-and-deploy",
         "evaluate_model": "evaluate-version",
         "promote_model": "promote-version",
         "serve_model": "serve-model",
@@ -51,6 +53,7 @@ def test_the_run_form_shows_params_yaml_values_and_set_defaults(workspace):
         "model": {"preset": "tiny"},
         "train": {"max_steps": 77, "checkpoint_every": 100, "val_every": 100, "seed": 9},
         "eval": {"num_fewshot": [0], "tasks": ["quill_cloze", "quill_nextline", "quill_perplexity"]},
+        "finetune": {"method": "lora", "max_steps": 200, "lr": 0.002},
         "other": {"serve.host": "0.0.0.0"},
     }
 
@@ -64,6 +67,14 @@ def test_the_preset_is_a_choice_of_the_presets_and_the_schema_refuses_others(wor
     jsonschema.validate(deployment.parameters, schema)  # the form's defaults pass the server's check
     with pytest.raises(jsonschema.ValidationError, match="huge"):
         jsonschema.validate({"overrides": {"model": {"preset": "huge"}}}, schema)
+
+
+def test_the_finetune_form_offers_only_the_finetune_knobs_at_params_yaml_values(workspace):
+    form = by_flow(deployments())["finetune_and_deploy"].parameters["overrides"]
+    assert set(form) == {"finetune", "other"}
+    assert form["finetune"] == {"method": "lora", "max_steps": 200, "lr": 0.002}  # params.yaml's finetune section
+    with pytest.raises(ValueError, match="finetune.base changes only through params.yaml"):
+        FinetuneOverrides.from_dotted({"finetune.base": "/somewhere/else"})
 
 
 def test_the_form_shows_the_users_file_while_a_run_holds_its_overrides_in_it(workspace):
@@ -95,4 +106,4 @@ def test_a_changed_params_yaml_renews_the_form_and_a_half_edited_one_keeps_it(wo
     finally:
         stop.set()
         watcher.join()
-    assert [p["train"]["max_steps"] for p in pushed] == [78]
+    assert [p["train_and_deploy"]["train"]["max_steps"] for p in pushed] == [78]

@@ -1,0 +1,1 @@
+"""The chat_register stage (`python -m pipelines.chat_register`): see stage.py."""
