@@ -391,8 +391,8 @@ def test_lock_is_renewed_owned_and_expires_on_one_clock(proj, monkeypatch):
 
     The waiter's monotonic clock is the test's: it advances by what the waiter sleeps, and the holder renews
     once per timeout_s / 4 of it (as its heartbeat thread does), so no real clock decides the outcome."""
-    from pipelines.common.tracking import mlflow_client
     from pipelines.common.registration import lock
+    from pipelines.common.tracking import mlflow_client
 
     client = mlflow_client()
     a = lock.RegistrationLock(client, NAME, timeout_s=LOCK_S).__enter__()
@@ -438,9 +438,9 @@ time.sleep(600)
 def test_a_lock_whose_holder_exited_on_this_machine_is_taken_over_at_once(proj, capsys, monkeypatch):
     """A registration SIGKILLed while holding the lock (renewal every 150 s, expiry after 600 s) holds up the
     next one on the same machine for no longer than it takes to see that the process is gone."""
-    from pipelines.common.tracking import mlflow_client
     from pipelines.common.registration import lock as lock_module
     from pipelines.common.registration.lock import RegistrationLock
+    from pipelines.common.tracking import mlflow_client
 
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD_LOCK, NAME],
