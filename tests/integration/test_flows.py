@@ -239,7 +239,9 @@ def test_a_killed_train_is_retried_by_the_task_and_resumes_its_checkpoint(champi
 def test_approval_pause_is_resumed_through_the_api_and_holds_the_workspace(champion, flow_stack):
     root, env, api = flow_stack["root"], flow_stack["env"], flow_stack["api"]
     versions_before = len(mlflow(root).search_model_versions(f"name='{MODEL}'"))
-    response = run_button(api, {"overrides": {"train": {"max_steps": 10}}, "require_approval": True, "deploy": False, "finetune": False})
+    response = run_button(
+        api, {"overrides": {"train": {"max_steps": 10}}, "require_approval": True, "deploy": False, "finetune": False}
+    )
     run = wait(api, response.json()["id"], {"PAUSED"})
     assert run["state"]["type"] == "PAUSED", logs(api, run["id"])
     paused = json.loads((root / "artifacts/registered.json").read_text())  # registered, waiting as challenger
