@@ -28,7 +28,6 @@ def test_the_chat_stages_say_what_they_did(tmp_path, monkeypatch):
     (tmp_path / "metrics" / "chat_eval.json").write_text(json.dumps({**chat_eval, "conversations": 40}))
     assert what_it_did(Repro("chat_data", True, 2.0)) == "chat_data: ran in 2 s; 80 of 90 conversations kept"
     assert what_it_did(Repro("chat_eval", True, 9.0)) == (
-        "chat_eval: ran in 9 s; response_bpb 1.500 vs base 2.250; end-of-turn rate 0.95 vs base 0.00 "
-        "(40 conversations)"
+        "chat_eval: ran in 9 s; response_bpb 1.500 vs base 2.250; end-of-turn rate 0.95 vs base 0.00 (40 conversations)"
     )
     assert what_it_did(Repro("finetune", False, 1.0)) == "finetune: up to date (DVC skipped it)"
