@@ -182,9 +182,9 @@ def flow_stack(tmp_path_factory, mlflow_template, prefect, shared_ray) -> Iterat
 @pytest.fixture(scope="session")
 def champion(flow_stack, shared_ray, tmp_path_factory) -> dict:
     """The Run button pressed once on a fresh workspace, with `train.max_steps` 8 in the form and the rest as the
-    form has it: the whole pipeline through DVC, v1 registered as champion and deployed on the session's Ray.
-    Returns the finished flow run, what the endpoint answered (`models`, and `completion`: 4 greedy tokens of
-    "The king") before the app was deleted again, and `snapshot`, a copy of the workspace as the run left it
+    form has it: the whole pipeline through DVC, the chat model's stages included, v1 of both models registered as
+    champion and deployed on the session's Ray. Returns the finished flow run, what the endpoint answered (`models`,
+    `completion`: 4 greedy tokens of "The king", and `chat`: a chat reply) before the app was deleted again, and `snapshot`, a copy of the workspace as the run left it
     (tests copy it again with copy_workspace)."""
     api = flow_stack["api"]
     try:
@@ -193,10 +193,12 @@ def champion(flow_stack, shared_ray, tmp_path_factory) -> dict:
             models = http.get("/v1/models").json()
             body = {"prompt": "The king", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
             completion = http.post("/v1/completions", json=body).json()
+            ask = {"messages": [{"role": "user", "content": "Who is there?"}], "max_tokens": 8, "temperature": 0}
+            chat = http.post("/v1/chat/completions", json=ask).json()  # no model named: the chat champion
     finally:
         delete_apps("quill")  # the other modules' apps take the route prefix /
     snapshot = copy_workspace(flow_stack["root"], tmp_path_factory.mktemp("finished") / "ws")
-    return {"run": run, "models": models, "completion": completion, "snapshot": snapshot}
+    return {"run": run, "models": models, "completion": completion, "chat": chat, "snapshot": snapshot}
 
 
 @pytest.fixture

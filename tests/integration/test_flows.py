@@ -63,7 +63,8 @@ def test_run_button_runs_the_pipeline_and_registers_a_champion(champion, flow_st
     """What the first Run (the `champion` fixture) left: the snapshot is the workspace as that run ended."""
     api, run, root = flow_stack["api"], champion["run"], champion["snapshot"]
     text = logs(api, run["id"])
-    for stage in ("ingest", "clean", "tokenize", "train", "evaluate", "register"):
+    stages = ("ingest", "clean", "tokenize", "train", "evaluate", "register")
+    for stage in (*stages, "chat_data", "finetune", "chat_eval", "chat_register"):
         assert f"Running stage '{stage}'" in text and f"\n{stage}: ran in " in text, stage
     assert "To track the changes with git" not in text and "%|" not in text  # no DVC hints, no redrawn bars
     assert "Add type hints" not in text  # MLflow's warning about the pyfunc model's predict
@@ -75,7 +76,9 @@ def test_run_button_runs_the_pipeline_and_registers_a_champion(champion, flow_st
     assert training.data.tags["quill.flow_run_id"] == run["id"]
     assert json.loads(training.data.tags["quill.overrides"]) == {"train.max_steps": 8}
     kinds = artifacts(api, run["id"])
-    assert kinds["train-progress"]["data"] == 100.0
+    assert kinds["train-progress"]["data"] == 100.0 and kinds["finetune-progress"]["data"] == 100.0
+    chat = json.loads((root / "artifacts" / "chat_registered.json").read_text())
+    assert chat["model_name"] == f"{MODEL}-chat" and chat["promoted"] and chat["version"] == "1"
     summary = kinds["train-and-deploy-summary"]["data"]
     assert "quill-test v1 promoted to **champion**" in summary and "`train.max_steps` | `8`" in summary
     # the override lives in dvc.lock, not in the user's params.yaml
@@ -310,11 +313,15 @@ def test_promote_model_and_evaluate_model_from_their_deployments(champion, flow_
 def test_the_run_button_deploys_the_champion_and_the_endpoint_answers(champion, flow_stack, shared_ray):
     """The first Run (the `champion` fixture) deployed v1 on the session's Ray Serve (the workspace's serve.port is
     its port) and smoke-tested it; the fixture asked the endpoint before deleting the app."""
-    [card] = champion["models"]["data"]
-    assert card["id"] == MODEL and str(card["version"]) == "1", card
+    base, chat = champion["models"]["data"]  # both champions, the base model first
+    assert base["id"] == MODEL and str(base["version"]) == "1", base
+    assert chat["id"] == f"{MODEL}-chat" and str(chat["version"]) == "1", chat
+    reply = champion["chat"]
+    assert reply["model"] == f"{MODEL}-chat" and reply["choices"][0]["message"]["role"] == "assistant", reply
     completion = champion["completion"]
     assert completion["usage"]["completion_tokens"] == 4 and completion["choices"][0]["finish_reason"] == "length"
     assert completion["model"] == MODEL and isinstance(completion["choices"][0]["text"], str)
     summary = summary_of(flow_stack["api"], champion["run"]["id"])
     assert f"**Endpoint:** {MODEL} (version 1) at {shared_ray['url']}" in summary
-    assert "completed 'The king' with" in summary
+    assert "completed 'The king' with" in summary and f"{MODEL}-chat (version 1) answered it with" in summary
+    assert "## Chat model" in summary and "chat_eval" in summary and "response_bpb" in summary
