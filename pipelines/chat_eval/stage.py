@@ -91,7 +91,11 @@ def measure(engine: Engine, name: str, conversations: list[Messages], e: ChatEva
     tokenizer = literal(engine.tokenizer)
     _, im_end = chat_markers(tokenizer)
     score = response_score(
-        engine.model, tokenizer, conversations, batch_size, progress=progress_bar(f"chat_eval: {name} response bpb")
+        engine.model,
+        tokenizer,
+        conversations,
+        batch_size,
+        progress=progress_bar(f"chat_eval: {name} response bpb", "window"),
     )
     prompts = prompt_ids(tokenizer, conversations, engine.config.block_size - e.max_tokens)
     sampling = SamplingParams(max_tokens=e.max_tokens, temperature=e.temperature, stop_token_ids=[im_end])
