@@ -3,6 +3,7 @@
     python -m benchmarks.serve               # about 3 minutes on 2 cores
     python -m benchmarks.serve --num-cpus 2  # serve.num_cpus_per_replica (torch threads of the replica's engine)
     python -m benchmarks.serve --quick       # smaller, for a smoke run
+    python -m benchmarks.serve --two-models  # and the app with a second (chat) model: what its hop costs
 
 One model folder for every endpoint: the model `make run` trains (params.yaml's `model` section and tokenizer
 vocab), random init, exported with save_pretrained beside a word-level tokenizer (`w<id>` is token <id>, so a
@@ -25,6 +26,10 @@ the rounds), p50 request latency under that load (the same round), and p50 idle 
 completion. The peer's rounds come after quill's (one endpoint at a time), so slow spells of a shared VM can
 weigh on one side; served sampled/greedy is the median of back-to-back pairs.
 
+With --two-models, then quill served with the same weights also as its chat model (`--chat-model`, a copy of the
+folder under another name): greedy rounds answered by the base model (the ingress replica itself) alternate with
+greedy rounds that name the second model (handed on through its deployment handle, one hop more).
+
 Ends with one JSON line: {"benchmark": "serve", "ours": served sampled tok/s, "baseline": served greedy tok/s,
 "ratio": sampled / greedy (target >= 0.8), "greedy_vs_peer": quill served greedy / peer greedy (target >= 1.5),
 ...}. benchmarks/serve_batching.py measures continuous against static batching, HTTP overhead and a load run.
@@ -41,6 +46,7 @@ import os
 import platform
 import re
 import secrets
+import shutil
 import socket
 import statistics
 import subprocess
@@ -63,6 +69,7 @@ from pipelines.common.params import load_params
 REPO = Path(__file__).resolve().parents[1]
 CLIENTS, COMPLETIONS, NEW_TOKENS, IDLE_TOKENS = 16, 64, 64, 16
 PEER = "transformers serve --continuous-batching"
+SECOND = "model-chat"  # --two-models: the second model's folder, and so its served name
 # the peer's body for a greedy request with EOS off: a generation_config given in the body replaces the model's
 # (and with it eos_token_id; continuous batching then sets -1, disabled); max_tokens still applies
 PEER_GREEDY = {"temperature": 0.0, "generation_config": json.dumps({"do_sample": False})}
@@ -113,10 +120,11 @@ def engine_inprocess(
 
 
 @contextlib.contextmanager
-def quill_served(folder: Path, work: Path, num_cpus: float) -> Iterator[tuple[str, dict]]:
-    """`python -m pipelines.serve --model <folder>` in a scratch directory (its params.yaml, its .quill/ state: its
-    own local Ray, never the project's), yields (url, auth headers); `python -m pipelines.serve shutdown` after."""
-    run = work / "quill-serve"
+def quill_served(folder: Path, work: Path, num_cpus: float, chat: Path | None = None) -> Iterator[tuple[str, dict]]:
+    """`python -m pipelines.serve --model <folder> [--chat-model <chat>]` in a scratch directory (its params.yaml,
+    its .quill/ state: its own local Ray, never the project's), yields (url, auth headers); `python -m
+    pipelines.serve shutdown` after."""
+    run = work / ("quill-serve-chat" if chat else "quill-serve")
     run.mkdir()
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["serve"].update(port=free_port(), num_cpus_per_replica=num_cpus)
@@ -124,11 +132,11 @@ def quill_served(folder: Path, work: Path, num_cpus: float) -> Iterator[tuple[st
     key = secrets.token_hex(16)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of its own
     env.update(QUILL_API_KEY=key, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{run / 'mlflow.db'}"  # none: no registered chat model joins in
     cli = [sys.executable, "-m", "pipelines.serve"]
     try:
-        out = subprocess.run(
-            [*cli, "--model", str(folder)], cwd=run, env=env, capture_output=True, text=True, timeout=600
-        )
+        models = ["--model", str(folder), *(["--chat-model", str(chat)] if chat else [])]
+        out = subprocess.run([*cli, *models], cwd=run, env=env, capture_output=True, text=True, timeout=600)
         lines = (out.stdout + out.stderr).strip().splitlines()
         url = next((m[1] for line in lines if (m := re.search(r" at (http://\S+)/v1$", line))), None)
         if out.returncode != 0 or url is None:
@@ -199,11 +207,13 @@ async def load(c: httpx.AsyncClient, bodies: list[dict]) -> tuple[float, list[fl
     return sum(n for n, _ in results) / dt, [s for _, s in results], min(n for n, _ in results)
 
 
-def bodies(prompts: list[list[int]], new_tokens: int, mode: str, seed0: int, peer: bool) -> list[dict]:
-    """One request body per prompt; sampled requests carry seeds seed0, seed0 + 1, ..."""
+def bodies(
+    prompts: list[list[int]], new_tokens: int, mode: str, seed0: int, peer: bool, model: str | None = None
+) -> list[dict]:
+    """One request body per prompt (naming `model`, when given); sampled requests carry seeds seed0, seed0 + 1, ..."""
     out = []
     for i, p in enumerate(prompts):
-        body = {"prompt": text(p), "max_tokens": new_tokens}
+        body = {"prompt": text(p), "max_tokens": new_tokens} | ({"model": model} if model else {})
         if peer:
             body |= PEER_GREEDY
         elif mode == "sampled":
@@ -214,34 +224,50 @@ def bodies(prompts: list[list[int]], new_tokens: int, mode: str, seed0: int, pee
     return out
 
 
+MODES = {"greedy": ("greedy", None), "sampled": ("sampled", None)}  # label: (sampling, the model a body names)
+
+
 async def measure_served(
-    url: str, headers: dict, prompts: list[list[int]], new_tokens: int, rounds: int, idle_n: int, peer: bool = False
+    url: str,
+    headers: dict,
+    prompts: list[list[int]],
+    new_tokens: int,
+    rounds: int,
+    idle_n: int,
+    peer: bool = False,
+    modes: dict[str, tuple[str, str | None]] = MODES,
 ) -> tuple[dict, int]:
     """Rounds of the load per mode (greedy and sampled alternating, in turn forwards and backwards; the peer:
     greedy), then idle latencies; the summary, and the fewest tokens any completion got (all should have
     new_tokens)."""
-    modes = ("greedy",) if peer else ("greedy", "sampled")
+    modes = {"greedy": MODES["greedy"]} if peer else modes
     limits = httpx.Limits(max_connections=CLIENTS * 2, max_keepalive_connections=CLIENTS * 2)
+
+    def load_of(label: str, some: list[list[int]], n: int, seed0: int) -> list[dict]:
+        sampling, model = modes[label]
+        return bodies(some, n, sampling, seed0, peer, model)
+
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600, limits=limits) as c:
-        for mode in modes:  # warm-up (the peer's first request also sets its generation config for all)
-            await load(c, bodies(prompts[:CLIENTS], 8, mode, 0, peer))
+        for label in modes:  # warm-up (the peer's first request also sets its generation config for all)
+            await load(c, load_of(label, prompts[:CLIENTS], 8, 0))
         runs: dict[str, list] = {m: [] for m in modes}
         fewest = new_tokens
         for r in range(rounds):
-            for mode in modes[:: 1 if r % 2 == 0 else -1]:
-                tps, latencies, least = await load(c, bodies(prompts, new_tokens, mode, r * len(prompts), peer))
-                runs[mode].append((tps, latencies))
+            for label in list(modes)[:: 1 if r % 2 == 0 else -1]:
+                tps, latencies, least = await load(c, load_of(label, prompts, new_tokens, r * len(prompts)))
+                runs[label].append((tps, latencies))
                 fewest = min(fewest, least)
         idle: dict[str, list[float]] = {m: [] for m in modes}
         for i in range(idle_n):
-            for mode in modes:
-                idle[mode].append((await complete(c, bodies(prompts[i : i + 1], IDLE_TOKENS, mode, i, peer)[0]))[1])
+            for label in modes:
+                idle[label].append((await complete(c, load_of(label, prompts[i : i + 1], IDLE_TOKENS, i)[0]))[1])
     return summarize(runs, idle), fewest
 
 
 def summarize(runs: dict[str, list[tuple[float, list[float]]]], idle: dict[str, list[float]]) -> dict:
-    """Per mode: the best round's tokens/s and p50 latency, the idle p50; with both modes, sampled/greedy as the
-    median of the rounds' own ratios (a round runs both back to back, so a slow spell hits both alike)."""
+    """Per mode: the best round's tokens/s and p50 latency, the idle p50; with two modes, the second's tokens/s over
+    the first's (sampled/greedy) as the median of the rounds' own ratios (a round runs both back to back, so a slow
+    spell hits both alike)."""
     out = {}
     for mode, rs in runs.items():
         tps, latencies = max(rs, key=lambda x: x[0])
@@ -251,7 +277,8 @@ def summarize(runs: dict[str, list[tuple[float, list[float]]]], idle: dict[str, 
             "idle_p50_ms": round(statistics.median(idle[mode]) * 1000, 1),
         }
     if len(runs) == 2:
-        out["ratio"] = round(statistics.median(s[0] / g[0] for g, s in zip(runs["greedy"], runs["sampled"])), 2)
+        first, second = runs.values()
+        out["ratio"] = round(statistics.median(s[0] / g[0] for g, s in zip(first, second)), 2)
     return out
 
 
@@ -259,6 +286,9 @@ def summarize(runs: dict[str, list[tuple[float, list[float]]]], idle: dict[str, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer completions, tokens and rounds (a smoke run)")
+    ap.add_argument(
+        "--two-models", action="store_true", help="then the app with a second (chat) model: base vs second, greedy"
+    )
     ap.add_argument(
         "--num-cpus",
         type=float,
@@ -297,6 +327,20 @@ def main() -> None:
             t0 = time.perf_counter()
             peer, peer_fewest = asyncio.run(measure_served(url, {}, prompts, new_tokens, rounds, idle_n, peer=True))
             print(f"  measured in {took(t0)} (its first request sets up continuous batching)", flush=True)
+        two = None
+        if args.two_models:
+            second = shutil.copytree(folder, work / SECOND)  # the same weights, served under another name
+            t0 = time.perf_counter()
+            print(f"quill served, two models (--chat-model: the same weights as {SECOND!r}) ...", flush=True)
+            with quill_served(folder, work, args.num_cpus, chat=second) as (url, headers):
+                print(f"  serving after {took(t0)}", flush=True)
+                t0 = time.perf_counter()
+                modes = {"base": ("greedy", None), "second": ("greedy", SECOND)}
+                two, fewest2 = asyncio.run(
+                    measure_served(url, headers, prompts, new_tokens, rounds, idle_n, modes=modes)
+                )
+                fewest = min(fewest, fewest2)
+                print(f"  measured in {took(t0)}", flush=True)
 
     greedy_vs_peer = round(served["greedy"]["tokens_per_s"] / peer["greedy"]["tokens_per_s"], 2)
     engine_vs_served = round(engine["greedy"]["tokens_per_s"] / served["greedy"]["tokens_per_s"], 2)
@@ -318,6 +362,16 @@ def main() -> None:
     print(
         f"{PEER + ', sampled':48} cannot sample: under continuous batching each request gets the first one's settings"
     )
+    if two is not None:
+        for name, r in (
+            ("two models: base, greedy", two["base"]),
+            ("two models: second, greedy (one hop)", two["second"]),
+        ):
+            print(f"{name:48} {r['tokens_per_s']:8.0f} {r['p50_ms']:12.1f} ms {r['idle_p50_ms']:14.1f} ms")
+        print(
+            f"two models: second / base {two['ratio']}; base in the two-model app / served alone "
+            f"{two['base']['tokens_per_s'] / served['greedy']['tokens_per_s']:.2f}"
+        )
     print(
         f"served sampled / greedy {served['ratio']} (target >= 0.8); in-process sampled / greedy {engine['ratio']}; "
         f"served greedy / peer greedy {greedy_vs_peer} (target >= 1.5); in-process greedy / served {engine_vs_served}"
@@ -330,7 +384,8 @@ def main() -> None:
     if min(fewest, peer_fewest) < new_tokens:
         print(f"note: some completions ended early (fewest tokens: quill {fewest}, peer {peer_fewest})")
 
-    flat = {f"{e}_{m}_{k}": v for e, r in (("served", served), ("engine", engine), ("peer", peer)) for m, x in r.items()
+    endpoints = [("served", served), ("engine", engine), ("peer", peer), *([("two", two)] if two else [])]
+    flat = {f"{e}_{m}_{k}": v for e, r in endpoints for m, x in r.items()
             if isinstance(x, dict) for k, v in x.items()}  # fmt: skip
     print(
         json.dumps(
@@ -343,6 +398,7 @@ def main() -> None:
                 "greedy_vs_peer": greedy_vs_peer,
                 "engine_ratio": engine["ratio"],
                 "engine_vs_served_greedy": engine_vs_served,
+                "two_models_second_vs_base": two["ratio"] if two else None,
                 **flat,
                 "peer": f"{PEER} (greedy only), transformers {transformers.__version__}",
                 "fewest_tokens": min(fewest, peer_fewest),

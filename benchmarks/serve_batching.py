@@ -207,7 +207,9 @@ def main() -> None:
                     dtype=opts.dtype,
                     compile=opts.compile,
                 )
-                args = AppArgs(model=str(folder), params_file=params_file(root, name, **kw), static_batching=static)
+                nowhere = f"sqlite:///{root / 'no-registry.db'}"  # no registry: no chat model beside the folder
+                params = params_file(root, name, **kw)
+                args = AppArgs(model=str(folder), params_file=params, static_batching=static, tracking_uri=nowhere)
                 serve.run(app(args), name=name, route_prefix=f"/{name}")
             result = asyncio.run(measure(f"http://127.0.0.1:{port}", long_tokens, load_total, direct))
             result.update(
