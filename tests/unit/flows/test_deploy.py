@@ -53,7 +53,7 @@ def test_the_run_form_shows_params_yaml_values_and_set_defaults(workspace):
         "model": {"preset": "tiny"},
         "train": {"max_steps": 77, "checkpoint_every": 100, "val_every": 100, "seed": 9},
         "eval": {"num_fewshot": [0], "tasks": ["quill_cloze", "quill_nextline", "quill_perplexity"]},
-        "finetune": {"method": "lora", "max_steps": 200, "lr": 0.002},
+        "finetune": {"method": "full", "max_steps": 200, "lr": 0.0005},
         "other": {"serve.host": "0.0.0.0"},
     }
 
@@ -72,7 +72,7 @@ def test_the_preset_is_a_choice_of_the_presets_and_the_schema_refuses_others(wor
 def test_the_finetune_form_offers_only_the_finetune_knobs_at_params_yaml_values(workspace):
     form = by_flow(deployments())["finetune_and_deploy"].parameters["overrides"]
     assert set(form) == {"finetune", "other"}
-    assert form["finetune"] == {"method": "lora", "max_steps": 200, "lr": 0.002}  # params.yaml's finetune section
+    assert form["finetune"] == {"method": "full", "max_steps": 200, "lr": 0.0005}  # params.yaml's finetune section
     with pytest.raises(ValueError, match="finetune.base changes only through params.yaml"):
         FinetuneOverrides.from_dotted({"finetune.base": "/somewhere/else"})
 

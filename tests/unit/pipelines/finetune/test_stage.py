@@ -152,7 +152,7 @@ def test_a_misspelled_finetune_key_fails_naming_it():
 def test_dvc_stage_lists_exactly_the_finetune_training_keys():
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["finetune"]
     keys = {p.removeprefix("finetune.") for p in stage["params"]}
-    assert keys == set(FinetuneParams.model_fields) - {"sources", "split"}  # those are chat_data's
+    assert keys == set(FinetuneParams.model_fields) - {"sources", "split", "eval"}  # chat_data's and chat_eval's
     outs = {next(iter(o)) if isinstance(o, dict) else o: o for o in stage["outs"]}
     assert outs["checkpoints_finetune"]["checkpoints_finetune"]["persist"] is True
     assert TINY_FINETUNE["max_steps"] < FinetuneParams.model_fields["max_steps"].default
