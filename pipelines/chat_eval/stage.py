@@ -49,7 +49,7 @@ from pipelines.common.chat_test import RESPONSE_SCORER, Messages, held_out_conve
 from pipelines.common.clean_split import read_texts
 from pipelines.common.hashing import content_hash, sha256_file
 from pipelines.common.layout import PROJECT, Layout
-from pipelines.common.params import ChatEvalParams, Params
+from pipelines.common.params import ChatEvalParams, EvalParams, Params
 from pipelines.common.progress import progress_bar, reporter
 from pipelines.common.runner import StageError, run_stage, stage_log
 from pipelines.common.tracking import flat_metrics, training_run_id
@@ -111,6 +111,22 @@ def weights_hash(base: Base) -> str:
     shards' sha256s."""
     single = base.folder / "model.safetensors"
     return content_hash(single) if single.is_file() else base.weights_sha256
+
+
+def evaluated_tasks(layout: Layout, params: EvalParams, base_sha256: str) -> dict | None:
+    """The base's task scores from metrics/eval.json when the evaluate stage scored this very model (its weights'
+    hash) on the same pack (built from the same data and eval.* keys, which dvc.yaml gives both stages); None
+    otherwise. Saves scoring the base's task pack twice in a `dvc repro`."""
+    if not (layout.eval_metrics.is_file() and layout.evaluated.is_file()):
+        return None
+    metrics, evaluated = json.loads(layout.eval_metrics.read_text()), json.loads(layout.evaluated.read_text())
+    shots = ",".join(str(k) for k in params.num_fewshot)
+    if evaluated.get("model_sha256") != base_sha256 or metrics.get("num_fewshot") != shots:
+        return None
+    if not all(isinstance(metrics.get(task), dict) for task in params.tasks):
+        return None
+    log(f"base: task scores from {layout.eval_metrics} (the evaluate stage scored these weights on the same pack)")
+    return {task: metrics[task] for task in params.tasks}
 
 
 # --- samples, MLflow ----------------------------------------------------------------------------------
@@ -186,12 +202,13 @@ def chat_eval(params: Params, layout: Layout = PROJECT, *, tracking_uri: str | N
     results: dict[str, dict] = {}
     with scratch_dir(layout.chat_eval_reports.parent, SCRATCH) as scratch:
         base = resolve_base(resolve, layout, scratch, uri)
+        base_sha256 = weights_hash(base)
         for name, engine in (("chat", chat), ("base", base_engine(base, chat))):
             results[name] = measure(engine, name, conversations, e, params.eval.batch_size)
-            results[name]["tasks"] = task_scores(
+            scored = evaluated_tasks(layout, params.eval, base_sha256) if name == "base" else None
+            results[name]["tasks"] = scored or task_scores(
                 engine, params.eval, pack, layout.chat_eval_reports / "lm_eval" / name, log=log
             )
-        base_sha256 = weights_hash(base)
 
     chat_score, base_score = results["chat"]["score"], results["base"]["score"]
     metrics = {

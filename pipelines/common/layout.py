@@ -103,7 +103,7 @@ STAGE_IO: dict[str, dict[str, tuple[str, ...]]] = {
     },
     # chat_eval: data/clean holds the task pack's items; model is the default base (finetune.base)
     "chat_eval": {
-        "reads": ("chat", "chat_model", "model", "clean"),
+        "reads": ("chat", "chat_model", "model", "clean", "eval_metrics", "evaluated"),
         "writes": ("chat_eval_reports", "chat_eval_metrics"),
     },
     "chat_register": {

@@ -144,3 +144,22 @@ def test_bad_inputs_stop_the_stage_in_one_line_naming_the_fix(work, spoil, says,
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("chat_eval: error: ") and says in line and "dvc repro" in line
     assert not (work / "metrics/chat_eval.json").exists()
+
+
+def test_the_bases_task_scores_come_from_evaluate_only_for_the_same_weights_and_shots(tmp_path):
+    from pipelines.chat_eval.stage import evaluated_tasks
+    from pipelines.common.layout import PROJECT
+    from pipelines.common.params import EvalParams
+
+    layout = PROJECT.under(tmp_path)
+    params = EvalParams(tasks=["quill_cloze"], num_fewshot=[0, 2])
+    assert evaluated_tasks(layout, params, "sha256:base") is None  # nothing evaluated yet
+    layout.eval_metrics.parent.mkdir(parents=True)
+    layout.evaluated.parent.mkdir(parents=True)
+    scores = {"0shot": {"acc": 0.25}, "2shot": {"acc": 0.5}}
+    layout.eval_metrics.write_text(json.dumps({"quill_cloze": scores, "num_fewshot": "0,2"}))
+    layout.evaluated.write_text(json.dumps({"model_sha256": "sha256:base"}))
+    assert evaluated_tasks(layout, params, "sha256:base") == {"quill_cloze": scores}
+    assert evaluated_tasks(layout, params, "sha256:other-weights") is None
+    assert evaluated_tasks(layout, EvalParams(tasks=["quill_cloze"], num_fewshot=[0]), "sha256:base") is None
+    assert evaluated_tasks(layout, EvalParams(tasks=["quill_nextline"], num_fewshot=[0, 2]), "sha256:base") is None
