@@ -133,7 +133,9 @@ def test_adapter_generate_until_stops_at_until_and_at_max_gen_toks(project):
 def test_lm_eval_command_line_runs_a_quill_model(project, tmp_path):
     """`--model quill` from lm-eval's own CLI (which asks for device cuda by default) on a CPU-only machine."""
     build_task_pack(read_split(project, "test"), read_split(project, "val"), tmp_path / "tasks", max_items=5, seed=7)
-    code = "import sys, pipelines.common.lm_eval_adapter, lm_eval.__main__ as m; sys.argv[0] = 'lm_eval'; m.cli_evaluate()"
+    code = (
+        "import sys, pipelines.common.lm_eval_adapter, lm_eval.__main__ as m; sys.argv[0] = 'lm_eval'; m.cli_evaluate()"
+    )
     out = tmp_path / "cli-out"
     result = subprocess.run(
         [
