@@ -291,7 +291,7 @@ class LoraParams(Section):
 class ChatEvalParams(Section):
     """The chat_eval stage (pipelines/chat_eval/): the chat model next to its base on held-out conversations."""
 
-    max_conversations: int = Field(default=200, gt=0)  # of data/chat/test.jsonl, a stable-hash sample when more
+    max_conversations: int = Field(default=100, gt=0)  # of data/chat/test.jsonl, a stable-hash sample when more
     temperature: float = Field(default=0.7, gt=0)  # sampling for the end-of-turn rate
     max_tokens: int = Field(default=64, gt=0)  # a response must end with <|im_end|> within this many tokens
     samples: int = Field(default=4, ge=0)  # conversations whose responses (both models) go to the report and MLflow
