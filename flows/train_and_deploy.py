@@ -75,7 +75,7 @@ class Approval(RunInput):
 
 
 def stages() -> list[str]:
-    """The stage names of dvc.yaml, in its order (ingest, clean, tokenize, train, evaluate, register)."""
+    """The stage names of dvc.yaml, in its order (the base model's, ingest to register, then the chat model's)."""
     return list(yaml.safe_load(Path("dvc.yaml").read_text(encoding="utf-8"))["stages"])
 
 
