@@ -60,9 +60,10 @@ stop:
 status:
 	@test -x $(PY) && $(PY) -m flows.stack status || echo "no .venv: nothing started"
 
-# Serve the registry's champion (or MODEL=models:/quill-gpt/3 | artifacts/model) on Ray Serve; returns once it answers.
+# Serve the registry's champions on Ray Serve, the base model's (or MODEL=models:/quill-gpt/3 | artifacts/model) and
+# the chat model's beside it (or CHAT_MODEL=artifacts/chat_model); returns once it answers.
 serve: setup
-	$(PY) -m pipelines.serve $(if $(MODEL),--model $(MODEL))
+	$(PY) -m pipelines.serve $(if $(MODEL),--model $(MODEL)) $(if $(CHAT_MODEL),--chat-model $(CHAT_MODEL))
 
 bench: setup
 	@for b in benchmarks/[a-z]*.py; do name=$$(basename $$b .py); echo "== $$name"; $(PY) -m benchmarks.$$name || exit 1; done
