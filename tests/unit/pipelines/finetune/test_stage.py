@@ -11,7 +11,7 @@ import torch
 import yaml
 from tokenizers import Tokenizer
 
-from model import load_pretrained
+from model import Engine, SamplingParams, load_pretrained
 from model.chat import encode_chat, literal
 from pipelines.common.layout import Layout
 from pipelines.common.params import FinetuneParams, ParamsError, load_params, parse_params
@@ -81,6 +81,13 @@ def test_a_third_party_llama_folder_is_fine_tuned_and_exported_as_a_plain_folder
     hf = AutoTokenizer.from_pretrained(out.chat_model)
     ids = hf.apply_chat_template(CHAT, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
     assert list(ids) == encode_chat(literal(Tokenizer.from_file(str(base / "tokenizer.json"))), CHAT).ids
+    # and what the server runs on it: the engine's chat prompt, a reply that ends its turn at <|im_end|>
+    engine = Engine.from_pretrained(out.chat_model)
+    assert engine.encode_chat(CHAT) == list(ids)
+    im_end = engine.tokenizer.token_to_id("<|im_end|>")
+    short = engine.encode_chat(CHAT[-2:-1])  # the last user turn alone: the tiny base's context is 64 tokens
+    [reply] = engine.generate([short], SamplingParams(max_tokens=8, temperature=0.0, logit_bias={im_end: 100}))
+    assert reply.finish_reason == "stop" and reply.token_ids == [im_end]
 
 
 def test_full_fine_tuning_lowers_the_loss_and_links_the_mlflow_run_to_its_base(work):
