@@ -225,7 +225,9 @@ class StepCheckpoint(pl.Callback):
     """Save every `every` optimizer steps, at the end, and at the next step boundary after SIGTERM.
 
     Saving happens only at step boundaries (never mid gradient accumulation), so a checkpoint always
-    holds a whole number of steps. After a save, all but the newest `keep` are deleted.
+    holds a whole number of steps. At a step that validates, it happens after the validation: Lightning
+    skips the validation of the step a run resumes at, so a checkpoint written before it would leave that
+    step's val loss out of the resumed run's curves. After a save, all but the newest `keep` are deleted.
     """
 
     def __init__(self, directory: str | Path, every: int, keep: int):
@@ -233,6 +235,7 @@ class StepCheckpoint(pl.Callback):
         self.last_saved = -1
         self.sigterm_pending = False  # SIGTERM arrived mid-accumulation: finish the step first
         self.saved_on_sigterm = False
+        self._after_validation: bool | None = None  # a save waiting for this step's validation (True: then stop)
         self._step_before = 0
         self._at_boundary = True
 
@@ -264,12 +267,26 @@ class StepCheckpoint(pl.Callback):
         stop = signals.received_sigterm or self.sigterm_pending
         if trainer.world_size > 1:  # every rank must agree, or the save's collectives would hang
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
-        if stop:
+        if (stop or trainer.global_step % self.every == 0) and validates_now(trainer):
+            self._after_validation = stop
+            if stop:  # set, the flag would stop the validation after its first batch; pending, it is not lost
+                signals.received_sigterm, self.sigterm_pending = False, True
+        elif stop:
             self.save(trainer)
             self.saved_on_sigterm = True
             signals.received_sigterm = True
         elif trainer.global_step % self.every == 0:
             self.save(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # after TrainLog's (the stage puts it first), so the checkpoint holds this validation's row
+        if self._after_validation is None:
+            return
+        stop, self._after_validation = self._after_validation, None
+        self.save(trainer)
+        if stop:
+            self.saved_on_sigterm = True
+            trainer._signal_connector.received_sigterm = True  # Lightning stops once this step is done
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.save(trainer)
@@ -284,3 +301,10 @@ class StepCheckpoint(pl.Callback):
         ):
             self.save(trainer)
             self.saved_on_sigterm = True
+
+
+def validates_now(trainer: pl.Trainer) -> bool:
+    """Whether Lightning validates once the training batch that just ended is done (its own test, asked between the
+    batch's on_train_batch_end and that validation)."""
+    loop = trainer.fit_loop
+    return loop.epoch_loop._should_check_val_fx(loop._data_fetcher)
