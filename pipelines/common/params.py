@@ -284,7 +284,7 @@ class LoraParams(Section):
 
     rank: int = Field(default=8, gt=0, le=1024)  # r: the adapters' inner width
     alpha: float = Field(default=16.0, gt=0)  # the update is scaled by alpha / rank
-    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)  # on the adapters' input
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)  # on the adapters' input (params.yaml says why 0)
     targets: list[LoraTarget] = Field(default=["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
 
 
