@@ -122,10 +122,11 @@ def chat_rows(layout) -> list[tuple[str, str]]:
     rows = [("chat_data", f"{chat['conversations_out']} of {chat['conversations_in']} conversations kept")]
     if ft:
         trainable = f" ({_millions(ft['trainable_params'])} trainable)" if "trainable_params" in ft else ""
+        method = (_read(layout.chat_model / "quill_run.json") or {}).get("method", "?")
         rows.append(
             (
                 "finetune",
-                f"{ft.get('method', '?')}{trainable}, {ft['steps']} steps at {ft.get('tokens_per_s', 0):,.0f} tok/s; "
+                f"{method}{trainable}, {ft['steps']} steps at {ft.get('tokens_per_s', 0):,.0f} tok/s; "
                 f"val_loss {fmt_value(ft.get('val_loss'))} (assistant tokens)",
             )
         )
