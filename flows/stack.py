@@ -293,6 +293,11 @@ def run(args: argparse.Namespace) -> int:
             f"{'$QUILL_API_KEY' if auth else 'none'}'); print(c.completions.create(model='"
             f"{params.registry.model_name}', prompt='ROMEO:', max_tokens=40).choices[0].text)\""
         )
+        if params.finetune is not None:  # the chat model is served beside the base once registered
+            print(
+                f"    curl {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' "
+                """-d '{"messages": [{"role": "user", "content": "How was your weekend?"}], "max_tokens": 40}'"""
+            )
     print(f"  Prefect UI  {ui}  (flow runs; deployments with Run buttons)")
     print(f"  MLflow UI   {mlflow_url}  (runs, metrics, registered models)")
     print("  compare with the last commit: .venv/bin/dvc metrics diff; plots: .venv/bin/dvc plots show")
