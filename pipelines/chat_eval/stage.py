@@ -33,9 +33,6 @@ from __future__ import annotations
 import json
 import time
 
-from mlflow.entities import Metric
-from mlflow.exceptions import MlflowException
-
 from model import Engine, SamplingParams
 from model.chat import chat_markers, literal
 from pipelines.chat_eval.end_of_turn import ended, eot_rate, generation_rows, last_reply, prompt_ids, respond
@@ -52,7 +49,7 @@ from pipelines.common.layout import PROJECT, Layout
 from pipelines.common.params import ChatEvalParams, EvalParams, Params
 from pipelines.common.progress import progress_bar, reporter
 from pipelines.common.runner import StageError, run_stage, stage_log
-from pipelines.common.tracking import flat_metrics, training_run_id
+from pipelines.common.tracking import training_run_id
 
 SCRATCH = ".chat_eval-scratch-"  # a registry base, downloaded beside reports/chat_eval; removed on exit
 SAMPLE_COLUMNS = ("prompt", "reference", "chat", "base", "chat_ended", "base_ended")
@@ -155,21 +152,8 @@ def log_to_mlflow(layout: Layout, metrics: dict, samples: list[dict], uri: str) 
     """chat_eval.* metrics, the report folder and a samples table on the finetune run (a new run if the store
     lacks it)."""
     client = tracking.mlflow_client(uri)
-    run_id = training_run_id(layout.chat_model)
-    if run_id is not None:
-        try:
-            client.get_run(run_id)
-        except MlflowException:
-            log(f"finetune run {run_id} is not in {client.tracking_uri}; logging to a new run")
-            run_id = None
-    if run_id is None:
-        experiment = tracking.get_or_create_experiment(client)
-        run_id = client.create_run(experiment, run_name="chat_eval", tags={"quill.stage": "chat_eval"}).info.run_id
-        client.set_terminated(run_id)
-    now = int(time.time() * 1000)
-    values = [Metric(f"chat_eval.{k}", v, now, 0) for k, v in sorted(flat_metrics(metrics).items())]
-    for i in range(0, len(values), 500):
-        client.log_batch(run_id, metrics=values[i : i + 500], synchronous=True)
+    run_id = tracking.evaluation_run(client, training_run_id(layout.chat_model), "chat_eval", log)
+    tracking.log_metric_tree(client, run_id, "chat_eval", metrics)
     client.set_tag(run_id, "quill.chat_evaluated", "true")
     client.log_artifacts(run_id, str(layout.chat_eval_reports), artifact_path="chat_eval")
     client.log_dict(run_id, metrics, "metrics/chat_eval.json")

@@ -214,3 +214,31 @@ def flat_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
         elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             out[name] = float(value)
     return out
+
+
+def evaluation_run(client: MlflowClient, run_id: str | None, stage: str, log) -> str:
+    """The run an evaluation logs into: `run_id` (the model's training or fine-tuning run) when the store has it,
+    else a new finished run named for `stage`, said through `log`."""
+    from mlflow.exceptions import MlflowException  # lazily, as above
+
+    if run_id is not None:
+        try:
+            client.get_run(run_id)
+            return run_id
+        except MlflowException:
+            log(f"run {run_id} is not in {client.tracking_uri}; logging to a new run")
+    created = client.create_run(get_or_create_experiment(client), run_name=stage, tags={"quill.stage": stage})
+    client.set_terminated(created.info.run_id)
+    return created.info.run_id
+
+
+def log_metric_tree(client: MlflowClient, run_id: str, prefix: str, metrics: dict) -> None:
+    """Every number of `metrics` (nested) as `<prefix>.<a.b.c>`, in batches the store takes (500 at most)."""
+    import time
+
+    from mlflow.entities import Metric  # lazily, as above
+
+    now = int(time.time() * 1000)
+    values = [Metric(f"{prefix}.{k}", v, now, 0) for k, v in sorted(flat_metrics(metrics).items())]
+    for i in range(0, len(values), 500):
+        client.log_batch(run_id, metrics=values[i : i + 500], synchronous=True)

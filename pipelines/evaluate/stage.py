@@ -39,8 +39,6 @@ from pathlib import Path
 import numpy as np
 import sacrebleu
 import torch
-from mlflow.entities import Metric
-from mlflow.exceptions import MlflowException
 from rouge_score import rouge_scorer
 
 from model import Engine, SamplingParams, hf
@@ -56,7 +54,7 @@ from pipelines.common.model_folder import check_model_dir
 from pipelines.common.params import EvalParams, Params
 from pipelines.common.report import fmt_value, table_cell
 from pipelines.common.runner import StageError, run_in, stage_arguments, stage_log
-from pipelines.common.tracking import check_tracking, flat_metrics, training_run_id
+from pipelines.common.tracking import check_tracking, training_run_id
 from pipelines.evaluate.attention_plot import plot_attention
 from pipelines.evaluate.ngram import ByteNgram, uniform_bpb
 
@@ -215,21 +213,8 @@ def render_report(metrics: dict, samples: list[dict], model_dir: Path) -> str:
 def log_to_mlflow(model_dir: Path, metrics: dict, samples: list[dict], layout: Layout) -> str:
     """Log metrics, reports, plots and the samples table to the training run (or a new run if it has none)."""
     client = tracking.mlflow_client()
-    run_id = training_run_id(model_dir)
-    if run_id is not None:
-        try:
-            client.get_run(run_id)
-        except MlflowException:
-            log(f"training run {run_id} is not in {client.tracking_uri}; logging to a new run")
-            run_id = None
-    if run_id is None:
-        experiment = tracking.get_or_create_experiment(client)
-        run_id = client.create_run(experiment, run_name="evaluate", tags={"quill.stage": "evaluate"}).info.run_id
-        client.set_terminated(run_id)
-    now = int(time.time() * 1000)
-    values = [Metric(f"eval.{k}", v, now, 0) for k, v in sorted(flat_metrics(metrics).items())]
-    for i in range(0, len(values), 500):
-        client.log_batch(run_id, metrics=values[i : i + 500], synchronous=True)
+    run_id = tracking.evaluation_run(client, training_run_id(model_dir), "evaluate", log)
+    tracking.log_metric_tree(client, run_id, "eval", metrics)
     client.set_tag(run_id, "quill.evaluated", "true")
     client.log_artifacts(run_id, str(layout.eval_reports), artifact_path="eval")
     client.log_artifacts(run_id, str(layout.eval_plots), artifact_path="plots/eval")
