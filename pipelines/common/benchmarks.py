@@ -111,7 +111,10 @@ def run_lm_eval(
             task_manager=manager,
             limit=limit,
             log_samples=False,
-            bootstrap_iters=1000,
+            # no bootstrapped standard errors: the scores quill keeps have none, and lm-eval bootstraps the
+            # perplexity metrics in a forked multiprocessing pool, which can hang in a process holding torch's
+            # threads (seen once in the test suite: the pool never joined)
+            bootstrap_iters=0,
             random_seed=seed,
             numpy_random_seed=seed,
             torch_random_seed=seed,
