@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import secrets
 import signal
@@ -102,6 +103,16 @@ def new_token() -> str:
     return str(TOKEN.resolve())
 
 
+def logical_cpus(p: ServeParams) -> int:
+    """The CPUs the local Ray schedules: the machine's, or more when quill's deployments need them. Ray's CPUs are
+    scheduling tokens; a rolling update (serve.max_surge_percent) starts a model's replacements before it stops the
+    replicas they replace, so both models' replicas and one model's replacements must fit at once, or the update
+    waits for a CPU forever (two models on a 2-core machine)."""
+    replicas = p.max_replicas or p.num_replicas
+    need = math.ceil(p.num_cpus_per_replica * replicas * (2 + p.max_surge_percent / 100))
+    return max(os.cpu_count() or 1, need)
+
+
 def start_local_ray(p: ServeParams) -> dict:
     """A detached head node on loopback that outlives this command, in its own process group (see stop_local_ray);
     the replicas import quill from this checkout; Ray Serve's high-throughput mode when serve.high_throughput.
@@ -118,7 +129,7 @@ def start_local_ray(p: ServeParams) -> dict:
         str(RAY), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--metrics-export-port", str(metrics),
         "--ray-client-server-port", str(port_or_free(10001)), "--dashboard-agent-listen-port", str(port_or_free(52365)),
-        "--disable-usage-stats",
+        "--disable-usage-stats", "--num-cpus", str(logical_cpus(p)),
     ]  # fmt: skip
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
