@@ -54,7 +54,7 @@ def finetune_and_deploy(overrides: FinetuneOverrides = NO_OVERRIDES, deploy: boo
             url = deploy_champion(dotted, params.serve, params.registry.model_name)
             served = smoke(url) if url else None
         create_markdown_artifact(
-            summary_markdown(ran, dotted, None, None, tracking_uri(), None, served, chat),
+            summary_markdown(ran, dotted, None, None, tracking_uri(), None, served, chat, "finetune_and_deploy"),
             key="finetune-and-deploy-summary",
             description="the chat model's stages, its registry decision, endpoint",
         )

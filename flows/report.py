@@ -63,6 +63,7 @@ def summary_markdown(
     approval: str | None,
     served: str | None,
     chat: dict[str, Any] | None = None,
+    flow: str = "train_and_deploy",
 ) -> str:
     """The run's summary: stages (ran or skipped), overrides, evaluation, registry decision, links, endpoint."""
 
@@ -71,7 +72,7 @@ def summary_markdown(
 
     rows = summary_rows(Path("."))
     described = {stage for stage, _ in rows}
-    lines = ["# quill: train_and_deploy", "", "| stage | this run | result |", "|---|---|---|"]
+    lines = [f"# quill: {flow}", "", "| stage | this run | result |", "|---|---|---|"]
     lines += [f"| {stage} | {status(stage)} | |" for stage in ran if stage not in described]
     lines += [f"| {stage} | {status(stage)} | {_cell(text)} |" for stage, text in rows]
     lines += ["", "## Overrides of params.yaml for this run", ""]
