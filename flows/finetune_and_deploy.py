@@ -20,7 +20,7 @@ from prefect.runtime import flow_run
 from flows.chat import chat_registered, chat_stages
 from flows.lock import workspace_lock
 from flows.overrides import check, overrides_model, parse_sets, recover
-from flows.report import mlflow_ui, summary_markdown
+from flows.report import print_outcome, summary_markdown
 from flows.repro import StageFailed
 from flows.train_and_deploy import deploy_champion, smoke
 from pipelines.common.params import ParamsError
@@ -84,11 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     except (StageFailed, RuntimeError, OSError, ParamsError) as exc:
         print(f"finetune_and_deploy failed: {exc}", file=sys.stderr)
         return 1
-    chat = result["chat_registered"]
-    if chat:
-        print(f"registered {chat['model_name']} v{chat['version']} ({', '.join(chat['aliases'])}): {chat['why']}")
-    print(f"served: {result['served'] or 'not deployed'}")
-    print(f"MLflow: {mlflow_ui(tracking_uri())[1]}")
+    print_outcome([result["chat_registered"]], result["served"], tracking_uri())
     return 0
 
 

@@ -123,3 +123,12 @@ def summary_markdown(
         ]
     lines += ["", f"**Endpoint:** {served}" if served else "**Endpoint:** not deployed by this run"]
     return "\n".join(lines) + "\n"
+
+
+def print_outcome(registrations: list[dict[str, Any] | None], served: str | None, tracking_uri: str) -> None:
+    """A flow's last lines on the command line: each registration's decision, the endpoint, the MLflow UI."""
+    for reg in registrations:
+        if reg:
+            print(f"registered {reg['model_name']} v{reg['version']} ({', '.join(reg['aliases'])}): {reg['why']}")
+    print(f"served: {served or 'not deployed'}")
+    print(f"MLflow: {mlflow_ui(tracking_uri)[1]}")

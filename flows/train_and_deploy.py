@@ -34,7 +34,7 @@ from flows.chat import chat_registered, chat_stages
 from flows.lock import workspace_lock
 from flows.overrides import Overrides, check, overridden, parse_sets, recover
 from flows.registry import move_champion
-from flows.report import mlflow_ui, registered, summary_markdown
+from flows.report import print_outcome, registered, summary_markdown
 from flows.repro import StageFailed, stale
 from flows.serving import endpoint, serve_cli, served_version, smoke_test
 from flows.tasks import run_stage, train
@@ -281,11 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     except (StageFailed, RuntimeError, OSError) as exc:
         print(f"train_and_deploy failed: {exc}", file=sys.stderr)
         return 1
-    for reg in (result["registered"], result["chat_registered"]):
-        if reg:
-            print(f"registered {reg['model_name']} v{reg['version']} ({', '.join(reg['aliases'])}): {reg['why']}")
-    print(f"served: {result['served'] or 'not deployed'}")
-    print(f"MLflow: {mlflow_ui(tracking_uri())[1]}")
+    print_outcome([result["registered"], result["chat_registered"]], result["served"], tracking_uri())
     return 0
 
 
