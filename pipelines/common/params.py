@@ -93,8 +93,15 @@ class DataParams(Section):
     # the most bytes one file may unpack to (archive member, gunzipped file) or one document may hold in
     # memory (HTML page, JSONL line); larger ones are skipped and reported as quarantined
     max_file_bytes: int = Field(default=64 * 2**20, ge=1024)
+    # trial runs: the clean stage reads only the first max_docs documents / max_bytes raw bytes (sorted order)
+    max_docs: int | None = Field(default=None, gt=0)
+    max_bytes: int | None = Field(default=None, gt=0)
     dedup: DedupParams = DedupParams()
     split: SplitParams = SplitParams()
+    # where clean and tokenize do their work (pipelines/common/engine.py): local processes, or Ray Data on
+    # the cluster named by RAY_ADDRESS (a local Ray instance without it); outputs are the same byte for byte
+    engine: Literal["local", "ray"] = "local"
+    workers: int | None = Field(default=None, gt=0)  # local processes; null = one per core
 
 
 # --- tokenizer --------------------------------------------------------------------------------
@@ -105,6 +112,9 @@ class TokenizerParams(Section):
     vocab_size: int = Field(default=4096, ge=300, le=2**18)
     min_frequency: int = Field(default=2, ge=1)
     encode_batch_size: int = Field(default=256, ge=1)
+    # the tokenizer trains on about this many bytes of the train split, drawn evenly by a hash of each passage
+    # (the whole split when it is smaller), so its memory and time stay flat however large the corpus grows
+    train_sample_bytes: int = Field(default=64 * 2**20, ge=2**16)
 
 
 # --- model ------------------------------------------------------------------------------------

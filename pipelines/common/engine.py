@@ -1,0 +1,169 @@
+"""Where the data stages do their work: `data.engine: local | ray` (params.yaml).
+
+A stage cuts its work into independent tasks (a shard of raw files to clean, a byte range of a split to encode)
+and a pure, module-level function that does one task and returns a small JSON-able summary; what a task makes
+it writes to files under the stage's scratch folder. `run_tasks` runs them and returns the summaries in task
+order, so the same functions give the same outputs, byte for byte, on either engine:
+
+- `local`: a process pool with one worker per core (`data.workers`), or the stage's own process when there is a
+  single task (the default corpus: no pool to start);
+- `ray`: Ray Data (`ray.data.range(n).map(...)`) on the cluster named by RAY_ADDRESS, or on a local Ray
+  instance started for the stage and stopped after it. Tasks read and write the project's files, so every node
+  must see the project folder at the same path (a shared filesystem; README: "Data at corpus scale").
+
+    >>> run_tasks(clean_shard, shards, params.data, desc="clean: read", size=lambda s: s["bytes"])
+
+Progress (bytes or documents done, throughput, ETA) is a `pipelines.common.progress.reporter` either way.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import multiprocessing
+import os
+import socket
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pipelines.common.errors import StageError
+from pipelines.common.params import DataParams
+from pipelines.common.progress import reporter
+
+T = TypeVar("T")
+REPO = Path(__file__).resolve().parents[2]  # put on the Ray workers' PYTHONPATH, so they import pipelines
+PROBE_S = 3.0  # how long RAY_ADDRESS may take to accept a connection before the stage says it is not there
+
+
+class EngineError(StageError):
+    """The engine cannot run the stage's tasks (no Ray cluster at RAY_ADDRESS); the message says what to do."""
+
+
+def workers(params: DataParams) -> int:
+    """Local processes: data.workers, else one per core this process may use."""
+    if params.workers:
+        return params.workers
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def run_tasks(
+    fn: Callable[[T], Any],
+    tasks: Sequence[T],
+    params: DataParams,
+    *,
+    desc: str,
+    size: Callable[[T], int],
+    unit: str = "B",
+) -> list[Any]:
+    """fn(task) for every task on `params.engine`; the results in task order. Progress counts size(task)."""
+    fn = functools.partial(_as_json, fn)  # both engines hand back the same JSON values
+    total = sum(size(t) for t in tasks)
+    with reporter(total, desc, unit, unit_scale=unit == "B") as progress:
+        if params.engine == "ray":
+            return _on_ray(fn, tasks, progress, size)
+        n = min(workers(params), len(tasks))
+        if n <= 1:
+            results = []
+            for task in tasks:
+                results.append(fn(task))
+                progress.update(size(task))
+            return results
+        return _on_pool(fn, tasks, n, progress, size)
+
+
+def _as_json(fn: Callable[[T], Any], task: T) -> Any:
+    return json.loads(json.dumps(fn(task)))
+
+
+def _on_pool(fn, tasks, n, progress, size) -> list[Any]:
+    # forkserver: workers start from a clean process (no inherited threads or memory, so per-process resident
+    # memory is honest); spawn where there is no forkserver (macOS)
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    results: list[Any] = [None] * len(tasks)
+    with ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context(method)) as pool:
+        pending = {pool.submit(fn, task): i for i, task in enumerate(tasks)}
+        try:
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    i = pending.pop(future)
+                    results[i] = future.result()  # a task's error is raised here, as the stage's own
+                    progress.update(size(tasks[i]))
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
+    return results
+
+
+# --- Ray ------------------------------------------------------------------------------------------
+
+
+def _reachable(address: str) -> bool:
+    """Whether host:port accepts a TCP connection (ray.init would otherwise retry for minutes)."""
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        return True  # "auto", "ray://...", a name: let Ray resolve it
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=PROBE_S):
+            return True
+    except OSError:
+        return False
+
+
+def connect_ray() -> bool:
+    """Join RAY_ADDRESS, or start a local Ray instance; True when this call started it (the caller stops it)."""
+    import ray  # heavy, and only the ray engine needs it
+
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}}
+    hint = "start one (`ray start --head`), unset RAY_ADDRESS for a local Ray instance, or set data.engine: local"
+    if address and not _reachable(address):
+        raise EngineError(f"data.engine is ray but no Ray cluster answers at RAY_ADDRESS={address}: {hint}")
+    try:
+        ray.init(
+            address=address or "local",  # "local": a new instance, never a `ray start` found on this machine
+            runtime_env=runtime_env,
+            logging_level="ERROR",
+            log_to_driver=False,
+            include_dashboard=False if not address else None,
+        )
+    except (ConnectionError, RuntimeError) as exc:
+        raise EngineError(f"data.engine is ray but Ray did not start or join ({exc}): {hint}") from None
+    return not address
+
+
+def _on_ray(fn, tasks, progress, size) -> list[Any]:
+    import ray  # heavy, and only the ray engine needs it
+
+    started_here = connect_ray()
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False  # the stage's own progress says it
+        # One block per task, so each task is a Ray task of its own; the closure ships fn and the task list once.
+        dataset = ray.data.range(len(tasks), override_num_blocks=len(tasks)).map(
+            functools.partial(_ray_row, fn, tasks), num_cpus=1
+        )
+        results: list[Any] = [None] * len(tasks)
+        for row in dataset.iter_rows():
+            if row["error"]:
+                raise StageError(row["error"])
+            i = int(row["i"])
+            results[i] = json.loads(row["result"])
+            progress.update(size(tasks[i]))
+        return results
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _ray_row(fn: Callable[[T], Any], tasks: Sequence[T], row: dict) -> dict:
+    """One task on a Ray worker. A StageError (a full disk, say) comes back as its message, to be raised by the
+    stage as its own one-line error (Ray's wrappers would lose it); anything else is a bug and keeps its trace."""
+    try:
+        return {"i": row["id"], "result": json.dumps(fn(tasks[row["id"]])), "error": ""}
+    except StageError as exc:
+        return {"i": row["id"], "result": "null", "error": str(exc)}
