@@ -26,7 +26,6 @@ Every output is written to a temporary path and renamed into place.
 from __future__ import annotations
 
 import codecs
-import gzip
 import hashlib
 import itertools
 import json
@@ -34,18 +33,14 @@ import time
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import BinaryIO
 
 from pipelines.clean import dedup
+from pipelines.clean.read import CHUNK_BYTES, Doc, Quarantine, documents
 from pipelines.clean.textclean import (
-    HEAD_BYTES,
     TextCleaner,
-    binary_reason,
-    detect_encoding,
-    html_to_text,
-    looks_like_html,
     looks_like_metadata,
 )
 from pipelines.common.atomic import atomic_dir, is_out_of_space, out_of_space_stops_stage, scratch_dir, write_json
@@ -55,171 +50,11 @@ from pipelines.common.progress import track
 from pipelines.common.runner import StageError, run_stage
 from pipelines.common.splits import SPLITS, split_of
 
-CHUNK_BYTES = 1 << 20  # raw bytes read at a time
 SCRATCH = ".clean-scratch-"  # the spill file's folder beside data/clean; one left by a killed run is removed
 
 
 class CleanError(StageError):
     """The stage cannot produce a usable corpus; the message says why."""
-
-
-class Quarantine(Exception):
-    """This document (or file) cannot be read as text; the message is the reason."""
-
-
-@dataclass
-class Doc:
-    """One input document and what happened to it."""
-
-    file: str  # path under data/raw, plus "#L<line>" for a .jsonl line
-    outcome: str = "kept"  # kept | duplicate | near_duplicate | dropped | quarantined
-    reason: str = ""
-    duplicate_of: str | None = None
-    chars: int = 0  # characters after cleaning
-    encoding: str | None = None
-    html: bool = False
-    gutenberg: bool = False
-    offset: int = field(default=0, repr=False)  # where the cleaned text lies in the spill file
-    nbytes: int = field(default=0, repr=False)
-    sha256: str = field(default="", repr=False)
-    drop_key: str = field(default="", repr=False)  # key in metrics["dropped"] / ["quarantine_reasons"]
-
-
-# --- reading raw files into documents -------------------------------------------------------------
-
-
-def _kind(name: str) -> str:
-    name = name.lower().removesuffix(".gz")
-    if name.endswith(".jsonl"):
-        return "jsonl"
-    if name.endswith((".html", ".htm")):
-        return "html"
-    return "text"
-
-
-def _open(path: Path) -> BinaryIO:
-    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
-
-
-def _too_large(what: str, max_bytes: int) -> Quarantine:
-    return Quarantine(f"too_large: {what} more than data.max_file_bytes={max_bytes} bytes")
-
-
-def _check_gzip(path: Path, max_bytes: int) -> None:
-    """Read the whole gzip stream once, so that a truncated, corrupt or oversized (a decompression bomb)
-    file is quarantined up front."""
-    total = 0
-    try:
-        with gzip.open(path, "rb") as stream:
-            while block := stream.read(CHUNK_BYTES):
-                total += len(block)
-                if total > max_bytes:
-                    raise _too_large("gunzips to", max_bytes)
-    except (EOFError, OSError, zlib.error) as exc:
-        if is_out_of_space(exc):
-            raise
-        raise Quarantine(f"bad_gzip: truncated or corrupt gzip ({exc})") from None
-
-
-def _sniff(stream: BinaryIO) -> tuple[bytes, str]:
-    """First bytes of a stream and their encoding, or Quarantine if they are binary or undecodable."""
-    head = stream.read(HEAD_BYTES)
-    reason = binary_reason(head)
-    if reason:
-        raise Quarantine(reason)
-    encoding = detect_encoding(head)
-    if encoding is None:
-        raise Quarantine("undecodable: no text encoding fits the first bytes")
-    return head, encoding
-
-
-def _decoded(stream: BinaryIO, head: bytes, encoding: str) -> Iterator[str]:
-    decoder = codecs.getincrementaldecoder(encoding)(errors="replace")
-    yield decoder.decode(head)
-    for block in iter(lambda: stream.read(CHUNK_BYTES), b""):
-        yield decoder.decode(block)
-    yield decoder.decode(b"", final=True)
-
-
-def _text_doc(path: Path, doc: Doc, strip_html: bool, max_bytes: int) -> Iterator[str]:
-    """The decoded text of one text/HTML file, in chunks; sets doc.encoding and doc.html. Plain text streams;
-    an HTML page is parsed whole, so one over max_bytes characters is quarantined."""
-    with _open(path) as stream:
-        head, doc.encoding = _sniff(stream)
-        chunks = _decoded(stream, head, doc.encoding)
-        first = next(chunks)
-        if strip_html and (_kind(path.name) == "html" or looks_like_html(first)):
-            doc.html = True
-            page, size = [first], len(first)
-            for chunk in chunks:
-                size += len(chunk)
-                if size > max_bytes:
-                    raise _too_large("HTML page of", max_bytes)
-                page.append(chunk)
-            yield html_to_text("".join(page))  # lxml needs the whole document
-        else:
-            yield first
-            yield from chunks
-
-
-def _jsonl_lines(path: Path, max_chars: int) -> Iterator[str | None]:
-    """Each line of a .jsonl file, in linear time however long it is (a line's pieces are joined once, not
-    re-concatenated per block); None for a line over max_chars characters, which is never held whole."""
-    with _open(path) as stream:
-        head, encoding = _sniff(stream)
-        parts: list[str] = []  # the pieces of the line read so far (emptied once it is too long)
-        size = 0
-        for text in _decoded(stream, head, encoding):
-            *complete, tail = text.split("\n")
-            for piece in complete:
-                size += len(piece)
-                yield None if size > max_chars else "".join(parts) + piece
-                parts, size = [], 0
-            size += len(tail)
-            if size > max_chars:
-                parts = []  # too long: counted to its end, never held
-            else:
-                parts.append(tail)
-        yield None if size > max_chars else "".join(parts)
-
-
-def _documents(
-    path: Path, name: str, text_field: str, strip_html: bool, max_bytes: int
-) -> Iterator[tuple[Doc, Iterable[str]]]:
-    """(doc, text chunks) for each document of one raw file. Raises Quarantine for a whole-file problem;
-    a chunk iterator raises Quarantine for a problem with its document only."""
-    if not path.is_file():
-        raise Quarantine(f"missing_file: {path} is listed in the manifest but missing")
-    if path.name.lower().endswith(".gz"):
-        _check_gzip(path, max_bytes)
-    if _kind(path.name) != "jsonl":
-        doc = Doc(name)
-        yield doc, _text_doc(path, doc, strip_html, max_bytes)
-        return
-    for number, line in enumerate(_jsonl_lines(path, max_bytes), start=1):
-        if line is None:
-            yield Doc(f"{name}#L{number}"), _raise(_too_large(f"line {number} holds", max_bytes))
-            continue
-        if not line.strip():
-            continue  # blank lines separate nothing and are not documents
-        doc = Doc(f"{name}#L{number}")
-        try:
-            record = json.loads(line)
-        except ValueError as exc:
-            yield doc, _raise(Quarantine(f"malformed_json: line {number}: {exc}"))
-            continue
-        text = record.get(text_field) if isinstance(record, dict) else None
-        if not isinstance(text, str):
-            yield doc, _raise(Quarantine(f"no_text_field: line {number} has no string field '{text_field}'"))
-            continue
-        if strip_html and looks_like_html(text):
-            doc.html, text = True, html_to_text(text)
-        yield doc, [text]
-
-
-def _raise(exc: Exception) -> Iterator[str]:
-    raise exc
-    yield  # a generator, so that the error surfaces when the document is read
 
 
 # --- passages and splits --------------------------------------------------------------------------
@@ -332,7 +167,7 @@ def _quarantine(doc: Doc, reason: str) -> Doc:
     return doc
 
 
-def read_documents(raw_dir: Path, params: DataParams, spill: BinaryIO) -> list[Doc]:
+def readdocuments(raw_dir: Path, params: DataParams, spill: BinaryIO) -> list[Doc]:
     """Every document of every manifest entry (sorted by path) cleaned into `spill`, plus one quarantined
     Doc per entry the ingest stage skipped."""
     manifest = _load_manifest(raw_dir)
@@ -342,7 +177,7 @@ def read_documents(raw_dir: Path, params: DataParams, spill: BinaryIO) -> list[D
         name = entry["file"]
         first = len(docs)
         try:
-            for doc, chunks in _documents(
+            for doc, chunks in documents(
                 raw_dir / name, name, entry.get("text_field", "text"), params.strip_html, params.max_file_bytes
             ):
                 docs.append(doc)
@@ -529,7 +364,7 @@ def clean_corpus(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with out_of_space_stops_stage(), scratch_dir(out_dir.parent, SCRATCH) as scratch:
         with open(scratch / "spill.txt", "w+b") as spill:
-            docs = read_documents(raw_dir, params, spill)
+            docs = readdocuments(raw_dir, params, spill)
             deduplicate(docs, params, spill)
             raw_bytes = sum(_raw_size(raw_dir / name) for name in {d.file.partition("#")[0] for d in docs})
             if not any(d.outcome == "kept" for d in docs):

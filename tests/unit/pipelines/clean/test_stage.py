@@ -19,6 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipelines.clean import read as read_mod
 from pipelines.clean import stage as clean_mod
 from pipelines.clean.stage import CleanError, clean_corpus, cut_passages
 from pipelines.clean.textclean import clean_text
@@ -344,8 +345,8 @@ def test_a_long_jsonl_line_is_split_in_linear_time(tmp_path: Path, monkeypatch: 
     re-concatenating the line per read block is quadratic (measured: 170-270x). Compared as a ratio of this
     thread's CPU time, the best of a few runs of each size, so a slow or busy machine scales both sides alike:
     no bound in seconds."""
-    monkeypatch.setattr(clean_mod, "CHUNK_BYTES", 256)  # small read blocks: many pieces per line
-    monkeypatch.setattr(clean_mod, "HEAD_BYTES", 256)  # and a short sniffed head, so no line fits in it
+    monkeypatch.setattr(read_mod, "CHUNK_BYTES", 256)  # small read blocks: many pieces per line
+    monkeypatch.setattr(read_mod, "HEAD_BYTES", 256)  # and a short sniffed head, so no line fits in it
 
     def best_cpu_seconds(n_bytes: int, runs: int) -> float:
         text = "lorem ipsum " * (n_bytes // 12)
@@ -354,7 +355,7 @@ def test_a_long_jsonl_line_is_split_in_linear_time(tmp_path: Path, monkeypatch: 
         times = []
         for _ in range(runs):
             started = time.thread_time()
-            lines = list(clean_mod._jsonl_lines(path, 64 << 20))
+            lines = list(read_mod._jsonl_lines(path, 64 << 20))
             times.append(time.thread_time() - started)
             assert [len(line) for line in lines] == [len(text) + 12, 17, 0]
         return min(times)
