@@ -43,6 +43,9 @@ class Doc:
     nbytes: int = field(default=0, repr=False)
     sha256: str = field(default="", repr=False)
     drop_key: str = field(default="", repr=False)  # key in metrics["dropped"] / ["quarantine_reasons"]
+    # input bytes this document accounts for (data.max_bytes): its file's size on disk, or the UTF-8 size of its
+    # JSONL line or Parquet value
+    raw_bytes: int = field(default=0, repr=False)
 
 
 # --- reading raw files into documents -------------------------------------------------------------
@@ -153,16 +156,16 @@ def documents(
     if path.name.lower().endswith(".gz"):
         _check_gzip(path, max_bytes)
     if _kind(path.name) != "jsonl":
-        doc = Doc(name)
+        doc = Doc(name, raw_bytes=path.stat().st_size)
         yield doc, _text_doc(path, doc, strip_html, max_bytes)
         return
     for number, line in enumerate(_jsonl_lines(path, max_bytes), start=1):
         if line is None:
-            yield Doc(f"{name}#L{number}"), _raise(_too_large(f"line {number} holds", max_bytes))
+            yield Doc(f"{name}#L{number}", raw_bytes=max_bytes), _raise(_too_large(f"line {number} holds", max_bytes))
             continue
         if not line.strip():
             continue  # blank lines separate nothing and are not documents
-        doc = Doc(f"{name}#L{number}")
+        doc = Doc(f"{name}#L{number}", raw_bytes=len(line.encode("utf-8")) + 1)
         try:
             record = json.loads(line)
         except ValueError as exc:
