@@ -1,9 +1,12 @@
-"""Reading raw corpus files as documents: one per text/HTML file, one per line of a .jsonl file.
+"""Reading raw corpus files as documents: one per text/HTML file, one per line of a .jsonl file, one per row of a
+.parquet file.
 
 `documents(path, name, text_field, strip_html, max_bytes)` yields (Doc, text chunks) for each document of one
 raw file, decoding as it goes (BOMs, UTF-16, UTF-8, legacy encodings via charset-normalizer); the clean stage
-(both engines) calls it for every file. A file or document that cannot be read as text raises Quarantine with
-the reason, which the stage reports.
+(both engines) calls it for every file. Text, HTML and JSONL files may be compressed (.gz, .zst): they are
+streamed, after one pass that checks the whole stream. Parquet files are read a record batch at a time, only the
+`text_field` column. A file or document that cannot be read as text raises Quarantine with the reason, which the
+stage reports.
 """
 
 from __future__ import annotations
@@ -17,10 +20,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zstandard
+
 from pipelines.clean.textclean import HEAD_BYTES, binary_reason, detect_encoding, html_to_text, looks_like_html
 from pipelines.common.atomic import is_out_of_space
 
 CHUNK_BYTES = 1 << 20  # raw bytes read at a time
+# zstd input fed to one decompress call while checking a .zst file: zstd expands at most ~32,000x (an RLE block),
+# so one call makes at most ~8 MiB however hostile the file
+ZSTD_PIECE = 256
+PARQUET_BATCH_ROWS = 64  # Parquet rows decoded at a time: few, as one row may hold a whole book
 
 
 class Quarantine(Exception):
@@ -31,7 +42,7 @@ class Quarantine(Exception):
 class Doc:
     """One input document and what happened to it."""
 
-    file: str  # path under data/raw, plus "#L<line>" for a .jsonl line
+    file: str  # path under data/raw, plus "#L<line>" for a .jsonl line or "#R<row>" for a .parquet row
     outcome: str = "kept"  # kept | duplicate | near_duplicate | dropped | quarantined
     reason: str = ""
     duplicate_of: str | None = None
@@ -51,17 +62,31 @@ class Doc:
 # --- reading raw files into documents -------------------------------------------------------------
 
 
+def _compression(name: str) -> str | None:
+    """The compression of a whole file, judged from its name: "gz", "zst" or None."""
+    suffix = name.lower().rpartition(".")[2]
+    return suffix if suffix in ("gz", "zst") else None
+
+
 def _kind(name: str) -> str:
-    name = name.lower().removesuffix(".gz")
+    name = name.lower().removesuffix(".gz").removesuffix(".zst")
     if name.endswith(".jsonl"):
         return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
     if name.endswith((".html", ".htm")):
         return "html"
     return "text"
 
 
 def _open(path: Path) -> BinaryIO:
-    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+    compression = _compression(path.name)
+    if compression == "gz":
+        return gzip.open(path, "rb")
+    if compression == "zst":
+        # read_across_frames: a file of several frames (zstd -T, concatenated files) is read whole
+        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True)
+    return open(path, "rb")
 
 
 def _too_large(what: str, max_bytes: int) -> Quarantine:
@@ -82,6 +107,30 @@ def _check_gzip(path: Path, max_bytes: int) -> None:
         if is_out_of_space(exc):
             raise
         raise Quarantine(f"bad_gzip: truncated or corrupt gzip ({exc})") from None
+
+
+def _check_zstd(path: Path, max_bytes: int) -> None:
+    """Decompress the whole zstd stream once, frame by frame, so that a truncated, corrupt or oversized file is
+    quarantined up front. Not with the stream reader: it takes a stream that ends inside a frame without a word."""
+    dctx = zstandard.ZstdDecompressor()
+    frame, total = None, 0
+    try:
+        with open(path, "rb") as stream:
+            while block := stream.read(CHUNK_BYTES):
+                view = memoryview(block)
+                for start in range(0, len(view), ZSTD_PIECE):
+                    piece = view[start : start + ZSTD_PIECE]
+                    while piece:
+                        if frame is None or frame.eof:
+                            frame = dctx.decompressobj()
+                        total += len(frame.decompress(piece))
+                        if total > max_bytes:
+                            raise _too_large("unzstds to", max_bytes)
+                        piece = frame.unused_data if frame.eof else b""  # the next frame's first bytes
+    except zstandard.ZstdError as exc:
+        raise Quarantine(f"bad_zstd: corrupt zstd ({exc})") from None
+    if frame is None or not frame.eof:
+        raise Quarantine("bad_zstd: truncated zstd (the file ends inside a frame)")
 
 
 def _sniff(stream: BinaryIO) -> tuple[bytes, str]:
@@ -146,6 +195,46 @@ def _jsonl_lines(path: Path, max_chars: int) -> Iterator[str | None]:
         yield None if size > max_chars else "".join(parts)
 
 
+def _parquet_values(path: Path, text_field: str) -> Iterator[object]:
+    """Each value of the `text_field` column, in row order, one record batch at a time (the other columns are
+    never read)."""
+    try:
+        with pq.ParquetFile(path) as table:
+            columns = table.schema_arrow.names
+            if text_field not in columns:
+                raise Quarantine(
+                    f"no_text_field: no column '{text_field}' (columns: {', '.join(columns)}); "
+                    "set data.sources[].text_field"
+                )
+            # use_threads=False: the clean stage already runs one process per core
+            for batch in table.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field], use_threads=False):
+                yield from batch.column(0).to_pylist()
+    except (pa.ArrowException, OSError) as exc:
+        if is_out_of_space(exc):
+            raise
+        raise Quarantine(f"bad_parquet: unreadable or corrupt Parquet ({type(exc).__name__}: {exc})") from None
+
+
+def _parquet_documents(
+    path: Path, name: str, text_field: str, strip_html: bool, max_bytes: int
+) -> Iterator[tuple[Doc, Iterable[str]]]:
+    if _compression(path.name):
+        raise Quarantine("bad_parquet: a compressed Parquet file cannot be read; Parquet compresses inside itself")
+    for number, value in enumerate(_parquet_values(path, text_field), start=1):
+        doc = Doc(f"{name}#R{number}")
+        if not isinstance(value, str):
+            what = "null" if value is None else f"a value of type {type(value).__name__}"
+            yield doc, _raise(Quarantine(f"no_text_field: row {number} holds {what}, not a string, in '{text_field}'"))
+            continue
+        doc.raw_bytes = len(value.encode("utf-8"))
+        if doc.raw_bytes > max_bytes:
+            yield doc, _raise(_too_large(f"row {number} holds", max_bytes))
+            continue
+        if strip_html and looks_like_html(value):
+            doc.html, value = True, html_to_text(value)
+        yield doc, [value]
+
+
 def documents(
     path: Path, name: str, text_field: str, strip_html: bool, max_bytes: int
 ) -> Iterator[tuple[Doc, Iterable[str]]]:
@@ -153,9 +242,15 @@ def documents(
     a chunk iterator raises Quarantine for a problem with its document only."""
     if not path.is_file():
         raise Quarantine(f"missing_file: {path} is listed in the manifest but missing")
-    if path.name.lower().endswith(".gz"):
+    kind, compression = _kind(path.name), _compression(path.name)
+    if kind == "parquet":
+        yield from _parquet_documents(path, name, text_field, strip_html, max_bytes)
+        return
+    if compression == "gz":
         _check_gzip(path, max_bytes)
-    if _kind(path.name) != "jsonl":
+    elif compression == "zst":
+        _check_zstd(path, max_bytes)
+    if kind != "jsonl":
         doc = Doc(name, raw_bytes=path.stat().st_size)
         yield doc, _text_doc(path, doc, strip_html, max_bytes)
         return
