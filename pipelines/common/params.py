@@ -36,7 +36,16 @@ class Section(BaseModel):
 
 # --- data -------------------------------------------------------------------------------------
 
-DEFAULT_LOCAL_INCLUDE = ["**/*.txt", "**/*.md", "**/*.html", "**/*.htm", "**/*.jsonl", "**/*.gz"]
+DEFAULT_LOCAL_INCLUDE = [
+    "**/*.txt",
+    "**/*.md",
+    "**/*.html",
+    "**/*.htm",
+    "**/*.jsonl",
+    "**/*.parquet",
+    "**/*.gz",
+    "**/*.zst",
+]
 
 
 class PypiSdistSource(Section):
