@@ -17,19 +17,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from tokenizers import Tokenizer
-from tqdm import tqdm
 
 from pipelines.common.clean_split import read_texts
 from pipelines.common.layout import Layout
 from pipelines.common.params import load_params
-from pipelines.tokenize.stage import (
-    SPLITS,
-    batches,
-    encode_documents,
-    encode_split,
-)
+from pipelines.tokenize.encode import batches, encode_documents, encode_range
+from pipelines.tokenize.stage import EOT, SPLITS
 
 
 def best_of(repeats: int, fn) -> tuple[float, object]:
@@ -70,17 +64,13 @@ def main() -> int:
     base_s, base_ids = best_of(args.repeats, baseline)
     assert ours_ids == base_ids, "ours and the baseline disagree on token ids"
 
-    def stage_path():
-        with tempfile.TemporaryDirectory() as tmp, tqdm(disable=True) as progress:
+    def stage_path():  # the stage's task, one per split, in this process
+        with tempfile.TemporaryDirectory() as tmp:
             for split in SPLITS:
-                encode_split(
-                    tokenizer,
-                    Layout().clean / f"{split}.jsonl",
-                    Path(tmp) / f"{split}.bin",
-                    batch_size,
-                    np.dtype(np.uint16),
-                    progress,
-                )
+                source = Layout().clean / f"{split}.jsonl"
+                task = {"source": str(source), "start": 0, "end": source.stat().st_size, "batch_size": batch_size}
+                task |= {"part": str(Path(tmp) / f"{split}.bin"), "tokenizer": str(tokenizer_file)}
+                encode_range(task | {"eot_id": tokenizer.token_to_id(EOT), "dtype": "uint16"})
 
     stage_s, _ = best_of(args.repeats, stage_path)
     print(

@@ -1,7 +1,9 @@
-"""tokenize: train a byte-level BPE tokenizer on the train split, then write token shards.
+"""tokenize: train a byte-level BPE tokenizer on (a sample of) the train split, then write token shards.
 
 In:  data/clean/{train,val,test}.jsonl        (records with a "text" field, from the clean stage)
-     params.yaml `tokenizer`                  (vocab_size, min_frequency, encode_batch_size)
+     params.yaml `tokenizer`                  (vocab_size, min_frequency, encode_batch_size, train_sample_bytes)
+     params.yaml `data.engine`, `data.workers` where the work runs (pipelines/common/engine.py); the outputs are
+                                              the same bytes on any engine, so dvc.yaml does not list them
 Out: data/tokenizer/                          tokenizer.json, tokenizer_config.json, chat template;
                                               `transformers.AutoTokenizer.from_pretrained` loads it
      data/tokens/{train,val,test}.bin         flat uint16 (uint32 past 65536 tokens) ids, each document
@@ -10,6 +12,12 @@ Out: data/tokenizer/                          tokenizer.json, tokenizer_config.j
      metrics/tokenize.json                    vocab_size, tokens per split, bytes_per_token,
                                               encode_mb_per_s, tokenizer_sha256
 Run: python -m pipelines.tokenize            (or `dvc repro tokenize`)
+
+At corpus scale (10-100 GB) memory and time stay bounded: the tokenizer learns from about `train_sample_bytes` of
+train passages drawn by a hash of their text (sample.py; the whole split when it is smaller, as by default), and
+each split is cut into line-aligned byte ranges (ranges.py) that tasks encode to part files in parallel
+(encode.py), joined in order into `{split}.bin`. No step holds a whole split; the scratch parts live inside the
+temporary `data/tokens` folder that replaces the old one only once everything is written.
 
 (The module is not called tokenize.py: that would shadow the standard library's tokenize.)
 """
@@ -22,17 +30,22 @@ from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from tqdm import tqdm
 
-from pipelines.common.atomic import atomic_dir, write_json
-from pipelines.common.clean_split import iter_texts
+from pipelines.common.atomic import atomic_dir, out_of_space_stops_stage, scratch_dir, write_json
+from pipelines.common.clean_split import CleanSplitError, iter_texts
+from pipelines.common.engine import run_tasks
 from pipelines.common.hashing import sha256_file
 from pipelines.common.layout import PROJECT, Layout
-from pipelines.common.params import Params, TokenizerParams
-from pipelines.common.progress import reporter
-from pipelines.common.runner import StageError, run_stage
+from pipelines.common.params import DataParams, Params, TokenizerParams
+from pipelines.common.runner import StageError, run_stage, stage_log
+from pipelines.common.splits import SPLITS
+from pipelines.tokenize.encode import encode_range
+from pipelines.tokenize.ranges import byte_ranges, concatenate, lines_before
+from pipelines.tokenize.sample import sample_range
 
-SPLITS = ("train", "val", "test")
+CHUNK_BYTES = 16 * 2**20  # bytes of a split per task: enough to amortize loading the tokenizer, small enough to balance
+IN_PROCESS = DataParams.model_construct(engine="local", workers=1)  # callers without params.yaml: tasks run here
+LOG = stage_log("tokenize")
 
 EOT = "<|endoftext|>"  # separates documents; also bos/eos/pad for Hugging Face tools
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")  # ChatML role markers for the chat API
@@ -78,53 +91,93 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def batches(items: Iterator[str], size: int) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+def bad_record(source: Path, start: int, line_no: int) -> CleanSplitError:
+    """The error pipelines/common/clean_split.py raises for the line `line_no` of the range starting at `start`."""
+    return CleanSplitError(
+        f"{source}:{lines_before(source, start) + line_no} is not a clean record with a 'text' field; "
+        "rerun the clean stage (dvc repro clean)."
+    )
 
 
-def encode_documents(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text, encoded in parallel by the Rust library's thread pool (no offsets computed)."""
-    return [e.ids for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
-
-
-def check_round_trip(tokenizer: Tokenizer, texts: list[str], ids: list[list[int]], where: str) -> None:
-    """decode(encode(text)) == text for every document, or a loud error: a shard must never hold altered text."""
-    for i, (text, back) in enumerate(zip(texts, tokenizer.decode_batch(ids, skip_special_tokens=False))):
-        if back != text:
+def check_results(tasks: list[dict], results: list[dict]) -> None:
+    """Raise for the first range, in file order, that a task could not read or encode, naming its split's line
+    or document as if the split had been read in one pass."""
+    docs_before: dict[str, int] = {}
+    for task, result in zip(tasks, results):
+        source = Path(task["source"])
+        if result["bad_line"] is not None:
+            raise bad_record(source, task["start"], result["bad_line"])
+        if result.get("altered"):
+            batch_doc, doc = result["altered"]
             raise TokenizeError(
-                f"{where}: document {i + 1} does not survive encode/decode; "
-                "this is a tokenizer bug, please report it with that document."
+                f"{source} batch at document {docs_before.get(task['source'], 0) + batch_doc}: document {doc} does "
+                "not survive encode/decode; this is a tokenizer bug, please report it with that document."
             )
+        docs_before[task["source"]] = docs_before.get(task["source"], 0) + result["docs"]
 
 
-def encode_split(
-    tokenizer: Tokenizer, source: Path, target: Path, batch_size: int, dtype: np.dtype, progress: tqdm
-) -> dict:
-    """Encode one split in batches to a flat token file, each document followed by EOT."""
-    eot_id = tokenizer.token_to_id(EOT)
-    stats = {"docs": 0, "bytes": 0, "tokens": 0}
-    with open(target, "wb") as out:
-        for texts in batches(iter_texts(source), batch_size):
-            ids = encode_documents(tokenizer, texts)
-            check_round_trip(tokenizer, texts, ids, f"{source} batch at document {stats['docs'] + 1}")
-            flat: list[int] = []
-            for doc in ids:
-                flat += doc
-                flat.append(eot_id)
-            np.asarray(flat, dtype=dtype).tofile(out)
-            size = sum(len(t.encode("utf-8")) for t in texts)
-            stats["docs"] += len(texts)
-            stats["bytes"] += size
-            stats["tokens"] += len(flat)
-            progress.update(size)
-    return stats
+def training_sample(source: Path, params: TokenizerParams, data: DataParams, scratch: Path, chunk_bytes: int) -> Path:
+    """The train passages the tokenizer learns from (sample.py): the split itself when it is no larger than
+    `train_sample_bytes`, else a JSONL file of the drawn ones under scratch."""
+    size = source.stat().st_size
+    if size <= params.train_sample_bytes:
+        LOG(f"training the tokenizer on the whole of {source} ({size / 1e6:.1f} MB)")
+        return source
+    tasks = [
+        {
+            "source": str(source.resolve()),  # Ray workers run in another folder
+            "start": start,
+            "end": end,
+            "fraction": params.train_sample_bytes / size,
+            "part": str((scratch / f"sample.{i:05d}.jsonl").resolve()),
+        }
+        for i, (start, end) in enumerate(byte_ranges(source, chunk_bytes))
+    ]
+    results = run_tasks(sample_range, tasks, data, desc="tokenize: sample", size=lambda t: t["end"] - t["start"])
+    check_results(tasks, results)
+    drawn = sum(r["bytes"] for r in results)
+    if not drawn:
+        LOG(f"no passage of {source} drawn (a few huge ones?): training the tokenizer on all {size / 1e6:.1f} MB")
+        return source
+    concatenate([Path(t["part"]) for t in tasks], scratch / "sample.jsonl")
+    LOG(f"training the tokenizer on {drawn / 1e6:.1f} MB of text drawn from {source} ({size / 1e6:.1f} MB)")
+    return scratch / "sample.jsonl"
+
+
+def encode_splits(
+    sources: dict[str, Path],
+    tokenizer_file: Path,
+    meta: dict,
+    batch_size: int,
+    data: DataParams,
+    scratch: Path,
+    tokens_dir: Path,
+    chunk_bytes: int,
+) -> dict[str, dict]:
+    """Encode every split in byte-range tasks, then join each split's parts into `{split}.bin`; stats per split."""
+    tasks = [
+        {
+            "source": str(source.resolve()),
+            "start": start,
+            "end": end,
+            "split": split,
+            "part": str((scratch / f"{split}.{i:05d}.bin").resolve()),
+            "tokenizer": str(tokenizer_file.resolve()),
+            "eot_id": meta["eot_id"],
+            "dtype": meta["dtype"],
+            "batch_size": batch_size,
+        }
+        for split, source in sources.items()
+        for i, (start, end) in enumerate(byte_ranges(source, chunk_bytes))
+    ]
+    results = run_tasks(encode_range, tasks, data, desc="tokenize: encode", size=lambda t: t["end"] - t["start"])
+    check_results(tasks, results)
+    splits = {}
+    for split in sources:
+        mine = [(t, r) for t, r in zip(tasks, results) if t["split"] == split]
+        concatenate([Path(t["part"]) for t, _ in mine], tokens_dir / f"{split}.bin")
+        splits[split] = {key: sum(r[key] for _, r in mine) for key in ("docs", "bytes", "tokens")}
+    return splits
 
 
 def tokenize_corpus(
@@ -133,8 +186,12 @@ def tokenize_corpus(
     tokenizer_dir: Path = PROJECT.tokenizer,
     tokens_dir: Path = PROJECT.tokens,
     metrics_file: Path = PROJECT.tokenize_metrics,
+    *,
+    data: DataParams = IN_PROCESS,
+    chunk_bytes: int = CHUNK_BYTES,
 ) -> dict:
-    """Train the tokenizer on train, encode every split, write outputs atomically; return the metrics."""
+    """Train the tokenizer on (a sample of) train, encode every split on `data.engine`, write outputs atomically;
+    return the metrics."""
     sources = {split: clean_dir / f"{split}.jsonl" for split in SPLITS}
     missing = [str(p) for p in sources.values() if not p.is_file()]
     if missing:
@@ -145,39 +202,38 @@ def tokenize_corpus(
             "check reports/clean/report.md for why documents were dropped."
         )
 
-    with atomic_dir(tokenizer_dir) as tok_tmp, atomic_dir(tokens_dir) as tokens_tmp:
+    with (
+        atomic_dir(tokenizer_dir) as tok_tmp,
+        atomic_dir(tokens_dir) as tokens_tmp,
+        out_of_space_stops_stage(),
+        scratch_dir(tokens_tmp, ".parts.") as scratch,
+    ):
         started = time.perf_counter()
-        tokenizer = train_tokenizer(iter_texts(sources["train"]), params)
+        sample = training_sample(sources["train"], params, data, scratch, chunk_bytes)
+        tokenizer = train_tokenizer(iter_texts(sample), params)
         train_seconds = time.perf_counter() - started
         tokenizer.encode_special_tokens = True  # "<|endoftext|>" typed in a document is text, not a separator
         save_tokenizer(tokenizer, tok_tmp)
         tokenizer_sha = sha256_file(tok_tmp / "tokenizer.json")
 
         vocab_size = tokenizer.get_vocab_size()
-        dtype = token_dtype(vocab_size)
-        total_bytes = sum(p.stat().st_size for p in sources.values())
-        splits = {}
+        meta = {
+            "dtype": token_dtype(vocab_size).name,
+            "vocab_size": vocab_size,
+            "eot_token": EOT,
+            "eot_id": tokenizer.token_to_id(EOT),
+            "special_tokens": {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS},
+        }
         started = time.perf_counter()
-        with reporter(total_bytes, "tokenize", "B", unit_scale=True) as progress:
-            for split, source in sources.items():
-                splits[split] = encode_split(
-                    tokenizer, source, tokens_tmp / f"{split}.bin", params.encode_batch_size, dtype, progress
-                )
+        splits = encode_splits(
+            sources, tok_tmp / "tokenizer.json", meta, params.encode_batch_size, data, scratch, tokens_tmp, chunk_bytes
+        )
         encode_seconds = time.perf_counter() - started
 
         text_bytes = sum(s["bytes"] for s in splits.values())
         text_tokens = sum(s["tokens"] - s["docs"] for s in splits.values())  # EOT separators carry no text
         bytes_per_token = round(text_bytes / max(text_tokens, 1), 4)
-        meta = {
-            "dtype": dtype.name,
-            "vocab_size": vocab_size,
-            "eot_token": EOT,
-            "eot_id": tokenizer.token_to_id(EOT),
-            "special_tokens": {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS},
-            "splits": splits,
-            "bytes_per_token": bytes_per_token,
-            "tokenizer_sha256": tokenizer_sha,
-        }
+        meta |= {"splits": splits, "bytes_per_token": bytes_per_token, "tokenizer_sha256": tokenizer_sha}
         write_json(tokens_tmp / "meta.json", meta)
     metrics = {
         "vocab_size": vocab_size,
@@ -193,7 +249,9 @@ def tokenize_corpus(
 
 def summarize(params: Params, layout: Layout) -> str:
     """Run the stage on data/clean; the line printed on success."""
-    metrics = tokenize_corpus(params.tokenizer, layout.clean, layout.tokenizer, layout.tokens, layout.tokenize_metrics)
+    metrics = tokenize_corpus(
+        params.tokenizer, layout.clean, layout.tokenizer, layout.tokens, layout.tokenize_metrics, data=params.data
+    )
     return (
         f"vocab {metrics['vocab_size']}, tokens {metrics['tokens']}, "
         f"{metrics['bytes_per_token']} bytes/token, {metrics['encode_mb_per_s']} MB/s"

@@ -12,9 +12,17 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, normalizers
 
 from pipelines.common.clean_split import CleanSplitError
-from pipelines.common.params import TokenizerParams
+from pipelines.common.params import DataParams, LocalSource, TokenizerParams
 from pipelines.tokenize import stage as tokenize_stage
-from pipelines.tokenize.stage import EOT, SPECIAL_TOKENS, TokenizeError, token_dtype, tokenize_corpus
+from pipelines.tokenize.sample import drawn
+from pipelines.tokenize.stage import (
+    EOT,
+    SPECIAL_TOKENS,
+    TokenizeError,
+    token_dtype,
+    tokenize_corpus,
+    train_tokenizer,
+)
 from tests.helpers.corpus import write_clean
 
 TRICKY = [
@@ -35,6 +43,22 @@ TRICKY = [
     "x" * 5000,
 ]
 PLAIN = [t for t in TRICKY if "<|" not in t]
+
+
+TIMINGS = ("encode_mb_per_s", "train_tokenizer_seconds")
+
+
+def local(workers: int) -> DataParams:
+    return DataParams(sources=[LocalSource(type="local", path="corpus")], workers=workers)
+
+
+def outputs(root: Path) -> dict[str, bytes]:
+    """Every output file under root by relative path; the metrics without their timings."""
+    files = {str(p.relative_to(root)): p.read_bytes() for p in sorted((root / "tokenizer").iterdir())}
+    files |= {str(p.relative_to(root)): p.read_bytes() for p in sorted((root / "tokens").iterdir())}
+    metrics = json.loads((root / "metrics.json").read_text())
+    files["metrics.json"] = json.dumps({k: v for k, v in metrics.items() if k not in TIMINGS}).encode()
+    return files
 
 
 def build(root: Path) -> tuple[dict, dict]:
@@ -114,6 +138,40 @@ def test_training_is_deterministic(built, tmp_path):
     assert (tmp_path / "tokens" / "train.bin").read_bytes() == (built[0] / "tokens" / "train.bin").read_bytes()
 
 
+def test_outputs_are_the_same_bytes_whatever_the_workers_and_chunks(tmp_path):
+    """Two processes over ranges of 2 kB (many per split, the tokenizer trained on a sample drawn by them too)
+    write what one process writes over whole splits."""
+    write_clean(tmp_path / "clean", n_train=200, n_val=12, n_test=12, extra=TRICKY)
+    params = TokenizerParams(vocab_size=400, train_sample_bytes=2**16)  # train.jsonl is about 3 times as large
+    runs = {}
+    for workers, chunk_bytes in [(1, 16 * 2**20), (2, 2000)]:
+        root = tmp_path / f"w{workers}"
+        paths = (root / "tokenizer", root / "tokens", root / "metrics.json")
+        tokenize_corpus(params, tmp_path / "clean", *paths, data=local(workers), chunk_bytes=chunk_bytes)
+        runs[workers] = outputs(root)
+    assert sorted(runs[1]) == [
+        "metrics.json",
+        *(f"tokenizer/{n}" for n in ("chat_template.jinja", "tokenizer.json", "tokenizer_config.json")),
+        *(f"tokens/{n}" for n in ("meta.json", "test.bin", "train.bin", "val.bin")),
+    ]
+    assert runs[2] == runs[1]
+
+
+def test_the_tokenizer_trains_on_a_deterministic_sample_or_the_whole_smaller_split(tmp_path):
+    texts = write_clean(tmp_path / "clean", n_train=200)["train"]
+    size = (tmp_path / "clean" / "train.jsonl").stat().st_size
+    vocab = {}
+    for sample_bytes in (2**16, size, 2**30):
+        params = TokenizerParams(vocab_size=400, train_sample_bytes=sample_bytes)
+        root = tmp_path / str(sample_bytes)
+        tokenize_corpus(params, tmp_path / "clean", root / "tok", root / "tokens", root / "m.json")
+        vocab[sample_bytes] = Tokenizer.from_file(str(root / "tok" / "tokenizer.json")).get_vocab()
+    assert vocab[size] == vocab[2**30] == train_tokenizer(iter(texts), params).get_vocab()
+    sample = [t for t in texts if drawn(t, 2**16 / size)]
+    assert 0.2 < len(sample) / len(texts) < 0.5
+    assert vocab[2**16] == train_tokenizer(iter(sample), params).get_vocab() != vocab[size]
+
+
 def test_uint32_when_the_vocabulary_needs_it():
     assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
 
@@ -155,3 +213,27 @@ def test_a_document_that_does_not_decode_back_to_its_text_is_refused(tmp_path, m
     with pytest.raises(TokenizeError, match=r"train\.jsonl batch at document 1: document 61 does not survive encode"):
         tokenize_corpus(params, *paths)
     assert {p.name: p.read_bytes() for p in sorted((tmp_path / "tokens").iterdir())} == before
+
+
+def test_errors_in_a_later_range_name_the_line_and_document_of_the_whole_split(tmp_path, monkeypatch):
+    """One task per line, on two processes: the errors still count lines and documents from the split's start."""
+    paths = (tmp_path / "clean", tmp_path / "tok", tmp_path / "tokens", tmp_path / "m.json")
+    params, engine = TokenizerParams(vocab_size=512), {"data": local(2), "chunk_bytes": 1}
+    write_clean(tmp_path / "clean", n_train=60, extra=["The ﬁrst ligature."])  # train document 61
+    with open(tmp_path / "clean" / "test.jsonl", "a") as f:
+        f.write('\n{"text": "fine"}\n{"text": 7}\n')  # a blank line 5, a good line 6, a bad line 7
+    with pytest.raises(CleanSplitError, match=r"test\.jsonl:7 is not a clean record"):
+        tokenize_corpus(params, *paths, **engine)
+
+    (tmp_path / "clean" / "test.jsonl").write_text("".join(open(tmp_path / "clean" / "test.jsonl").readlines()[:6]))
+    train_tokenizer = tokenize_stage.train_tokenizer
+
+    def with_nfkc(texts, params):
+        tokenizer = train_tokenizer(texts, params)
+        tokenizer.normalizer = normalizers.NFKC()  # reaches the workers through tokenizer.json
+        return tokenizer
+
+    monkeypatch.setattr(tokenize_stage, "train_tokenizer", with_nfkc)
+    with pytest.raises(TokenizeError, match=r"train\.jsonl batch at document 61: document 1 does not survive encode"):
+        tokenize_corpus(params, *paths, **engine)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean"]
