@@ -1,10 +1,12 @@
 """Near-duplicate detection for the clean stage: word shingles, MinHash LSH, exact verification.
 
 A document becomes a set of 32-bit hashes of its lower-cased word k-shingles (`shingle_words`),
-summarised by a `datasketch` MinHash. MinHashLSH proposes candidate pairs; each candidate is checked
-with the exact Jaccard similarity of the two shingle sets, so a false candidate costs time, never a
-wrong answer. Verified pairs are joined into clusters (connected components) and the first document
-of each cluster, in the caller's order, is kept:
+summarised by a `datasketch` MinHash, whose bands (datasketch's MinHashLSH shape) are hashed into buckets.
+Documents sharing a bucket are candidate pairs; each candidate is checked with the exact Jaccard similarity
+of the two shingle sets, so a false candidate costs time, never a wrong answer. Verified pairs are joined
+into clusters (connected components) and the first document of each cluster, in the caller's order, is kept.
+Each step is a function of its own, so the clean stage runs them over shards (signature -> bucket ->
+cluster -> filter) and `near_duplicates` runs them in memory:
 
     >>> a = sketch(["to be or not to be that is the question"], shingle_words=3, num_perm=128)
     >>> b = sketch(["to be or not to bee that is the question"], shingle_words=3, num_perm=128)
@@ -30,6 +32,7 @@ LSH_WEIGHTS = (0.1, 0.9)  # (false positive, false negative): candidates are ver
 _WORD = re.compile(r"\w+")
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 _BATCH = 1 << 15  # shingles per MinHash update: bounds the (batch, num_perm) temporary
+ALL_PAIRS = 64  # buckets up to this many documents are verified pair by pair
 
 
 @dataclass
@@ -111,31 +114,83 @@ def jaccard(a: np.ndarray, b: np.ndarray) -> float:
     return inter / (len(a) + len(b) - inter)
 
 
-def near_duplicates(sketches: Sequence[Sketch], threshold: float, num_perm: int) -> dict[int, tuple[int, float]]:
-    """Map each near-duplicate document's index to (index of the document kept for its cluster, their
-    exact Jaccard similarity). Documents with no shingles are never near duplicates."""
+def lsh_shape(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows per band) that datasketch's MinHashLSH picks for this threshold: two documents are candidates
+    when all `rows` MinHash values of at least one band agree."""
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=LSH_WEIGHTS)
-    for i, s in enumerate(sketches):
-        if len(s.shingles):
-            lsh.insert(i, s.minhash, check_duplication=False)
-    parent = list(range(len(sketches)))
+    return lsh.b, lsh.r
+
+
+def band_hashes(m: MinHash, bands: int, rows: int) -> np.ndarray:
+    """One uint64 per band: a hash of the band's index and its `rows` MinHash values. Equal hashes put two
+    documents in one LSH bucket (a 64-bit collision only adds a candidate, which verification rejects)."""
+    values = m.hashvalues[: bands * rows].astype(np.uint64).reshape(bands, rows)
+    h = (np.arange(bands, dtype=np.uint64) + np.uint64(1)) * _MIX
+    for j in range(rows):
+        h = (h ^ values[:, j]) * _MIX
+        h ^= h >> np.uint64(29)
+    return h
+
+
+def candidate_pairs(hashes: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """(a, b) key pairs, a < b, of documents that share a bucket: `hashes[i]` is a bucket of document `keys[i]`.
+    Every pair of a bucket up to ALL_PAIRS documents; in a larger one (a flood of near copies), each document
+    with the bucket's first and with its predecessor, which links the bucket in linear time."""
+    order = np.lexsort((keys, hashes))
+    h, k = hashes[order], keys[order]
+    starts = np.flatnonzero(np.r_[True, h[1:] != h[:-1]])
+    ends = np.r_[starts[1:], len(h)]
+    pairs = []
+    for start, end in zip(starts[ends - starts > 1], ends[ends - starts > 1]):
+        group = np.unique(k[start:end])
+        if len(group) < 2:
+            continue
+        if len(group) <= ALL_PAIRS:
+            i, j = np.triu_indices(len(group), 1)
+            pairs.append(np.stack([group[i], group[j]], axis=1))
+        else:
+            pairs.append(np.stack([np.full(len(group) - 1, group[0]), group[1:]], axis=1))
+            pairs.append(np.stack([group[:-1], group[1:]], axis=1))
+    if not pairs:
+        return np.empty((0, 2), dtype=keys.dtype)
+    return np.unique(np.concatenate(pairs), axis=0)
+
+
+def clusters(edges: Iterable[tuple[int, int]]) -> dict[int, int]:
+    """Connected components of verified pairs: each member's cluster root, the smallest key of its cluster (the
+    document kept), for members that are not roots themselves."""
+    parent: dict[int, int] = {}
 
     def root(i: int) -> int:
+        parent.setdefault(i, i)
         while parent[i] != i:
             parent[i] = parent[parent[i]]
             i = parent[i]
         return i
 
-    for i, s in enumerate(sketches):
-        if not len(s.shingles):
-            continue
-        for j in lsh.query(s.minhash):
-            if j > i and root(i) != root(j) and jaccard(s.shingles, sketches[j].shingles) >= threshold:
-                ri, rj = root(i), root(j)
-                parent[max(ri, rj)] = min(ri, rj)  # the cluster's root is its first document
-    result = {}
-    for i in range(len(sketches)):
-        r = root(i)
-        if r != i:
-            result[i] = (r, round(jaccard(sketches[i].shingles, sketches[r].shingles), 4))
-    return result
+    for a, b in edges:
+        ra, rb = root(int(a)), root(int(b))
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    return {i: r for i in parent if (r := root(i)) != i}
+
+
+def near_duplicates(sketches: Sequence[Sketch], threshold: float, num_perm: int) -> dict[int, tuple[int, float]]:
+    """Map each near-duplicate document's index to (index of the document kept for its cluster, their
+    exact Jaccard similarity). Documents with no shingles are never near duplicates. In memory: the clean
+    stage runs the same steps (band hashes, candidate pairs, exact verification, clusters) over shards."""
+    bands, rows = lsh_shape(threshold, num_perm)
+    indices = [i for i, s in enumerate(sketches) if len(s.shingles)]
+    if not indices:
+        return {}
+    hashes = np.concatenate([band_hashes(sketches[i].minhash, bands, rows) for i in indices])
+    keys = np.repeat(np.asarray(indices, dtype=np.int64), bands)
+    edges = [
+        (a, b)
+        for a, b in candidate_pairs(hashes, keys).tolist()
+        if jaccard(sketches[a].shingles, sketches[b].shingles) >= threshold
+    ]
+    return {
+        i: (r, round(jaccard(sketches[i].shingles, sketches[r].shingles), 4))
+        for i, r in sorted(clusters(edges).items())
+    }

@@ -2,8 +2,8 @@
 
 A stage cuts its work into independent tasks (a shard of raw files to clean, a byte range of a split to encode)
 and a pure, module-level function that does one task and returns a small JSON-able summary; what a task makes
-it writes to files under the stage's scratch folder. `run_tasks` runs them and returns the summaries in task
-order, so the same functions give the same outputs, byte for byte, on either engine:
+it writes to files under the stage's scratch folder. An `Engine` runs them step after step and returns each
+step's summaries in task order, so the same functions give the same outputs, byte for byte, on either engine:
 
 - `local`: a process pool with one worker per core (`data.workers`), or the stage's own process when there is a
   single task (the default corpus: no pool to start);
@@ -11,7 +11,11 @@ order, so the same functions give the same outputs, byte for byte, on either eng
   instance started for the stage and stopped after it. Tasks read and write the project's files, so every node
   must see the project folder at the same path (a shared filesystem; README: "Data at corpus scale").
 
-    >>> run_tasks(clean_shard, shards, params.data, desc="clean: read", size=lambda s: s["bytes"])
+    >>> with Engine(params.data, preload=["pipelines.clean.shards"]) as engine:
+    ...     read = engine.run(read_shard, shards, desc="clean: read", size=lambda s: s["bytes"])
+    ...     engine.run(exact_part, partitions, desc="clean: exact duplicates", size=len, unit="partition")
+
+`run_tasks(fn, tasks, params, ...)` is one step on an engine of its own.
 
 Progress (bytes or documents done, throughput, ETA) is a `pipelines.common.progress.reporter` either way.
 """
@@ -48,6 +52,63 @@ def workers(params: DataParams) -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+class Engine:
+    """The stage's engine, opened once and reused by every step: the process pool (started at the first step
+    with more than one task) or the Ray connection (at the first step); closed when the stage ends.
+    `preload`: modules the pool's workers import once, before their first task."""
+
+    def __init__(self, params: DataParams, preload: Sequence[str] = ()) -> None:
+        self.params, self.preload = params, list(preload)
+        self._pool: ProcessPoolExecutor | None = None
+        self._ray_started_here: bool | None = None  # None: not connected yet
+
+    def run(
+        self, fn: Callable[[T], Any], tasks: Sequence[T], *, desc: str, size: Callable[[T], int], unit: str = "B"
+    ) -> list[Any]:
+        """fn(task) for every task; the results in task order. Progress counts size(task)."""
+        fn = functools.partial(_as_json, fn)  # both engines hand back the same JSON values
+        with reporter(sum(size(t) for t in tasks), desc, unit, unit_scale=unit == "B") as progress:
+            if self.params.engine == "ray":
+                if self._ray_started_here is None:
+                    self._ray_started_here = connect_ray()
+                return _on_ray(fn, tasks, progress, size)
+            if min(workers(self.params), len(tasks)) <= 1:
+                results = []
+                for task in tasks:
+                    results.append(fn(task))
+                    progress.update(size(task))
+                return results
+            return _on_pool(self._local_pool(), fn, tasks, progress, size)
+
+    def _local_pool(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            # forkserver: workers start from a clean process that imported `preload` once (no inherited threads
+            # or memory, so per-process resident memory is honest); spawn where there is none (macOS)
+            if "forkserver" in multiprocessing.get_all_start_methods():
+                context = multiprocessing.get_context("forkserver")
+                context.set_forkserver_preload(self.preload)
+            else:
+                context = multiprocessing.get_context("spawn")
+            self._pool = ProcessPoolExecutor(max_workers=workers(self.params), mp_context=context)
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+        if self._ray_started_here:
+            import ray  # only the ray engine gets here
+
+            ray.shutdown()
+        self._ray_started_here = None
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def run_tasks(
     fn: Callable[[T], Any],
     tasks: Sequence[T],
@@ -57,44 +118,29 @@ def run_tasks(
     size: Callable[[T], int],
     unit: str = "B",
 ) -> list[Any]:
-    """fn(task) for every task on `params.engine`; the results in task order. Progress counts size(task)."""
-    fn = functools.partial(_as_json, fn)  # both engines hand back the same JSON values
-    total = sum(size(t) for t in tasks)
-    with reporter(total, desc, unit, unit_scale=unit == "B") as progress:
-        if params.engine == "ray":
-            return _on_ray(fn, tasks, progress, size)
-        n = min(workers(params), len(tasks))
-        if n <= 1:
-            results = []
-            for task in tasks:
-                results.append(fn(task))
-                progress.update(size(task))
-            return results
-        return _on_pool(fn, tasks, n, progress, size)
+    """One step on an Engine of its own: fn(task) for every task, the results in task order."""
+    with Engine(params, preload=[fn.__module__]) as engine:
+        return engine.run(fn, tasks, desc=desc, size=size, unit=unit)
 
 
 def _as_json(fn: Callable[[T], Any], task: T) -> Any:
     return json.loads(json.dumps(fn(task)))
 
 
-def _on_pool(fn, tasks, n, progress, size) -> list[Any]:
-    # forkserver: workers start from a clean process (no inherited threads or memory, so per-process resident
-    # memory is honest); spawn where there is no forkserver (macOS)
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+def _on_pool(pool: ProcessPoolExecutor, fn, tasks, progress, size) -> list[Any]:
     results: list[Any] = [None] * len(tasks)
-    with ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context(method)) as pool:
-        pending = {pool.submit(fn, task): i for i, task in enumerate(tasks)}
-        try:
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    i = pending.pop(future)
-                    results[i] = future.result()  # a task's error is raised here, as the stage's own
-                    progress.update(size(tasks[i]))
-        except BaseException:
-            for future in pending:
-                future.cancel()
-            raise
+    pending = {pool.submit(fn, task): i for i, task in enumerate(tasks)}
+    try:
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                i = pending.pop(future)
+                results[i] = future.result()  # a task's error is raised here, as the stage's own
+                progress.update(size(tasks[i]))
+    except BaseException:
+        for future in pending:
+            future.cancel()
+        raise
     return results
 
 
@@ -140,24 +186,19 @@ def connect_ray() -> bool:
 def _on_ray(fn, tasks, progress, size) -> list[Any]:
     import ray  # heavy, and only the ray engine needs it
 
-    started_here = connect_ray()
-    try:
-        ray.data.DataContext.get_current().enable_progress_bars = False  # the stage's own progress says it
-        # One block per task, so each task is a Ray task of its own; the closure ships fn and the task list once.
-        dataset = ray.data.range(len(tasks), override_num_blocks=len(tasks)).map(
-            functools.partial(_ray_row, fn, tasks), num_cpus=1
-        )
-        results: list[Any] = [None] * len(tasks)
-        for row in dataset.iter_rows():
-            if row["error"]:
-                raise StageError(row["error"])
-            i = int(row["i"])
-            results[i] = json.loads(row["result"])
-            progress.update(size(tasks[i]))
-        return results
-    finally:
-        if started_here:
-            ray.shutdown()
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the stage's own progress says it
+    # One block per task, so each task is a Ray task of its own; the closure ships fn and the task list once.
+    dataset = ray.data.range(len(tasks), override_num_blocks=len(tasks)).map(
+        functools.partial(_ray_row, fn, tasks), num_cpus=1
+    )
+    results: list[Any] = [None] * len(tasks)
+    for row in dataset.iter_rows():
+        if row["error"]:
+            raise StageError(row["error"])
+        i = int(row["i"])
+        results[i] = json.loads(row["result"])
+        progress.update(size(tasks[i]))
+    return results
 
 
 def _ray_row(fn: Callable[[T], Any], tasks: Sequence[T], row: dict) -> dict:

@@ -20,8 +20,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipelines.clean import read as read_mod
-from pipelines.clean import stage as clean_mod
-from pipelines.clean.stage import CleanError, clean_corpus, cut_passages
+from pipelines.clean import passages as passages_mod
+from pipelines.clean import shards as shards_mod
+from pipelines.clean.passages import cut_passages
+from pipelines.clean.stage import CleanError, clean_corpus
 from pipelines.clean.textclean import clean_text
 from pipelines.common.atomic import OutOfSpaceError
 from pipelines.common.params import DataParams
@@ -260,7 +262,7 @@ def test_failure_while_writing_leaves_previous_outputs(tmp_path: Path, monkeypat
         raise KeyboardInterrupt  # as if the stage were interrupted half way
 
     make_raw(tmp_path, {"a.txt": MODERN, "b.txt": MILTON, "c.txt": FOLIO.upper()})
-    monkeypatch.setattr(clean_mod, "cut_passages", broken)
+    monkeypatch.setattr(passages_mod, "cut_passages", broken)
     with pytest.raises(KeyboardInterrupt):
         run_clean(tmp_path)
     assert {p.name: p.read_bytes() for p in (tmp_path / "data" / "clean").iterdir()} == before
@@ -402,7 +404,7 @@ def test_out_of_space_fails_the_stage_instead_of_quarantining(tmp_path: Path, mo
     def full_disk(doc, chunks, params, spill):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as spill.write raises it
 
-    monkeypatch.setattr(clean_mod, "_clean_doc", full_disk)
+    monkeypatch.setattr(shards_mod, "clean_doc", full_disk)
     with pytest.raises(OutOfSpaceError, match=r"No space left on device \[ENOSPC\]"):
         run_clean(tmp_path)
     assert {p.name: p.read_bytes() for p in (tmp_path / "data" / "clean").iterdir()} == before
