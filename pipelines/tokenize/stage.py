@@ -33,7 +33,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from pipelines.common.atomic import atomic_dir, out_of_space_stops_stage, scratch_dir, write_json
 from pipelines.common.clean_split import CleanSplitError, iter_texts
-from pipelines.common.engine import run_tasks
+from pipelines.common.engine import Engine
 from pipelines.common.hashing import sha256_file
 from pipelines.common.layout import PROJECT, Layout
 from pipelines.common.params import DataParams, Params, TokenizerParams
@@ -116,7 +116,7 @@ def check_results(tasks: list[dict], results: list[dict]) -> None:
         docs_before[task["source"]] = docs_before.get(task["source"], 0) + result["docs"]
 
 
-def training_sample(source: Path, params: TokenizerParams, data: DataParams, scratch: Path, chunk_bytes: int) -> Path:
+def training_sample(source: Path, params: TokenizerParams, engine: Engine, scratch: Path, chunk_bytes: int) -> Path:
     """The train passages the tokenizer learns from (sample.py): the split itself when it is no larger than
     `train_sample_bytes`, else a JSONL file of the drawn ones under scratch."""
     size = source.stat().st_size
@@ -133,7 +133,7 @@ def training_sample(source: Path, params: TokenizerParams, data: DataParams, scr
         }
         for i, (start, end) in enumerate(byte_ranges(source, chunk_bytes))
     ]
-    results = run_tasks(sample_range, tasks, data, desc="tokenize: sample", size=lambda t: t["end"] - t["start"])
+    results = engine.run(sample_range, tasks, desc="tokenize: sample", size=lambda t: t["end"] - t["start"])
     check_results(tasks, results)
     drawn = sum(r["bytes"] for r in results)
     if not drawn:
@@ -149,7 +149,7 @@ def encode_splits(
     tokenizer_file: Path,
     meta: dict,
     batch_size: int,
-    data: DataParams,
+    engine: Engine,
     scratch: Path,
     tokens_dir: Path,
     chunk_bytes: int,
@@ -170,7 +170,7 @@ def encode_splits(
         for split, source in sources.items()
         for i, (start, end) in enumerate(byte_ranges(source, chunk_bytes))
     ]
-    results = run_tasks(encode_range, tasks, data, desc="tokenize: encode", size=lambda t: t["end"] - t["start"])
+    results = engine.run(encode_range, tasks, desc="tokenize: encode", size=lambda t: t["end"] - t["start"])
     check_results(tasks, results)
     splits = {}
     for split in sources:
@@ -207,9 +207,10 @@ def tokenize_corpus(
         atomic_dir(tokens_dir) as tokens_tmp,
         out_of_space_stops_stage(),
         scratch_dir(tokens_tmp, ".parts.") as scratch,
+        Engine(data, preload=[sample_range.__module__, encode_range.__module__]) as engine,  # one pool, both steps
     ):
         started = time.perf_counter()
-        sample = training_sample(sources["train"], params, data, scratch, chunk_bytes)
+        sample = training_sample(sources["train"], params, engine, scratch, chunk_bytes)
         tokenizer = train_tokenizer(iter_texts(sample), params)
         train_seconds = time.perf_counter() - started
         tokenizer.encode_special_tokens = True  # "<|endoftext|>" typed in a document is text, not a separator
@@ -226,7 +227,14 @@ def tokenize_corpus(
         }
         started = time.perf_counter()
         splits = encode_splits(
-            sources, tok_tmp / "tokenizer.json", meta, params.encode_batch_size, data, scratch, tokens_tmp, chunk_bytes
+            sources,
+            tok_tmp / "tokenizer.json",
+            meta,
+            params.encode_batch_size,
+            engine,
+            scratch,
+            tokens_tmp,
+            chunk_bytes,
         )
         encode_seconds = time.perf_counter() - started
 
