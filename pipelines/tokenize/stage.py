@@ -99,21 +99,21 @@ def bad_record(source: Path, start: int, line_no: int) -> CleanSplitError:
     )
 
 
-def check_results(tasks: list[dict], results: list[dict]) -> None:
+def check_results(sources: dict[str, Path], tasks: list[dict], results: list[dict]) -> None:
     """Raise for the first range, in file order, that a task could not read or encode, naming its split's line
     or document as if the split had been read in one pass."""
     docs_before: dict[str, int] = {}
     for task, result in zip(tasks, results):
-        source = Path(task["source"])
+        source = sources[task["split"]]
         if result["bad_line"] is not None:
             raise bad_record(source, task["start"], result["bad_line"])
         if result.get("altered"):
             batch_doc, doc = result["altered"]
             raise TokenizeError(
-                f"{source} batch at document {docs_before.get(task['source'], 0) + batch_doc}: document {doc} does "
+                f"{source} batch at document {docs_before.get(task['split'], 0) + batch_doc}: document {doc} does "
                 "not survive encode/decode; this is a tokenizer bug, please report it with that document."
             )
-        docs_before[task["source"]] = docs_before.get(task["source"], 0) + result["docs"]
+        docs_before[task["split"]] = docs_before.get(task["split"], 0) + result["docs"]
 
 
 def training_sample(source: Path, params: TokenizerParams, engine: Engine, scratch: Path, chunk_bytes: int) -> Path:
@@ -128,13 +128,14 @@ def training_sample(source: Path, params: TokenizerParams, engine: Engine, scrat
             "source": str(source.resolve()),  # Ray workers run in another folder
             "start": start,
             "end": end,
+            "split": "train",
             "fraction": params.train_sample_bytes / size,
             "part": str((scratch / f"sample.{i:05d}.jsonl").resolve()),
         }
         for i, (start, end) in enumerate(byte_ranges(source, chunk_bytes))
     ]
     results = engine.run(sample_range, tasks, desc="tokenize: sample", size=lambda t: t["end"] - t["start"])
-    check_results(tasks, results)
+    check_results({"train": source}, tasks, results)
     drawn = sum(r["bytes"] for r in results)
     if not drawn:
         LOG(f"no passage of {source} drawn (a few huge ones?): training the tokenizer on all {size / 1e6:.1f} MB")
@@ -171,7 +172,7 @@ def encode_splits(
         for i, (start, end) in enumerate(byte_ranges(source, chunk_bytes))
     ]
     results = engine.run(encode_range, tasks, desc="tokenize: encode", size=lambda t: t["end"] - t["start"])
-    check_results(tasks, results)
+    check_results(sources, tasks, results)
     splits = {}
     for split in sources:
         mine = [(t, r) for t, r in zip(tasks, results) if t["split"] == split]
