@@ -4,8 +4,8 @@ A range starts at a line start and ends after a line end, so every record lies i
 chunk size; reading the ranges in order reads the file in order.
 
     >>> byte_ranges(Path("data/clean/train.jsonl"), 16 * 2**20)
-    [(0, 16777342), (16777342, 33554501), ...]
-    >>> for line_no, line, text in read_range(Path("data/clean/train.jsonl"), 0, 16777342): ...
+    [(0, 16777309), (16777309, 33554808), ...]
+    >>> for line_no, line, text in read_range(Path("data/clean/train.jsonl"), 0, 16777309): ...
     >>> concatenate([scratch / "train.00000.bin", scratch / "train.00001.bin"], tokens / "train.bin")
 """
 

@@ -7,10 +7,10 @@ train by the plain SHA-256 of the same text (pipelines/common/splits.py), so tra
 with a high one, and an unkeyed draw by it would keep none of them.
 
     >>> drawn("Some passage.", 0.25)
-    False
-    >>> sample_range({"source": "/p/data/clean/train.jsonl", "start": 0, "end": 16777342, "fraction": 0.25,
-    ...               "part": "/p/data/.tokens.tmp/.parts/sample.00000.jsonl"})
-    {'docs': 2031, 'bytes': 4182311, 'bad_line': None}
+    True
+    >>> sample_range({"source": "/p/data/clean/train.jsonl", "start": 0, "end": 16777309, "fraction": 0.25,
+    ...               "part": "/p/data/.tokens.<pid>.<random>.tmp/.parts.<pid>.<random>/sample.00000.jsonl"})
+    {'docs': ..., 'bytes': ..., 'bad_line': None}
 """
 
 from __future__ import annotations
