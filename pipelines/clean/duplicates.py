@@ -30,29 +30,33 @@ SIMILAR_ROWS = np.dtype([("a", "<u8"), ("b", "<u8"), ("jaccard", "<f8")])
 def exact_part(task: dict) -> int:
     """Step 1 for one partition; the number of exact duplicates found."""
     scratch, part = Path(task["scratch"]), task["part"]
-    rows = shuffle.read_partition(scratch / "sha", part, shuffle.SHA_ROWS)
-    rows = np.sort(rows[rows["key"] < task["cut"]], order=["sha", "key"])
-    later = shuffle.repeats(rows["sha"])  # a row whose hash the one before it has
-    first = rows["key"][np.maximum.accumulate(np.where(~later, np.arange(len(rows)), 0))]
-    pairs = np.empty(int(later.sum()), dtype=shuffle.PAIR_ROWS)
-    pairs["a"], pairs["b"] = first[later], rows["key"][later]
+    found = []
+    for rows in shuffle.read_partition(scratch / "sha", part, shuffle.SHA_ROWS, "sha"):
+        rows = np.sort(rows[rows["key"] < task["cut"]], order=["sha", "key"])
+        later = shuffle.repeats(rows["sha"])  # a row whose hash the one before it has
+        first = rows["key"][np.maximum.accumulate(np.where(~later, np.arange(len(rows)), 0))]
+        pairs = np.empty(int(later.sum()), dtype=shuffle.PAIR_ROWS)
+        pairs["a"], pairs["b"] = first[later], rows["key"][later]
+        found.append(pairs)
     (scratch / "exact").mkdir(exist_ok=True)
-    np.save(scratch / "exact" / f"{part:04d}.npy", pairs, allow_pickle=False)
-    return len(pairs)
+    np.save(scratch / "exact" / f"{part:04d}.npy", np.concatenate(found), allow_pickle=False)
+    return sum(map(len, found))
 
 
 def bucket_part(task: dict) -> int:
     """Step 2 for one partition; the number of candidate pairs."""
     scratch, part = Path(task["scratch"]), task["part"]
-    rows = shuffle.read_partition(scratch / "bands", part, shuffle.BAND_ROWS)
     duplicates = np.load(scratch / "exact_duplicates.npy", allow_pickle=False)
-    rows = rows[(rows["key"] < task["cut"]) & ~np.isin(rows["key"], duplicates)]
-    candidates = dedup.candidate_pairs(rows["hash"], rows["key"])
-    pairs = np.empty(len(candidates), dtype=shuffle.PAIR_ROWS)
-    pairs["a"], pairs["b"] = candidates[:, 0], candidates[:, 1]
+    found = []
+    for rows in shuffle.read_partition(scratch / "bands", part, shuffle.BAND_ROWS, "hash"):
+        rows = rows[(rows["key"] < task["cut"]) & ~np.isin(rows["key"], duplicates)]
+        candidates = dedup.candidate_pairs(rows["hash"], rows["key"])
+        pairs = np.empty(len(candidates), dtype=shuffle.PAIR_ROWS)
+        pairs["a"], pairs["b"] = candidates[:, 0], candidates[:, 1]
+        found.append(pairs)
     (scratch / "pairs").mkdir(exist_ok=True)
-    np.save(scratch / "pairs" / f"{part:04d}.npy", pairs, allow_pickle=False)
-    return len(pairs)
+    np.save(scratch / "pairs" / f"{part:04d}.npy", np.concatenate(found), allow_pickle=False)
+    return sum(map(len, found))
 
 
 def verify(task: dict) -> int:

@@ -24,6 +24,7 @@ from pipelines.common.params import DataParams
 from pipelines.common.splits import SPLITS, split_of
 
 ORDER_BITS = 40  # passages per shard < 2**40: order = shard << 40 | passage number in the shard
+FLUSH_PASSAGES = 1 << 16
 INDEX_ROWS = np.dtype([("order", "<u8"), ("nbytes", "<u8")])
 
 
@@ -83,7 +84,15 @@ def passage_shard(task: dict) -> int:
     out.mkdir(parents=True)
     locations = np.load(folder / "loc.npy", allow_pickle=False)
     index = {split: [] for split in SPLITS}
-    shas = []
+    shas, count, flushed = [], 0, 0
+
+    def flush() -> None:  # passage hashes to the shuffle: the task holds FLUSH_PASSAGES of them at most
+        nonlocal shas, flushed
+        rows = np.array(shas, dtype=shuffle.PASSAGE_ROWS)
+        name = f"{shard:06d}-{flushed:05d}"
+        shuffle.write_partitioned(scratch / "psha", name, rows, shuffle.partition_of(rows["sha"], task["parts"]))
+        shas, flushed = [], flushed + 1
+
     files = {split: open(out / f"{split}.jsonl", "w", encoding="utf-8") for split in SPLITS}
     try:
         with open(folder / "docs.jsonl", encoding="utf-8") as records, open(folder / "spill.bin", "rb") as spill:
@@ -98,33 +107,35 @@ def passage_shard(task: dict) -> int:
                     data = passage.encode("utf-8")
                     digest = hashlib.sha256(data).digest()
                     split = split_of(digest, params.split.val, params.split.test)
-                    order = shard << ORDER_BITS | len(shas)
+                    order = shard << ORDER_BITS | count
                     files[split].write(
                         json.dumps({"id": digest[:8].hex(), "text": passage, "source": doc["file"]}, ensure_ascii=False)
                         + "\n"
                     )
                     index[split].append((order, len(data)))
                     shas.append((digest, order))
+                    count += 1
+                    if len(shas) >= FLUSH_PASSAGES:
+                        flush()
     finally:
         for f in files.values():
             f.close()
     for split, rows in index.items():
         np.save(out / f"{split}.idx.npy", np.array(rows, dtype=INDEX_ROWS), allow_pickle=False)
-    rows = np.array(shas, dtype=shuffle.PASSAGE_ROWS)
-    shuffle.write_partitioned(
-        scratch / "psha", shard, rows, shuffle.partition_of(rows["sha"], task["parts"]), task["parts"]
-    )
-    return len(shas)
+    flush()
+    return count
 
 
 def repeat_part(task: dict) -> int:
     """The passages of one partition whose text came earlier in corpus order (writes `repeats/<p>.npy`)."""
     scratch, part = Path(task["scratch"]), task["part"]
-    rows = np.sort(shuffle.read_partition(scratch / "psha", part, shuffle.PASSAGE_ROWS), order=["sha", "order"])
-    later = shuffle.repeats(rows["sha"])
+    found = []
+    for rows in shuffle.read_partition(scratch / "psha", part, shuffle.PASSAGE_ROWS, "sha"):
+        rows = np.sort(rows, order=["sha", "order"])
+        found.append(rows["order"][shuffle.repeats(rows["sha"])])
     (scratch / "repeats").mkdir(exist_ok=True)
-    np.save(scratch / "repeats" / f"{part:04d}.npy", rows["order"][later], allow_pickle=False)
-    return int(later.sum())
+    np.save(scratch / "repeats" / f"{part:04d}.npy", np.concatenate(found), allow_pickle=False)
+    return sum(map(len, found))
 
 
 def assemble(scratch: Path, shards: int, out: Path) -> dict:

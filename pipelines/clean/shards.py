@@ -35,6 +35,7 @@ from pipelines.common.params import DataParams
 MIN_SHARD_BYTES = 16 << 20  # below this a task costs more to schedule than to run (the default corpus: one)
 MAX_SHARD_BYTES = 64 << 20  # bounds a task's time, so progress moves and a retried task redoes little
 PARTITION_BYTES = 128 << 20  # raw bytes per shuffle partition: bounds what one reduce task holds
+FLUSH_DOCS = 4096  # documents whose dedup rows a read task holds before writing them out
 LOC_ROWS = np.dtype([("offset", "<u8"), ("nbytes", "<u8"), ("shingles_at", "<u8"), ("shingles", "<u8")])
 SHINGLE = np.dtype("<u4")
 
@@ -74,7 +75,19 @@ def read_shard(task: dict) -> dict:
     folder.mkdir(parents=True)
     d = params.dedup
     bands, rows = dedup.lsh_shape(d.jaccard_threshold, d.num_perm)
-    locations, shas, band_rows, raw_bytes = [], [], [], 0
+    locations, shas, band_rows, raw_bytes, flushed = [], [], [], 0, 0
+
+    def flush() -> None:  # the rows so far to the shuffle: a shard's memory stays that of FLUSH_DOCS documents
+        nonlocal shas, band_rows, flushed
+        name = f"{shard:06d}-{flushed:05d}"
+        sha_rows = np.array(shas, dtype=shuffle.SHA_ROWS)
+        shuffle.write_partitioned(scratch / "sha", name, sha_rows, shuffle.partition_of(sha_rows["sha"], parts))
+        if band_rows:
+            rows_ = np.concatenate(band_rows)
+            shuffle.write_partitioned(scratch / "bands", name, rows_, shuffle.partition_of(rows_["hash"], parts))
+        shas, band_rows, flushed = [], [], flushed + 1
+
+    parts = task["parts"]
     with (
         open(folder / "spill.bin", "w+b") as spill,
         open(folder / "shingles.bin", "wb") as shingle_file,
@@ -98,20 +111,14 @@ def read_shard(task: dict) -> dict:
                     doc_bands["key"] = k
                     band_rows.append(doc_bands)
                 spill.seek(0, 2)
+                if len(shas) >= FLUSH_DOCS:
+                    flush()
             locations.append((doc.offset, doc.nbytes, shingles_at, len(found)))
             records.write(json.dumps(_record(doc), ensure_ascii=False) + "\n")
             if len(locations) >= (params.max_docs or float("inf")) or raw_bytes >= (params.max_bytes or float("inf")):
                 break  # this shard alone reached a cap: the stage cuts the corpus where the caps fall
+    flush()
     np.save(folder / "loc.npy", np.array(locations, dtype=LOC_ROWS), allow_pickle=False)
-    sha_rows = np.array(shas, dtype=shuffle.SHA_ROWS)
-    shuffle.write_partitioned(
-        scratch / "sha", shard, sha_rows, shuffle.partition_of(sha_rows["sha"], task["parts"]), task["parts"]
-    )
-    if band_rows:
-        all_bands = np.concatenate(band_rows)
-        shuffle.write_partitioned(
-            scratch / "bands", shard, all_bands, shuffle.partition_of(all_bands["hash"], task["parts"]), task["parts"]
-        )
     return {"docs": len(locations), "raw_bytes": raw_bytes}
 
 

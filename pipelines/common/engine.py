@@ -47,9 +47,17 @@ class EngineError(StageError):
 
 def workers(params: DataParams) -> int:
     """Local processes: data.workers, else one per core this process may use."""
-    if params.workers:
-        return params.workers
+    return params.workers or _cores()
+
+
+def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _share_cores(threads: int) -> None:
+    """In each pool worker: the tokenizers library's thread pool (Rust's rayon) gets the worker's share of the
+    cores, not all of them in every worker (which oversubscribes them); a value the user set is kept."""
+    os.environ.setdefault("RAYON_NUM_THREADS", str(threads))
 
 
 class Engine:
@@ -89,7 +97,10 @@ class Engine:
                 context.set_forkserver_preload(self.preload)
             else:
                 context = multiprocessing.get_context("spawn")
-            self._pool = ProcessPoolExecutor(max_workers=workers(self.params), mp_context=context)
+            n = workers(self.params)
+            self._pool = ProcessPoolExecutor(
+                max_workers=n, mp_context=context, initializer=_share_cores, initargs=(max(1, _cores() // n),)
+            )
         return self._pool
 
     def close(self) -> None:
@@ -166,7 +177,11 @@ def connect_ray() -> bool:
     if ray.is_initialized():
         return False
     address = os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}}
+    env_vars = {
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "RAYON_NUM_THREADS": os.environ.get("RAYON_NUM_THREADS", "1"),  # a task has one CPU (see _share_cores)
+    }
+    runtime_env = {"env_vars": env_vars}
     hint = "start one (`ray start --head`), unset RAY_ADDRESS for a local Ray instance, or set data.engine: local"
     if address and not _reachable(address):
         raise EngineError(f"data.engine is ray but no Ray cluster answers at RAY_ADDRESS={address}: {hint}")

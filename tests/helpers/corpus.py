@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 import random
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,6 +48,60 @@ def write_corpus(root: Path, n_docs: int = 40, seed: int = 0) -> Path:
         for _ in range(5):
             f.write(json.dumps({"text": make_document(rng)}) + "\n")
     return root
+
+
+def write_planted_corpus(root: Path, n_docs: int = 60, seed: int = 0) -> dict[str, str]:
+    """A folder of distinct documents in .txt, .jsonl and .txt.gz files in nested folders, plus planted copies: every
+    seventh document again, exactly, in another file, and every fifth one with one word in twenty changed. Returns
+    the planted copies: copy's document name (as the clean stage names it) -> its original's."""
+    rng = random.Random(seed)
+    docs = [make_document(rng, paragraphs=rng.randint(2, 6)) for _ in range(n_docs)]
+    names, planted = [], {}
+    jsonl: list[str] = []
+    for i, text in enumerate(docs):
+        if i % 4 == 3:  # every fourth document is a line of one .jsonl file
+            jsonl.append(text)
+            names.append(f"sub/more/docs.jsonl#L{len(jsonl)}")
+        else:
+            path = root / ("a" if i % 2 else "b") / f"doc_{i:03d}.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+            names.append(f"{path.parent.name}/{path.name}")
+    (root / "sub" / "more").mkdir(parents=True, exist_ok=True)
+    (root / "sub" / "more" / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in jsonl))
+    for i in range(0, n_docs, 7):
+        name = f"z/exact_{i:03d}.txt.gz"
+        (root / "z").mkdir(exist_ok=True)
+        with gzip.open(root / name, "wt", encoding="utf-8") as f:
+            f.write(docs[i])
+        planted[name] = names[i]
+    for i in range(2, n_docs, 5):
+        words = docs[i].split(" ")
+        for j in range(0, len(words), 20):
+            words[j] = rng.choice(WORDS)
+        name = f"z/near_{i:03d}.txt"
+        (root / name).write_text(" ".join(words), encoding="utf-8")
+        planted[name] = names[i]
+    return planted
+
+
+def raw_from_folder(folder: Path, root: Path) -> Path:
+    """`<root>/data/raw` holding the folder's files and manifest.json, as the ingest stage writes them."""
+    raw = root / "data" / "raw"
+    shutil.copytree(folder, raw)
+    entries = [
+        {
+            "file": path.relative_to(raw).as_posix(),
+            "bytes": path.stat().st_size,
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "source": "local:corpus",
+            "text_field": "text",
+        }
+        for path in sorted(raw.rglob("*"), key=lambda p: p.relative_to(raw).as_posix())
+        if path.is_file()
+    ]
+    (raw / "manifest.json").write_text(json.dumps({"files": entries, "skipped": []}, indent=1))
+    return raw
 
 
 def make_verse(rng: random.Random) -> str:

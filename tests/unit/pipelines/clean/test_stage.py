@@ -19,8 +19,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines.clean import read as read_mod
 from pipelines.clean import passages as passages_mod
+from pipelines.clean import read as read_mod
 from pipelines.clean import shards as shards_mod
 from pipelines.clean.passages import cut_passages
 from pipelines.clean.stage import CleanError, clean_corpus
