@@ -27,6 +27,7 @@ GROUPS = {
     "tests/integration/test_environment.py::test_prefect_server_starts_and_answers": "pipeline",
     "tests/integration/test_serve.py": "ray",
     "tests/integration/test_serve_lm_eval.py": "ray",
+    "tests/integration/test_data_engines.py": "ray",
     "tests/integration/test_compose.py::test_the_ray_head_command_starts_a_cluster": "ray",
     "tests/integration/test_register.py": "mlflow-server",
     "tests/integration/test_compose.py::test_the_mlflow_service_command_serves_artifacts_behind_basic_auth": (
