@@ -3,16 +3,20 @@
 
 `documents(path, name, text_field, strip_html, max_bytes)` yields (Doc, text chunks) for each document of one
 raw file, decoding as it goes (BOMs, UTF-16, UTF-8, legacy encodings via charset-normalizer); the clean stage
-(both engines) calls it for every file. Text, HTML and JSONL files may be compressed (.gz, .zst): they are
-streamed, after one pass that checks the whole stream. Parquet files are read a record batch at a time, only the
-`text_field` column. A file or document that cannot be read as text raises Quarantine with the reason, which the
-stage reports.
+(both engines) calls it for every file. Text, HTML and JSONL files may be compressed (.gz, .zst) and are
+streamed. A compressed text/HTML file (one document, capped at max_bytes) is first decompressed once whole, so
+that a bomb or a damaged stream is quarantined before any of it is read; a compressed JSONL file is not (its
+lines are capped one by one, and reading it twice would double the cost of a large corpus): a damaged stream is
+found where streaming reaches it, and what is left of the file is quarantined. Parquet files are read a record
+batch at a time, only the `text_field` column. A file or document that cannot be read as text raises Quarantine
+with the reason, which the stage reports.
 """
 
 from __future__ import annotations
 
 import codecs
 import gzip
+import io
 import json
 import zlib
 from collections.abc import Iterable, Iterator
@@ -28,7 +32,7 @@ from pipelines.clean.textclean import HEAD_BYTES, binary_reason, detect_encoding
 from pipelines.common.atomic import is_out_of_space
 
 CHUNK_BYTES = 1 << 20  # raw bytes read at a time
-# zstd input fed to one decompress call while checking a .zst file: zstd expands at most ~32,000x (an RLE block),
+# zstd input fed to one decompress call while reading a .zst file: zstd expands at most ~32,000x (an RLE block),
 # so one call makes at most ~8 MiB however hostile the file
 ZSTD_PIECE = 256
 PARQUET_BATCH_ROWS = 64  # Parquet rows decoded at a time: few, as one row may hold a whole book
@@ -79,41 +83,52 @@ def _kind(name: str) -> str:
     return "text"
 
 
-def _open(path: Path) -> BinaryIO:
-    compression = _compression(path.name)
-    if compression == "gz":
-        return gzip.open(path, "rb")
-    if compression == "zst":
-        # read_across_frames: a file of several frames (zstd -T, concatenated files) is read whole
-        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True)
-    return open(path, "rb")
+class _Blocks(io.RawIOBase):
+    """A binary stream over a generator of byte blocks (a decompressor written as a generator), read through
+    io.BufferedReader like any file."""
+
+    def __init__(self, blocks: Iterator[bytes]) -> None:
+        self._blocks = blocks
+        self._pending = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        while not self._pending:
+            block = next(self._blocks, None)
+            if block is None:
+                return 0
+            self._pending = memoryview(block)
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    def close(self) -> None:
+        self._blocks.close()  # closes the file it reads
+        super().close()
 
 
-def _too_large(what: str, max_bytes: int) -> Quarantine:
-    return Quarantine(f"too_large: {what} more than data.max_file_bytes={max_bytes} bytes")
-
-
-def _check_gzip(path: Path, max_bytes: int) -> None:
-    """Read the whole gzip stream once, so that a truncated, corrupt or oversized (a decompression bomb)
-    file is quarantined up front."""
-    total = 0
+def _gzip_blocks(path: Path) -> Iterator[bytes]:
+    """The gunzipped bytes of a file; a truncated or corrupt stream raises Quarantine (bad_gzip) where reading
+    reaches the damage."""
     try:
         with gzip.open(path, "rb") as stream:
             while block := stream.read(CHUNK_BYTES):
-                total += len(block)
-                if total > max_bytes:
-                    raise _too_large("gunzips to", max_bytes)
+                yield block
     except (EOFError, OSError, zlib.error) as exc:
         if is_out_of_space(exc):
             raise
         raise Quarantine(f"bad_gzip: truncated or corrupt gzip ({exc})") from None
 
 
-def _check_zstd(path: Path, max_bytes: int) -> None:
-    """Decompress the whole zstd stream once, frame by frame, so that a truncated, corrupt or oversized file is
-    quarantined up front. Not with the stream reader: it takes a stream that ends inside a frame without a word."""
+def _zstd_blocks(path: Path) -> Iterator[bytes]:
+    """The decompressed bytes of a zstd file, frame after frame (zstd -T and concatenated files make several); a
+    corrupt stream, or one that ends inside a frame, raises Quarantine (bad_zstd) where reading reaches it. Not
+    with zstandard's stream reader: it takes a stream that ends inside a frame without a word."""
     dctx = zstandard.ZstdDecompressor()
-    frame, total = None, 0
+    frame = None
     try:
         with open(path, "rb") as stream:
             while block := stream.read(CHUNK_BYTES):
@@ -123,14 +138,38 @@ def _check_zstd(path: Path, max_bytes: int) -> None:
                     while piece:
                         if frame is None or frame.eof:
                             frame = dctx.decompressobj()
-                        total += len(frame.decompress(piece))
-                        if total > max_bytes:
-                            raise _too_large("unzstds to", max_bytes)
+                        if out := frame.decompress(piece):
+                            yield out
                         piece = frame.unused_data if frame.eof else b""  # the next frame's first bytes
     except zstandard.ZstdError as exc:
         raise Quarantine(f"bad_zstd: corrupt zstd ({exc})") from None
     if frame is None or not frame.eof:
         raise Quarantine("bad_zstd: truncated zstd (the file ends inside a frame)")
+
+
+def _open(path: Path) -> BinaryIO:
+    """The file's bytes, decompressed if its name says so."""
+    compression = _compression(path.name)
+    if compression is None:
+        return open(path, "rb")
+    blocks = _gzip_blocks(path) if compression == "gz" else _zstd_blocks(path)
+    return io.BufferedReader(_Blocks(blocks), CHUNK_BYTES)
+
+
+def _too_large(what: str, max_bytes: int) -> Quarantine:
+    return Quarantine(f"too_large: {what} more than data.max_file_bytes={max_bytes} bytes")
+
+
+def _check_whole(path: Path, max_bytes: int) -> None:
+    """Decompress a compressed text/HTML file (one document) once, so that an oversized (a decompression bomb),
+    truncated or corrupt one is quarantined before any of it is read."""
+    verb = "gunzips" if _compression(path.name) == "gz" else "unzstds"
+    total = 0
+    with _open(path) as stream:
+        while block := stream.read(CHUNK_BYTES):
+            total += len(block)
+            if total > max_bytes:
+                raise _too_large(f"{verb} to", max_bytes)
 
 
 def _sniff(stream: BinaryIO) -> tuple[bytes, str]:
@@ -246,11 +285,9 @@ def documents(
     if kind == "parquet":
         yield from _parquet_documents(path, name, text_field, strip_html, max_bytes)
         return
-    if compression == "gz":
-        _check_gzip(path, max_bytes)
-    elif compression == "zst":
-        _check_zstd(path, max_bytes)
     if kind != "jsonl":
+        if compression:
+            _check_whole(path, max_bytes)
         doc = Doc(name, raw_bytes=path.stat().st_size)
         yield doc, _text_doc(path, doc, strip_html, max_bytes)
         return

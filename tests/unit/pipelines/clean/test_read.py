@@ -111,6 +111,60 @@ def test_gzip_is_read_as_before(tmp_path: Path) -> None:
     assert file_reason(path).startswith("bad_gzip: ")
 
 
+# --- compressed JSONL: streamed, not capped whole ---------------------------------------------------------------
+
+COMPRESS = {"gz": gzip.compress, "zst": zstd}
+
+
+def read_until_quarantined(path: Path) -> tuple[list[str], str]:
+    """The texts of a file's documents read before a Quarantine ends it, and its reason."""
+    texts = []
+    with pytest.raises(Quarantine) as raised:
+        for _doc, chunks in documents(path, path.name, "text", True, MAX_BYTES):
+            texts.append("".join(chunks))
+    return texts, str(raised.value)
+
+
+@pytest.mark.parametrize("compression", ["gz", "zst"])
+def test_a_compressed_jsonl_past_max_bytes_is_read_line_by_line(tmp_path: Path, compression: str) -> None:
+    """Only a line is held whole: the file decompresses to 20x max_bytes, every line is read, and the one line
+    over max_bytes is quarantined alone."""
+    texts = [f"document {n}: " + "word " * 40 for n in range(100)]
+    texts[50] = "long " * 300
+    data = "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
+    assert len(data) > 20 * 1024
+    path = tmp_path / f"lines.jsonl.{compression}"
+    path.write_bytes(COMPRESS[compression](data))
+    got = read(path, max_bytes=1024)
+    assert list(got) == [f"{path.name}#L{n}" for n in range(1, 101)]
+    assert got[f"{path.name}#L51"]["reason"] == "too_large: line 51 holds more than data.max_file_bytes=1024 bytes"
+    assert [d.get("text") for d in got.values()] == texts[:50] + [None] + texts[51:]
+
+
+@pytest.mark.parametrize("compression", ["gz", "zst"])
+def test_a_compressed_text_past_max_bytes_is_quarantined_whole(tmp_path: Path, compression: str) -> None:
+    """A text file is one document, held whole: decompressing past max_bytes quarantines it before it is read."""
+    path = tmp_path / f"play.txt.{compression}"
+    path.write_bytes(COMPRESS[compression](MODERN.encode() * 10))
+    assert len(MODERN.encode()) * 10 > 1024
+    verb = {"gz": "gunzips", "zst": "unzstds"}[compression]
+    assert file_reason(path, max_bytes=1024) == f"too_large: {verb} to more than data.max_file_bytes=1024 bytes"
+
+
+@pytest.mark.parametrize("compression", ["gz", "zst"])
+def test_a_truncated_compressed_jsonl_keeps_the_lines_before_the_damage(tmp_path: Path, compression: str) -> None:
+    """No pass over the whole stream first: the lines before the damage are read, then the stream is quarantined
+    (the clean stage records what is left of the file as `<file>#rest`)."""
+    texts = [f"document {n}: {MILTON}" for n in range(4000)]  # ~3 MB: the damage lies past the first reads
+    packed = COMPRESS[compression]("".join(json.dumps({"text": t}) + "\n" for t in texts).encode())
+    path = tmp_path / f"lines.jsonl.{compression}"
+    path.write_bytes(packed[: len(packed) * 3 // 4])
+    got, reason = read_until_quarantined(path)
+    assert reason.startswith(f"bad_{'gzip' if compression == 'gz' else 'zstd'}: ")
+    assert 0 < len(got) < len(texts)
+    assert got == texts[: len(got)]
+
+
 # --- Parquet ------------------------------------------------------------------------------------------------------
 
 
