@@ -8,6 +8,10 @@ Out: data/raw/<source-id>/<relative path>   the source files, unchanged (decodin
                                             file name and sha256
 Run: python -m pipelines.ingest            (or `dvc repro ingest`)
 
+A local text or HTML file over data.max_file_bytes is skipped (it is one document, which clean holds whole); a
+JSONL or Parquet file (compressed or not) is copied whatever its size, as clean streams it a record at a time
+and caps each record. Archive members and hf downloads are capped whole.
+
 Untrusted sources: a pypi_sdist archive is found and checked without building it (pipelines/common/pypi.py)
 and unpacked with bounds (archive.py); a local folder's links that resolve outside it are never followed. A full
 disk stops the stage (OutOfSpaceError), it never passes for an unreadable source file.
@@ -105,6 +109,13 @@ def _walk(root: Path, patterns: list[str]) -> tuple[list[tuple[str, Path]], list
     return sorted(found), sorted(skipped)
 
 
+def _records_file(rel: str) -> bool:
+    """Whether clean reads this file a record at a time (JSONL lines, Parquet rows), so that its size is no
+    limit; the same rule as pipelines/clean/read.py's, by name."""
+    name = rel.lower().removesuffix(".gz").removesuffix(".zst")
+    return name.endswith((".jsonl", ".parquet"))
+
+
 def _entry(dest: Path, rel: str, label: str) -> dict:
     return {"file": f"{dest.name}/{rel}", "source": label}
 
@@ -128,7 +139,7 @@ def _copy_tree(
         if not path.is_file():
             manifest["skipped"].append({**_entry(dest, rel, label), "reason": "not a regular file"})
             continue
-        if path.stat().st_size > max_file_bytes:
+        if path.stat().st_size > max_file_bytes and not _records_file(rel):
             reason = f"larger than data.max_file_bytes ({max_file_bytes}): raise it to take this file"
             manifest["skipped"].append({**_entry(dest, rel, label), "reason": reason})
             continue

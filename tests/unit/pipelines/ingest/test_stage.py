@@ -298,6 +298,27 @@ def test_local_files_over_max_file_bytes_are_skipped_and_reported(tmp_path: Path
     assert not list((tmp_path / "raw").rglob("big.txt"))
 
 
+def test_local_record_files_over_max_file_bytes_are_copied(tmp_path: Path):
+    """JSONL and Parquet files are read a record at a time: a shard of any size is taken, a text file is not."""
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    lines = "".join(json.dumps({"text": os.urandom(64).hex()}) + "\n" for _ in range(100)).encode()  # packs ~2x
+    (folder / "a.jsonl").write_bytes(lines)
+    (folder / "b.jsonl.gz").write_bytes(gzip.compress(lines))
+    (folder / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+    pq.write_table(pa.table({"text": [os.urandom(2048).hex()]}), folder / "d.parquet")
+    (folder / "e.txt").write_text("b" * 5000)
+    include = ["*.jsonl", "*.jsonl.gz", "*.jsonl.zst", "*.parquet", "*.txt"]
+    manifest = ingest([LocalSource(type="local", path=str(folder), include=include)], tmp_path / "raw", 4096)
+    copied = [f["file"].split("/")[-1] for f in manifest["files"]]
+    assert copied == ["a.jsonl", "b.jsonl.gz", "c.jsonl.zst", "d.parquet"]
+    for name in copied:
+        assert (folder / name).stat().st_size > 4096
+        assert (tmp_path / "raw" / "local-shards" / name).read_bytes() == (folder / name).read_bytes()
+    [skipped] = manifest["skipped"]
+    assert skipped["file"] == "local-shards/e.txt" and "larger than data.max_file_bytes (4096)" in skipped["reason"]
+
+
 def test_stage_cli_reports_errors_without_traceback(tmp_path: Path):
     (tmp_path / "params.yaml").write_text("data:\n  sources:\n    - {type: local, path: does-not-exist}\n")
     result = run_module("pipelines.ingest", tmp_path)
