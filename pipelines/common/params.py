@@ -99,8 +99,9 @@ class DataParams(Section):
     min_chars: int = Field(default=200, ge=1)
     strip_gutenberg: bool = True
     strip_html: bool = True
-    # the most bytes one file may unpack to (archive member, gunzipped file) or one document may hold in
-    # memory (HTML page, JSONL line); larger ones are skipped and reported as quarantined
+    # the most bytes of one text/HTML file (decompressed: one document, held whole), sdist member, hf download,
+    # JSONL line or Parquet value; larger ones are skipped and reported. Not a cap on JSONL or Parquet files:
+    # those are streamed a record at a time, and each record is capped
     max_file_bytes: int = Field(default=64 * 2**20, ge=1024)
     # trial runs: the clean stage reads only the first max_docs documents / max_bytes raw bytes (sorted order)
     max_docs: int | None = Field(default=None, gt=0)
