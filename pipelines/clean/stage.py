@@ -23,8 +23,9 @@ The work is cut into tasks that `data.engine` runs (pipelines/common/engine.py: 
 
 Tasks exchange rows through files in a scratch folder beside data/clean (pipelines/clean/shuffle.py), so memory
 stays bounded whatever the corpus size, and every output is the same byte for byte on either engine and with
-any number of workers. What must be held whole is bounded by `data.max_file_bytes`: a decompressed file, an HTML
-page or a JSONL line over it is quarantined (`too_large`). A full disk (ENOSPC, EFBIG) stops the stage, never a
+any number of workers. What must be held whole is bounded by `data.max_file_bytes`: a decompressed text or HTML
+file, a JSONL line or a Parquet value over it is quarantined (`too_large`); JSONL and Parquet files are streamed
+and have no cap on the whole file. A full disk (ENOSPC, EFBIG) stops the stage, never a
 document. Every output is written to a temporary path and renamed into place.
 """
 
