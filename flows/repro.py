@@ -85,7 +85,8 @@ def repro(stage: str, log: Callable[[str], None], progress: Callable[[str, float
                 continue
             match = LINE.match(line)
             if match and progress is not None:
-                progress(match["desc"], float(match["percent"]))
+                speed = f" ({match['count']}; {match['rate']}, ETA {match['eta']})" if match["eta"] else ""
+                progress(match["desc"] + speed, float(match["percent"]))
             if line.startswith(f"Running stage '{stage}'"):
                 ran = True
             tail.append(line)

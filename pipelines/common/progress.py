@@ -2,9 +2,9 @@
 
 A bar redrawn into a log (a Prefect flow run, CI, `dvc repro > log`) becomes one line per redraw; there a
 stage prints a line each time another 10 % is done instead, once the loop has run for QUIET_S (a loop that
-ends sooner prints nothing: its stage's summary line says what it did):
+ends sooner prints nothing: its stage's summary line says what it did), with the throughput and an ETA:
 
-    train 40% (480 of 1,200 steps, 2m10s)
+    train 40% (480 of 1,200 steps, 2m10s; 3.7 steps/s, ETA 3m15s)
 
 flows/repro.py reads these lines (LINE) into the flow run's progress artifact. model/ reports progress through
 a callback and knows nothing of either (`progress_bar`).
@@ -25,8 +25,11 @@ from tqdm import tqdm
 
 EVERY = 10  # percent between two lines
 QUIET_S = 5.0  # no lines before a loop has run this long
-# "<desc> <percent>% (<done> of <total> <unit>, <elapsed>)", as ProgressLines prints it
-LINE = re.compile(r"^(?P<desc>\S.*?) (?P<percent>\d{1,3})% \((?P<count>[^()]* of [^()]*), (?P<elapsed>[^()]+)\)$")
+# "<desc> <percent>% (<done> of <total> <unit>, <elapsed>; <rate>, ETA <eta>)", as ProgressLines prints it
+LINE = re.compile(
+    r"^(?P<desc>\S.*?) (?P<percent>\d{1,3})% \((?P<count>[^()]* of [^();]*), (?P<elapsed>[^();,]+)"
+    r"(?:; (?P<rate>[^();,]+), ETA (?P<eta>[^();]+))?\)$"
+)
 
 T = TypeVar("T")
 
@@ -67,7 +70,7 @@ class ProgressLines:
         self.total, self.desc, self.unit, self.unit_scale = total, desc, unit, unit_scale
         self.every, self.clock = every, clock
         self.quiet_s = QUIET_S if quiet_s is None else quiet_s
-        self.n = initial
+        self.n = self.initial = initial
         self.started = clock()
         self.shown = self._tick()  # a resumed loop prints from the next multiple of `every` on
 
@@ -90,7 +93,13 @@ class ProgressLines:
             self.shown = tick
             unit = _plural(self.unit, self.total)
             count = f"{self._count(self.n)} of {self._count(self.total)} {unit}"
-            print(f"{self.desc} {self.percent:.0f}% ({count}, {_duration(elapsed)})", file=sys.stderr, flush=True)
+            speed = ""
+            if elapsed > 0 and self.n > self.initial:
+                rate = (self.n - self.initial) / elapsed
+                per_s = f"{tqdm.format_sizeof(rate)}{self.unit}/s" if self.unit_scale else f"{rate:.3g} {unit}/s"
+                speed = f"; {per_s}, ETA {_duration(max(self.total - self.n, 0) / rate)}"
+            line = f"{self.desc} {self.percent:.0f}% ({count}, {_duration(elapsed)}{speed})"
+            print(line, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         """Nothing to clear (tqdm's interface)."""

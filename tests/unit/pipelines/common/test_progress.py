@@ -27,6 +27,7 @@ def test_a_line_per_ten_percent_not_per_step(capsys):
     out = lines_of(capsys)
     assert [int(LINE.match(line)["percent"]) for line in out] == list(range(10, 101, 10))
     assert out[3].startswith("train 40% (400 of 1,000 steps, ")
+    assert LINE.match(out[-1])["eta"] == "0 s" and LINE.match(out[3])["rate"].endswith(" steps/s")
 
 
 def test_nothing_before_the_quiet_time_then_where_it_is(capsys):
@@ -42,14 +43,15 @@ def test_nothing_before_the_quiet_time_then_where_it_is(capsys):
         lines.update(1)
     out = lines_of(capsys)
     assert [LINE.match(line)["percent"] for line in out] == ["40", "50", "60", "70", "80", "90", "100"]
-    assert out[0] == "clean: read 40% (40 of 100 files, 6 s)"
+    assert out[0] == "clean: read 40% (40 of 100 files, 6 s; 6.67 files/s, ETA 9 s)"  # 40 in 6 s: 60 more in 9
 
 
 def test_a_resumed_loop_counts_from_where_it_was(capsys):
     lines = ProgressLines(1200, "train", "step", initial=600, quiet_s=0)
     lines.update(60)  # 55 %
     lines.update(60)  # 60 %
-    assert [LINE.match(line)["percent"] for line in lines_of(capsys)] == ["60"]
+    (line,) = lines_of(capsys)
+    assert LINE.match(line)["percent"] == "60"
 
 
 def test_bytes_are_shown_scaled(capsys):
@@ -74,6 +76,7 @@ def test_track_and_the_model_callback_report_through_lines(monkeypatch, capsys):
     for done in range(1, 41):
         report(done, 40)
     out = lines_of(capsys)
-    assert out[0] == "clean: write 10% (2 of 20 docs, 0 s)" and out[10] == "held-out 10% (4 of 40 batches, 0 s)"
+    assert out[0].startswith("clean: write 10% (2 of 20 docs, 0 s; ") and LINE.match(out[0])["eta"] == "0 s"
+    assert out[10].startswith("held-out 10% (4 of 40 batches, 0 s; ")
     assert len(out) == 20
     assert progress_bar(None) is None
