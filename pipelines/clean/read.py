@@ -213,11 +213,59 @@ def _text_doc(path: Path, doc: Doc, strip_html: bool, max_bytes: int) -> Iterato
             yield from chunks
 
 
-def _jsonl_lines(path: Path, max_chars: int) -> Iterator[str | None]:
-    """Each line of a .jsonl file, in linear time however long it is (a line's pieces are joined once, not
-    re-concatenated per block); None for a line over max_chars characters, which is never held whole."""
-    with _open(path) as stream:
-        head, encoding = _sniff(stream)
+def line_ranges(path: Path, target: int) -> list[list] | None:
+    """An uncompressed UTF-8 .jsonl file over `target` bytes cut into line-aligned byte ranges of about that size:
+    [start, stop, number of the first line, encoding] each, so that several tasks read one large file and give
+    the documents, names and all, of reading it whole (`documents(..., part=range)`). None for any other file."""
+    if _kind(path.name) != "jsonl" or _compression(path.name) or not path.is_file():
+        return None
+    size = path.stat().st_size
+    if size <= target:
+        return None
+    with open(path, "rb") as f:
+        try:
+            _, encoding = _sniff(f)
+        except Quarantine:
+            return None  # reading it whole reports the problem
+        if codecs.lookup(encoding).name not in ("utf-8", "ascii", "utf-8-sig"):
+            return None  # a newline byte may not end a line in other encodings
+        ranges, start, first = [], 0, 1
+        while start < size:
+            f.seek(min(start + target, size))
+            stop = f.tell()
+            while chunk := f.readline(CHUNK_BYTES):  # to the end of the line holding byte `stop`
+                stop += len(chunk)
+                if chunk.endswith(b"\n"):
+                    break
+            ranges.append([start, stop, first, encoding])
+            f.seek(start)
+            left = stop - start
+            while left > 0:
+                block = f.read(min(CHUNK_BYTES, left))
+                left -= len(block)
+                first += block.count(b"\n")
+            start = stop
+    return ranges
+
+
+def _range(path: Path, start: int, stop: int) -> BinaryIO:
+    def blocks() -> Iterator[bytes]:
+        with open(path, "rb") as f:
+            f.seek(start)
+            left = stop - start
+            while left > 0 and (block := f.read(min(CHUNK_BYTES, left))):
+                left -= len(block)
+                yield block
+
+    return io.BufferedReader(_Blocks(blocks()), CHUNK_BYTES)
+
+
+def _jsonl_lines(path: Path, max_chars: int, part: list | None = None) -> Iterator[str | None]:
+    """Each line of a .jsonl file (or of one of its `line_ranges`), in linear time however long it is (a line's
+    pieces are joined once, not re-concatenated per block); None for a line over max_chars characters, which is
+    never held whole."""
+    with _open(path) if part is None else _range(path, part[0], part[1]) as stream:
+        head, encoding = _sniff(stream) if part is None else (b"", part[3])
         parts: list[str] = []  # the pieces of the line read so far (emptied once it is too long)
         size = 0
         for text in _decoded(stream, head, encoding):
@@ -275,10 +323,10 @@ def _parquet_documents(
 
 
 def documents(
-    path: Path, name: str, text_field: str, strip_html: bool, max_bytes: int
+    path: Path, name: str, text_field: str, strip_html: bool, max_bytes: int, part: list | None = None
 ) -> Iterator[tuple[Doc, Iterable[str]]]:
-    """(doc, text chunks) for each document of one raw file. Raises Quarantine for a whole-file problem;
-    a chunk iterator raises Quarantine for a problem with its document only."""
+    """(doc, text chunks) for each document of one raw file, or of one of its `line_ranges` (`part`). Raises
+    Quarantine for a whole-file problem; a chunk iterator raises Quarantine for a problem with its document only."""
     if not path.is_file():
         raise Quarantine(f"missing_file: {path} is listed in the manifest but missing")
     kind, compression = _kind(path.name), _compression(path.name)
@@ -291,7 +339,7 @@ def documents(
         doc = Doc(name, raw_bytes=path.stat().st_size)
         yield doc, _text_doc(path, doc, strip_html, max_bytes)
         return
-    for number, line in enumerate(_jsonl_lines(path, max_bytes), start=1):
+    for number, line in enumerate(_jsonl_lines(path, max_bytes, part), start=part[2] if part else 1):
         if line is None:
             yield Doc(f"{name}#L{number}", raw_bytes=max_bytes), _raise(_too_large(f"line {number} holds", max_bytes))
             continue

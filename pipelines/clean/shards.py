@@ -28,13 +28,14 @@ from typing import BinaryIO
 import numpy as np
 
 from pipelines.clean import dedup, shuffle
-from pipelines.clean.read import CHUNK_BYTES, Doc, Quarantine, documents
+from pipelines.clean.read import CHUNK_BYTES, Doc, Quarantine, documents, line_ranges
 from pipelines.clean.textclean import TextCleaner, looks_like_metadata
 from pipelines.common.atomic import is_out_of_space
 from pipelines.common.params import DataParams
 
 MIN_SHARD_BYTES = 16 << 20  # below this a task costs more to schedule than to run (the default corpus: one)
-MAX_SHARD_BYTES = 64 << 20  # bounds a task's time, so progress moves and a retried task redoes little
+MAX_SHARD_BYTES = 64 << 20  # bounds a task's time, so progress moves and a retried task redoes little (a larger
+# uncompressed .jsonl file is cut into line ranges; a compressed or Parquet file is one task, however large)
 PARTITION_BYTES = 128 << 20  # raw bytes per shuffle partition: bounds what one reduce task holds
 FLUSH_DOCS = 4096  # documents whose dedup rows a read task holds before writing them out
 LOC_ROWS = np.dtype([("offset", "<u8"), ("nbytes", "<u8"), ("shingles_at", "<u8"), ("shingles", "<u8")])
@@ -54,12 +55,16 @@ def plan(entries: list[dict], raw_dir: Path, params: DataParams, workers: int) -
     target = min(max(total // (4 * max(workers, 1)), MIN_SHARD_BYTES), MAX_SHARD_BYTES)
     shards: list[list[dict]] = [[]]
     filled = 0
+    pieces = []  # a large .jsonl file becomes several pieces, so that several tasks read it
     for entry, size in zip(entries, sizes):
-        if shards[-1] and filled + size > target:
+        ranges = line_ranges(raw_dir / entry["file"], target) if size > target else None
+        pieces += [{**entry, "bytes": r[1] - r[0], "part": r} for r in ranges] if ranges else [{**entry, "bytes": size}]
+    for piece in pieces:
+        if shards[-1] and filled + piece["bytes"] > target:
             shards.append([])
             filled = 0
-        shards[-1].append({**entry, "bytes": size})
-        filled += size
+        shards[-1].append(piece)
+        filled += piece["bytes"]
     parts = min(max(1, -(-total // PARTITION_BYTES)), 256)
     return [s for s in shards if s], parts
 
@@ -139,7 +144,12 @@ def _read_files(files: list[dict], raw_dir: Path, params: DataParams, spill: Bin
         read = 0
         try:
             for doc, chunks in documents(
-                raw_dir / name, name, entry.get("text_field", "text"), params.strip_html, params.max_file_bytes
+                raw_dir / name,
+                name,
+                entry.get("text_field", "text"),
+                params.strip_html,
+                params.max_file_bytes,
+                entry.get("part"),
             ):
                 read += 1
                 start = spill.tell()

@@ -58,6 +58,7 @@ def test_a_pool_of_workers_over_many_shards_gives_the_same_bytes_and_finds_the_p
         json.loads((pool / "data/raw/manifest.json").read_text())["files"], pool / "data/raw", PARAMS, 2
     )
     assert len(planned) > 4 and parts > 2  # the cut is really different
+    assert any("part" in piece for shard in planned for piece in shard)  # the .jsonl file is read in line ranges
 
     monkeypatch = pytest.MonkeyPatch()
     with monkeypatch.context() as m:  # one shard and one partition for the single process
