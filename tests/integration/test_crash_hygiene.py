@@ -22,6 +22,7 @@ import os, signal, sys
 import pipelines.{stage}.stage as stage
 def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
+assert hasattr(stage, "{step}"), "no step {step} to kill the stage at"
 stage.{step} = die
 sys.exit(stage.main([]))
 """
@@ -53,7 +54,7 @@ def test_scratch_left_by_sigkill_is_removed_by_the_next_run(tmp_path: Path):
     run_module("pipelines.ingest", tmp_path, check=True)
     assert hidden(data) == [] and (data / "raw" / "manifest.json").is_file()
 
-    run_killed("clean", "deduplicate", tmp_path)  # killed with the spill file written
+    run_killed("clean", "_near_duplicates", tmp_path)  # killed with the shards and their rows written
     assert any(n.startswith(".clean-scratch-") for n in hidden(data)), hidden(data)
     run_module("pipelines.clean", tmp_path, check=True)
     assert hidden(data) == []
