@@ -16,7 +16,9 @@ Documents at or past `cut` (data.max_docs / max_bytes) take part in nothing.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -24,6 +26,7 @@ from pipelines.clean import dedup, shuffle
 from pipelines.clean.shards import SHINGLE, shard_folder
 from pipelines.common.params import DataParams
 
+SHINGLE_CACHE = 1024  # shingle sets a verify task keeps
 SIMILAR_ROWS = np.dtype([("a", "<u8"), ("b", "<u8"), ("jaccard", "<f8")])
 
 
@@ -76,27 +79,32 @@ def verify(task: dict) -> int:
 
 
 class ShingleReader:
-    """key -> the document's shingle set, as the read step stored it in its shard's shingles.bin (memory-mapped:
-    only the pages of the documents asked for are read)."""
+    """key -> the document's shingle set, as the read step stored it in its shard's shingles.bin. Read with
+    plain reads, the last SHINGLE_CACHE kept (pairs come sorted by their first key): a memory map would keep
+    every page it touched resident, hundreds of MB once there are many candidates."""
 
     def __init__(self, scratch: Path) -> None:
         self.scratch = scratch
-        self.shingles: dict[int, np.ndarray] = {}
+        self.files: dict[int, BinaryIO] = {}
         self.locations: dict[int, np.ndarray] = {}
+        self._cached = lru_cache(maxsize=SHINGLE_CACHE)(self._read)
 
     def __call__(self, key: int) -> np.ndarray:
+        return self._cached(key)
+
+    def _read(self, key: int) -> np.ndarray:
         shard, index = int(shuffle.shard_of(key)), key & ((1 << shuffle.INDEX_BITS) - 1)
-        if shard not in self.shingles:
+        if shard not in self.files:
             folder = shard_folder(self.scratch, shard)
-            stored = folder / "shingles.bin"
-            empty = stored.stat().st_size == 0  # numpy cannot map an empty file
-            self.shingles[shard] = np.empty(0, SHINGLE) if empty else np.memmap(stored, dtype=SHINGLE, mode="r")
+            self.files[shard] = open(folder / "shingles.bin", "rb")
             self.locations[shard] = np.load(folder / "loc.npy", allow_pickle=False)
         at, n = int(self.locations[shard]["shingles_at"][index]), int(self.locations[shard]["shingles"][index])
-        return self.shingles[shard][at : at + n]
+        self.files[shard].seek(at * SHINGLE.itemsize)
+        return np.fromfile(self.files[shard], dtype=SHINGLE, count=n)
 
     def __enter__(self) -> ShingleReader:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.shingles.clear()
+        for f in self.files.values():
+            f.close()
