@@ -5,8 +5,8 @@ and a pure, module-level function that does one task and returns a small JSON-ab
 it writes to files under the stage's scratch folder. An `Engine` runs them step after step and returns each
 step's summaries in task order, so the same functions give the same outputs, byte for byte, on either engine:
 
-- `local`: a process pool with one worker per core (`data.workers`), or the stage's own process when there is a
-  single task (the default corpus: no pool to start);
+- `local`: a process pool with one worker per core (`data.workers`), or the stage's own process for a single
+  task or a step of under 32 MB (the default corpus: no pool to start);
 - `ray`: Ray Data (`ray.data.range(n).map(...)`) on the cluster named by RAY_ADDRESS, or on a local Ray
   instance started for the stage and stopped after it. Tasks read and write the project's files, so every node
   must see the project folder at the same path (a shared filesystem; README: "Data at corpus scale").
@@ -38,6 +38,7 @@ from pipelines.common.progress import reporter
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]  # put on the Ray workers' PYTHONPATH, so they import pipelines
+INLINE_BYTES = 32 << 20  # a local step of less work than this runs in the stage's process: a pool costs more
 PROBE_S = 3.0  # how long RAY_ADDRESS may take to accept a connection before the stage says it is not there
 
 
@@ -80,7 +81,8 @@ class Engine:
                 if self._ray_started_here is None:
                     self._ray_started_here = connect_ray()
                 return _on_ray(fn, tasks, progress, size)
-            if min(workers(self.params), len(tasks)) <= 1:
+            small = unit == "B" and sum(size(t) for t in tasks) < INLINE_BYTES
+            if small or min(workers(self.params), len(tasks)) <= 1:
                 results = []
                 for task in tasks:
                     results.append(fn(task))

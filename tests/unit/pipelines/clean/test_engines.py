@@ -48,7 +48,7 @@ def many_shards(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_a_pool_of_workers_over_many_shards_gives_the_same_bytes_and_finds_the_planted_copies(
-    tmp_path: Path, many_shards: None
+    tmp_path: Path, many_shards: None, pool_for_tiny_steps: None
 ) -> None:
     planted = write_planted_corpus(tmp_path / "corpus")
     one, pool = tmp_path / "one", tmp_path / "pool"
@@ -77,7 +77,7 @@ def test_a_pool_of_workers_over_many_shards_gives_the_same_bytes_and_finds_the_p
 
 
 def test_max_docs_and_max_bytes_cut_the_same_documents_however_the_corpus_is_cut(
-    tmp_path: Path, many_shards: None
+    tmp_path: Path, many_shards: None, pool_for_tiny_steps: None
 ) -> None:
     write_corpus(tmp_path / "corpus", n_docs=30)
     raw = raw_from_folder(tmp_path / "corpus", tmp_path / "sizes")

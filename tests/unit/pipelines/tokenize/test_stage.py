@@ -138,7 +138,7 @@ def test_training_is_deterministic(built, tmp_path):
     assert (tmp_path / "tokens" / "train.bin").read_bytes() == (built[0] / "tokens" / "train.bin").read_bytes()
 
 
-def test_outputs_are_the_same_bytes_whatever_the_workers_and_chunks(tmp_path):
+def test_outputs_are_the_same_bytes_whatever_the_workers_and_chunks(tmp_path, pool_for_tiny_steps):
     """Two processes over ranges of 2 kB (many per split, the tokenizer trained on a sample drawn by them too)
     write what one process writes over whole splits."""
     write_clean(tmp_path / "clean", n_train=200, n_val=12, n_test=12, extra=TRICKY)
@@ -215,7 +215,9 @@ def test_a_document_that_does_not_decode_back_to_its_text_is_refused(tmp_path, m
     assert {p.name: p.read_bytes() for p in sorted((tmp_path / "tokens").iterdir())} == before
 
 
-def test_errors_in_a_later_range_name_the_line_and_document_of_the_whole_split(tmp_path, monkeypatch):
+def test_errors_in_a_later_range_name_the_line_and_document_of_the_whole_split(
+    tmp_path, monkeypatch, pool_for_tiny_steps
+):
     """One task per line, on two processes: the errors still count lines and documents from the split's start."""
     paths = (tmp_path / "clean", tmp_path / "tok", tmp_path / "tokens", tmp_path / "m.json")
     params, engine = TokenizerParams(vocab_size=512), {"data": local(2), "chunk_bytes": 1}
