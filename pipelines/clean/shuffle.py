@@ -21,7 +21,7 @@ BAND_ROWS = np.dtype([("hash", "<u8"), ("key", "<u8")])  # near dedup: one LSH b
 PAIR_ROWS = np.dtype([("a", "<u8"), ("b", "<u8")])  # two documents (a < b)
 PASSAGE_ROWS = np.dtype([("sha", "S32"), ("order", "<u8")])  # repeated passages: a passage's SHA-256
 INDEX_BITS = 32  # documents per shard < 2**32
-PASS_BYTES = 8 << 20  # rows a reduce task sorts at once (its peak memory is a few times this)
+PASS_BYTES = 4 << 20  # rows a reduce task sorts at once (its peak memory is a few times this)
 
 
 def key(shard: int, index: int) -> int:
