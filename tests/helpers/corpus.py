@@ -10,6 +10,9 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from pipelines.clean.stage import clean_corpus
+from pipelines.common.params import DataParams
+
 # A small vocabulary: random documents over it share almost no 3-word shingles, so they are not near duplicates.
 WORDS = (
     "the of and to in a is that for it as was with be by on not he this are or his from at which but have an "
@@ -102,6 +105,17 @@ def raw_from_folder(folder: Path, root: Path) -> Path:
     ]
     (raw / "manifest.json").write_text(json.dumps({"files": entries, "skipped": []}, indent=1))
     return raw
+
+
+def run_clean(root: Path, params: DataParams) -> dict:
+    """The clean stage on `<root>/data/raw`, its outputs where the project layout puts them; its metrics."""
+    return clean_corpus(
+        root / "data" / "raw",
+        root / "data" / "clean",
+        root / "metrics" / "clean.json",
+        root / "reports" / "clean",
+        params,
+    )
 
 
 def make_verse(rng: random.Random) -> str:

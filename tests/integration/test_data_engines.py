@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 
 from pipelines.clean import shards
-from pipelines.clean.stage import clean_corpus
 from pipelines.common.params import DataParams, TokenizerParams
 from pipelines.tokenize.stage import tokenize_corpus
-from tests.helpers.corpus import raw_from_folder, write_planted_corpus
+from tests.helpers.corpus import raw_from_folder, run_clean, write_planted_corpus
 
 LOCAL = DataParams(sources=[{"type": "local", "path": "corpus"}], min_chars=50, workers=1)
 TOKENIZER = TokenizerParams(vocab_size=300, train_sample_bytes=1 << 16)
@@ -21,7 +20,7 @@ TOKENIZER = TokenizerParams(vocab_size=300, train_sample_bytes=1 << 16)
 
 def build(root: Path, data: DataParams) -> dict[str, bytes]:
     """Clean then tokenize under `root`; every output file's bytes (metrics without their timings)."""
-    clean_corpus(root / "data/raw", root / "data/clean", root / "metrics/clean.json", root / "reports/clean", data)
+    run_clean(root, data)
     tokenize_corpus(
         TOKENIZER,
         root / "data/clean",

@@ -12,23 +12,12 @@ from pathlib import Path
 import pytest
 
 from pipelines.clean import shards
-from pipelines.clean.stage import clean_corpus
 from pipelines.common.params import DataParams
-from tests.helpers.corpus import raw_from_folder, write_corpus, write_planted_corpus
+from tests.helpers.corpus import raw_from_folder, run_clean, write_corpus, write_planted_corpus
 from tests.helpers.paths import REPO
 
 PARAMS = DataParams(sources=[{"type": "local", "path": "corpus"}], min_chars=50, workers=1)
 OUTPUTS = ("data/clean/train.jsonl", "data/clean/val.jsonl", "data/clean/test.jsonl", "reports/clean/report.md")
-
-
-def run(root: Path, params: DataParams) -> dict:
-    return clean_corpus(
-        root / "data" / "raw",
-        root / "data" / "clean",
-        root / "metrics" / "clean.json",
-        root / "reports" / "clean",
-        params,
-    )
 
 
 def outputs(root: Path) -> dict[str, bytes]:
@@ -65,8 +54,8 @@ def test_a_pool_of_workers_over_many_shards_gives_the_same_bytes_and_finds_the_p
         m.setattr(shards, "MIN_SHARD_BYTES", 1 << 30)
         m.setattr(shards, "MAX_SHARD_BYTES", 1 << 30)
         m.setattr(shards, "PARTITION_BYTES", 1 << 30)
-        run(one, PARAMS)
-    run(pool, PARAMS.model_copy(update={"workers": 2}))
+        run_clean(one, PARAMS)
+    run_clean(pool, PARAMS.model_copy(update={"workers": 2}))
     assert outputs(one) == outputs(pool)
 
     files = {d["file"]: d for d in json.loads((pool / "reports/clean/files.json").read_text())}
@@ -87,7 +76,7 @@ def test_max_docs_and_max_bytes_cut_the_same_documents_however_the_corpus_is_cut
         for workers in (1, 2):
             root = tmp_path / f"{workers}-{expected}"
             raw_from_folder(tmp_path / "corpus", root)
-            metrics = run(root, PARAMS.model_copy(update={**caps, "workers": workers}))
+            metrics = run_clean(root, PARAMS.model_copy(update={**caps, "workers": workers}))
             assert metrics["docs_in"] == expected, caps
             results.append(outputs(root))
         assert results[0] == results[1], caps

@@ -27,6 +27,7 @@ from pipelines.clean.stage import CleanError, clean_corpus
 from pipelines.clean.textclean import clean_text
 from pipelines.common.atomic import OutOfSpaceError
 from pipelines.common.params import DataParams
+from tests.helpers.corpus import run_clean as clean_workspace
 from tests.helpers.paths import REPO
 from tests.helpers.texts import CAFE, FOLIO, GUTENBERG_MODERN, MILTON, MODERN, PAGE, SONNET
 
@@ -57,13 +58,7 @@ def make_raw(root: Path, files: dict[str, bytes | str], skipped: list[dict] | No
 
 
 def run_clean(root: Path, params: DataParams = PARAMS) -> dict:
-    return clean_corpus(
-        root / "data" / "raw",
-        root / "data" / "clean",
-        root / "metrics" / "clean.json",
-        root / "reports" / "clean",
-        params,
-    )
+    return clean_workspace(root, params)
 
 
 def read_split(root: Path, split: str) -> list[dict]:
