@@ -499,8 +499,11 @@ def test_the_replica_refuses_past_its_bound_in_openai_shape(server):
             refused = await c.post("/v1/completions", json=body)
             return refused, await filling
 
-    refused, filled = asyncio.run(main())
-    assert filled.status_code == 200 and len(filled.json()["choices"]) == 2
+    for _ in range(3):  # on a loaded machine the n=2 request can finish before the next one reaches the replica
+        refused, filled = asyncio.run(main())
+        assert filled.status_code == 200 and len(filled.json()["choices"]) == 2
+        if refused.status_code != 200:
+            break
     assert refused.status_code == 429 and refused.headers["retry-after"] == "1", refused.text
     err = refused.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["type"] == "rate_limit_error" and err["message"]

@@ -149,9 +149,15 @@ def test_prometheus_metrics_count_requests_tokens_and_latencies(cluster, metered
         ok = total(m, "ray_quill_requests_total", route="/v1/completions", status="200", **mine)
         tokens = total(m, "ray_quill_generated_tokens_total", **mine)
         firsts = total(m, "ray_quill_time_to_first_token_seconds_count", **mine)
-        return m if ok >= 4 and tokens >= 24 and firsts >= 4 else None
+        refused = total(m, "ray_quill_requests_total", route="/v1/completions", status="400", **mine)
+        health = total(m, "ray_quill_requests_total", route="/health", status="200", **mine)
+        # the replica records each request as it answers, so the export that carries the last completion
+        # may still lack the later 400 and /health: wait for every count asserted below
+        return m if ok >= 4 and tokens >= 24 and firsts >= 4 and refused >= 1 and health >= 1 else None
 
-    m = wait_for(exported, 60, "the metered app's request, token and first-token counts exported", every=1)
+    m = wait_for(
+        exported, 60, "the metered app's request, refusal, health, token and first-token counts exported", every=1
+    )
     assert total(m, "ray_quill_requests_total", route="/v1/completions", status="200", **mine) == 4
     assert total(m, "ray_quill_requests_total", route="/v1/completions", status="400", **mine) == 1
     assert total(m, "ray_quill_requests_total", route="/health", status="200", **mine) >= 1
