@@ -11,6 +11,7 @@ process, a pool worker or a Ray worker; the stage joins the parts in order into 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from itertools import chain
 from pathlib import Path
 from typing import TypeVar
 
@@ -19,6 +20,7 @@ from tokenizers import Tokenizer
 
 from pipelines.common.atomic import out_of_space_stops_stage
 from pipelines.tokenize.ranges import read_range
+from pipelines.tokenize.roundtrip import RoundTrip
 
 T = TypeVar("T")
 
@@ -39,15 +41,6 @@ def encode_documents(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
     return [e.ids for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
 
 
-def first_altered(tokenizer: Tokenizer, texts: list[str], ids: list[list[int]]) -> int | None:
-    """The index of the first text with decode(encode(text)) != text, or None: a shard must never hold altered
-    text."""
-    for i, (text, back) in enumerate(zip(texts, tokenizer.decode_batch(ids, skip_special_tokens=False))):
-        if back != text:
-            return i
-    return None
-
-
 def encode_range(task: dict) -> dict:
     """Encode the documents of one byte range in batches to task["part"], each followed by EOT: their counts, or
     where the range stops being encodable (`bad_line`: a line that is no clean record, its line number within the
@@ -55,6 +48,7 @@ def encode_range(task: dict) -> dict:
     """
     tokenizer = Tokenizer.from_file(task["tokenizer"])
     tokenizer.encode_special_tokens = True  # "<|endoftext|>" typed in a document is text, not a separator
+    round_trip = RoundTrip(tokenizer)
     dtype = np.dtype(task["dtype"])
     stats = {"docs": 0, "bytes": 0, "tokens": 0, "bad_line": None, "altered": None}
     records = read_range(Path(task["source"]), task["start"], task["end"])
@@ -65,15 +59,15 @@ def encode_range(task: dict) -> dict:
                 return stats | {"bad_line": bad}
             texts = [text for _, _, text in batch]
             ids = encode_documents(tokenizer, texts)
-            altered = first_altered(tokenizer, texts, ids)
+            counts = np.fromiter(map(len, ids), np.int64, len(ids))
+            tokens = np.fromiter(chain.from_iterable(ids), np.int64, int(counts.sum()))
+            encoded = [text.encode("utf-8") for text in texts]
+            altered = round_trip.first_altered(texts, encoded, tokens, counts)
             if altered is not None:
                 return stats | {"altered": [stats["docs"] + 1, altered + 1]}
-            flat: list[int] = []
-            for doc in ids:
-                flat += doc
-                flat.append(task["eot_id"])
-            np.asarray(flat, dtype=dtype).tofile(out)
+            flat = np.insert(tokens, np.cumsum(counts), task["eot_id"]).astype(dtype)  # each document, then EOT
+            flat.tofile(out)
             stats["docs"] += len(texts)
-            stats["bytes"] += sum(len(t.encode("utf-8")) for t in texts)
+            stats["bytes"] += sum(map(len, encoded))
             stats["tokens"] += len(flat)
     return stats
