@@ -27,6 +27,7 @@ from functools import cache
 
 import numpy as np
 from datasketch import MinHash, MinHashLSH
+from datasketch.minhash import _fmix  # the finalizer MinHash.update_batch applies before its permutations
 
 SEED = 1  # MinHash permutations; fixed so that results are reproducible
 LSH_WEIGHTS = (0.1, 0.9)  # (false positive, false negative): candidates are verified, so favour recall
@@ -42,6 +43,13 @@ ALL_PAIRS = 64  # buckets up to this many documents are verified pair by pair
 class Sketch:
     shingles: np.ndarray  # sorted unique uint32 shingle hashes
     minhash: MinHash
+
+
+def sorted_unique(values: np.ndarray) -> np.ndarray:
+    """np.unique of a 1-D array by sorting: numpy 2's np.unique hashes first, several times slower on the
+    near-distinct hashes of shingles and keys."""
+    ordered = np.sort(values)
+    return ordered[np.concatenate(([True], ordered[1:] != ordered[:-1]))] if len(ordered) else ordered
 
 
 def _word_hashes(text: str) -> np.ndarray:
@@ -85,14 +93,14 @@ class Shingler:
             self._parts.append(_shingle_hashes(words, self.k))
             self._size += len(self._parts[-1])
             if self._size > 1 << 22:  # compact: keep memory near the number of distinct shingles
-                self._parts = [np.unique(np.concatenate(self._parts))]
+                self._parts = [sorted_unique(np.concatenate(self._parts))]
                 self._size = len(self._parts[0])
         self._tail = words[len(words) - (self.k - 1) :] if self.k > 1 else words[:0]
 
     def finish(self) -> np.ndarray:
         if not self._parts and self._words_seen:  # fewer words than k: one shingle of them all
             self._parts.append(_shingle_hashes(self._tail, self.k))
-        return np.unique(np.concatenate(self._parts)) if self._parts else np.empty(0, dtype=np.uint32)
+        return sorted_unique(np.concatenate(self._parts)) if self._parts else np.empty(0, dtype=np.uint32)
 
 
 @cache
@@ -104,11 +112,19 @@ def _scheme(num_perm: int) -> tuple[str, np.ndarray]:
 
 
 def minhash(shingles: np.ndarray, num_perm: int) -> MinHash:
-    # hashfunc=int: shingles are already 32-bit hashes
+    """datasketch's MinHash of the shingle hashes (hashfunc=int: they are 32-bit hashes already). Under its
+    default affine32 scheme the update is applied here to the whole array: `update_batch` calls the hash
+    function once per shingle in Python; tests/unit/pipelines/clean/test_dedup.py checks both agree."""
     scheme, permutations = _scheme(num_perm)
     m = MinHash(num_perm=num_perm, seed=SEED, hashfunc=int, permutations=permutations, scheme=scheme)
+    a, b = permutations
     for start in range(0, len(shingles), _BATCH):
-        m.update_batch(shingles[start : start + _BATCH].tolist())
+        batch = shingles[start : start + _BATCH]
+        if scheme == "affine32":
+            mixed = _fmix(batch.astype(np.uint32).reshape(-1, 1), 32)
+            m.hashvalues = np.minimum(m.hashvalues, (mixed * a + b).min(axis=0))
+        else:
+            m.update_batch(batch.tolist())
     return m
 
 
@@ -160,7 +176,7 @@ def candidate_pairs(hashes: np.ndarray, keys: np.ndarray) -> np.ndarray:
     ends = np.r_[starts[1:], len(h)]
     pairs = []
     for start, end in zip(starts[ends - starts > 1], ends[ends - starts > 1]):
-        group = np.unique(k[start:end])
+        group = sorted_unique(k[start:end])
         if len(group) < 2:
             continue
         if len(group) <= ALL_PAIRS:

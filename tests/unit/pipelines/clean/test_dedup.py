@@ -3,6 +3,10 @@ first document."""
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
+from datasketch import MinHash
+
 from pipelines.clean import dedup
 from tests.helpers.texts import FOLIO, MILTON, MODERN
 
@@ -43,3 +47,19 @@ def test_jaccard_is_exact() -> None:
 
 def test_documents_too_short_to_shingle_are_never_near_duplicates() -> None:
     assert dedup.near_duplicates(sketches("", "", "...", "..."), 0.2, 128) == {}
+
+
+@pytest.mark.parametrize("size", [0, 1, 700, dedup._BATCH + 5])
+def test_minhash_equals_datasketchs_own_update(size: int) -> None:
+    """The whole-array update gives the hash values MinHash.update_batch gives, batch boundary included."""
+    shingles = np.random.default_rng(size).integers(0, 2**32, size, dtype=np.uint64).astype(np.uint32)
+    reference = MinHash(num_perm=64, seed=dedup.SEED, hashfunc=int)
+    reference.update_batch(shingles.tolist())
+    assert np.array_equal(dedup.minhash(shingles, 64).hashvalues, reference.hashvalues)
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 1000])
+def test_sorted_unique_is_numpys_unique(size: int) -> None:
+    values = np.random.default_rng(size).integers(0, 50, size).astype(np.uint32)
+    assert np.array_equal(dedup.sorted_unique(values), np.unique(values))
+    assert dedup.sorted_unique(values).dtype == values.dtype
