@@ -327,7 +327,7 @@ class FinetuneParams(Section):
     # the model fine-tuned: artifacts/model (the train stage's), a registry URI (models:/quill-gpt@champion,
     # models:/quill-gpt/3) or a local Hugging Face folder of a Llama-layout model whose tokenizer has ChatML markers
     base: str = Field(default="artifacts/model", min_length=1)
-    method: Literal["full", "lora"] = "lora"  # full: every weight trains; lora: low-rank adapters, merged on export
+    method: Literal["full", "lora"] = "full"  # every weight, or low-rank adapters merged on export (params.yaml: why)
     lora: LoraParams = LoraParams()
     # length and batch, in optimizer steps and conversation windows
     max_steps: int = Field(default=200, gt=0)
