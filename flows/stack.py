@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -305,19 +306,34 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def stop_service(name: str, entry: dict) -> str | None:
+    """Stop one recorded process and drop its record; what happened, for the user."""
+    said = None
+    if "pid" in entry:
+        if alive(entry):
+            terminate(entry)
+            said = f"stopped {name} (pid {entry['pid']})"
+        else:
+            said = f"{name} (pid {entry['pid']}) was not running"
+    (PIDS / f"{name}.json").unlink()
+    return said
+
+
 def stop(args: argparse.Namespace) -> int:
     services = recorded()
-    if "serving" in services and serving_available():
-        result = serve_cli("shutdown", timeout=120)
-        print(f"serving: {'shut down' if result.returncode == 0 else result.stderr.strip()[-300:]}")
-    for name, entry in services.items():
-        if "pid" in entry:
-            if alive(entry):
-                terminate(entry)
-                print(f"stopped {name} (pid {entry['pid']})")
-            else:
-                print(f"{name} (pid {entry['pid']}) was not running")
-        (PIDS / f"{name}.json").unlink()
+    # side by side, as Serve drains its replicas before it shuts down, and each server takes seconds to exit; the
+    # Prefect server last, as the deployments' process retries its API for half a minute once it is gone
+    last = {name: entry for name, entry in services.items() if name == "prefect-server"}
+    with ThreadPoolExecutor(max_workers=len(services) + 1) as pool:
+        serving = "serving" in services and serving_available()
+        shutdown = pool.submit(serve_cli, "shutdown", timeout=120) if serving else None
+        stopped = [pool.submit(stop_service, name, entry) for name, entry in services.items() if name not in last]
+        said = [future.result() for future in stopped] + [stop_service(name, entry) for name, entry in last.items()]
+        if shutdown is not None:
+            result = shutdown.result()
+            print(f"serving: {'shut down' if result.returncode == 0 else result.stderr.strip()[-300:]}")
+    for line in filter(None, said):
+        print(line)
     if not services:
         print("nothing that quill started is running")
     put_back_params()
