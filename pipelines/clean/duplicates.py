@@ -108,3 +108,7 @@ class ShingleReader:
     def __exit__(self, *exc) -> None:
         for f in self.files.values():
             f.close()
+        # the cache holds this reader (a cycle): emptied now, its arrays go with the task, not at the next collection
+        self._cached.cache_clear()
+        self.files.clear()
+        self.locations.clear()
