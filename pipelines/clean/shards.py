@@ -36,7 +36,7 @@ from pipelines.common.params import DataParams
 MIN_SHARD_BYTES = 16 << 20  # below this a task costs more to schedule than to run (the default corpus: one)
 MAX_SHARD_BYTES = 64 << 20  # bounds a task's time, so progress moves and a retried task redoes little (a larger
 # uncompressed .jsonl file is cut into line ranges; a compressed or Parquet file is one task, however large)
-PARTITION_BYTES = 128 << 20  # raw bytes per shuffle partition: bounds what one reduce task holds
+PARTITION_BYTES = 16 << 20  # raw bytes per shuffle partition: its LSH band rows (about 3 MB) are one sort pass
 FLUSH_DOCS = 4096  # documents whose dedup rows a read task holds before writing them out
 LOC_ROWS = np.dtype([("offset", "<u8"), ("nbytes", "<u8"), ("shingles_at", "<u8"), ("shingles", "<u8")])
 SHINGLE = np.dtype("<u4")
