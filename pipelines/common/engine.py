@@ -22,6 +22,7 @@ Progress (bytes or documents done, throughput, ETA) is a `pipelines.common.progr
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
 import multiprocessing
@@ -137,7 +138,25 @@ def run_tasks(
 
 
 def _as_json(fn: Callable[[T], Any], task: T) -> Any:
-    return json.loads(json.dumps(fn(task)))
+    try:
+        return json.loads(json.dumps(fn(task)))
+    finally:
+        release_freed_memory()
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc's; musl and macOS have none
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand the pages a finished task freed back to the OS (glibc keeps them in the heap): a worker's resident
+    memory is then what its current task holds, not the most that any earlier task held."""
+    if (trim := _malloc_trim()) is not None:
+        trim(0)
 
 
 def _on_pool(pool: ProcessPoolExecutor, fn, tasks, progress, size) -> list[Any]:
