@@ -13,6 +13,7 @@ from tests.helpers.tokenizers import byte_bpe
 
 # A few seconds of fine-tuning on a tiny base: two validations and several checkpoints.
 TINY_FINETUNE = dict(
+    method="lora",  # the tests of the adapters; those of full fine-tuning say method="full"
     max_steps=12,
     batch_size=4,
     lr=3e-3,
