@@ -29,6 +29,8 @@ import numpy as np
 from datasketch import MinHash, MinHashLSH
 from datasketch.minhash import _fmix  # the finalizer MinHash.update_batch applies before its permutations
 
+from pipelines.clean.shuffle import repeats
+
 SEED = 1  # MinHash permutations; fixed so that results are reproducible
 LSH_WEIGHTS = (0.1, 0.9)  # (false positive, false negative): candidates are verified, so favour recall
 _WORD = re.compile(r"\w+")
@@ -49,7 +51,7 @@ def sorted_unique(values: np.ndarray) -> np.ndarray:
     """np.unique of a 1-D array by sorting: numpy 2's np.unique hashes first, several times slower on the
     near-distinct hashes of shingles and keys."""
     ordered = np.sort(values)
-    return ordered[np.concatenate(([True], ordered[1:] != ordered[:-1]))] if len(ordered) else ordered
+    return ordered[~repeats(ordered)]
 
 
 def _word_hashes(text: str) -> np.ndarray:
