@@ -37,7 +37,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from model import GPT, GPTConfig
-from model.chat import IM_END, IM_START, literal
+from model.chat import IM_END, IM_START, chat_markers, literal
 from pipelines.common.params import load_params
 from pipelines.common.training.lit import Optimization
 from pipelines.common.training.trainer import lightning_trainer, precision_for
@@ -115,7 +115,7 @@ def build(args, method: str):
     pl.seed_everything(f.seed, workers=False, verbose=False)
     gpt = GPT(config)
     params = gpt.num_params()  # before wrap, which adds the adapters to gpt in place
-    model = lora.wrap(gpt, f.lora) if method == "lora" else gpt
+    model = lora.wrap(gpt, f.lora, chat_markers(tok)) if method == "lora" else gpt
     opt = Optimization.of(f)
     if method == "full":
         opt = Optimization(**{**opt.__dict__, "lr": opt.lr / 10, "min_lr": opt.min_lr / 10})

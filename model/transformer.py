@@ -11,6 +11,8 @@ serving code lives here.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
@@ -341,6 +343,34 @@ class GPT(nn.Module):
             maps.append(block.self_attn.weights(block.input_layernorm(x), cos, sin))
             x = block(x, cos, sin, None, True)
         return torch.stack(maps)
+
+    def resize_token_embeddings(self, vocab_size: int, mean_rows: Sequence[int] = ()) -> None:
+        """Grow the embedding and output rows to `vocab_size` (transformers' method of the same name, for tokens
+        added to the tokenizer). The new rows, and the existing rows `mean_rows` names, start as the mean of the
+        other rows: an average token, neither favoured by the output head nor never predicted."""
+        old = self.config.vocab_size
+        if vocab_size < old:
+            raise ValueError(f"vocab_size {vocab_size} is below the model's {old}: rows are never removed")
+        fresh = set(range(old, vocab_size)) | set(mean_rows)
+        if any(not 0 <= i < vocab_size for i in fresh):
+            raise ValueError(f"mean_rows must lie in [0, {vocab_size}), got {sorted(mean_rows)}")
+        known = torch.tensor([i for i in range(old) if i not in fresh], dtype=torch.long)
+        rows = torch.tensor(sorted(fresh), dtype=torch.long)
+
+        def grown(weight: torch.Tensor) -> nn.Parameter:
+            w = torch.empty(vocab_size, weight.size(1), dtype=weight.dtype, device=weight.device)
+            w[:old] = weight.detach()
+            w[rows] = weight.detach()[known].mean(dim=0)
+            return nn.Parameter(w, requires_grad=weight.requires_grad)
+
+        self.model.embed_tokens.weight = grown(self.model.embed_tokens.weight)
+        self.model.embed_tokens.num_embeddings = vocab_size
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        else:
+            self.lm_head.weight = grown(self.lm_head.weight)
+        self.lm_head.out_features = vocab_size
+        self.config = replace(self.config, vocab_size=vocab_size)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count (shared tensors counted once); non_embedding drops the token embedding."""

@@ -213,15 +213,47 @@ def _text_doc(path: Path, doc: Doc, strip_html: bool, max_bytes: int) -> Iterato
             yield from chunks
 
 
+def pieces(path: Path, target: int, text_field: str) -> list[tuple[int, list]] | None:
+    """A raw file over `target` bytes cut into parts of about that size, as (bytes, part) pairs, so that several
+    tasks read one large file and give the documents, names and all, of reading it whole (`documents(...,
+    part=part)`): an uncompressed UTF-8 .jsonl file in line ranges, a .parquet file in runs of whole row groups.
+    None for any other file (a compressed file is one stream, read by one task, as Ray Data and datatrove read
+    it too)."""
+    if path.is_file() and path.stat().st_size > target and not _compression(path.name):
+        if _kind(path.name) == "jsonl" and (ranges := line_ranges(path, target)):
+            return [(r[1] - r[0], r) for r in ranges]
+        if _kind(path.name) == "parquet":
+            return row_group_runs(path, target, text_field)
+    return None
+
+
+def row_group_runs(path: Path, target: int, text_field: str) -> list[tuple[int, list]] | None:
+    """A .parquet file's row groups in runs of about `target` bytes on disk: (bytes, [first group, stop group,
+    number of the first row]) each. None for a single row group, or a file whose footer or columns reading it
+    whole reports as a problem (once, not once per run)."""
+    try:
+        with pq.ParquetFile(path) as table:
+            meta = table.metadata
+            if meta.num_row_groups < 2 or text_field not in table.schema_arrow.names:
+                return None
+            groups = [meta.row_group(g) for g in range(meta.num_row_groups)]
+    except (pa.ArrowException, OSError):
+        return None
+    runs, first, row, size = [], 0, 1, 0
+    for g, group in enumerate(groups):
+        size += sum(group.column(c).total_compressed_size for c in range(group.num_columns))
+        if size >= target or g == len(groups) - 1:
+            runs.append((size, [first, g + 1, row]))
+            row += sum(groups[i].num_rows for i in range(first, g + 1))
+            first, size = g + 1, 0
+    return runs if len(runs) > 1 else None
+
+
 def line_ranges(path: Path, target: int) -> list[list] | None:
     """An uncompressed UTF-8 .jsonl file over `target` bytes cut into line-aligned byte ranges of about that size:
     [start, stop, number of the first line, encoding] each, so that several tasks read one large file and give
-    the documents, names and all, of reading it whole (`documents(..., part=range)`). None for any other file."""
-    if _kind(path.name) != "jsonl" or _compression(path.name) or not path.is_file():
-        return None
+    the documents, names and all, of reading it whole (`documents(..., part=range)`). None when it cannot be cut."""
     size = path.stat().st_size
-    if size <= target:
-        return None
     with open(path, "rb") as f:
         try:
             _, encoding = _sniff(f)
@@ -282,9 +314,9 @@ def _jsonl_lines(path: Path, max_chars: int, part: list | None = None) -> Iterat
         yield None if size > max_chars else "".join(parts)
 
 
-def _parquet_values(path: Path, text_field: str) -> Iterator[object]:
-    """Each value of the `text_field` column, in row order, one record batch at a time (the other columns are
-    never read)."""
+def _parquet_values(path: Path, text_field: str, part: list | None = None) -> Iterator[object]:
+    """Each value of the `text_field` column (of the row groups `part` runs over), in row order, one record batch
+    at a time (the other columns are never read)."""
     try:
         with pq.ParquetFile(path) as table:
             columns = table.schema_arrow.names
@@ -294,7 +326,11 @@ def _parquet_values(path: Path, text_field: str) -> Iterator[object]:
                     "set data.sources[].text_field"
                 )
             # use_threads=False: the clean stage already runs one process per core
-            for batch in table.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field], use_threads=False):
+            groups = None if part is None else range(part[0], part[1])
+            batches = table.iter_batches(
+                batch_size=PARQUET_BATCH_ROWS, row_groups=groups, columns=[text_field], use_threads=False
+            )
+            for batch in batches:
                 yield from batch.column(0).to_pylist()
     except (pa.ArrowException, OSError) as exc:
         if is_out_of_space(exc):
@@ -303,11 +339,11 @@ def _parquet_values(path: Path, text_field: str) -> Iterator[object]:
 
 
 def _parquet_documents(
-    path: Path, name: str, text_field: str, strip_html: bool, max_bytes: int
+    path: Path, name: str, text_field: str, strip_html: bool, max_bytes: int, part: list | None = None
 ) -> Iterator[tuple[Doc, Iterable[str]]]:
     if _compression(path.name):
         raise Quarantine("bad_parquet: a compressed Parquet file cannot be read; Parquet compresses inside itself")
-    for number, value in enumerate(_parquet_values(path, text_field), start=1):
+    for number, value in enumerate(_parquet_values(path, text_field, part), start=part[2] if part else 1):
         doc = Doc(f"{name}#R{number}")
         if not isinstance(value, str):
             what = "null" if value is None else f"a value of type {type(value).__name__}"
@@ -325,13 +361,13 @@ def _parquet_documents(
 def documents(
     path: Path, name: str, text_field: str, strip_html: bool, max_bytes: int, part: list | None = None
 ) -> Iterator[tuple[Doc, Iterable[str]]]:
-    """(doc, text chunks) for each document of one raw file, or of one of its `line_ranges` (`part`). Raises
+    """(doc, text chunks) for each document of one raw file, or of one of its `pieces` (`part`). Raises
     Quarantine for a whole-file problem; a chunk iterator raises Quarantine for a problem with its document only."""
     if not path.is_file():
         raise Quarantine(f"missing_file: {path} is listed in the manifest but missing")
     kind, compression = _kind(path.name), _compression(path.name)
     if kind == "parquet":
-        yield from _parquet_documents(path, name, text_field, strip_html, max_bytes)
+        yield from _parquet_documents(path, name, text_field, strip_html, max_bytes, part)
         return
     if kind != "jsonl":
         if compression:

@@ -28,14 +28,15 @@ from typing import BinaryIO
 import numpy as np
 
 from pipelines.clean import dedup, shuffle
-from pipelines.clean.read import CHUNK_BYTES, Doc, Quarantine, documents, line_ranges
+from pipelines.clean.read import CHUNK_BYTES, Doc, Quarantine, documents, pieces
 from pipelines.clean.textclean import TextCleaner, looks_like_metadata
 from pipelines.common.atomic import is_out_of_space
 from pipelines.common.params import DataParams
 
 MIN_SHARD_BYTES = 16 << 20  # below this a task costs more to schedule than to run (the default corpus: one)
 MAX_SHARD_BYTES = 64 << 20  # bounds a task's time, so progress moves and a retried task redoes little (a larger
-# uncompressed .jsonl file is cut into line ranges; a compressed or Parquet file is one task, however large)
+# uncompressed .jsonl file is cut into line ranges, a Parquet file into runs of row groups; a compressed file is
+# one task, however large)
 PARTITION_BYTES = 16 << 20  # raw bytes per shuffle partition: its LSH band rows (about 3 MB) are one sort pass
 FLUSH_DOCS = 4096  # documents whose dedup rows a read task holds before writing them out
 LOC_ROWS = np.dtype([("offset", "<u8"), ("nbytes", "<u8"), ("shingles_at", "<u8"), ("shingles", "<u8")])
@@ -55,11 +56,11 @@ def plan(entries: list[dict], raw_dir: Path, params: DataParams, workers: int) -
     target = min(max(total // (4 * max(workers, 1)), MIN_SHARD_BYTES), MAX_SHARD_BYTES)
     shards: list[list[dict]] = [[]]
     filled = 0
-    pieces = []  # a large .jsonl file becomes several pieces, so that several tasks read it
+    cut = []  # a large .jsonl or Parquet file becomes several pieces, so that several tasks read it
     for entry, size in zip(entries, sizes):
-        ranges = line_ranges(raw_dir / entry["file"], target) if size > target else None
-        pieces += [{**entry, "bytes": r[1] - r[0], "part": r} for r in ranges] if ranges else [{**entry, "bytes": size}]
-    for piece in pieces:
+        parts = pieces(raw_dir / entry["file"], target, entry.get("text_field", "text")) if size > target else None
+        cut += [{**entry, "bytes": n, "part": part} for n, part in parts] if parts else [{**entry, "bytes": size}]
+    for piece in cut:
         if shards[-1] and filled + piece["bytes"] > target:
             shards.append([])
             filled = 0
@@ -165,11 +166,18 @@ def _read_files(files: list[dict], raw_dir: Path, params: DataParams, spill: Bin
                     _forget(spill, start, doc)
                 yield doc
         except Quarantine as exc:
-            yield quarantine(Doc(name if not read else f"{name}#rest"), str(exc))
+            yield quarantine(Doc(_unread(name, read, entry)), str(exc))
         except (OSError, EOFError, zlib.error, UnicodeError) as exc:
             if is_out_of_space(exc):
                 raise
-            yield quarantine(Doc(name if not read else f"{name}#rest"), f"read_error: {type(exc).__name__}: {exc}")
+            yield quarantine(Doc(_unread(name, read, entry)), f"read_error: {type(exc).__name__}: {exc}")
+
+
+def _unread(name: str, read: int, entry: dict) -> str:
+    """The name of what a file problem left unread: the file, or its rest after the documents already read (or
+    after the pieces of it before this one)."""
+    part = entry.get("part")
+    return f"{name}#rest" if read or (part and part[2] > 1) else name
 
 
 def _forget(spill: BinaryIO, start: int, doc: Doc) -> None:

@@ -6,8 +6,10 @@ finetune stage fine-tunes it; chat_eval scores the chat model next to it.
     /models/SmolLM2-135M         any local Hugging Face folder of a Llama-layout model with safetensors weights
 
 A config that quill's model cannot represent exactly (another architecture, biases, a rope scaling it lacks, ...)
-is refused before any work, in one line naming the field. The base's own tokenizer encodes the chat data, so it
-must hold the ChatML markers <|im_start|> and <|im_end|>.
+is refused before any work, in one line naming the field. The base's own tokenizer encodes the chat data. A
+tokenizer without the ChatML markers <|im_start|> and <|im_end|> (TinyLlama's, say) gets them added as special
+tokens (its files, so extended, go to the scratch folder), and the model grows an embedding and output row for
+each, starting as the mean of the others (`Base.load`): fine-tuning teaches them.
 
     >>> base = resolve_base("artifacts/model", Layout(), scratch)
     >>> base.config.block_size, base.run_id, base.version
@@ -16,15 +18,16 @@ must hold the ChatML markers <|im_start|> and <|im_end|>.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer
+from tokenizers import AddedToken, Tokenizer
 
 from model import GPT, GPTConfig, load_pretrained
-from model.chat import NoChatTemplateError, chat_markers
-from model.hf import config_from_hf
+from model.chat import IM_END, IM_START, NoChatTemplateError, chat_markers
+from model.hf import TOKENIZER_FILES, config_from_hf
 from pipelines.common.contracts import HF_MODEL_PATH, Tag
 from pipelines.common.errors import StageError
 from pipelines.common.hashing import sha256_file
@@ -43,19 +46,28 @@ class BaseModelError(StageError):
 class Base:
     spec: str  # finetune.base as written
     folder: Path  # its Hugging Face folder (for a registry version: downloaded into the stage's scratch folder)
-    config: GPTConfig
-    tokenizer_sha256: str
+    config: GPTConfig  # with the rows of added markers counted in vocab_size
+    tokenizer_sha256: str  # of the tokenizer.json the chat data is encoded with (the extended one, if extended)
     weights_sha256: str  # of the weight files, which name the base in the resume fingerprint
     run_id: str | None = None  # the MLflow run that trained it, when known
     model_name: str | None = None  # the registered model and version, when it came from (or is in) the registry
     version: str | None = None
+    tokenizer_folder: Path | None = None  # the tokenizer's files when not the folder's own (markers added)
+    added_markers: tuple[int, ...] = ()  # ids of the ChatML markers added to the base's tokenizer
+
+    @property
+    def tokenizer_files(self) -> Path:
+        return self.tokenizer_folder or self.folder
 
     def tokenizer(self) -> Tokenizer:
-        return Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+        return Tokenizer.from_file(str(self.tokenizer_files / "tokenizer.json"))
 
     def load(self) -> GPT:
-        """The weights in float32 (what training updates), on the CPU."""
-        return load_pretrained(self.folder, dtype=torch.float32).train()
+        """The weights in float32 (what training updates), on the CPU, with rows for the added markers."""
+        model = load_pretrained(self.folder, dtype=torch.float32)
+        if self.added_markers:
+            model.resize_token_embeddings(self.config.vocab_size, mean_rows=self.added_markers)
+        return model.train()
 
 
 def _rope_type(rope: dict | None) -> str:
@@ -141,12 +153,36 @@ def resolve_base(spec: str, layout: Layout, scratch: Path, tracking_uri: str) ->
     if not (folder / "tokenizer.json").is_file():
         raise BaseModelError(f"{where}: no tokenizer.json in {folder} (the chat data is encoded with the base's own)")
     config = check_config(json.loads((folder / "config.json").read_text(encoding="utf-8")), where)
+    tokenizer_folder, added = None, ()
     try:
         chat_markers(Tokenizer.from_file(str(folder / "tokenizer.json")))
-    except NoChatTemplateError as exc:
-        raise BaseModelError(f"{where}: {exc}; fine-tuning for chat needs them (ChatML)") from None
+    except NoChatTemplateError:
+        tokenizer_folder, added = with_chat_markers(folder, scratch / "base_tokenizer")
+        config = replace(config, vocab_size=max(config.vocab_size, max(added) + 1))
     if run_id is None:
         run_id = training_run_id(folder)
         name, version = _registered(layout, run_id)
     weights = "+".join(sha256_file(folder / w) for w in sorted(p.name for p in folder.glob("model*.safetensors")))
-    return Base(spec, folder, config, sha256_file(folder / "tokenizer.json"), weights, run_id, name, version)
+    tokenizer_sha256 = sha256_file((tokenizer_folder or folder) / "tokenizer.json")
+    return Base(spec, folder, config, tokenizer_sha256, weights, run_id, name, version, tokenizer_folder, added)
+
+
+def with_chat_markers(folder: Path, out_dir: Path) -> tuple[Path, tuple[int, ...]]:
+    """`folder`'s tokenizer files in `out_dir` with the ChatML markers it lacks added as special tokens; (out_dir,
+    the added markers' ids). transformers reads the extended tokenizer.json as it is (its added tokens)."""
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    missing = [m for m in (IM_START, IM_END) if tokenizer.token_to_id(m) is None]
+    tokenizer.add_special_tokens([AddedToken(m, special=True, normalized=False) for m in missing])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if name != "tokenizer.json" and (folder / name).is_file():
+            shutil.copyfile(folder / name, out_dir / name)
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    config_file = out_dir / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    decoder = config.setdefault("added_tokens_decoder", {})
+    for marker in missing:
+        flags = dict.fromkeys(("lstrip", "normalized", "rstrip", "single_word"), False)
+        decoder[str(tokenizer.token_to_id(marker))] = {"content": marker, **flags, "special": True}
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return out_dir, tuple(tokenizer.token_to_id(m) for m in missing)

@@ -306,6 +306,9 @@ class LoraParams(Section):
     alpha: float = Field(default=16.0, gt=0)  # the update is scaled by alpha / rank
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)  # on the adapters' input (params.yaml says why 0)
     targets: list[LoraTarget] = Field(default=["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
+    # the embedding and output rows of <|im_start|> and <|im_end|> train too (peft's trainable tokens): a base
+    # that never saw them, or had them added, cannot learn to end its turn through the projections alone
+    train_markers: bool = True
 
 
 class ChatEvalParams(Section):

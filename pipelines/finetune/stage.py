@@ -33,7 +33,7 @@ import pytorch_lightning as pl
 from mlflow.entities import Metric, Param
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from model.chat import literal
+from model.chat import chat_markers, literal
 from pipelines.common import tracking
 from pipelines.common.atomic import scratch_dir, write_json
 from pipelines.common.base_model import Base, resolve_base
@@ -219,7 +219,7 @@ def train_and_export(
     pl.seed_everything(f.seed, workers=False, verbose=False)  # LoRA's initial A matrices
     gpt = base.load()
     base_params = gpt.num_params()  # before LoRA adds its adapters to `gpt` in place; the export merges them away
-    model = lora.wrap(gpt, f.lora) if f.method == "lora" else gpt
+    model = lora.wrap(gpt, f.lora, chat_markers(base.tokenizer())) if f.method == "lora" else gpt
     lit = LitChat(model, Optimization.of(f), f.max_steps, wrapped=f.method == "lora")
     train_windows = data["train"].windows
     mean_window = sum(len(w.inputs) for w in train_windows) / len(train_windows)
@@ -287,7 +287,7 @@ def export(
     else:
         lora.note_no_adapter(layout.chat_adapter, layout.key(layout.chat_model))
         merged = lit.model
-    save_chat_model(merged.eval(), layout.chat_model, base.folder, scratch)
+    save_chat_model(merged.eval(), layout.chat_model, base.tokenizer_files, scratch)
     run_id = run_info["mlflow_run_id"]
     write_json(
         layout.chat_model / RUN_FILE,

@@ -69,16 +69,20 @@ def write_params(root: Path, **finetune) -> Path:
     return root / "params.yaml"
 
 
-def llama_folder(out: Path, seed: int = 0, **config) -> Path:
+def llama_folder(out: Path, seed: int = 0, markers: bool = True, **config) -> Path:
     """A tiny third-party Llama model as `transformers` writes it (safetensors), with a byte-level BPE tokenizer
-    holding the ChatML markers, whose pad token is <|im_end|> (as SmolLM2's is): fine-tuning must not pad with it."""
+    holding the ChatML markers, whose pad token is <|im_end|> (as SmolLM2's is): fine-tuning must not pad with it.
+    Without `markers`, a tokenizer that has none (as TinyLlama's), padding with its end-of-text token."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    tokenizer = byte_bpe([" ".join(WORDS)] * 4, vocab_size=320)
-    hf_tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|im_end|>"
-    )
+    if markers:
+        tokenizer = byte_bpe([" ".join(WORDS)] * 4, vocab_size=320)
+        specials = dict(bos_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|im_end|>")
+    else:
+        tokenizer = byte_bpe([" ".join(WORDS)] * 4, vocab_size=320, specials=("<s>", "</s>"))
+        specials = dict(bos_token="<s>", eos_token="</s>")
+    hf_tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **specials)
     hf_tokenizer.save_pretrained(str(out))
     torch.manual_seed(seed)
     cfg = LlamaConfig(

@@ -155,6 +155,29 @@ def test_tied_embeddings_share_storage():
     assert untied.num_params() - tied.num_params() == 97 * 32
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_added_tokens_get_mean_rows_and_the_old_tokens_keep_their_logits(tie):
+    torch.manual_seed(0)
+    model = GPT(tiny(tie_embeddings=tie)).eval()
+    x = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        before = model(x)[0]
+        old_embed, old_head = model.model.embed_tokens.weight.clone(), model.lm_head.weight.clone()
+    model.resize_token_embeddings(99, mean_rows=[3])  # two new tokens, and row 3 (a padding row, say) reset
+    assert model.config.vocab_size == 99 and model.model.embed_tokens.weight.shape == (99, 32)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tie
+    known = [i for i in range(97) if i != 3]
+    for new, old in ((model.model.embed_tokens.weight, old_embed), (model.lm_head.weight, old_head)):
+        torch.testing.assert_close(new[known], old[known], rtol=0, atol=0)
+        for row in (3, 97, 98):
+            torch.testing.assert_close(new[row], old[known].mean(0))
+    with torch.no_grad():
+        after = model(x)[0]
+    torch.testing.assert_close(after[..., known], before[..., known])  # the new rows change no other logit
+    with pytest.raises(ValueError, match="never removed"):
+        model.resize_token_embeddings(50)
+
+
 def test_num_params_and_flops():
     m = GPT(tiny())
     cfg = m.config

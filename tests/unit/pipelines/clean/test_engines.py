@@ -5,15 +5,18 @@ either way; memory does not grow with the number of documents. (The Ray engine: 
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from pipelines.clean import shards
 from pipelines.common.params import DataParams
-from tests.helpers.corpus import raw_from_folder, run_clean, write_corpus, write_planted_corpus
+from tests.helpers.corpus import make_document, raw_from_folder, run_clean, write_corpus, write_planted_corpus
 from tests.helpers.paths import REPO
 
 PARAMS = DataParams(sources=[{"type": "local", "path": "corpus"}], min_chars=50, workers=1)
@@ -40,6 +43,10 @@ def test_a_pool_of_workers_over_many_shards_gives_the_same_bytes_and_finds_the_p
     tmp_path: Path, many_shards: None, pool_for_tiny_steps: None
 ) -> None:
     planted = write_planted_corpus(tmp_path / "corpus")
+    rng = random.Random(1)
+    rows = pa.table({"text": [make_document(rng, paragraphs=3) for _ in range(8)]})
+    (tmp_path / "corpus/p").mkdir()
+    pq.write_table(rows, tmp_path / "corpus/p/rows.parquet", row_group_size=2)  # four row groups
     one, pool = tmp_path / "one", tmp_path / "pool"
     for root in (one, pool):
         raw_from_folder(tmp_path / "corpus", root)
@@ -47,7 +54,8 @@ def test_a_pool_of_workers_over_many_shards_gives_the_same_bytes_and_finds_the_p
         json.loads((pool / "data/raw/manifest.json").read_text())["files"], pool / "data/raw", PARAMS, 2
     )
     assert len(planned) > 4 and parts > 2  # the cut is really different
-    assert any("part" in piece for shard in planned for piece in shard)  # the .jsonl file is read in line ranges
+    cut = {piece["file"] for shard in planned for piece in shard if "part" in piece}
+    assert cut == {"sub/more/docs.jsonl", "p/rows.parquet"}  # read in line ranges, in runs of row groups
 
     monkeypatch = pytest.MonkeyPatch()
     with monkeypatch.context() as m:  # one shard and one partition for the single process

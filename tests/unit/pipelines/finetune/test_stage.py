@@ -90,6 +90,38 @@ def test_a_third_party_llama_folder_is_fine_tuned_and_exported_as_a_plain_folder
     assert reply.finish_reason == "stop" and reply.token_ids == [im_end]
 
 
+def test_a_base_without_chat_markers_gets_them_added_and_trained(work):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root, uri = work
+    base = llama_folder(root / "no-markers", markers=False)  # as TinyLlama's tokenizer: no <|im_start|>, <|im_end|>
+    n = Tokenizer.from_file(str(base / "tokenizer.json")).get_vocab_size()
+    run(root, uri, base=str(base), max_steps=4, val_every=2)
+    out = Layout().under(root)
+    hf = AutoTokenizer.from_pretrained(out.chat_model)
+    markers = hf.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    assert markers == [n, n + 1]  # added after the base's vocabulary, as special tokens
+    ids = hf.apply_chat_template(CHAT, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert list(ids) == encode_chat(literal(Tokenizer.from_file(str(out.chat_model / "tokenizer.json"))), CHAT).ids
+    assert list(ids).count(n) == len(CHAT) + 1
+    ours, theirs = load_pretrained(out.chat_model), AutoModelForCausalLM.from_pretrained(out.chat_model).eval()
+    assert ours.config.vocab_size == n + 2
+    x = torch.tensor([[n, 5, 6, 7, n + 1, 9, n, 12, 13]])
+    # LoRA left the base's rows alone and trained the markers' rows, which started as the mean of the others
+    llama = AutoModelForCausalLM.from_pretrained(base).eval()
+    embed, head = ours.model.embed_tokens.weight, ours.lm_head.weight
+    torch.testing.assert_close(embed[:n], llama.model.embed_tokens.weight, rtol=0, atol=0)
+    for rows, original in ((embed, llama.model.embed_tokens.weight), (head, llama.lm_head.weight)):
+        assert not torch.allclose(rows[n:], original.mean(0).expand(2, -1), atol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x).logits, ours(x)[0], atol=1e-4, rtol=0)
+        # the adapter on the base as transformers users grow it (its trained rows replace the new ones)
+        llama.resize_token_embeddings(n + 2)
+        adapted = PeftModel.from_pretrained(llama, out.chat_adapter).eval()
+        torch.testing.assert_close(adapted(x).logits, theirs(x).logits, atol=1e-4, rtol=0)
+
+
 def test_full_fine_tuning_lowers_the_loss_and_links_the_mlflow_run_to_its_base(work):
     from mlflow import MlflowClient
 
