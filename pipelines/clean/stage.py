@@ -125,7 +125,7 @@ def _verify(engine: Engine, scratch: Path, pairs: str, count: int, params: DataP
             "pairs": pairs,
             "start": start,
             "stop": min(start + VERIFY_PAIRS, count),
-            "out": str(out / f"{i:06d}.npy"),
+            "out": f"{out.name}/{i:06d}.npy",  # under the scratch folder, as `pairs` is
             "keep_all": keep_all,
         }
         for i, start in enumerate(range(0, count, VERIFY_PAIRS))
@@ -198,6 +198,7 @@ def clean_corpus(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     preload = [shards.__name__, duplicates.__name__, passages.__name__]
     with out_of_space_stops_stage(), scratch_dir(out_dir.parent, SCRATCH) as scratch, Engine(params, preload) as engine:
+        scratch, raw_dir = scratch.resolve(), raw_dir.resolve()  # the tasks' paths: Ray workers run in another folder
         planned, parts = shards.plan(entries, raw_dir, params, workers(params))
         shard_tasks = [
             {"shard": s, "files": files, "raw": str(raw_dir), "scratch": str(scratch), "parts": parts, "params": params}

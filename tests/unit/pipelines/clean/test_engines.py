@@ -73,6 +73,15 @@ def test_a_pool_of_workers_over_many_shards_gives_the_same_bytes_and_finds_the_p
     assert {files[n]["outcome"] for n in planted if "near" in n} == {"near_duplicate"}
 
 
+def test_a_relative_project_root_finds_the_near_copies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As `dvc repro` runs the stage: in the project folder, every path relative to it."""
+    planted = write_planted_corpus(tmp_path / "corpus")
+    raw_from_folder(tmp_path / "corpus", tmp_path / "project")
+    monkeypatch.chdir(tmp_path / "project")
+    metrics = run_clean(Path("."), PARAMS)
+    assert metrics["near_duplicates"] == sum("near" in name for name in planted) > 0
+
+
 def test_max_docs_and_max_bytes_cut_the_same_documents_however_the_corpus_is_cut(
     tmp_path: Path, many_shards: None, pool_for_tiny_steps: None
 ) -> None:
