@@ -12,6 +12,7 @@ lines (pipelines/common/progress.py: a line per 10 %) are logged and passed to t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -22,6 +23,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 from pipelines.common.progress import LINE
 
@@ -76,21 +79,25 @@ def repro(stage: str, log: Callable[[str], None], progress: Callable[[str, float
     )
     assert proc.stdout is not None
     pending = b""
-    while chunk := proc.stdout.read(4096):
-        pending += chunk
-        *parts, pending = re.split(rb"[\r\n]", pending)
-        for raw in parts:
-            line = ANSI.sub("", raw.decode("utf-8", "replace")).strip()
-            if not shown(line, stage):
-                continue
-            match = LINE.match(line)
-            if match and progress is not None:
-                speed = f" ({match['count']}; {match['rate']}, ETA {match['eta']})" if match["eta"] else ""
-                progress(match["desc"] + speed, float(match["percent"]))
-            if line.startswith(f"Running stage '{stage}'"):
-                ran = True
-            tail.append(line)
-            log(line)
+    try:
+        while chunk := proc.stdout.read(4096):
+            pending += chunk
+            *parts, pending = re.split(rb"[\r\n]", pending)
+            for raw in parts:
+                line = ANSI.sub("", raw.decode("utf-8", "replace")).strip()
+                if not shown(line, stage):
+                    continue
+                match = LINE.match(line)
+                if match and progress is not None:
+                    speed = f" ({match['count']}; {match['rate']}, ETA {match['eta']})" if match["eta"] else ""
+                    progress(match["desc"] + speed, float(match["percent"]))
+                if line.startswith(f"Running stage '{stage}'"):
+                    ran = True
+                tail.append(line)
+                log(line)
+    except BaseException:
+        stop(proc)  # a retry of the task must not find this run's stage still going, holding DVC's locks
+        raise
     code = proc.wait()
     if code != 0:
         lines = "\n".join(tail)
@@ -105,3 +112,25 @@ def stale(stage: str) -> bool:
     if result.returncode != 0:
         raise StageFailed(f"dvc status {stage} failed: {result.stderr.strip()}")
     return json.loads(result.stdout or "{}") != {}
+
+
+def stop(proc: subprocess.Popen, grace: float = 60.0) -> None:
+    """End `dvc repro` and the stage it runs: SIGTERM first to the stage (a training stage saves a checkpoint and
+    exits), then to DVC; what is left after `grace` seconds is killed."""
+    try:
+        stages = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        stages = []
+    for p in stages:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs(stages, timeout=grace)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -23,11 +23,16 @@ def what_it_did(result: Repro) -> str:
     return f"{result.stage}: {did}" + (f"; {line}" if line else "")
 
 
+def progress_key(stage: str) -> str:
+    """The stage's progress artifact key: Prefect takes lowercase letters, digits and dashes only."""
+    return f"{stage.replace('_', '-')}-progress"
+
+
 def repro_with_progress(stage: str, overrides: dict[str, Any], artifact_at_start: bool = False) -> bool:
-    """`dvc repro <stage>` with the run's overrides, its progress lines in the `<stage>-progress` artifact (made at
+    """`dvc repro <stage>` with the run's overrides, its progress lines in the progress_key artifact (made at
     the first line, or at the start), then what_it_did; True if it ran, False if DVC found it up to date."""
     logger = get_run_logger()
-    key = f"{stage}-progress"
+    key = progress_key(stage)
     artifact = create_progress_artifact(0.0, key=key, description=f"{stage} stage") if artifact_at_start else None
 
     def progress(what: str, percent: float) -> None:

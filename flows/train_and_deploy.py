@@ -2,7 +2,7 @@
 
 Each task is one `dvc repro <stage>`, so DVC skips what is up to date and keeps every output versioned; the
 flow adds what DVC does not do: typed overrides from the Prefect UI (checked before any work), retries (train
-resumes from its last checkpoint), progress artifacts (`<stage>-progress`: train's from its start, another
+resumes from its last checkpoint), progress artifacts (flows.tasks.progress_key: train's from its start, another
 stage's once it reports progress), an optional approval pause before the registry decides, a Markdown summary,
 and the deploy. One run per workspace (flows/lock.py). Each stage's task ends with one line saying what the
 stage did (pipelines/summary.py's), or that DVC found it up to date.

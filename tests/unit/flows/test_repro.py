@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import psutil
 import pytest
 
 from flows.repro import repro, shown
@@ -60,19 +61,51 @@ STAGE = textwrap.dedent(
 )
 
 
-def test_repro_logs_the_stage_and_reports_its_progress_lines(tmp_path, monkeypatch):
-    """A real `dvc repro` in a git repository: the stage's lines and progress arrive, DVC's hints do not."""
-    (tmp_path / "stage.py").write_text(STAGE)
-    (tmp_path / "dvc.yaml").write_text(
+def dvc_project(root, stage: str) -> None:
+    """A git repository with DVC and one stage, `work`, that runs `stage` (a Python script) and writes out.txt."""
+    (root / "stage.py").write_text(stage)
+    (root / "dvc.yaml").write_text(
         json.dumps(
             {"stages": {"work": {"cmd": f"{sys.executable} stage.py", "deps": ["stage.py"], "outs": ["out.txt"]}}}
         )
     )
     for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
-        subprocess.run(cmd, cwd=tmp_path, check=True)
+        subprocess.run(cmd, cwd=root, check=True)
+
+
+def test_repro_logs_the_stage_and_reports_its_progress_lines(tmp_path, monkeypatch):
+    """A real `dvc repro` in a git repository: the stage's lines and progress arrive, DVC's hints do not."""
+    dvc_project(tmp_path, STAGE)
     monkeypatch.chdir(tmp_path)
     logged, reported = [], []
     result = repro("work", logged.append, lambda what, percent: reported.append((what, percent)))
     assert result.ran and reported == [("work", 50.0), ("work", 100.0)]
     assert "work: 10 steps done" in logged and "Running stage 'work':" in logged
     assert not [line for line in logged if "git add" in line or "%|" in line or "lock file" in line], logged
+
+
+SLOW_STAGE = textwrap.dedent(
+    """
+    import os, sys, time
+    open("stage.pid", "w").write(str(os.getpid()))
+    print("work 10% (1 of 10 steps, 1 s)", file=sys.stderr, flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def test_a_failing_caller_stops_dvc_and_its_stage(tmp_path, monkeypatch):
+    """The task's own code fails mid-stage (once, a Prefect artifact it could not create): the stage and DVC are
+    stopped, so the task's retry finds no stage still running and holding DVC's locks."""
+    dvc_project(tmp_path, SLOW_STAGE)
+    monkeypatch.chdir(tmp_path)
+
+    def failing(what: str, percent: float) -> None:
+        raise ValueError("the caller's own error")
+
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with pytest.raises(ValueError, match="the caller's own error"):
+        repro("work", lambda line: None, failing)
+    stage = int((tmp_path / "stage.pid").read_text())
+    left = {p.pid for p in psutil.Process().children(recursive=True)} - before
+    assert not left and not (psutil.pid_exists(stage) and psutil.Process(stage).status() != psutil.STATUS_ZOMBIE)
