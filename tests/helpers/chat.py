@@ -92,9 +92,22 @@ def llama_folder(out: Path, seed: int = 0, markers: bool = True, **config) -> Pa
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        **config,
+        **{"max_position_embeddings": 64, "tie_word_embeddings": False, **config},
     )
     LlamaForCausalLM(cfg).save_pretrained(str(out))
     return out
+
+
+def fine_tuned_llama(root: Path, **config) -> Path:
+    """The finetune stage's chat model (two steps of LoRA) of a tiny third-party Llama folder whose tokenizer has
+    no ChatML markers (as TinyLlama's): root/artifacts/chat_model, a plain folder the server loads."""
+    from pipelines.common.layout import Layout
+    from pipelines.common.params import load_params
+    from pipelines.finetune.stage import finetune
+
+    base = llama_folder(root / "base", markers=False, **config)
+    write_chats(root / "data/chat")
+    write_params(root, base=str(base), max_steps=2, val_every=2, checkpoint_every=2)
+    layout = Layout().under(root)
+    finetune(load_params(root / "params.yaml"), layout, tracking_uri=f"sqlite:///{root}/mlflow.db")
+    return layout.chat_model

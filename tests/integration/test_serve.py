@@ -1,6 +1,7 @@
 """The serving application over real HTTP: the session's Ray Serve (on loopback, high-throughput mode) with a tiny
 model and a tiny chat model registered in a temporary MLflow store (served as models:/tiny@champion and
-models:/tiny-chat@champion), the official openai client, the validation matrix, its OpenAPI document under
+models:/tiny-chat@champion; the chat model is a third-party Llama folder fine-tuned by the finetune stage, its
+tokenizer given the ChatML markers it lacked), the official openai client, the validation matrix, its OpenAPI document under
 schemathesis, auth, back-pressure, disconnects, continuous batching, which model answers which request, a rolling
 update under load, and a promotion that rolls only the promoted model's replicas."""
 
@@ -33,6 +34,7 @@ from tokenizers import Tokenizer
 from model import Engine, SamplingParams, Scheduler
 from pipelines.serve import AppArgs, app
 from pipelines.serve.server import api
+from tests.helpers.chat import fine_tuned_llama
 from tests.helpers.services import copy_store, wait_for
 from tests.helpers.serving import (
     CHAT_NAME,
@@ -61,7 +63,9 @@ def server(tmp_path_factory, mlflow_template, shared_ray):
     tracking = copy_store(mlflow_template, root)
     v1 = tiny_model_folder(root / "v1", seed=0)
     v2 = tiny_model_folder(root / "v2", seed=1)
-    chat = [tiny_model_folder(root / f"chat{i}", seed=2 + i, name=CHAT_NAME) for i in (1, 2)]
+    # the chat champion: a third-party Llama folder without ChatML markers, fine-tuned by the finetune stage
+    chat = [fine_tuned_llama(root / "chat1", max_position_embeddings=1024)]
+    chat.append(tiny_model_folder(root / "chat2", seed=3, name=CHAT_NAME))
     plain = tiny_model_folder(root / "plain", seed=4, name="plain", chat=False)
     register(v1, tracking)
     register(chat[0], tracking, CHAT_NAME)
@@ -217,21 +221,22 @@ def test_chat_and_streaming(client, server, engine):
 # -- two models: which one answers ----------------------------------------------------------------------------
 
 
-def im_end_bias(server, bias: float) -> dict[str, float]:
-    end = Tokenizer.from_file(str(server["chat"][0] / "tokenizer.json")).token_to_id("<|im_end|>")
+def im_end_bias(folder, bias: float) -> dict[str, float]:
+    """logit_bias for the <|im_end|> of the model in `folder` (the two models' tokenizers differ)."""
+    end = Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id("<|im_end|>")
     return {str(end): bias}
 
 
 def test_without_a_model_completions_get_the_base_and_chats_the_chat_model(http, server):
     """<|im_end|> made the likeliest token: the chat model's chat stops at it at once, a completion of the same model
     runs on (only a chat ends with the assistant's turn); the base model answers completions and, named, chats."""
-    end = im_end_bias(server, 100)
+    end = im_end_bias(server["chat"][0], 100)
     chat = http.post("/v1/chat/completions", json={**CHAT, "max_tokens": 8, "logit_bias": end}).json()
     assert chat["model"] == CHAT_NAME and chat["choices"][0]["finish_reason"] == "stop", chat
     assert chat["usage"]["completion_tokens"] == 1 and chat["choices"][0]["message"]["content"] == ""
-    body = {"prompt": "To be", "max_tokens": 8, "logit_bias": end}
+    body = {"prompt": "To be", "max_tokens": 8, "logit_bias": im_end_bias(server["v1"], 100)}
     assert http.post("/v1/completions", json=body).json()["model"] == NAME
-    theirs = http.post("/v1/completions", json={**body, "model": CHAT_NAME}).json()
+    theirs = http.post("/v1/completions", json={**body, "model": CHAT_NAME, "logit_bias": end}).json()
     assert theirs["model"] == CHAT_NAME and theirs["choices"][0]["finish_reason"] == "length", theirs
     assert theirs["usage"]["completion_tokens"] == 8
     assert http.post("/v1/chat/completions", json={**CHAT, "model": NAME}).json()["model"] == NAME
@@ -266,7 +271,13 @@ def test_leaving_a_chat_stream_early_frees_its_slot_in_the_chat_models_replica(h
 
     before = chat_stats()["cancelled"]
     # <|im_end|> banned, so it cannot end before the client leaves
-    body = {**CHAT, "max_tokens": 900, "stream": True, "ignore_eos": True, "logit_bias": im_end_bias(server, -100)}
+    body = {
+        **CHAT,
+        "max_tokens": 900,
+        "stream": True,
+        "ignore_eos": True,
+        "logit_bias": im_end_bias(server["chat"][0], -100),
+    }
     with (
         httpx.Client(base_url=server["url"], timeout=60) as c,
         c.stream("POST", "/v1/chat/completions", json=body) as r,
