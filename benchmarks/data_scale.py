@@ -41,7 +41,12 @@ from pipelines.common.hashing import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINE_COMMIT = "f770929"  # the last commit before the data engine: one process, no data.engine
-NEW_KEYS = {"data": ("engine", "workers", "max_docs", "max_bytes"), "tokenizer": ("train_sample_bytes",)}
+# params.yaml keys newer than the baseline, which its code rejects (dotted: section.key or section.sub.key)
+NEW_KEYS = (
+    *("data.engine", "data.workers", "data.max_docs", "data.max_bytes"),
+    "tokenizer.train_sample_bytes",
+    "finetune.lora.train_markers",
+)
 STAGES = ("clean", "tokenize")
 SAMPLE_S = 0.1
 COMPARED = ("data/clean", "data/tokenizer", "data/tokens", "reports/clean")  # + metrics without time fields
@@ -146,9 +151,12 @@ def run_params(params: dict, run: str) -> dict:
     """params.yaml for one run: the baseline's without the keys its code rejects, else data.engine set."""
     params = json.loads(json.dumps(params))
     if run == "baseline":
-        for section, keys in NEW_KEYS.items():
-            for key in keys:
-                params[section].pop(key, None)
+        for dotted in NEW_KEYS:
+            *path, key = dotted.split(".")
+            section = params
+            for name in path:
+                section = section.get(name) or {}
+            section.pop(key, None)
     else:
         params["data"]["engine"] = run
     return params
