@@ -33,15 +33,14 @@ def wrap(model: GPT, lora: LoraParams, marker_ids: Sequence[int] = ()) -> PeftMo
     computes exactly what `model` did)."""
     rows = sorted(set(marker_ids)) if lora.train_markers else []
     tied = model.config.tie_embeddings
+    layers = ("embed_tokens",) if tied else ("embed_tokens", "lm_head")
     config = LoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=list(lora.targets),
         bias="none",
-        trainable_token_indices=({"embed_tokens": rows} if tied else {"embed_tokens": rows, "lm_head": rows})
-        if rows
-        else None,
+        trainable_token_indices={layer: rows for layer in layers} if rows else None,
     )
     wrapped = get_peft_model(model, config)
     if rows and tied:
